@@ -1,0 +1,1 @@
+"""Userspace datapath for kernels without bpf_loop: iptables NFQUEUE + Python."""

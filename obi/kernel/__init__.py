@@ -1,0 +1,1 @@
+"""Kernel fast path: libbpf binding, BPF loader, attachments, feature probes."""
