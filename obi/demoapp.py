@@ -1,0 +1,135 @@
+"""Small uninstrumented HTTP services for the demo, the tests and the benchmarks.
+
+Run as `python3 -m obi.demoapp serve --port 8080 [--downstream http://198.18.0.3:8080]`.
+
+The service is thread-per-request (`ThreadingHTTPServer`) and knows nothing of tracing:
+that is the point. What it does, per request:
+
+- `GET /headers`: answers with the request headers it received, as JSON, so a test can see
+  exactly which `traceparent` arrived.
+- `POST /echo`: answers with the body it received (Content-Length or chunked), plus an
+  `X-Body-Sha256` header, so a test can prove payload bytes arrived unchanged.
+- `GET /bytes?n=N`: answers with N bytes of a fixed pattern.
+- anything else: if `--downstream` is set, calls `<downstream><same path>` once (over a
+  keep-alive connection owned by the serving thread) and embeds the downstream answer;
+  the JSON answer also lists the headers this request carried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import json
+import sys
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def pattern_bytes(n: int) -> bytes:
+    """n bytes of a fixed, non-repeating-per-256 pattern (the same everywhere)."""
+    block = bytes(range(256))
+    return (block * (n // 256 + 1))[:n]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "obi-demo/1"
+    downstream: urllib.parse.SplitResult | None = None
+    _local = threading.local()
+
+    def log_message(self, fmt: str, *args) -> None:  # keep the demo output readable
+        pass
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _reply(self, status: int, body: bytes, ctype: str = "application/json", extra: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _call_downstream(self) -> dict:
+        target = self.downstream
+        assert target is not None
+        conn = getattr(self._local, "conn", None)
+        for attempt in (1, 2):
+            if conn is None:
+                conn = http.client.HTTPConnection(target.hostname, target.port or 80, timeout=10)
+                self._local.conn = conn
+            try:
+                conn.request("GET", (target.path.rstrip("/") or "") + "/headers")
+                resp = conn.getresponse()
+                data = resp.read()
+                return {"status": resp.status, "body": json.loads(data or b"null")}
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = self._local.conn = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _handle(self) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        body = self._read_body()
+        headers = [[k, v] for k, v in self.headers.items()]
+        if url.path == "/echo":
+            digest = hashlib.sha256(body).hexdigest()
+            self._reply(200, body, "application/octet-stream", {"X-Body-Sha256": digest})
+        elif url.path == "/bytes":
+            n = int(urllib.parse.parse_qs(url.query).get("n", ["0"])[0])
+            self._reply(200, pattern_bytes(n), "application/octet-stream")
+        elif url.path == "/headers" or self.downstream is None:
+            self._reply(200, json.dumps({"headers": headers}).encode())
+        else:
+            try:
+                down = self._call_downstream()
+            except (OSError, http.client.HTTPException) as e:
+                self._reply(502, json.dumps({"headers": headers, "error": str(e)}).encode())
+                return
+            self._reply(200, json.dumps({"headers": headers, "downstream": down}).encode())
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
+
+
+def serve(port: int, downstream: str = "", host: str = "0.0.0.0") -> None:
+    handler = type("Handler", (_Handler,), {"downstream": urllib.parse.urlsplit(downstream) if downstream else None})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    print(f"listening on {host}:{port}", flush=True)
+    server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m obi.demoapp")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="run a demo HTTP service")
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--downstream", default="", help="base URL to call for each request")
+    args = p.parse_args(argv)
+    try:
+        serve(args.port, args.downstream, args.host)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
