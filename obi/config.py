@@ -229,7 +229,7 @@ class _Key:
     def show(self, value: Any) -> Any:
         if isinstance(value, frozenset):
             return ",".join(sorted(value)) or "disabled"
-        if isinstance(value, tuple) and value and isinstance(value[0], PortRange):
+        if self.attr == "open_ports":
             return ",".join(str(r) for r in value)
         if self.attr == "otlp_headers":
             return {k: "<redacted>" for k, _ in value}

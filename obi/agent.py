@@ -1,0 +1,120 @@
+"""`obi run`: choose a datapath, attach it, export its spans, stop cleanly on a signal."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from typing import Callable
+
+from . import doctor
+from .config import Config
+from .datapath import DatapathRunner, SpanSink
+from .errors import MissingFeature, ObiError
+from .model import Datapath
+
+log = logging.getLogger("obi.agent")
+
+
+def make_datapath(kind: Datapath, cfg: Config, sink: SpanSink) -> DatapathRunner:
+    # Imported lazily: the userspace path must not need libbpf, nor the kernel path
+    # netfilterqueue.
+    if kind is Datapath.KERNEL:
+        from .kernel.datapath import KernelDatapath
+
+        return KernelDatapath(cfg, sink)
+    from .fallback.datapath import UserspaceDatapath
+
+    return UserspaceDatapath(cfg, sink)
+
+
+class Agent:
+    """Owns one datapath and one exporter for the lifetime of `obi run`."""
+
+    def __init__(self, cfg: Config, exporter_factory: Callable | None = None):
+        self.cfg = cfg
+        if exporter_factory is None:
+            from .export import Exporter
+
+            exporter_factory = Exporter
+        self.exporter = exporter_factory(cfg)
+        self.datapath: DatapathRunner | None = None
+        self.stopping = threading.Event()
+
+    def start(self) -> None:
+        choice = doctor.choose_datapath(self.cfg)
+        if choice.datapath is None:
+            raise ObiError(f"no datapath can run here: {choice.reason}")
+        log.info("datapath %s: %s", choice.datapath.value, choice.reason)
+        try:
+            self.datapath = make_datapath(choice.datapath, self.cfg, self.exporter.export)
+            self.datapath.start()
+        except MissingFeature as e:
+            if self.cfg.datapath != "auto" or choice.datapath is not Datapath.KERNEL:
+                raise
+            log.warning("kernel datapath unavailable (%s); falling back to the userspace datapath", e)
+            self.datapath = make_datapath(Datapath.USERSPACE, self.cfg, self.exporter.export)
+            self.datapath.start()
+        log.info("attached; instrumenting ports %s", ",".join(str(p) for p in self.cfg.open_ports) or "(none)")
+
+    def stop(self) -> bool:
+        """Detach and flush, bounded by shutdown_timeout. Returns False if it ran out of time."""
+        done = threading.Event()
+
+        def _stop() -> None:
+            try:
+                if self.datapath is not None:
+                    self.datapath.stop()
+            except Exception:
+                log.exception("detaching the datapath failed; run `obi cleanup`")
+            finally:
+                deadline = self.cfg.shutdown_timeout_s
+                try:
+                    self.exporter.shutdown(deadline)
+                except Exception:
+                    log.exception("flushing spans failed")
+                done.set()
+
+        threading.Thread(target=_stop, name="obi-shutdown", daemon=True).start()
+        # Detaching is quick; the exporter gets the rest of the budget. A little slack
+        # on top so the exporter's own timeout fires first and reports what it dropped.
+        if not done.wait(self.cfg.shutdown_timeout_s + 1.0):
+            log.error("shutdown did not finish within %.1fs; exiting anyway", self.cfg.shutdown_timeout_s)
+            return False
+        stats = dict(self.exporter.stats())
+        if self.datapath is not None:
+            stats.update(self.datapath.stats())
+        log.info("stopped: %s", ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
+        return True
+
+    def run(self) -> int:
+        """Start, wait for SIGINT/SIGTERM, stop. The exit code of `obi run`."""
+
+        def _on_signal(signum, _frame) -> None:
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            self.stopping.set()
+
+        old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            try:
+                self.start()
+            except BaseException:
+                self.stop()
+                raise
+            while not self.stopping.wait(1.0):
+                pass
+            return 0 if self.stop() else 1
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll until predicate() is true or timeout seconds pass (used by demo and tests)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
