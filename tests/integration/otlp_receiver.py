@@ -1,0 +1,180 @@
+"""Real OTLP trace receivers on loopback for tests: http/protobuf and grpc.
+
+Both decode every request into `ExportTraceServiceRequest` messages (opentelemetry-proto),
+so tests assert what actually crossed the socket. Use as context managers; `port=0` picks a
+free port, or pass a port chosen earlier (to start a backend that was "down").
+"""
+
+from __future__ import annotations
+
+import gzip
+import socket
+import threading
+import time
+import zlib
+from concurrent import futures
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+
+def free_port() -> int:
+    """A loopback TCP port with nothing listening on it (right now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def any_value(v: AnyValue) -> Any:
+    field = v.WhichOneof("value")
+    if field == "array_value":
+        return [any_value(x) for x in v.array_value.values]
+    return getattr(v, field) if field else None
+
+
+def attrs(kvs: Any) -> dict[str, Any]:
+    return {kv.key: any_value(kv.value) for kv in kvs}
+
+
+@dataclass
+class ReceivedSpan:
+    span: Span
+    resource: dict[str, Any]
+    scope: str
+
+    @property
+    def trace_id(self) -> str:
+        return self.span.trace_id.hex()
+
+    @property
+    def span_id(self) -> str:
+        return self.span.span_id.hex()
+
+    @property
+    def parent_span_id(self) -> str:
+        return self.span.parent_span_id.hex()
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        return attrs(self.span.attributes)
+
+
+class _Receiver:
+    def __init__(self, port: int = 0):
+        self.port = port or free_port()
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+        self.headers: list[dict[str, str]] = []
+        self._cond = threading.Condition()
+
+    def _record(self, req: trace_service_pb2.ExportTraceServiceRequest, headers: dict[str, str]) -> None:
+        with self._cond:
+            self.requests.append(req)
+            self.headers.append(headers)
+            self._cond.notify_all()
+
+    def spans(self) -> list[ReceivedSpan]:
+        with self._cond:
+            reqs = list(self.requests)
+        out = []
+        for req in reqs:
+            for rs in req.resource_spans:
+                res = attrs(rs.resource.attributes)
+                for ss in rs.scope_spans:
+                    out.extend(ReceivedSpan(s, res, ss.scope.name) for s in ss.spans)
+        return out
+
+    def wait_for(self, n: int, timeout: float) -> list[ReceivedSpan]:
+        """Wait until at least n spans arrived (or timeout); returns what arrived."""
+        deadline = time.monotonic() + timeout
+        while True:
+            spans = self.spans()
+            left = deadline - time.monotonic()
+            if len(spans) >= n or left <= 0:
+                return spans
+            with self._cond:
+                self._cond.wait(min(left, 0.1))
+
+
+class HttpReceiver(_Receiver):
+    """POST /v1/traces, application/x-protobuf, like a collector's otlphttp receiver."""
+
+    path = "/v1/traces"
+
+    def __enter__(self) -> "HttpReceiver":
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server naming)
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                encoding = self.headers.get("Content-Encoding", "")
+                if encoding == "gzip":
+                    body = gzip.decompress(body)
+                elif encoding == "deflate":
+                    body = zlib.decompress(body)
+                if self.path != receiver.path:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                req = trace_service_pb2.ExportTraceServiceRequest()
+                req.ParseFromString(body)
+                receiver._record(req, {k.lower(): v for k, v in self.headers.items()})
+                reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.path}"
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+class GrpcReceiver(_Receiver):
+    """A real grpc.server implementing opentelemetry.proto TraceService/Export."""
+
+    def __enter__(self) -> "GrpcReceiver":
+        receiver = self
+
+        class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):  # noqa: N802 (grpc naming)
+                receiver._record(request, {k: v for k, v in context.invocation_metadata()})
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self._server)
+        bound = self._server.add_insecure_port(f"127.0.0.1:{self.port}")
+        if bound != self.port:
+            raise OSError(f"grpc receiver could not bind 127.0.0.1:{self.port}")
+        self._server.start()
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.stop(0).wait(5)
