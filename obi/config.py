@@ -62,6 +62,9 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"  # text | json
     shutdown_timeout_s: float = 10.0
+    health_check_port: int = 0  # 0 = no health endpoint
+    internal_metrics_port: int = 0  # 0 = no Prometheus endpoint
+    internal_metrics_path: str = "/internal/metrics"
     # Where each value came from, for `obi config show`.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -181,6 +184,23 @@ def _seconds(value: Any, key: str) -> float:
     return seconds
 
 
+def _port(value: Any, key: str) -> int:
+    try:
+        port = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(key, value, "a TCP port number (0 to disable)") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(key, value, "a TCP port number between 0 and 65535")
+    return port
+
+
+def _url_path(value: Any, key: str) -> str:
+    text = _text(value, key)
+    if not text.startswith("/"):
+        raise ConfigError(key, value, "an absolute URL path such as /internal/metrics")
+    return text
+
+
 def _headers(value: Any, key: str) -> tuple[tuple[str, str], ...]:
     if isinstance(value, dict):
         return tuple((str(k), str(v)) for k, v in value.items())
@@ -263,6 +283,9 @@ _KEYS: tuple[_Key, ...] = (
     _Key("log_level", "log_level", ("OTEL_EBPF_LOG_LEVEL",), _log_level),
     _Key("log_format", "log_format", ("OTEL_EBPF_LOG_FORMAT",), _choice("text", "json")),
     _Key("shutdown_timeout_s", "shutdown_timeout", ("OTEL_EBPF_SHUTDOWN_TIMEOUT",), _seconds),
+    _Key("health_check_port", "health_check.port", ("OTEL_EBPF_HEALTH_CHECK_PORT",), _port),
+    _Key("internal_metrics_port", "internal_metrics.prometheus.port", ("OTEL_EBPF_INTERNAL_METRICS_PROMETHEUS_PORT",), _port),
+    _Key("internal_metrics_path", "internal_metrics.prometheus.path", ("OTEL_EBPF_INTERNAL_METRICS_PROMETHEUS_PATH",), _url_path),
 )
 
 KNOWN_YAML_KEYS = frozenset(k.yaml for k in _KEYS)

@@ -164,6 +164,9 @@ def test_port_and_exe_selection():
         ({"OTEL_EBPF_LOG_FORMAT": "xml"}, "log_format", "text, json"),
         ({"OTEL_EBPF_SHUTDOWN_TIMEOUT": "-1s"}, "shutdown_timeout", "a positive duration"),
         ({"OTEL_EBPF_SHUTDOWN_TIMEOUT": "0"}, "shutdown_timeout", "a positive duration"),
+        ({"OTEL_EBPF_HEALTH_CHECK_PORT": "web"}, "health_check.port", "a TCP port number"),
+        ({"OTEL_EBPF_INTERNAL_METRICS_PROMETHEUS_PORT": "99999"}, "internal_metrics.prometheus.port", "between 0 and 65535"),
+        ({"OTEL_EBPF_INTERNAL_METRICS_PROMETHEUS_PATH": "metrics"}, "internal_metrics.prometheus.path", "absolute URL path"),
     ],
 )
 def test_bad_env_values_name_key_value_and_choices(env, key, allowed):
