@@ -924,6 +924,16 @@ class RingBuffer:
         self.close()
 
 
+# --- where the built objects are -------------------------------------------------------
+
+OBJECT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_bpf")
+
+
+def object_path(name: str) -> str:
+    """Path of the built object of bpf/<name>.bpf.c (`make -C bpf` puts it in obi/_bpf)."""
+    return os.path.join(OBJECT_DIR, f"{name}.bpf.o")
+
+
 # --- cgroups ---------------------------------------------------------------------------
 
 

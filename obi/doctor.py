@@ -1,0 +1,192 @@
+"""`obi doctor`: what this kernel and machine can do, and which datapath `auto` picks.
+
+`run_checks(cfg)` turns the feature probes of `obi.kernel.probes` into ok/warn/fail checks;
+`choose_datapath(cfg)` is the capability switch (the agent calls it too), and
+`report_text` / `report_json` render the checks for the CLI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Config
+from .kernel import probes
+from .kernel.probes import Probe
+from .model import Datapath
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+
+PER_PROCESS_NOTE = (
+    "the userspace datapath links outgoing calls to incoming requests per process, "
+    "not per thread (packets carry no thread)"
+)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    detail: str
+    value: Any = field(default=None, compare=False)  # machine-readable result, if any
+
+
+@dataclass(frozen=True)
+class DatapathChoice:
+    datapath: Datapath | None
+    reason: str
+
+
+def choose_datapath(
+    cfg: Config, bpf_loop_ok: bool | None = None, nfqueue_ok: bool | None = None
+) -> DatapathChoice:
+    """The capability switch. `ebpf.datapath: kernel|userspace` forces; `auto` picks the
+    kernel path when a bpf_loop program loads (or `override_bpfloop_enabled` is set, which
+    skips the probe), else the userspace path when NFQUEUE is usable, else nothing.
+    Probe results not given are probed here."""
+    if cfg.datapath == Datapath.KERNEL.value:
+        return DatapathChoice(Datapath.KERNEL, "ebpf.datapath is kernel (forced)")
+    if cfg.datapath == Datapath.USERSPACE.value:
+        return DatapathChoice(
+            Datapath.USERSPACE, f"ebpf.datapath is userspace (forced); {PER_PROCESS_NOTE}"
+        )
+    if cfg.override_bpfloop_enabled:
+        return DatapathChoice(
+            Datapath.KERNEL,
+            "auto: override_bpfloop_enabled is set, bpf_loop probe skipped; kernel datapath",
+        )
+    if bpf_loop_ok is None:
+        bpf_loop_ok = bool(probes.probe_bpf_loop().ok)
+    if bpf_loop_ok:
+        return DatapathChoice(Datapath.KERNEL, "auto: a bpf_loop program loads; kernel datapath")
+    if nfqueue_ok is None:
+        nfqueue_ok = bool(probes.probe_nfqueue().ok)
+    if nfqueue_ok:
+        return DatapathChoice(
+            Datapath.USERSPACE,
+            f"auto: no bpf_loop (needs Linux >= 5.17); NFQUEUE usable; userspace datapath; "
+            f"{PER_PROCESS_NOTE}",
+        )
+    return DatapathChoice(
+        None, "auto: no bpf_loop (needs Linux >= 5.17) and NFQUEUE not usable; no datapath available"
+    )
+
+
+def _feature(p: Probe, missing_status: str, missing_effect: str) -> Check:
+    if p.ok:
+        return Check(p.name, OK, p.detail, True)
+    need = f" (needs Linux >= {p.min_kernel})" if p.min_kernel else ""
+    if p.ok is None:
+        return Check(p.name, WARN, f"unknown: {p.detail}", None)
+    return Check(p.name, missing_status, f"{p.detail}{need}; {missing_effect}", False)
+
+
+def run_checks(cfg: Config) -> list[Check]:
+    """Every doctor check, in a stable order; the last one is the datapath decision."""
+    found = probes.run_all()
+    kernel_forced = cfg.datapath == Datapath.KERNEL.value
+    kpath = FAIL if kernel_forced else WARN  # a missing kernel-path feature
+    checks = [Check("kernel", OK, probes.kernel_release(), probes.kernel_release())]
+
+    checks.append(_feature(found["btf"], WARN, "BTF-based checks of the built objects unavailable"))
+    bpf_loop = found["bpf_loop"]
+    effect = "the kernel datapath cannot parse ingress headers; auto picks userspace"
+    if cfg.override_bpfloop_enabled:
+        effect = "override_bpfloop_enabled is set: the kernel datapath is used anyway"
+    checks.append(_feature(bpf_loop, kpath, effect))
+    checks.append(_feature(found["sockops"], kpath, "no egress socket tracking on the kernel path"))
+    checks.append(_feature(found["sk_msg"], kpath, "no header injection on the kernel path"))
+    checks.append(_feature(found["tc"], kpath, "no ingress program on the kernel path (clsact)"))
+    tcx = found["tcx"]
+    if cfg.traffic_control_backend == "tcx":
+        checks.append(_feature(tcx, FAIL, "traffic_control_backend is tcx"))
+    else:
+        checks.append(_feature(tcx, WARN, "tc clsact is used instead"))
+    checks.append(_feature(found["ringbuf"], kpath, "no event delivery on the kernel path"))
+    checks.append(_feature(found["cgroup_v2"], kpath, "sockops cannot be attached"))
+
+    lock = found["lockdown"]
+    mode = lock.detail if lock.ok else ""
+    if lock.ok:
+        note = {"none": "no restrictions"}.get(mode, "restricts some BPF helpers; obi needs none of them")
+        checks.append(Check("lockdown", OK, f"{mode}: {note}", mode))
+    else:
+        checks.append(Check("lockdown", WARN, f"unknown: {lock.detail}", ""))
+
+    pwu = found["bpf_probe_write_user"]
+    if pwu.ok:
+        checks.append(Check(pwu.name, OK, "usable (obi does not use it)", True))
+    else:
+        checks.append(Check(pwu.name, WARN, f"not usable: {pwu.detail} (obi does not need it)", False))
+
+    checks.append(_capabilities_check())
+
+    ipt = found["iptables"]
+    checks.append(Check("iptables", OK if ipt.ok else WARN, ipt.detail, ipt.detail.split(" ", 1)[0] if ipt.ok else ""))
+    nfq = found["nfqueue"]
+    uspace = FAIL if cfg.datapath == Datapath.USERSPACE.value else WARN
+    checks.append(
+        _feature(nfq, uspace, "the userspace datapath is unavailable")
+        if not nfq.ok
+        else Check("nfqueue", OK, nfq.detail, True)
+    )
+
+    choice = choose_datapath(cfg, bpf_loop_ok=bool(bpf_loop.ok), nfqueue_ok=bool(nfq.ok))
+    if choice.datapath is None:
+        status = FAIL
+    elif choice.datapath is Datapath.USERSPACE:
+        status = WARN  # works, links per process only
+    elif kernel_forced and not bpf_loop.ok and not cfg.override_bpfloop_enabled:
+        status = FAIL
+    else:
+        status = OK
+    value = choice.datapath.value if choice.datapath else None
+    checks.append(Check("datapath", status, choice.reason, value))
+    return checks
+
+
+def _capabilities_check() -> Check:
+    try:
+        caps = probes.parse_capeff(probes.read_capeff())
+    except OSError as e:
+        return Check("capabilities", WARN, f"cannot read /proc/self/status: {e}", {})
+    missing = [n for n, have in caps.items() if not have]
+    if not missing:
+        return Check("capabilities", OK, "all needed capabilities present", caps)
+    lines = [f"missing {n}: {probes.CAPABILITIES[n][1]}" for n in missing]
+    bpf_ok = caps["CAP_BPF"] or caps["CAP_SYS_ADMIN"]
+    status = FAIL if not (bpf_ok and caps["CAP_NET_ADMIN"]) else WARN
+    return Check("capabilities", status, "; ".join(lines), caps)
+
+
+def _by_name(checks: list[Check]) -> dict[str, Check]:
+    return {c.name: c for c in checks}
+
+
+def report_json(checks: list[Check]) -> dict[str, Any]:
+    by = _by_name(checks)
+
+    def val(name: str, default: Any = None) -> Any:
+        c = by.get(name)
+        return c.value if c is not None else default
+
+    dp = by.get("datapath")
+    return {
+        "kernel": val("kernel", ""),
+        "bpf_loop": bool(val("bpf_loop", False)),
+        "lockdown": val("lockdown", "") or "",
+        "datapath": val("datapath"),
+        "datapath_reason": dp.detail if dp else "",
+        "tcx": bool(val("tcx", False)),
+        "iptables_backend": val("iptables", ""),
+        "capabilities": val("capabilities", {}),
+        "checks": [{"name": c.name, "status": c.status, "detail": c.detail} for c in checks],
+    }
+
+
+def report_text(checks: list[Check]) -> str:
+    width = max((len(c.name) for c in checks), default=0)
+    lines = [f"[{c.status:^4}] {c.name:<{width}}  {c.detail}" for c in checks]
+    worst = FAIL if any(c.status == FAIL for c in checks) else WARN if any(c.status == WARN for c in checks) else OK
+    lines.append(f"overall: {worst}")
+    return "\n".join(lines)

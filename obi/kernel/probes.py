@@ -1,0 +1,312 @@
+"""Feature probes: what this kernel and machine can do, found by trying, not by version.
+
+BPF features are probed by loading the tiny programs of bpf/probes.bpf.c one at a time
+(a rejected program fails only its own probe); tc and tcx by attaching briefly to `lo` of
+a throw-away network namespace. Every probe returns a `Probe` and never raises: a failure
+is `ok=False` with the reason, `ok=None` means it could not be told (e.g. object not built).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import platform
+import re
+import secrets
+import subprocess
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import BpfError
+from . import libbpf
+from .attach import in_new_netns
+
+PROBES_OBJECT = "probes"
+SECURITYFS = "/sys/kernel/security"
+BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
+NETNS_PREFIX = "obip"
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    ok: bool | None
+    detail: str
+    min_kernel: str = ""
+
+
+def kernel_release() -> str:
+    return platform.release()
+
+
+# --- BPF program probes ----------------------------------------------------------------
+
+
+def _verifier_reason(log_text: str) -> str:
+    """The verifier's complaint: the last line before "processed N insns" / END marker."""
+    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        if ln.startswith("processed ") or ln.startswith("-- END PROG LOAD LOG"):
+            if i > 0:
+                return lines[i - 1]
+    for ln in reversed(lines):
+        if not ln.startswith("libbpf:"):
+            return ln
+    return lines[-1] if lines else ""
+
+
+def _with_probe(
+    prog_name: str, use: Callable[[libbpf.Program], str] | None = None
+) -> tuple[bool | None, str]:
+    """Load only `prog_name` from the probes object; then `use(prog)` may try more
+    (its return value is the detail). Returns (ok, detail)."""
+    path = libbpf.object_path(PROBES_OBJECT)
+    if not os.path.exists(path):
+        return None, f"{path} not built (run `make -C bpf`)"
+    try:
+        with libbpf.BpfObject.open(path) as obj:
+            for prog in obj.programs():
+                prog.set_autoload(prog.name == prog_name)
+            obj.load()
+            prog = obj.program(prog_name)
+            return True, use(prog) if use else "loaded"
+    except BpfError as e:
+        reason = _verifier_reason(e.log) if e.log else ""
+        err = os.strerror(e.errno) if e.errno else str(e)
+        return False, f"{e.what}: {err}" + (f" ({reason})" if reason else "")
+    except Exception as e:  # a probe never raises
+        return False, f"{type(e).__name__}: {e}"
+
+
+def probe_bpf_loop() -> Probe:
+    ok, detail = _with_probe("probe_bpf_loop")
+    if ok:
+        detail = "a tc program calling bpf_loop loaded"
+    return Probe("bpf_loop", ok, detail, "5.17")
+
+
+def probe_sockops() -> Probe:
+    ok, detail = _with_probe("probe_sockops")
+    if ok:
+        detail = "sockops program with bpf_sock_hash_update loaded"
+    return Probe("sockops", ok, detail, "4.13")
+
+
+def probe_sk_msg() -> Probe:
+    ok, detail = _with_probe("probe_sk_msg")
+    if ok:
+        detail = "sk_msg program with bpf_msg_push_data loaded"
+    return Probe("sk_msg", ok, detail, "4.20")
+
+
+def _tc_attach_lo(prog: libbpf.Program) -> str:
+    def body() -> str:
+        hook = libbpf.tc_hook(1, libbpf.BPF_TC_INGRESS)  # lo of the fresh netns
+        libbpf.tc_hook_create(hook)
+        libbpf.tc_attach(hook, libbpf.tc_opts(prog.fd))
+        return "cls_bpf program loaded and attached to a clsact qdisc (throw-away netns)"
+
+    return in_new_netns(body)
+
+
+def probe_tc() -> Probe:
+    return Probe("tc", *_with_probe("probe_tc", _tc_attach_lo), "4.5")
+
+
+def _tcx_attach_lo(prog: libbpf.Program) -> str:
+    def body() -> str:
+        fd = libbpf.link_create(prog.fd, 1, libbpf.BPF_TCX_INGRESS)
+        os.close(fd)
+        return "tcx link created on lo (throw-away netns)"
+
+    return in_new_netns(body)
+
+
+def probe_tcx() -> Probe:
+    ok, detail = _with_probe("probe_tc", _tcx_attach_lo)
+    return Probe("tcx", ok, detail, "6.6")
+
+
+def probe_write_user() -> Probe:
+    ok, detail = _with_probe("probe_write_user")
+    if ok:
+        detail = "tracepoint program using bpf_probe_write_user loaded"
+    elif ok is False and "cannot use helper" in detail:
+        detail += "; kernel lockdown forbids it"
+    return Probe("bpf_probe_write_user", ok, detail, "4.8")
+
+
+def probe_ringbuf() -> Probe:
+    try:
+        fd = libbpf.map_create(libbpf.BPF_MAP_TYPE_RINGBUF, 0, 0, 4096, "obi_probe_rb")
+        os.close(fd)
+        return Probe("ringbuf", True, "BPF_MAP_TYPE_RINGBUF map created", "5.8")
+    except BpfError as e:
+        return Probe("ringbuf", False, str(e), "5.8")
+    except Exception as e:
+        return Probe("ringbuf", False, f"{type(e).__name__}: {e}", "5.8")
+
+
+# --- files and system state ------------------------------------------------------------
+
+
+def probe_btf() -> Probe:
+    if os.path.exists(BTF_VMLINUX):
+        return Probe("btf", True, f"{BTF_VMLINUX} present", "5.4")
+    return Probe("btf", False, f"{BTF_VMLINUX} missing (kernel built without CONFIG_DEBUG_INFO_BTF)", "5.4")
+
+
+def probe_cgroup_v2() -> Probe:
+    mount = libbpf.cgroup_v2_mount()
+    if mount:
+        return Probe("cgroup_v2", True, mount, "4.5")
+    return Probe("cgroup_v2", False, "no cgroup2 file system mounted", "4.5")
+
+
+def parse_lockdown(text: str) -> str:
+    """The active mode of /sys/kernel/security/lockdown, e.g.
+    "none [integrity] confidentiality" -> "integrity"; "" if none is marked."""
+    m = re.search(r"\[([a-z]+)\]", text)
+    return m.group(1) if m else ""
+
+
+def read_lockdown() -> tuple[str, str]:
+    """(mode, detail). Mounts securityfs for the read if it is not mounted (and unmounts
+    it again). Mode "" when it cannot be told."""
+    path = os.path.join(SECURITYFS, "lockdown")
+    mounted_here = False
+    try:
+        if not os.path.exists(path) and not os.path.ismount(SECURITYFS) and os.path.isdir(SECURITYFS):
+            res = subprocess.run(
+                ["mount", "-t", "securityfs", "securityfs", SECURITYFS],
+                capture_output=True, text=True, timeout=5,
+            )
+            mounted_here = res.returncode == 0
+            if not mounted_here:
+                return "", f"cannot mount securityfs: {res.stderr.strip()}"
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            return "none", "no lockdown LSM in this kernel"
+        mode = parse_lockdown(text)
+        return mode, text
+    except (OSError, subprocess.SubprocessError) as e:
+        return "", f"cannot read {path}: {e}"
+    finally:
+        if mounted_here:
+            subprocess.run(["umount", SECURITYFS], capture_output=True, timeout=5)
+
+
+def probe_lockdown() -> Probe:
+    mode, detail = read_lockdown()
+    return Probe("lockdown", bool(mode), mode or detail, "5.4")
+
+
+# --- capabilities ----------------------------------------------------------------------
+
+# Capability -> number, and what stops working without it (for `obi doctor`).
+CAPABILITIES: dict[str, tuple[int, str]] = {
+    "CAP_BPF": (39, "loading BPF programs and creating maps (unless CAP_SYS_ADMIN)"),
+    "CAP_PERFMON": (38, "tracepoint programs and pointer arithmetic in BPF (unless CAP_SYS_ADMIN)"),
+    "CAP_NET_ADMIN": (12, "tc/tcx attach, sockops/sk_msg, NFQUEUE rules and queues"),
+    "CAP_NET_RAW": (13, "raw sockets (userspace datapath packet re-injection, tests)"),
+    "CAP_SYS_ADMIN": (21, "setns into network namespaces, mounting securityfs, finding BPF objects by id (cleanup)"),
+    "CAP_SYS_PTRACE": (19, "reading /proc/<pid>/exe and fds of other users' processes (discovery)"),
+    "CAP_DAC_READ_SEARCH": (2, "reading /proc/<pid>/fd of other users' processes (socket ownership)"),
+    "CAP_CHECKPOINT_RESTORE": (40, "reading /proc/<pid>/map_files (executable discovery)"),
+}
+
+
+def parse_capeff(value: str | int) -> dict[str, bool]:
+    """Which of `CAPABILITIES` the CapEff mask (hex string as in /proc/self/status) holds."""
+    mask = int(value, 16) if isinstance(value, str) else value
+    return {name: bool(mask >> bit & 1) for name, (bit, _) in CAPABILITIES.items()}
+
+
+def read_capeff(status_path: str = "/proc/self/status") -> str:
+    with open(status_path) as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return line.split(":", 1)[1].strip()
+    return "0"
+
+
+def probe_capabilities() -> Probe:
+    try:
+        caps = parse_capeff(read_capeff())
+    except OSError as e:
+        return Probe("capabilities", None, f"cannot read /proc/self/status: {e}")
+    missing = [n for n, have in caps.items() if not have]
+    if not missing:
+        return Probe("capabilities", True, "all of " + ", ".join(caps))
+    return Probe("capabilities", False, "missing " + ", ".join(missing))
+
+
+# --- iptables / NFQUEUE ----------------------------------------------------------------
+
+
+def probe_iptables() -> Probe:
+    try:
+        out = subprocess.run(
+            ["iptables", "--version"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        return Probe("iptables", False, f"iptables not usable: {e}")
+    m = re.search(r"\((nf_tables|legacy)\)", out)
+    backend = m.group(1) if m else "legacy" if out else ""
+    if not out:
+        return Probe("iptables", False, "iptables --version printed nothing")
+    return Probe("iptables", True, f"{backend} ({out})")
+
+
+def probe_nfqueue() -> Probe:
+    """netfilterqueue importable + iptables accepts an NFQUEUE rule (in a throw-away netns)."""
+    if importlib.util.find_spec("netfilterqueue") is None:
+        return Probe("nfqueue", False, "python module netfilterqueue not installed")
+    ns = f"{NETNS_PREFIX}-{os.getpid()}-{secrets.token_hex(3)}"
+    try:
+        res = subprocess.run(["ip", "netns", "add", ns], capture_output=True, text=True, timeout=10)
+        if res.returncode != 0:
+            return Probe("nfqueue", False, f"cannot create a network namespace: {res.stderr.strip()}")
+        rule = ["iptables", "-A", "OUTPUT", "-p", "tcp", "--dport", "9", "-j", "NFQUEUE",
+                "--queue-num", "7", "--queue-bypass"]
+        res = subprocess.run(["ip", "netns", "exec", ns, *rule], capture_output=True, text=True, timeout=10)
+        if res.returncode != 0:
+            return Probe("nfqueue", False, f"iptables refused an NFQUEUE rule: {res.stderr.strip()}")
+        return Probe("nfqueue", True, "netfilterqueue importable, iptables accepts NFQUEUE --queue-bypass")
+    except (OSError, subprocess.SubprocessError) as e:
+        return Probe("nfqueue", False, f"{type(e).__name__}: {e}")
+    finally:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+ALL_PROBES: tuple[Callable[[], Probe], ...] = (
+    probe_btf,
+    probe_bpf_loop,
+    probe_sockops,
+    probe_sk_msg,
+    probe_tc,
+    probe_tcx,
+    probe_ringbuf,
+    probe_cgroup_v2,
+    probe_lockdown,
+    probe_write_user,
+    probe_capabilities,
+    probe_iptables,
+    probe_nfqueue,
+)
+
+
+def run_all() -> dict[str, Probe]:
+    """Every probe, by name."""
+    out: dict[str, Probe] = {}
+    for fn in ALL_PROBES:
+        try:
+            p = fn()
+        except Exception as e:  # belt and braces: probes must not raise
+            p = Probe(fn.__name__.removeprefix("probe_"), False, f"{type(e).__name__}: {e}")
+        out[p.name] = p
+    return out
