@@ -29,7 +29,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Mapping, Sequence, TextIO
+from typing import Any, Callable, Sequence, TextIO
 from urllib.parse import urlsplit
 
 from opentelemetry import trace as trace_api
