@@ -1,0 +1,314 @@
+"""Health endpoint and self-metrics of a running agent (`obi run`).
+
+`HealthServer(cfg, status_fn, metrics_fn)` serves, over plain HTTP from daemon threads:
+
+- `/healthz` on `health_check.port`: JSON, 200 when the datapath is attached and the
+  exporter is not failing persistently, 503 otherwise (Kubernetes readiness).
+- `/livez` on the same port: 200 while the agent process is up and serving (Kubernetes
+  liveness: a collector outage makes /healthz 503, but restarting the agent would not fix
+  it and would detach/reattach every hook).
+- `internal_metrics.prometheus.path` (default /internal/metrics) on
+  `internal_metrics.prometheus.port`: Prometheus text exposition format 0.0.4.
+
+When both ports are equal one listener serves every path. `status_fn()` returns a dict
+with `datapath` (name or None) and `attached` (bool), optionally `reason`; `metrics_fn()`
+returns the merged counters of the exporter and the datapath (`METRICS` below maps them).
+Neither callback may block for long: they run on the request thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Mapping
+
+from . import __version__
+from .config import Config
+from .errors import ObiError
+
+log = logging.getLogger("obi.health")
+
+HEALTH_PATH = "/healthz"
+LIVE_PATH = "/livez"
+CONTENT_TYPE_PROM = "text/plain; version=0.0.4; charset=utf-8"
+# An export error makes the agent unhealthy until a batch succeeds or this long passes
+# without a new error (a backend that is down keeps failing every batch it is sent).
+EXPORT_ERROR_WINDOW_S = 60.0
+SAMPLE_INTERVAL_S = 1.0
+
+StatusFn = Callable[[], Mapping[str, Any]]
+MetricsFn = Callable[[], Mapping[str, int]]
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # Prometheus name (counters end in _total)
+    key: str  # key in metrics_fn()'s dict; missing keys read as 0
+    help: str
+
+
+# The one table from internal counters to exported metric names. Every metric is a counter.
+METRICS: tuple[Metric, ...] = (
+    Metric("obi_spans_exported_total", "exported", "Spans the OTLP backend accepted."),
+    Metric("obi_spans_dropped_total", "dropped", "Spans dropped: export queue full, failed export or shutdown."),
+    Metric("obi_export_errors_total", "export_errors", "OTLP export requests (batches) that failed."),
+    Metric("obi_ringbuf_events_lost_total", "events_lost", "Kernel datapath events lost because the ring buffer was full."),
+    Metric("obi_packets_queued_total", "packets_queued", "Packets the userspace datapath received from NFQUEUE."),
+    Metric("obi_packets_accepted_total", "packets_accepted", "Packets the userspace datapath gave back to the kernel."),
+    Metric("obi_packets_bypassed_total", "packets_bypassed", "Packets passed unchanged because of a parse miss or an error."),
+    Metric("obi_headers_inserted_total", "headers_inserted", "Traceparent headers written into outgoing HTTP requests."),
+    Metric("obi_tcp_options_written_total", "tcp_options_written", "TCP segments tagged with the trace context option (kind 25)."),
+)
+
+
+def _label(value: object) -> str:
+    """A label value escaped as the text format requires (backslash, quote, newline)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_metrics(counters: Mapping[str, int], datapath: str | None) -> str:
+    """The Prometheus text exposition (format 0.0.4) of the counters plus info gauges."""
+    lines: list[str] = []
+    for m in METRICS:
+        lines += [f"# HELP {m.name} {m.help}", f"# TYPE {m.name} counter", f"{m.name} {int(counters.get(m.key, 0))}"]
+    lines += [
+        "# HELP obi_datapath_info The datapath in use (kernel, userspace, or none before attach).",
+        "# TYPE obi_datapath_info gauge",
+        f'obi_datapath_info{{datapath="{_label(datapath or "none")}"}} 1',
+        "# HELP obi_build_info obi-py version and Python version.",
+        "# TYPE obi_build_info gauge",
+        f'obi_build_info{{version="{_label(__version__)}",python="{_label(platform.python_version())}"}} 1',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+class ExportHealth:
+    """Tells from successive counter samples whether export is failing persistently.
+
+    Failing = an export error was seen within `window_s` and no span was exported since.
+    Counters are sampled (by the server's ticker and on every request); when errors and
+    successes both moved between two samples the order is unknown and success wins.
+    """
+
+    def __init__(self, window_s: float = EXPORT_ERROR_WINDOW_S, clock: Callable[[], float] = time.monotonic):
+        self.window_s = window_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._errors = 0
+        self._exported = 0
+        self._last_error_at: float | None = None
+        self._failing = False  # an error seen and nothing exported since
+
+    def update(self, counters: Mapping[str, int]) -> None:
+        errors, exported = int(counters.get("export_errors", 0)), int(counters.get("exported", 0))
+        with self._lock:
+            if exported > self._exported:
+                self._failing = False
+            elif errors > self._errors:
+                self._failing = True
+                self._last_error_at = self._clock()
+            self._errors, self._exported = errors, exported
+
+    def failing(self) -> tuple[bool, str]:
+        """(failing, reason)."""
+        with self._lock:
+            if not self._failing or self._last_error_at is None:
+                return False, ""
+            age = self._clock() - self._last_error_at
+            if age > self.window_s:
+                return False, ""
+            return True, f"OTLP export failing: {self._errors} failed batches, last {age:.0f}s ago, none exported since"
+
+
+class HealthServer:
+    """The agent's health and metrics listener(s). `start()` binds, `stop()` closes."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        status_fn: StatusFn,
+        metrics_fn: MetricsFn,
+        *,
+        host: str = "0.0.0.0",
+        error_window_s: float = EXPORT_ERROR_WINDOW_S,
+    ):
+        self.cfg = cfg
+        self.status_fn = status_fn
+        self.metrics_fn = metrics_fn
+        self.host = host
+        self.export_health = ExportHealth(error_window_s)
+        self._servers: list[ThreadingHTTPServer] = []
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+
+    @classmethod
+    def for_agent(cls, agent: Any, **kw: Any) -> "HealthServer":
+        """A server reading an `obi.agent.Agent` (its cfg, exporter and datapath)."""
+
+        def status() -> dict[str, Any]:
+            dp = agent.datapath
+            return {"datapath": getattr(dp, "name", None), "attached": dp is not None and not agent.stopping.is_set()}
+
+        def metrics() -> dict[str, int]:
+            merged = dict(agent.exporter.stats())
+            if agent.datapath is not None:
+                merged.update(agent.datapath.stats())
+            return merged
+
+        return cls(agent.cfg, status, metrics, **kw)
+
+    # -- what each path answers -------------------------------------------------------
+
+    def routes(self, port: int) -> dict[str, Callable[[], tuple[int, str, bytes]]]:
+        """Path -> handler for the listener on `port` (configured port, not the bound one)."""
+        out: dict[str, Callable[[], tuple[int, str, bytes]]] = {}
+        if port == self.cfg.health_check_port:
+            out[HEALTH_PATH] = self.healthz
+            out[LIVE_PATH] = self.livez
+        if port == self.cfg.internal_metrics_port:
+            out[self.cfg.internal_metrics_path] = self.metrics
+        return out
+
+    def _counters(self) -> dict[str, int]:
+        counters = dict(self.metrics_fn())
+        self.export_health.update(counters)
+        return counters
+
+    def health(self) -> dict[str, Any]:
+        """The /healthz document; `status` is "ok" or "unavailable"."""
+        try:
+            st = dict(self.status_fn())
+            self._counters()
+        except Exception as e:  # a broken callback is an unhealthy agent, not a 500
+            return {"status": "unavailable", "datapath": None, "attached": False, "exporting": False,
+                    "reason": f"status check raised {type(e).__name__}: {e}"}
+        attached = bool(st.get("attached"))
+        failing, why = self.export_health.failing()
+        reasons = []
+        if not attached:
+            reasons.append(st.get("reason") or "datapath not attached")
+        if failing:
+            reasons.append(why)
+        return {
+            "status": "ok" if attached and not failing else "unavailable",
+            "datapath": st.get("datapath"),
+            "attached": attached,
+            "exporting": not failing,
+            "reason": "; ".join(str(r) for r in reasons),
+        }
+
+    def healthz(self) -> tuple[int, str, bytes]:
+        doc = self.health()
+        code = 200 if doc["status"] == "ok" else 503
+        return code, "application/json", (json.dumps(doc) + "\n").encode()
+
+    def livez(self) -> tuple[int, str, bytes]:
+        return 200, "application/json", b'{"status": "alive"}\n'
+
+    def metrics(self) -> tuple[int, str, bytes]:
+        counters = self._counters()
+        try:
+            datapath = self.status_fn().get("datapath")
+        except Exception:
+            datapath = None
+        return 200, CONTENT_TYPE_PROM, render_metrics(counters, datapath).encode()
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    @property
+    def ports(self) -> list[int]:
+        """The bound ports, in start order (health first)."""
+        return [s.server_address[1] for s in self._servers]
+
+    def start(self) -> None:
+        """Bind the configured port(s); nothing when both are 0. ObiError if a port is taken."""
+        wanted = {self.cfg.health_check_port: "health_check.port", self.cfg.internal_metrics_port: "internal_metrics.prometheus.port"}
+        for port, key in wanted.items():  # one listener when both ports are the same
+            if not port:
+                continue
+            try:
+                self._serve(port)
+            except OSError as e:
+                self.stop()
+                raise ObiError(f"{key} {port}: cannot listen on {self.host}:{port}: {e.strerror or e}") from e
+        if self._servers:
+            self._stop.clear()
+            t = threading.Thread(target=self._tick, name="obi-health-sampler", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _serve(self, port: int) -> None:
+        routes = self.routes(port)
+
+        class Handler(BaseHTTPRequestHandler):
+            timeout = 5  # a stuck client must not hold a thread forever
+
+            def _answer(self, body: bool) -> None:
+                handler = routes.get(self.path.split("?", 1)[0])
+                if handler is None:
+                    code, ctype, data = 404, "text/plain", b"not found\n"
+                else:
+                    try:
+                        code, ctype, data = handler()
+                    except Exception as e:
+                        log.exception("health endpoint %s failed", self.path)
+                        code, ctype, data = 500, "text/plain", f"{type(e).__name__}: {e}\n".encode()
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+                self._answer(True)
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                self._answer(False)
+
+            def log_message(self, fmt: str, *args: Any) -> None:
+                log.debug("%s %s", self.address_string(), fmt % args)
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        server = Server((self.host, port), Handler)
+        self._servers.append(server)
+        t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                             name=f"obi-health-{port}", daemon=True)
+        t.start()
+        self._threads.append(t)
+        log.info("serving %s on %s:%d", ", ".join(sorted(routes)), self.host, server.server_address[1])
+
+    def _tick(self) -> None:
+        # Samples the counters so that an error is timed when it happens, not when probed.
+        while not self._stop.wait(SAMPLE_INTERVAL_S):
+            try:
+                self._counters()
+            except Exception:
+                log.debug("metrics sampling failed", exc_info=True)
+
+    def stop(self) -> None:
+        """Close every listener and join the threads (bounded). Idempotent."""
+        self._stop.set()
+        for s in self._servers:
+            s.shutdown()
+            s.server_close()
+        for t in self._threads:
+            t.join(2.0)
+        self._servers.clear()
+        self._threads.clear()
+
+    def __enter__(self) -> "HealthServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
