@@ -75,3 +75,41 @@ int obi_test_mark(struct __sk_buff *skb)
 	bpf_skb_store_bytes(skb, 0, &ff, 1, 0);
 	return TC_ACT_SHOT;
 }
+
+/* Sockets for the sk_msg attach test. Key: u32, value: socket (cookie on lookup).
+ * Written by userspace only (the test never puts sockets in it). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 4);
+	__type(key, __u32);
+	__type(value, __u64);
+} test_sockhash SEC(".maps");
+
+/* Hook: sk_msg on test_sockhash. Context: sk_msg_md. Maps: none. Returns SK_PASS. */
+SEC("sk_msg")
+int obi_test_sk_msg(struct sk_msg_md *msg)
+{
+	return SK_PASS;
+}
+
+/* Packets the cgroup_skb program saw (.bss, read by the test). */
+__u64 test_cgroup_pkts = 0;
+
+/* Hook: cgroup_skb/egress of a test cgroup. Context: __sk_buff. Maps: .bss
+ * (test_cgroup_pkts). Returns 1 (allow). */
+SEC("cgroup_skb/egress")
+int obi_test_cgroup(struct __sk_buff *skb)
+{
+	__sync_fetch_and_add(&test_cgroup_pkts, 1);
+	return 1;
+}
+
+/* Hook: tc, not loaded unless a test asks ("?" prefix). Reads packet data without a
+ * bounds check, so the verifier rejects it: the test checks the log reaches BpfError. */
+SEC("?tc")
+int obi_test_bad(struct __sk_buff *skb)
+{
+	__u8 *data = (__u8 *)(long)skb->data;
+
+	return data[20];
+}

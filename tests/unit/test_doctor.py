@@ -1,0 +1,158 @@
+"""The datapath switch and the doctor's parsers, with faked probe results (no root)."""
+
+from __future__ import annotations
+
+import pytest
+
+from obi import doctor
+from obi.config import Config
+from obi.doctor import Check, choose_datapath
+from obi.kernel import probes
+from obi.model import Datapath
+
+
+@pytest.fixture
+def no_probing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any real probe call fails the test: results must come from the arguments."""
+
+    def boom() -> probes.Probe:
+        raise AssertionError("probe must not run")
+
+    monkeypatch.setattr(probes, "probe_bpf_loop", boom)
+    monkeypatch.setattr(probes, "probe_nfqueue", boom)
+
+
+@pytest.mark.usefixtures("no_probing")
+class TestChooseDatapath:
+    def test_forced_kernel_ignores_probes(self) -> None:
+        choice = choose_datapath(Config(datapath="kernel"), bpf_loop_ok=False, nfqueue_ok=True)
+        assert choice.datapath is Datapath.KERNEL
+        assert "forced" in choice.reason
+
+    def test_forced_userspace_says_per_process(self) -> None:
+        choice = choose_datapath(Config(datapath="userspace"), bpf_loop_ok=True, nfqueue_ok=True)
+        assert choice.datapath is Datapath.USERSPACE
+        assert "per process, not per thread" in choice.reason
+
+    def test_auto_with_bpf_loop_picks_kernel(self) -> None:
+        choice = choose_datapath(Config(), bpf_loop_ok=True, nfqueue_ok=True)
+        assert choice.datapath is Datapath.KERNEL
+        assert "bpf_loop" in choice.reason
+
+    def test_auto_without_bpf_loop_picks_userspace(self) -> None:
+        choice = choose_datapath(Config(), bpf_loop_ok=False, nfqueue_ok=True)
+        assert choice.datapath is Datapath.USERSPACE
+        assert "5.17" in choice.reason
+        assert "per process, not per thread" in choice.reason
+
+    def test_override_skips_probe(self) -> None:
+        # bpf_loop_ok=None would normally probe; the fixture makes probing fail the test.
+        choice = choose_datapath(Config(override_bpfloop_enabled=True))
+        assert choice.datapath is Datapath.KERNEL
+        assert "override" in choice.reason
+
+    def test_override_beats_failed_probe(self) -> None:
+        choice = choose_datapath(Config(override_bpfloop_enabled=True), bpf_loop_ok=False, nfqueue_ok=False)
+        assert choice.datapath is Datapath.KERNEL
+
+    def test_none_available(self) -> None:
+        choice = choose_datapath(Config(), bpf_loop_ok=False, nfqueue_ok=False)
+        assert choice.datapath is None
+        assert "NFQUEUE" in choice.reason and "bpf_loop" in choice.reason
+
+
+def test_auto_probes_when_not_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    def fake_loop() -> probes.Probe:
+        calls.append("bpf_loop")
+        return probes.Probe("bpf_loop", False, "unknown func bpf_loop#181", "5.17")
+
+    def fake_nfq() -> probes.Probe:
+        calls.append("nfqueue")
+        return probes.Probe("nfqueue", True, "ok")
+
+    monkeypatch.setattr(probes, "probe_bpf_loop", fake_loop)
+    monkeypatch.setattr(probes, "probe_nfqueue", fake_nfq)
+    assert choose_datapath(Config()).datapath is Datapath.USERSPACE
+    assert calls == ["bpf_loop", "nfqueue"]
+
+
+@pytest.mark.parametrize(
+    "text, mode",
+    [
+        ("none [integrity] confidentiality", "integrity"),
+        ("[none] integrity confidentiality", "none"),
+        ("none integrity [confidentiality]\n", "confidentiality"),
+        ("none integrity confidentiality", ""),
+        ("", ""),
+    ],
+)
+def test_parse_lockdown(text: str, mode: str) -> None:
+    assert probes.parse_lockdown(text) == mode
+
+
+def test_parse_capeff_full_root() -> None:
+    caps = probes.parse_capeff("000001ffffffffff")
+    assert set(caps) == {
+        "CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN",
+        "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH", "CAP_CHECKPOINT_RESTORE",
+    }
+    assert all(caps.values())
+
+
+def test_parse_capeff_partial() -> None:
+    # CAP_NET_ADMIN (12) + CAP_NET_RAW (13) + CAP_BPF (39)
+    mask = (1 << 12) | (1 << 13) | (1 << 39)
+    caps = probes.parse_capeff(f"{mask:016x}")
+    assert {n for n, have in caps.items() if have} == {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_BPF"}
+    assert probes.parse_capeff("0000000000000000") == {n: False for n in caps}
+
+
+def test_read_capeff_from_status_file(tmp_path) -> None:
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython3\nCapInh:\t0000000000000000\nCapEff:\t0000000000003000\nCapBnd:\t000001ffffffffff\n")
+    caps = probes.parse_capeff(probes.read_capeff(str(status)))
+    assert caps["CAP_NET_ADMIN"] and caps["CAP_NET_RAW"] and not caps["CAP_BPF"]
+
+
+def test_capabilities_check_names_what_stops(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(probes, "read_capeff", lambda: f"{(1 << 39) | (1 << 12):016x}")
+    check = doctor._capabilities_check()
+    assert check.status == "warn"  # BPF and NET_ADMIN present: the agent can work
+    assert "missing CAP_SYS_PTRACE" in check.detail and "discovery" in check.detail
+    monkeypatch.setattr(probes, "read_capeff", lambda: "0")
+    assert doctor._capabilities_check().status == "fail"
+
+
+def test_verifier_reason_picks_the_complaint() -> None:
+    log = (
+        "libbpf: prog 'probe_bpf_loop': BPF program load failed: Invalid argument\n"
+        "libbpf: prog 'probe_bpf_loop': -- BEGIN PROG LOAD LOG --\n"
+        "0: R1=ctx() R10=fp0\n"
+        "5: (85) call unknown#181\n"
+        "invalid func unknown#181\n"
+        "processed 6 insns (limit 1000000)\n"
+        "-- END PROG LOAD LOG --\n"
+    )
+    assert probes._verifier_reason(log) == "invalid func unknown#181"
+
+
+def test_reports_from_checks() -> None:
+    checks = [
+        Check("kernel", "ok", "5.15.0", "5.15.0"),
+        Check("bpf_loop", "warn", "invalid func unknown#181", False),
+        Check("lockdown", "ok", "integrity: ...", "integrity"),
+        Check("datapath", "warn", "auto: no bpf_loop ...; per process, not per thread", "userspace"),
+    ]
+    doc = doctor.report_json(checks)
+    assert doc["kernel"] == "5.15.0"
+    assert doc["bpf_loop"] is False
+    assert doc["lockdown"] == "integrity"
+    assert doc["datapath"] == "userspace"
+    assert "per process" in doc["datapath_reason"]
+    assert [c["name"] for c in doc["checks"]] == ["kernel", "bpf_loop", "lockdown", "datapath"]
+    text = doctor.report_text(checks)
+    assert "[warn] bpf_loop" in text and text.endswith("overall: warn")
+    none = doctor.report_json([Check("datapath", "fail", "no datapath", None)])
+    assert none["datapath"] is None
