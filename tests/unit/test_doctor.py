@@ -156,3 +156,10 @@ def test_reports_from_checks() -> None:
     assert "[warn] bpf_loop" in text and text.endswith("overall: warn")
     none = doctor.report_json([Check("datapath", "fail", "no datapath", None)])
     assert none["datapath"] is None
+
+
+def test_probe_reports_missing_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(probes, "PROBES_OBJECT", "does-not-exist")
+    p = probes.probe_bpf_loop()
+    assert p.ok is None and "not built" in p.detail and "make -C bpf" in p.detail
+    assert doctor._feature(p, "warn", "x").status == "warn"
