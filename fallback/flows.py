@@ -1,0 +1,503 @@
+"""Per-connection state of the userspace datapath: HTTP framing, spans, header insertion
+and the sequence-number translation that insertion makes necessary.
+
+`Tracker.handle(packet, outgoing)` is the whole datapath minus the queue: it takes the raw
+IP packet and says what to do with it (`Verdict`). It has no I/O of its own: which
+process owns a connection and which server request an outgoing call belongs to are asked
+from the `Owners` and `Linker` objects it is given, so the logic is unit-testable with
+packets built by scapy.
+
+Sequence spaces. For a client connection into which we inserted bytes, "orig" is what
+the local TCP stack thinks (its seq numbers), "wire" is what the peer sees. Insertions
+are kept as positions in orig space relative to the first payload byte (`SeqMap`); each
+outgoing segment [s, e) maps to wire seq s + (bytes inserted before s) and carries every
+insertion whose position is in [s, e) (a retransmission gets the identical bytes, however
+the stack re-segments); each incoming ack/SACK edge maps back.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from obi import w3c
+from obi.config import Config
+from obi.model import Datapath, SpanKind, SpanRecord, TraceContext
+
+from . import codec
+from .http import Message, Stream
+
+log = logging.getLogger("obi.fallback")
+
+_U32 = 0xFFFFFFFF
+HEADER_NAME = b"Traceparent"
+INSERT_LEN = len(HEADER_NAME) + 2 + w3c.TRACEPARENT_LEN + 2  # "Traceparent: <55>\r\n" = 70
+TCP_OPTION_ROOM = 28  # the kind-25 option, padded
+REASSEMBLY_LIMIT = 256 * 1024  # out-of-order bytes kept per incoming direction for parsing
+IDLE_TIMEOUT_S = 300.0
+CLOSE_LINGER_S = 10.0  # after both FINs: keep translating the last ACKs/retransmissions
+
+
+def rel(seq: int, base: int) -> int:
+    """Signed distance seq - base in 32-bit sequence arithmetic."""
+    return ((seq - base + 0x80000000) & _U32) - 0x80000000
+
+
+class SeqMap:
+    """Bytes inserted into one direction, by position in orig space (relative offsets)."""
+
+    __slots__ = ("pos", "blobs", "cum", "wire", "total")
+
+    def __init__(self) -> None:
+        self.pos: list[int] = []
+        self.blobs: list[bytes] = []
+        self.cum: list[int] = []  # bytes inserted before insertion i
+        self.wire: list[int] = []  # wire position of insertion i: pos + cum
+        self.total = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.pos)
+
+    def add(self, pos: int, blob: bytes) -> None:
+        if self.pos and pos < self.pos[-1]:
+            raise ValueError("insertions must be added in stream order")
+        self.pos.append(pos)
+        self.blobs.append(blob)
+        self.cum.append(self.total)
+        self.wire.append(pos + self.total)
+        self.total += len(blob)
+
+    def delta(self, r: int) -> int:
+        """Bytes inserted strictly before orig offset r."""
+        k = bisect.bisect_left(self.pos, r)
+        return self.cum[k] if k < len(self.cum) else self.total
+
+    def within(self, start: int, end: int) -> list[tuple[int, bytes]]:
+        """Insertions carried by the segment [start, end): (offset in payload, bytes)."""
+        lo = bisect.bisect_left(self.pos, start)
+        hi = bisect.bisect_left(self.pos, end)
+        return [(self.pos[i] - start, self.blobs[i]) for i in range(lo, hi)]
+
+    def to_orig(self, w: int) -> int:
+        """Orig offset for wire offset w; inside inserted bytes it maps to the insertion point."""
+        k = bisect.bisect_right(self.wire, w) - 1
+        if k < 0:
+            return w
+        inside = w - self.wire[k]
+        if inside < len(self.blobs[k]):
+            return self.pos[k]
+        return w - self.cum[k] - len(self.blobs[k])
+
+
+class Owners(Protocol):
+    def server_pid(self, local_port: int) -> int | None:
+        """pid of the selected process listening on local_port, None if not selected."""
+
+    def client_pid(self, pkt: codec.Packet) -> int | None:
+        """pid of the selected process owning the socket that sends this SYN, else None."""
+
+    def exe(self, pid: int) -> str: ...
+
+
+@dataclass(slots=True)
+class ServerSpan:
+    ctx: TraceContext  # span_id = this span's id
+    parent: str
+    msg: Message
+    pid: int
+    start_ns: int
+    propagated: bool
+    children: int = 0
+
+
+class Linker:
+    """In-flight server requests per process; picks the parent of an outgoing request.
+
+    Packets carry no thread, so this links per process: the oldest in-flight request of
+    the sending process that has no child yet, else the newest in-flight one.
+    """
+
+    def __init__(self) -> None:
+        self.inflight: dict[int, OrderedDict[int, ServerSpan]] = {}
+
+    def add(self, span: ServerSpan) -> None:
+        self.inflight.setdefault(span.pid, OrderedDict())[id(span)] = span
+
+    def remove(self, span: ServerSpan) -> None:
+        spans = self.inflight.get(span.pid)
+        if spans is not None:
+            spans.pop(id(span), None)
+            if not spans:
+                del self.inflight[span.pid]
+
+    def parent_for(self, pid: int) -> ServerSpan | None:
+        spans = self.inflight.get(pid)
+        if not spans:
+            return None
+        for span in spans.values():
+            if span.children == 0:
+                return span
+        return next(reversed(spans.values()))
+
+
+@dataclass(slots=True)
+class ClientCall:
+    ctx: TraceContext
+    parent: str
+    msg: Message
+    start_ns: int
+    propagated: bool
+    status: int = 0
+    option_sent: bool = False
+
+
+@dataclass(slots=True)
+class Verdict:
+    payload: bytes | None = None  # new packet bytes, None = unchanged
+    mark: int = 0  # packet mark to set (0 = leave)
+
+
+ACCEPT = Verdict()
+
+
+@dataclass(slots=True)
+class Flow:
+    server: bool
+    pid: int
+    local: tuple[str, int]
+    peer: tuple[str, int]
+    out_base: int | None = None  # orig seq of our first payload byte
+    in_base: int | None = None
+    out_next: int = 0  # next orig offset the outgoing parser expects
+    in_next: int = 0
+    out_map: SeqMap = field(default_factory=SeqMap)
+    out_stream: Stream | None = None
+    in_stream: Stream | None = None
+    in_ooo: dict[int, bytes] = field(default_factory=dict)
+    pending: deque = field(default_factory=deque)  # ServerSpan / ClientCall awaiting a response
+    option_ctx: TraceContext | None = None  # kind-25 context seen on incoming segments
+    fins: int = 0
+    last_seen: float = 0.0
+    closed_at: float = 0.0
+
+
+Key = tuple[bytes, int, bytes, int]  # local addr, local port, peer addr, peer port
+
+
+class Tracker:
+    def __init__(self, cfg: Config, sink: Callable[[SpanRecord], None], owners: Owners,
+                 mtu: int = 1500, mark: int = 0) -> None:
+        self.cfg = cfg
+        self.sink = sink
+        self.owners = owners
+        self.mtu = mtu
+        self.mark = mark  # set on the SYN of a client connection we track (-> connmark)
+        self.flows: dict[Key, Flow] = {}
+        self.linker = Linker()
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("packets", "packets_modified", "headers_inserted", "headers_present", "headers_invalid",
+             "tcp_options_written", "tcp_options_read", "spans", "flows", "errors", "insert_skipped_mtu",
+             "links_to_server", "roots"), 0)
+        self.now = time.time_ns  # replaceable in tests
+        self._last_gc = time.monotonic()
+
+    # --- entry point ------------------------------------------------------------------
+
+    def handle(self, data: bytes, outgoing: bool) -> Verdict:
+        self.stats["packets"] += 1
+        pkt = codec.parse(data)
+        if pkt is None:
+            return ACCEPT
+        if outgoing:
+            key = (pkt.src, pkt.sport, pkt.dst, pkt.dport)
+        else:
+            key = (pkt.dst, pkt.dport, pkt.src, pkt.sport)
+        flow = self.flows.get(key)
+        syn = pkt.flags & codec.SYN
+        if flow is None or (syn and not pkt.flags & codec.ACK and flow.out_base is not None):
+            if flow is not None:  # port reuse: a new SYN replaces an old flow
+                self._close(key, flow)
+            flow = self._new_flow(key, pkt, outgoing)
+            if flow is None:
+                return ACCEPT
+        flow.last_seen = time.monotonic()
+        if outgoing:
+            verdict = self._outgoing(flow, pkt)
+        else:
+            verdict = self._incoming(flow, pkt)
+        if pkt.flags & codec.RST:
+            self._close(key, flow)
+        elif pkt.flags & codec.FIN:
+            flow.fins += 1
+            if flow.fins >= 2 and not flow.closed_at:
+                flow.closed_at = time.monotonic()
+        if verdict.payload is not None:
+            self.stats["packets_modified"] += 1
+        if flow.last_seen - self._last_gc > 5.0:
+            self.gc()
+        return verdict
+
+    def _new_flow(self, key: Key, pkt: codec.Packet, outgoing: bool) -> Flow | None:
+        local_port, flags = key[1], pkt.flags
+        is_syn = bool(flags & codec.SYN) and not flags & codec.ACK
+        if outgoing and is_syn:
+            pid = self.owners.client_pid(pkt)
+            server = False
+        elif not outgoing and (is_syn or not flags & (codec.SYN | codec.RST | codec.FIN)):
+            # Server side: a SYN, or payload of a connection opened before we started.
+            pid = self.owners.server_pid(local_port)
+            server = True
+            if pid is None or (not is_syn and not pkt.payload_len):
+                return None
+        elif outgoing and not flags & (codec.SYN | codec.RST | codec.FIN) and pkt.payload_len:
+            pid = self.owners.server_pid(local_port)  # a response on a pre-existing connection
+            server = True
+            if pid is None:
+                return None
+        else:
+            return None
+        if pid is None:
+            return None
+        flow = Flow(server, pid, (pkt.addr(key[0]), key[1]), (pkt.addr(key[2]), key[3]))
+        if server:
+            flow.in_stream = Stream(True)
+            flow.out_stream = Stream(False, lambda: self._pending_method(flow))
+        else:
+            flow.out_stream = Stream(True)
+            flow.in_stream = Stream(False, lambda: self._pending_method(flow))
+        self.flows[key] = flow
+        self.stats["flows"] += 1
+        return flow
+
+    @staticmethod
+    def _pending_method(flow: Flow) -> str:
+        return flow.pending[0].msg.method if flow.pending else ""
+
+    # --- outgoing ---------------------------------------------------------------------
+
+    def _outgoing(self, flow: Flow, pkt: codec.Packet) -> Verdict:
+        mark = self.mark if (pkt.flags & codec.SYN and not flow.server) else 0
+        if pkt.flags & codec.SYN:
+            flow.out_base = (pkt.seq + 1) & _U32
+            return Verdict(None, mark)
+        if flow.out_base is None:
+            flow.out_base = pkt.seq  # joined mid-connection
+        r = rel(pkt.seq, flow.out_base)
+        n = pkt.payload_len
+        new_requests: list[ClientCall] = []
+        if n and flow.out_stream is not None and not flow.out_stream.dead:
+            if r > flow.out_next:
+                flow.out_stream.kill("gap in outgoing stream")
+            elif r + n > flow.out_next:
+                skip = flow.out_next - r
+                events = flow.out_stream.feed(pkt.payload[skip:], flow.out_next)
+                flow.out_next = r + n
+                new_requests = self._out_events(flow, events, pkt, r)
+        if flow.server:
+            return ACCEPT
+        option = b""
+        if self.cfg.propagate_tcp:
+            for call in new_requests:  # one segment per request: the one holding its request line
+                if not call.option_sent:
+                    tid, sid = bytes.fromhex(call.ctx.trace_id), bytes.fromhex(call.ctx.span_id)
+                    option = codec.trace_option(tid, sid, call.ctx.flags)
+                    call.option_sent = True
+                    break
+        fmap = flow.out_map
+        if not fmap and not option:
+            return ACCEPT
+        inserts = fmap.within(r, r + n) if n else []
+        new = codec.rebuild(pkt, seq=flow.out_base + r + fmap.delta(r), inserts=inserts, add_option=option)
+        if new is None and option:  # no room for the option: send without it
+            new = codec.rebuild(pkt, seq=flow.out_base + r + fmap.delta(r), inserts=inserts)
+        elif option:
+            self.stats["tcp_options_written"] += 1
+        return Verdict(new, mark)
+
+    def _out_events(self, flow: Flow, events, pkt: codec.Packet, r: int) -> list[ClientCall]:
+        now = self.now()
+        calls: list[ClientCall] = []
+        for kind, msg in events:
+            if flow.server:
+                if kind == "end" and flow.pending and not 100 <= msg.status < 200:
+                    self._finish_server(flow, flow.pending.popleft(), msg.status, now)
+            elif kind == "line":
+                call = self._client_request(flow, msg, pkt, r, now)
+                if call is not None:
+                    calls.append(call)
+        return calls
+
+    def _client_request(self, flow: Flow, msg: Message, pkt: codec.Packet, r: int, now: int) -> ClientCall | None:
+        parent = self.linker.parent_for(flow.pid)
+        if parent is not None:
+            parent.children += 1
+            ctx = parent.ctx.child()
+            parent_id = parent.ctx.span_id
+            self.stats["links_to_server"] += 1
+        else:
+            ctx = TraceContext.new_root()
+            parent_id = ""
+            self.stats["roots"] += 1
+        propagated = False
+        head = bytes(msg.head[msg.line_end - msg.start :])  # header lines only, not the target
+        present = head.lower().count(b"traceparent")
+        if present:
+            values = msg.header(b"traceparent")
+            found = w3c.parse_traceparent(values[0]) if len(values) == 1 and present == 1 else None
+            if found is not None:
+                # The app propagates itself: adopt its context, insert nothing.
+                self.stats["headers_present"] += 1
+                same_trace = parent is not None and found.trace_id == parent.ctx.trace_id
+                ctx = TraceContext(found.trace_id, found.span_id, found.flags, ctx.tracestate)
+                parent_id = parent_id if same_trace else ""
+                propagated = True
+            else:
+                self.stats["headers_invalid"] += 1
+        elif self.cfg.propagate_headers:
+            blob = HEADER_NAME + b": " + w3c.format_traceparent(ctx).encode() + b"\r\n"
+            pos = msg.line_end
+            # The grown segment must still fit the MTU (the SYN's MSS was clamped for one insertion).
+            grow = len(blob) + sum(len(b) for _, b in flow.out_map.within(r, r + pkt.payload_len))
+            if pos < r + pkt.payload_len and len(pkt.data) + grow + TCP_OPTION_ROOM * self.cfg.propagate_tcp > self.mtu:
+                self.stats["insert_skipped_mtu"] += 1
+            else:
+                flow.out_map.add(pos, blob)
+                self.stats["headers_inserted"] += 1
+        call = ClientCall(ctx, parent_id, msg, now, propagated)
+        msg.ctx = call
+        flow.pending.append(call)
+        return call
+
+    # --- incoming ---------------------------------------------------------------------
+
+    def _incoming(self, flow: Flow, pkt: codec.Packet) -> Verdict:
+        if self.cfg.propagate_tcp and flow.server:
+            opt = codec.find_trace_option(pkt)
+            if opt is not None:
+                tid, sid, flags = opt
+                if any(tid) and any(sid):
+                    flow.option_ctx = TraceContext(tid.hex(), sid.hex(), 1 if flags is None else flags)
+                    self.stats["tcp_options_read"] += 1
+        if pkt.flags & codec.SYN:
+            flow.in_base = (pkt.seq + 1) & _U32
+        elif pkt.payload_len and flow.in_stream is not None and not flow.in_stream.dead:
+            if flow.in_base is None:
+                flow.in_base = pkt.seq
+            self._in_data(flow, rel(pkt.seq, flow.in_base), bytes(pkt.payload))
+        fmap = flow.out_map
+        if not fmap or flow.out_base is None or not pkt.flags & codec.ACK:
+            return ACCEPT
+        base = flow.out_base
+
+        def back(seq: int) -> int:
+            return base + fmap.to_orig(rel(seq, base))
+
+        return Verdict(codec.rebuild(pkt, ack=back(pkt.ack), map_sack=back))
+
+    def _in_data(self, flow: Flow, r: int, data: bytes) -> None:
+        """Feed incoming payload to the parser in order, keeping a little out-of-order data."""
+        stream = flow.in_stream
+        assert stream is not None
+        if r > flow.in_next:
+            if sum(map(len, flow.in_ooo.values())) + len(data) > REASSEMBLY_LIMIT:
+                stream.kill("reassembly limit")
+            else:
+                flow.in_ooo[r] = data
+            return
+        while True:
+            if r + len(data) > flow.in_next:
+                data = data[flow.in_next - r :]
+                events = stream.feed(data, flow.in_next)
+                flow.in_next += len(data)
+                self._in_events(flow, events)
+            if not flow.in_ooo:
+                return
+            nxt = min(flow.in_ooo)
+            if nxt > flow.in_next:
+                return
+            r, data = nxt, flow.in_ooo.pop(nxt)
+
+    def _in_events(self, flow: Flow, events) -> None:
+        now = self.now()
+        for kind, msg in events:
+            if flow.server:
+                if kind == "start":
+                    msg.ctx = now
+                elif kind == "head":
+                    self._server_request(flow, msg, msg.ctx if isinstance(msg.ctx, int) else now)
+            else:
+                if kind == "end" and flow.pending and not 100 <= msg.status < 200:
+                    self._finish_client(flow, flow.pending.popleft(), msg.status, now)
+
+    def _server_request(self, flow: Flow, msg: Message, start: int) -> None:
+        incoming = w3c.extract(msg.header_lines())
+        propagated = incoming is not None
+        if incoming is None and flow.option_ctx is not None:
+            incoming = flow.option_ctx
+            propagated = True
+        flow.option_ctx = None
+        if incoming is not None:
+            ctx, parent = incoming.child(), incoming.span_id
+        else:
+            ctx, parent = TraceContext.new_root(), ""
+        span = ServerSpan(ctx, parent, msg, flow.pid, start, propagated)
+        flow.pending.append(span)
+        self.linker.add(span)
+
+    # --- span records -------------------------------------------------------------------
+
+    def _record(self, flow: Flow, kind: SpanKind, ctx: TraceContext, parent: str, msg: Message,
+                start: int, end: int, status: int, propagated: bool) -> SpanRecord:
+        host = msg.header(b"host")
+        return SpanRecord(
+            trace_id=ctx.trace_id, span_id=ctx.span_id, parent_span_id=parent, kind=kind,
+            start_ns=start, end_ns=end, method=msg.method, path=msg.target, status=status,
+            host=host[0].decode("latin-1") if host else "",
+            local_addr=flow.local[0], local_port=flow.local[1], peer_addr=flow.peer[0], peer_port=flow.peer[1],
+            pid=flow.pid, exe=self.owners.exe(flow.pid), flags=ctx.flags, tracestate=ctx.tracestate,
+            datapath=Datapath.USERSPACE, propagated=propagated)
+
+    def _emit(self, record: SpanRecord) -> None:
+        self.stats["spans"] += 1
+        try:
+            self.sink(record)
+        except Exception:  # the sink must not break the datapath
+            log.exception("span sink failed")
+
+    def _finish_server(self, flow: Flow, span: ServerSpan, status: int, now: int) -> None:
+        self.linker.remove(span)
+        self._emit(self._record(flow, SpanKind.SERVER, span.ctx, span.parent, span.msg, span.start_ns, now,
+                                status, span.propagated))
+
+    def _finish_client(self, flow: Flow, call: ClientCall, status: int, now: int) -> None:
+        self._emit(self._record(flow, SpanKind.CLIENT, call.ctx, call.parent, call.msg, call.start_ns, now,
+                                status, call.propagated))
+
+    # --- lifetime -----------------------------------------------------------------------
+
+    def _close(self, key: Key, flow: Flow) -> None:
+        """End a flow: unanswered requests become spans without a status."""
+        now = self.now()
+        while flow.pending:
+            item = flow.pending.popleft()
+            if isinstance(item, ServerSpan):
+                self._finish_server(flow, item, 0, now)
+            else:
+                self._finish_client(flow, item, 0, now)
+        if self.flows.get(key) is flow:
+            del self.flows[key]
+
+    def gc(self) -> None:
+        now = time.monotonic()
+        self._last_gc = now
+        for key, flow in list(self.flows.items()):
+            if (flow.closed_at and now - flow.closed_at > CLOSE_LINGER_S) or now - flow.last_seen > IDLE_TIMEOUT_S:
+                self._close(key, flow)
+
+    def close_all(self) -> None:
+        for key, flow in list(self.flows.items()):
+            self._close(key, flow)

@@ -1,0 +1,254 @@
+"""Incremental HTTP/1.x message framing for one direction of a TCP stream.
+
+The datapath feeds the payload of each in-order segment with its stream offset and gets
+back events: a message started, its request/status line ended (where a header may be
+inserted), its head is complete, it ended. Bodies (Content-Length, chunked, until close)
+are skipped by counting, never buffered, so an inserted header can never land in a body.
+Anything that is not HTTP/1.x (TLS, HTTP/2 prior knowledge, binary, garbage) turns the
+stream `dead` and it is left alone for the rest of the connection.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+MAX_LINE = 8192  # request/status line
+MAX_HEAD = 65536  # whole head; longer means we stop understanding the stream
+MAX_CHUNK_LINE = 1024
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (\S+) HTTP/1\.([01])")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: .*)?")
+_H2_PREFACE = b"PRI * HTTP/2.0"
+
+# States of the parser.
+IDLE, HEAD, BODY, CHUNK_SIZE, CHUNK_DATA, TRAILER, UNTIL_CLOSE, DEAD = range(8)
+
+
+@dataclass(slots=True)
+class Message:
+    is_request: bool
+    start: int  # stream offset of the first byte
+    line_end: int = -1  # stream offset just after the first line's CRLF
+    head: bytearray = field(default_factory=bytearray)
+    head_done: bool = False
+    method: str = ""
+    target: str = ""
+    status: int = 0
+    end: int = -1  # stream offset just after the last byte, -1 while unknown
+    ctx: object = None  # whatever the flow layer attaches (span state)
+
+    def header_lines(self) -> list[tuple[bytes, bytes]]:
+        """(name, value) of every complete header line seen so far."""
+        text = bytes(self.head)
+        first = text.find(b"\r\n")
+        if first < 0:
+            return []
+        body = text[first + 2 :]
+        lines = body.split(b"\r\n")
+        if not self.head_done:
+            lines = lines[:-1]  # the last piece may be a partial line
+        out = []
+        for line in lines:
+            if not line:
+                break
+            name, sep, value = line.partition(b":")
+            if sep:
+                out.append((name.strip(), value.strip(b" \t")))
+        return out
+
+    def header(self, name: bytes) -> list[bytes]:
+        lname = name.lower()
+        return [v for n, v in self.header_lines() if n.lower() == lname]
+
+
+Event = tuple[str, Message]  # ("start" | "line" | "head" | "end", message)
+
+
+class Stream:
+    """Framing of one direction. `request_method()` (responses only) names the method of
+    the request the next response answers, for HEAD; "" if unknown."""
+
+    def __init__(self, is_request: bool, request_method: Callable[[], str] | None = None) -> None:
+        self.is_request = is_request
+        self.request_method = request_method or (lambda: "")
+        self.state = IDLE
+        self.msg: Message | None = None
+        self.remaining = 0
+        self.line = bytearray()  # chunk-size / trailer line being collected
+        self.dead = False
+        self.why_dead = ""
+        self._chunk_crlf = False  # the next CHUNK_SIZE line is the CRLF closing chunk data
+
+    def kill(self, why: str) -> None:
+        self.state, self.dead, self.why_dead = DEAD, True, why
+
+    def feed(self, data: bytes | memoryview, off: int) -> list[Event]:
+        """Consume `data` that starts at stream offset `off` (must be the next in-order bytes)."""
+        events: list[Event] = []
+        buf = bytes(data)
+        i, n = 0, len(buf)
+        while i < n:
+            st = self.state
+            if st == DEAD or st == UNTIL_CLOSE:
+                return events
+            if st == BODY or st == CHUNK_DATA:
+                take = min(self.remaining, n - i)
+                i += take
+                self.remaining -= take
+                if self.remaining == 0:
+                    if st == BODY:
+                        self._end(off + i, events)
+                    else:
+                        self.state = CHUNK_SIZE  # the CRLF after the data is read as a line
+                        self.line.clear()
+                        self._chunk_crlf = True
+            elif st == IDLE:
+                if buf[i] in (13, 10):  # stray CRLF between messages (RFC 9112 2.2)
+                    i += 1
+                    continue
+                self.msg = Message(self.is_request, off + i)
+                self.state = HEAD
+                events.append(("start", self.msg))
+            elif st == HEAD:
+                i = self._head(buf, i, off, events)
+            else:  # CHUNK_SIZE or TRAILER: line oriented
+                j = buf.find(b"\n", i)
+                if j < 0:
+                    self.line += buf[i:]
+                    i = n
+                    if len(self.line) > MAX_CHUNK_LINE:
+                        self.kill("chunk line too long")
+                    continue
+                self.line += buf[i:j]
+                i = j + 1
+                line = bytes(self.line).rstrip(b"\r")
+                self.line.clear()
+                if st == CHUNK_SIZE:
+                    if self._chunk_crlf:
+                        self._chunk_crlf = False
+                        if line:
+                            self.kill("missing CRLF after chunk data")
+                        continue
+                    size_text = line.split(b";", 1)[0].strip()
+                    try:
+                        size = int(size_text, 16)
+                    except ValueError:
+                        self.kill("bad chunk size")
+                        continue
+                    if size == 0:
+                        self.state = TRAILER
+                    else:
+                        self.state, self.remaining = CHUNK_DATA, size
+                elif not line:  # TRAILER ends with an empty line
+                    self._end(off + i, events)
+        return events
+
+    def _head(self, buf: bytes, i: int, off: int, events: list[Event]) -> int:
+        msg = self.msg
+        assert msg is not None
+        prev = len(msg.head)
+        msg.head += buf[i:]
+        if msg.line_end < 0:
+            k = msg.head.find(b"\r\n", max(0, prev - 1))
+            if k < 0:
+                if not self._plausible_start(msg.head) or len(msg.head) > MAX_LINE:
+                    self.kill("not HTTP/1.x")
+                return len(buf)
+            if not self._first_line(bytes(msg.head[:k])):
+                return len(buf)
+            msg.line_end = msg.start + k + 2
+            events.append(("line", msg))
+        k = msg.head.find(b"\r\n\r\n", max(0, prev - 3))
+        if k < 0:
+            if len(msg.head) > MAX_HEAD:
+                self.kill("head too long")
+            return len(buf)
+        used = k + 4 - prev  # bytes of buf that belong to the head
+        del msg.head[k + 4 :]
+        msg.head_done = True
+        events.append(("head", msg))
+        self._body(msg, off + i + used, events)
+        return i + used
+
+    def _plausible_start(self, head: bytearray) -> bool:
+        """Fail fast on TLS/binary: a request starts with a method token, a response with 'HTTP/'."""
+        if self.is_request:
+            first = bytes(head[:24])
+            method = first.split(b" ", 1)[0]
+            return bool(_TOKEN.fullmatch(method)) and (b" " in first or len(first) < 24)
+        start = bytes(head[:5])
+        return b"HTTP/".startswith(start)
+
+    def _first_line(self, line: bytes) -> bool:
+        msg = self.msg
+        assert msg is not None
+        if self.is_request:
+            if line.startswith(_H2_PREFACE):
+                self.kill("HTTP/2 prior knowledge")
+                return False
+            m = _REQUEST_LINE.fullmatch(line)
+            if m is None:
+                self.kill("not an HTTP/1.x request line")
+                return False
+            msg.method, msg.target = m.group(1).decode(), m.group(2).decode("latin-1")
+        else:
+            m = _STATUS_LINE.fullmatch(line)
+            if m is None:
+                self.kill("not an HTTP/1.x status line")
+                return False
+            msg.status = int(m.group(2))
+        return True
+
+    def _body(self, msg: Message, at: int, events: list[Event]) -> None:
+        """Choose the body framing once the head is complete (RFC 9112 section 6)."""
+        if not msg.is_request:
+            if 100 <= msg.status < 200:
+                if msg.status == 101:
+                    self.kill("protocol switched")
+                    return
+                self._end(at, events)  # interim response, no body
+                return
+            if msg.status in (204, 304) or self.request_method() == "HEAD":
+                self._end(at, events)
+                return
+            if self.request_method() == "CONNECT" and 200 <= msg.status < 300:
+                self.kill("tunnel")
+                return
+        te = b",".join(msg.header(b"transfer-encoding")).lower()
+        if te:
+            if te.rsplit(b",", 1)[-1].strip() != b"chunked":
+                if msg.is_request:
+                    self.kill("unframed request body")
+                else:
+                    self.state = UNTIL_CLOSE
+                return
+            self.state = CHUNK_SIZE
+            self._chunk_crlf = False
+            self.line.clear()
+            return
+        lengths = {v.strip() for v in msg.header(b"content-length")}
+        if lengths:
+            if len(lengths) != 1 or not next(iter(lengths)).isdigit():
+                self.kill("bad Content-Length")
+                return
+            size = int(next(iter(lengths)))
+            if size:
+                self.state, self.remaining = BODY, size
+                return
+            self._end(at, events)
+            return
+        if msg.is_request:
+            self._end(at, events)
+        else:
+            self.state = UNTIL_CLOSE
+
+    def _end(self, at: int, events: list[Event]) -> None:
+        msg = self.msg
+        assert msg is not None
+        msg.end = at
+        events.append(("end", msg))
+        self.msg = None
+        self.state = IDLE

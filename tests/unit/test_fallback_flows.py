@@ -1,0 +1,277 @@
+"""Flow logic of the userspace datapath on scapy-built packets: header insertion, seq/ack/SACK
+translation, identical retransmissions, spans and their parent links, leave-alone cases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
+
+from obi import w3c
+from obi.config import Config, PortRange
+from obi.fallback import codec
+from obi.fallback.flows import INSERT_LEN, SeqMap, Tracker
+from obi.model import SpanKind
+
+B, C, A = "198.18.0.2", "198.18.0.3", "198.18.0.1"
+B6, C6 = "fd00:198:18:0::2", "fd00:198:18:0::3"
+TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+class FakeOwners:
+    def server_pid(self, port):
+        return 42 if port == 8080 else None
+
+    def client_pid(self, pkt):
+        return 42
+
+    def exe(self, pid):
+        return "/usr/bin/python3"
+
+
+def make_tracker(props=("headers",)):
+    spans = []
+    cfg = Config(context_propagation=frozenset(props), open_ports=(PortRange(8080, 8080),))
+    return Tracker(cfg, spans.append, FakeOwners(), mark=0x2000000), spans
+
+
+class Conn:
+    """One TCP connection as packets: out = local->peer, inn = peer->local."""
+
+    def __init__(self, local, lport, peer, pport, v6=False, lseq=1000, pseq=9000):
+        self.l, self.lp, self.p, self.pp, self.v6 = local, lport, peer, pport, v6
+        self.lseq, self.pseq = lseq, pseq
+
+    def _ip(self, src, dst):
+        return IPv6(src=src, dst=dst) if self.v6 else IP(src=src, dst=dst)
+
+    def out(self, flags="PA", payload=b"", seq=None, ack=None, **kw):
+        return bytes(self._ip(self.l, self.p) / TCP(sport=self.lp, dport=self.pp, flags=flags,
+                                                    seq=self.lseq if seq is None else seq,
+                                                    ack=self.pseq if ack is None else ack, **kw) / payload)
+
+    def inn(self, flags="PA", payload=b"", seq=None, ack=None, **kw):
+        return bytes(self._ip(self.p, self.l) / TCP(sport=self.pp, dport=self.lp, flags=flags,
+                                                    seq=self.pseq if seq is None else seq,
+                                                    ack=self.lseq if ack is None else ack, **kw) / payload)
+
+
+def handshake_client(t, c):
+    v = t.handle(c.out("S", seq=c.lseq - 1, ack=0), outgoing=True)
+    assert v.mark == 0x2000000 and v.payload is None
+    assert t.handle(c.inn("SA", seq=c.pseq - 1), outgoing=False).payload is None
+
+
+def send(t, raw, outgoing=True):
+    v = t.handle(raw, outgoing)
+    new = v.payload if v.payload is not None else raw
+    assert codec.verify_checksums(new) or not v.payload
+    return codec.parse(new)
+
+
+def test_seqmap_translation():
+    m = SeqMap()
+    m.add(17, b"x" * 70)
+    m.add(200, b"y" * 70)
+    assert [m.delta(r) for r in (0, 17, 18, 200, 201)] == [0, 0, 70, 70, 140]
+    assert m.within(0, 17) == [] and m.within(17, 18) == [(0, b"x" * 70)]
+    assert m.within(10, 300) == [(7, b"x" * 70), (190, b"y" * 70)]
+    # wire -> orig: before, inside and after each insertion
+    assert [m.to_orig(w) for w in (10, 17, 50, 87, 270, 300, 340)] == [10, 17, 17, 17, 200, 200, 200]
+    assert m.to_orig(341) == 201
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_client_request_gets_header_and_stream_is_translated(v6):
+    t, spans = make_tracker()
+    c = Conn(B6 if v6 else B, 40000, C6 if v6 else C, 8080, v6=v6)
+    handshake_client(t, c)
+    req1 = b"GET /one HTTP/1.1\r\nHost: c\r\n\r\n"
+    p = send(t, c.out(payload=req1))
+    body = bytes(p.payload)
+    assert p.seq == 1000 and len(body) == len(req1) + INSERT_LEN
+    line, header, rest = body.split(b"\r\n", 2)
+    assert line == b"GET /one HTTP/1.1" and rest == b"Host: c\r\n\r\n"
+    name, _, value = header.partition(b": ")
+    assert name == b"Traceparent"
+    ctx = w3c.parse_traceparent(value)
+    assert ctx is not None
+
+    # A retransmission carries the identical bytes.
+    again = send(t, c.out(payload=req1))
+    assert again.data == p.data
+
+    # The peer acks wire bytes; the stack sees its own numbers (also SACK edges).
+    wire_end = 1000 + len(req1) + INSERT_LEN
+    ack = send(t, c.inn(flags="A", ack=wire_end), outgoing=False)
+    assert ack.ack == 1000 + len(req1)
+    sack = send(t, c.inn(flags="A", ack=1000 + 10, options=[("SAck", (1000 + 20, wire_end))]), outgoing=False)
+    assert sack.ack == 1010 and codec.sack_blocks(sack) == [(1000 + 17 + 2, 1000 + len(req1))]
+
+    # The response ends the client span, linked to nothing (no server request in flight).
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    send(t, c.inn(payload=resp, ack=wire_end), outgoing=False)
+    assert len(spans) == 1
+    span = spans[0]
+    assert span.kind is SpanKind.CLIENT and span.status == 200 and span.method == "GET" and span.path == "/one"
+    assert (span.trace_id, span.span_id, span.parent_span_id) == (ctx.trace_id, ctx.span_id, "")
+
+    # Second request on the keep-alive connection: seq shifted by one insertion, gets its own header.
+    req2 = b"POST /two HTTP/1.1\r\nContent-Length: 26\r\n\r\nGET /body HTTP/1.1\r\n\r\nxxxx"
+    p2 = send(t, c.out(payload=req2, seq=1000 + len(req1), ack=9000 + len(resp)))
+    assert p2.seq == wire_end
+    b2 = bytes(p2.payload)
+    assert b2.count(b"Traceparent:") == 1 and b2.endswith(b"GET /body HTTP/1.1\r\n\r\nxxxx")
+    # Pure ACK / FIN from the stack: seq translated too.
+    fin = send(t, c.out(flags="FA", seq=1000 + len(req1) + len(req2)))
+    assert fin.seq == 1000 + len(req1) + len(req2) + 2 * INSERT_LEN
+
+
+def test_request_line_at_segment_end_inserts_into_next_segment():
+    t, _ = make_tracker()
+    c = Conn(B, 40001, C, 8080)
+    handshake_client(t, c)
+    line = b"GET /split HTTP/1.1\r\n"
+    p1 = send(t, c.out(payload=line))
+    assert bytes(p1.payload) == line and p1.seq == 1000
+    p2 = send(t, c.out(payload=b"Host: c\r\n\r\n", seq=1000 + len(line)))
+    assert p2.seq == 1000 + len(line)
+    assert bytes(p2.payload).startswith(b"Traceparent: 00-") and bytes(p2.payload).endswith(b"Host: c\r\n\r\n")
+    # A retransmission that merges both segments carries the header at the same wire place.
+    merged = send(t, c.out(payload=line + b"Host: c\r\n\r\n"))
+    assert bytes(merged.payload)[len(line):].startswith(bytes(p2.payload)[:INSERT_LEN])
+    assert bytes(merged.payload) == bytes(p1.payload) + bytes(p2.payload)
+
+
+def test_existing_valid_header_is_adopted_and_invalid_or_duplicate_left_alone():
+    t, spans = make_tracker()
+    c = Conn(B, 40002, C, 8080)
+    handshake_client(t, c)
+    req = f"GET / HTTP/1.1\r\ntraceparent: {TP}\r\n\r\n".encode()
+    assert t.handle(c.out(payload=req), True).payload is None
+    seq = 1000 + len(req)
+    bad = b"GET / HTTP/1.1\r\ntraceparent: 00-zz\r\n\r\n"
+    assert t.handle(c.out(payload=bad, seq=seq), True).payload is None
+    seq += len(bad)
+    dup = f"GET / HTTP/1.1\r\ntraceparent: {TP}\r\nTraceparent: {TP}\r\n\r\n".encode()
+    assert t.handle(c.out(payload=dup, seq=seq), True).payload is None
+    resp = b"HTTP/1.1 204 No Content\r\n\r\n"
+    for i in range(3):
+        t.handle(c.inn(payload=resp, seq=9000 + i * len(resp)), False)
+    assert len(spans) == 3
+    assert (spans[0].trace_id, spans[0].span_id) == ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331")
+    assert spans[0].propagated and spans[0].status == 204
+    assert t.stats["headers_inserted"] == 0 and t.stats["headers_present"] == 1 and t.stats["headers_invalid"] == 2
+
+
+def test_chunked_body_and_pipelining_never_get_a_header_inside_a_body():
+    t, _ = make_tracker()
+    c = Conn(B, 40003, C, 8080)
+    handshake_client(t, c)
+    chunked = b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n14\r\nGET /x HTTP/1.1\r\n\r\n\r\n0\r\n\r\n"
+    pipelined = chunked + b"GET /p HTTP/1.1\r\n\r\n"
+    p = send(t, c.out(payload=pipelined))
+    out = bytes(p.payload)
+    assert out.count(b"Traceparent: ") == 2
+    assert b"14\r\nGET /x HTTP/1.1\r\n\r\n\r\n0\r\n\r\nGET /p HTTP/1.1\r\nTraceparent: " in out
+    assert out.startswith(b"POST /c HTTP/1.1\r\nTraceparent: ")
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(40),  # TLS ClientHello
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",  # h2c prior knowledge
+    b"SSH-2.0-OpenSSH_9.2\r\n",
+    b"GET / HTTP/2.0\r\n\r\n",
+])
+def test_non_http1_is_left_alone(payload):
+    t, spans = make_tracker()
+    c = Conn(B, 40004, C, 8080)
+    handshake_client(t, c)
+    assert t.handle(c.out(payload=payload), True).payload is None
+    assert t.handle(c.out(payload=b"GET / HTTP/1.1\r\n\r\n", seq=1000 + len(payload)), True).payload is None
+    assert spans == [] and t.stats["headers_inserted"] == 0
+
+
+def test_server_span_parent_and_linked_client_call():
+    t, spans = make_tracker()
+    s = Conn(B, 8080, A, 50000)
+    assert t.handle(s.inn("S", seq=8999, ack=0), False).payload is None
+    req = f"GET /work HTTP/1.1\r\nHost: b\r\nTRACEPARENT: {TP}\r\ntracestate: k=v\r\n\r\n".encode()
+    assert t.handle(s.inn(payload=req, seq=9000), False).payload is None
+    c = Conn(B, 40005, C, 8080)
+    handshake_client(t, c)
+    p = send(t, c.out(payload=b"GET /headers HTTP/1.1\r\n\r\n"))
+    inserted = w3c.parse_traceparent(bytes(p.payload).split(b"\r\n")[1].split(b": ")[1])
+    t.handle(c.inn(payload=b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), False)
+    # The response on the server connection ends the server span.
+    assert t.handle(s.out(payload=b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", seq=1000), True).payload is None
+    client, server = spans
+    assert server.kind is SpanKind.SERVER and client.kind is SpanKind.CLIENT
+    assert server.trace_id == "0af7651916cd43dd8448eb211c80319c" and server.parent_span_id == "b7ad6b7169203331"
+    assert server.tracestate == "k=v" and server.path == "/work" and server.host == "b" and server.status == 200
+    assert client.trace_id == server.trace_id and client.parent_span_id == server.span_id
+    assert inserted.trace_id == server.trace_id and inserted.span_id == client.span_id
+    assert (server.peer_addr, server.peer_port, server.local_port) == (A, 50000, 8080)
+
+
+def test_server_request_without_header_starts_a_trace_and_incoming_gaps_are_reassembled():
+    t, spans = make_tracker()
+    s = Conn(B, 8080, A, 50001)
+    t.handle(s.inn("S", seq=8999, ack=0), False)
+    req = b"POST /echo HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
+    # second half arrives first (reordering)
+    t.handle(s.inn(payload=req[20:], seq=9000 + 20), False)
+    t.handle(s.inn(payload=req[:20], seq=9000), False)
+    t.handle(s.out(payload=b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", seq=1000), True)
+    (span,) = spans
+    assert span.parent_span_id == "" and span.method == "POST" and span.status == 200 and not span.propagated
+
+
+def test_tcp_option_on_request_segment_and_read_on_server():
+    t, _ = make_tracker(("headers", "tcp"))
+    c = Conn(B, 40006, C, 8080)
+    handshake_client(t, c)
+    p = send(t, c.out(payload=b"GET / HTTP/1.1\r\n\r\n", options=[("Timestamp", (1, 2))]))
+    opt = codec.find_trace_option(p)
+    tp = w3c.parse_traceparent(bytes(p.payload).split(b"\r\n")[1].split(b": ")[1])
+    assert opt == (bytes.fromhex(tp.trace_id), bytes.fromhex(tp.span_id), tp.flags)
+    # only one segment per request carries it
+    p2 = send(t, c.out(flags="A", seq=1000 + 18, options=[("Timestamp", (1, 2))]))
+    assert codec.find_trace_option(p2) is None
+
+    # Receiving side: an option and no header links the server span.
+    t2, spans = make_tracker(("tcp",))
+    s = Conn(C, 8080, B, 40006)
+    t2.handle(s.inn("S", seq=8999, ack=0), False)
+    raw = bytes(IP(src=B, dst=C) / TCP(sport=40006, dport=8080, flags="PA", seq=9000, ack=1000) / b"GET / HTTP/1.1\r\n\r\n")
+    tagged = codec.rebuild(codec.parse(raw), add_option=codec.trace_option(opt[0], opt[1], 1))
+    t2.handle(tagged, False)
+    t2.handle(s.out(payload=b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), True)
+    (span,) = spans
+    assert span.trace_id == tp.trace_id and span.parent_span_id == tp.span_id
+    # ... and ignored when tcp propagation is off.
+    t3, spans3 = make_tracker(("headers",))
+    t3.handle(s.inn("S", seq=8999, ack=0), False)
+    t3.handle(tagged, False)
+    t3.handle(s.out(payload=b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), True)
+    assert spans3[0].trace_id != tp.trace_id
+
+
+def test_rst_ends_flow_and_random_payloads_never_raise():
+    import random
+
+    t, spans = make_tracker()
+    c = Conn(B, 40007, C, 8080)
+    handshake_client(t, c)
+    send(t, c.out(payload=b"GET / HTTP/1.1\r\n\r\n"))
+    t.handle(c.inn(flags="R"), False)
+    assert not t.flows and len(spans) == 1 and spans[0].status == 0
+    rng = random.Random(1)
+    for i in range(300):
+        junk = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 200)))
+        t.handle(junk, bool(i % 2))  # not even IP
+        c2 = Conn(B, 41000 + i, C, 8080)
+        handshake_client(t, c2)
+        assert t.handle(c2.out(payload=junk or b"\x00"), True).payload is None

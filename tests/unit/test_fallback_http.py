@@ -1,0 +1,58 @@
+"""HTTP/1.x framing used by the userspace datapath: boundaries at every split point."""
+
+from __future__ import annotations
+
+import pytest
+
+from obi.fallback.http import Stream
+
+REQS = (
+    b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+    b"POST /b HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3;ext=1\r\nabc\r\n0\r\nTrailer: t\r\n\r\n"
+    b"PUT /c HTTP/1.0\r\nContent-Length: 21\r\n\r\nGET /inbody HTTP/1.1\n"
+    b"\r\nDELETE /d HTTP/1.1\r\n\r\n"
+)
+
+
+def run(stream: Stream, data: bytes, step: int):
+    out = []
+    for i in range(0, len(data), step):
+        out += [(kind, msg) for kind, msg in stream.feed(data[i:i + step], i)]
+    return out
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 64, 4096])
+def test_request_boundaries_any_segmentation(step):
+    events = run(Stream(True), REQS, step)
+    lines = [(m.method, m.target, m.line_end) for k, m in events if k == "line"]
+    assert [x[:2] for x in lines] == [("GET", "/a"), ("POST", "/b"), ("PUT", "/c"), ("DELETE", "/d")]
+    # every insertion point is right after a request line in the original bytes
+    for method, target, end in lines:
+        assert REQS[:end].endswith(f"{method} {target} HTTP/1.{1 if method != 'PUT' else 0}\r\n".encode())
+    ends = [m.end for k, m in events if k == "end"]
+    assert ends[-1] == len(REQS)
+
+
+def test_response_framing_head_204_1xx_and_until_close():
+    methods = ["HEAD", "GET", "GET", "GET"]
+    s = Stream(False, lambda: methods[0])
+    data = (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"  # HEAD: no body despite the length
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 204 No Content\r\n\r\n")
+    ends = []
+    for kind, msg in s.feed(data, 0):
+        if kind == "end":
+            ends.append(msg.status)
+            if msg.status >= 200:
+                methods.pop(0)
+    assert ends == [200, 100, 204]
+    s.feed(b"HTTP/1.0 200 OK\r\n\r\nbody until close", len(data))
+    assert not s.dead and s.msg is not None and s.msg.end == -1
+
+
+@pytest.mark.parametrize("data", [b"\x16\x03\x01\x00", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"GET / HTTP/2\r\n",
+                                  b"GET" + b"A" * 9000, b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n"])
+def test_dead_on_non_http1(data):
+    s = Stream(True)
+    s.feed(data, 0)
+    assert s.dead
