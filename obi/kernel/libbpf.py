@@ -114,13 +114,28 @@ _LIBBPF_DEBUG = 2
 _tls = threading.local()
 
 
+# Size of the va_list object the callback's pointer refers to, where copying those bytes
+# is what va_copy does (x86_64: one __va_list_tag; aarch64: the AAPCS64 struct). Lets us
+# measure a message (the verifier log can be megabytes) before formatting it for real.
+_VA_LIST_BYTES = {"x86_64": 24, "aarch64": 32}.get(platform.machine(), 0)
+_PRINT_FALLBACK_SIZE = 1 << 20
+
+
+def _format(fmt: bytes, args: int) -> str:
+    size = _PRINT_FALLBACK_SIZE
+    if _VA_LIST_BYTES:
+        copy = ctypes.create_string_buffer(ctypes.string_at(args, _VA_LIST_BYTES), _VA_LIST_BYTES)
+        size = _libc.vsnprintf(None, 0, fmt, ctypes.addressof(copy)) + 1
+    buf = ctypes.create_string_buffer(max(size, 1))
+    n = _libc.vsnprintf(buf, len(buf), fmt, args)
+    return buf.value.decode(errors="replace") if n > 0 else ""
+
+
 def _on_print(level: int, fmt: bytes, args: int) -> int:
     try:
         if level >= _LIBBPF_DEBUG:
             return 0
-        buf = ctypes.create_string_buffer(8192)
-        n = _libc.vsnprintf(buf, len(buf), fmt, args)
-        text = buf.value.decode(errors="replace") if n > 0 else ""
+        text = _format(fmt, args)
         sink = getattr(_tls, "sink", None)
         if sink is not None:
             sink.append(text)
