@@ -409,3 +409,45 @@ def test_in_new_netns_is_isolated() -> None:
     ino, names = attach.in_new_netns(inside)
     assert ino != os.stat("/proc/thread-self/ns/net").st_ino
     assert names == ["lo"]
+
+
+_AGENT = """
+import socket, sys, time
+from obi.kernel import attach, libbpf
+obj = libbpf.BpfObject.open(libbpf.object_path("testprogs"))
+obj.load()
+prog = obj.program("obi_test_ringbuf")
+with attach.in_netns(sys.argv[1]):
+    idx = socket.if_nametoindex(sys.argv[2])
+    attach.TcAttachment(prog, idx, "ingress", "tc", state_dir=sys.argv[3]).attach()
+    attach.TcAttachment(prog, idx, "egress", "tcx", state_dir=sys.argv[3]).attach()
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_kill_9_then_cleanup(netpair: dict[str, str], tmp_path) -> None:
+    """A real agent process attaches, is SIGKILLed; its clsact filter survives it, and
+    cleanup() removes it and the qdisc it created, guided by the state file it wrote."""
+    if not os.path.exists(TESTPROGS):
+        pytest.skip(f"{TESTPROGS} not built")
+    ns_b, dev_b = netpair["ns_b"], netpair["dev_b"]
+    state_dir = str(tmp_path / "state")
+    agent = subprocess.Popen(
+        [sys.executable, "-c", _AGENT, f"/run/netns/{ns_b}", dev_b, state_dir],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = agent.stdout.readline() if agent.stdout else ""
+        assert line.strip() == "ready", agent.stderr.read() if agent.stderr else ""
+        assert "obi_test_ringbu" in _filters(ns_b, dev_b)
+    finally:
+        agent.kill()
+        agent.wait(10)
+    assert "obi_test_ringbu" in _filters(ns_b, dev_b), "clsact filters outlive the process"
+    report = attach.cleanup(state_dir)
+    text = "\n".join(report)
+    assert "removed tc filter" in text and "removed clsact qdisc" in text, text
+    assert "tcx link of obi_test_ringbu" in text
+    assert _filters(ns_b, dev_b) == "" and "clsact" not in _qdiscs(ns_b, dev_b)
+    assert os.listdir(state_dir) == []
