@@ -75,7 +75,8 @@ def choose_datapath(
 def _feature(p: Probe, missing_status: str, missing_effect: str) -> Check:
     if p.ok:
         return Check(p.name, OK, p.detail, True)
-    need = f" (needs Linux >= {p.min_kernel})" if p.min_kernel else ""
+    # The kernel version hint only helps when the kernel, not the machine, said no.
+    need = f" (needs Linux >= {p.min_kernel})" if p.min_kernel and not probes.LIBBPF_ERROR else ""
     if p.ok is None:
         return Check(p.name, WARN, f"unknown: {p.detail}", None)
     return Check(p.name, missing_status, f"{p.detail}{need}; {missing_effect}", False)

@@ -19,8 +19,15 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import BpfError
-from . import libbpf
-from .attach import in_new_netns
+
+try:  # doctor must still report (not crash) where libbpf.so.1 is missing
+    from . import libbpf
+    from .attach import in_new_netns
+
+    LIBBPF_ERROR = ""
+except OSError as e:
+    libbpf = None  # type: ignore[assignment]
+    LIBBPF_ERROR = f"libbpf.so.1 not loadable ({e}); install libbpf1"
 
 PROBES_OBJECT = "probes"
 SECURITYFS = "/sys/kernel/security"
@@ -61,6 +68,8 @@ def _with_probe(
 ) -> tuple[bool | None, str]:
     """Load only `prog_name` from the probes object; then `use(prog)` may try more
     (its return value is the detail). Returns (ok, detail)."""
+    if libbpf is None:
+        return False, LIBBPF_ERROR
     path = libbpf.object_path(PROBES_OBJECT)
     if not os.path.exists(path):
         return None, f"{path} not built (run `make -C bpf`)"
@@ -138,6 +147,8 @@ def probe_write_user() -> Probe:
 
 
 def probe_ringbuf() -> Probe:
+    if libbpf is None:
+        return Probe("ringbuf", False, LIBBPF_ERROR, "5.8")
     try:
         fd = libbpf.map_create(libbpf.BPF_MAP_TYPE_RINGBUF, 0, 0, 4096, "obi_probe_rb")
         os.close(fd)
@@ -158,6 +169,8 @@ def probe_btf() -> Probe:
 
 
 def probe_cgroup_v2() -> Probe:
+    if libbpf is None:
+        return Probe("cgroup_v2", None, LIBBPF_ERROR, "4.5")
     mount = libbpf.cgroup_v2_mount()
     if mount:
         return Probe("cgroup_v2", True, mount, "4.5")
