@@ -1,0 +1,309 @@
+// SPDX-License-Identifier: GPL-2.0
+/* Egress of instrumented processes: sockops puts TCP sockets of the watched cgroup into
+ * sock_hash; sk_msg runs on every send of those sockets, in the sender's context.
+ *
+ * Client sockets (the process sends requests): each HTTP/1.x request of a selected process
+ * gets `Traceparent: 00-<trace>-<span>-<flags>\r\n` inserted right after its request line
+ * (unless the request already has a traceparent header), and a CLIENT_REQ event.
+ * Server sockets (local port in server_ports; the process writes responses): the status
+ * line gives a SERVER_RESP event (end and status of the server span) and ends the thread's
+ * link to the request it was serving.
+ *
+ * Inserting into the socket message, before TCP segments it, needs no sequence, checksum
+ * or MSS work (DESIGN decision 2). Every path returns SK_PASS: telemetry never drops. */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "obi_abi.h"
+#include "obi_http.h"
+#include "obi_maps.h"
+#include "obi_net.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* Hook: sockops on the watched cgroup (link). Context: bpf_sock_ops.
+ * Maps: server_ports (read), sock_hash (write). Active established sockets are added
+ * (their requests may need a header); passive ones only on selected listening ports.
+ * Returns 1 (the return value only matters for a few ops we do not handle). */
+SEC("sockops")
+int obi_sockops(struct bpf_sock_ops *skops)
+{
+	__u64 cookie;
+
+	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		if (!port_selected(skops->local_port))
+			return 1;
+		break;
+	default:
+		return 1;
+	}
+	if (skops->family != OBI_AF_INET && skops->family != OBI_AF_INET6)
+		return 1;
+	cookie = bpf_get_socket_cookie(skops);
+	bpf_sock_hash_update(skops, &sock_hash, &cookie, BPF_NOEXIST);
+	return 1;
+}
+
+static __always_inline void msg_tuple(struct sk_msg_md *msg, struct obi_tuple *t)
+{
+	t->local_port = msg->local_port;
+	t->peer_port = ctx_remote_port(msg->remote_port);
+	if (msg->family == OBI_AF_INET) {
+		__u32 l = msg->local_ip4, r = msg->remote_ip4;
+		t->family = OBI_AF_INET;
+		__builtin_memcpy(t->local_addr, &l, 4);
+		__builtin_memcpy(t->peer_addr, &r, 4);
+	} else {
+		__u32 l[4], r[4];
+		l[0] = msg->local_ip6[0];
+		l[1] = msg->local_ip6[1];
+		l[2] = msg->local_ip6[2];
+		l[3] = msg->local_ip6[3];
+		r[0] = msg->remote_ip6[0];
+		r[1] = msg->remote_ip6[1];
+		r[2] = msg->remote_ip6[2];
+		r[3] = msg->remote_ip6[3];
+		tuple_set_addrs6(t, l, r);
+	}
+}
+
+/* Copy message bytes [pos, pos+n) into the scratch window. */
+static __always_inline int eg_load(struct sk_msg_md *msg, struct scratch *sc)
+{
+	struct pcur *p = &sc->pc;
+	__u32 n = p->len - p->pos;
+
+	if (n > WIN)
+		n = WIN;
+	if (bpf_msg_pull_data(msg, p->pos, p->pos + n, 0))
+		return -1;
+	void *d = (void *)(long)msg->data;
+	void *e = (void *)(long)msg->data_end;
+	if (d + 1 > e)
+		return -1;
+	__u64 avail = e - d;
+	if (avail < n)
+		n = avail;
+	if (n == 0 || n > WIN)
+		return -1;
+	__u64 m = n;
+	asm volatile("%[m] &= 0x7ff" : [m] "+r"(m)); /* an explicit bound the verifier sees (clang drops C masks) */
+	if (bpf_probe_read_kernel(sc->buf, m, d))
+		return -1;
+	p->win_off = p->pos;
+	p->win_len = n;
+	return 0;
+}
+
+/* A request's headers are complete (or the message ended inside them): report it. */
+static __always_inline void client_req_event(struct scratch *sc, struct http_state *st, __u32 flags)
+{
+	struct obi_event *ev = event_reserve();
+
+	if (!ev)
+		return;
+	event_fill(ev, OBI_EV_CLIENT_REQ, st, &sc->pc.t, sc->pc.pid_tgid);
+	ev->flags = flags;
+	bpf_ringbuf_submit(ev, 0);
+}
+
+/* Responses will come back on this connection: let tc parse them. */
+static __always_inline void expect_responses(struct scratch *sc)
+{
+	struct http_state *in = bpf_map_lookup_elem(&ingress_conns, &sc->pc.t);
+
+	if (in)
+		return;
+	struct http_state *init = &sc->init;
+	__builtin_memset(init, 0, sizeof(*init));
+	init->role = OBI_ROLE_CLIENT;
+	init->bits = HS_RESP;
+	bpf_map_update_elem(&ingress_conns, &sc->pc.t, init, BPF_NOEXIST);
+}
+
+static __always_inline void client_action(struct scratch *sc, struct http_state *st)
+{
+	struct pcur *p = &sc->pc;
+
+	switch (p->act) {
+	case ACT_MSG_START: {
+		struct thread_ctx *tc = bpf_map_lookup_elem(&thread_ctx, &p->pid_tgid);
+		st->start_ns = bpf_ktime_get_ns();
+		if (tc) {
+			__builtin_memcpy(st->trace_id, tc->trace_id, 16);
+			__builtin_memcpy(st->parent_id, tc->span_id, 8);
+			st->trace_flags = tc->trace_flags;
+			st->bits |= HS_LINKED;
+		} else {
+			new_trace_id(st->trace_id);
+			__builtin_memset(st->parent_id, 0, 8);
+			st->trace_flags = 0x03; /* sampled + random (W3C level 2): a fresh random id */
+		}
+		new_span_id(st->span_id);
+		count(OBI_CNT_CLIENT_REQS);
+		break;
+	}
+	case ACT_LINE0_END:
+		if ((obi_cfg_flags & OBI_CFG_HEADERS) && p->nins < MAX_INS) {
+			struct ins *in = &sc->ins[p->nins & (MAX_INS - 1)];
+			in->off = p->act_pos;
+			in->ok = 1;
+			tp_format(in->hdr, st->trace_id, st->span_id, st->trace_flags);
+			p->nins++;
+			p->cur = p->nins;
+		}
+		break;
+	case ACT_HDRS_END: {
+		__u32 flags = st->bits & HS_LINKED ? OBI_EVF_THREAD_LINKED : 0;
+		if (st->tp_count) {
+			/* The app wrote its own traceparent: leave the request as it is. */
+			count(OBI_CNT_APP_TRACEPARENT);
+			if (p->cur)
+				sc->ins[(p->cur - 1) & (MAX_INS - 1)].ok = 0;
+			else if (st->bits & HS_INJECTED)
+				flags |= OBI_EVF_INJECTED; /* too late: inserted with an earlier write */
+		} else if (p->cur || (st->bits & HS_INJECTED)) {
+			flags |= OBI_EVF_INJECTED;
+		}
+		p->cur = 0;
+		client_req_event(sc, st, flags);
+		expect_responses(sc);
+		break;
+	}
+	}
+}
+
+static __always_inline void server_action(struct scratch *sc, struct http_state *st)
+{
+	struct pcur *p = &sc->pc;
+
+	if (p->act == ACT_MSG_START) {
+		st->start_ns = bpf_ktime_get_ns();
+		return;
+	}
+	if (p->act != ACT_LINE0_END || st->status < 200)
+		return;
+	struct obi_event *ev = event_reserve();
+	if (ev) {
+		event_fill(ev, OBI_EV_SERVER_RESP, st, &p->t, p->pid_tgid);
+		bpf_ringbuf_submit(ev, 0);
+	}
+	/* The thread is done with this request: its next client calls are not its children. */
+	struct thread_ctx *tc = bpf_map_lookup_elem(&thread_ctx, &p->pid_tgid);
+	if (tc && tuple_eq(&tc->conn, &p->t))
+		bpf_map_delete_elem(&thread_ctx, &p->pid_tgid);
+	struct http_state *in = bpf_map_lookup_elem(&ingress_conns, &p->t);
+	if (in)
+		in->bits &= ~HS_READY;
+}
+
+/* bpf_loop callback: one window or one action. */
+static long eg_round(__u32 i, void *arg)
+{
+	struct parse_ctx *c = arg;
+	struct http_state *st = c->st;
+	struct scratch *sc = c->sc;
+
+	if (!st || !sc)
+		return 1;
+	struct pcur *p = &sc->pc;
+	if (p->pos >= p->len || st->phase == PH_LOST)
+		return 1;
+	if (st->phase != PH_BODY && st->phase != PH_CHUNK_DATA &&
+	    (p->pos < p->win_off || p->pos >= p->win_off + p->win_len)) {
+		if (eg_load(c->prog_ctx, sc)) {
+			st->phase = PH_LOST;
+			count(OBI_CNT_PARSE_LOST);
+			return 1;
+		}
+	}
+	p->act = ACT_NONE;
+	bpf_loop(WIN + 1, parse_step, c, 0);
+	if (p->act == ACT_LOST) {
+		count(OBI_CNT_PARSE_LOST);
+	} else if (p->act != ACT_NONE) {
+		if (st->role == OBI_ROLE_SERVER)
+			server_action(sc, st);
+		else
+			client_action(sc, st);
+	}
+	return 0;
+}
+
+/* Insert one prepared header at ins->off. */
+static __always_inline int insert_header(struct sk_msg_md *msg, struct ins *in)
+{
+	__u32 off = in->off;
+
+	if (bpf_msg_push_data(msg, off, OBI_TP_HDR_LEN, 0))
+		return -1;
+	if (bpf_msg_pull_data(msg, off, off + OBI_TP_HDR_LEN, 0))
+		return -1;
+	char *d = (void *)(long)msg->data;
+	char *e = (void *)(long)msg->data_end;
+	if (d + OBI_TP_HDR_LEN > e)
+		return -1;
+	__builtin_memcpy(d, in->hdr, OBI_TP_HDR_LEN);
+	return 0;
+}
+
+/* Hook: sk_msg verdict on sock_hash. Context: sk_msg_md of one sendmsg (or part of it),
+ * running in the sending thread. Maps: selected_tgids, server_ports, thread_ctx (read;
+ * delete on response), egress_st (socket storage), ingress_conns (create for client
+ * connections, clear READY on response), scratch, events, counters.
+ * Returns SK_PASS always. */
+SEC("sk_msg")
+int obi_sk_msg(struct sk_msg_md *msg)
+{
+	struct bpf_sock *sk = msg->sk;
+	__u32 zero = 0;
+
+	if (!sk || !tgid_selected())
+		return SK_PASS;
+	struct http_state *st = bpf_sk_storage_get(&egress_st, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st)
+		return SK_PASS;
+	if (!st->role) {
+		if (port_selected(msg->local_port)) {
+			st->role = OBI_ROLE_SERVER;
+			st->bits |= HS_RESP;
+		} else {
+			st->role = OBI_ROLE_CLIENT;
+		}
+	}
+	if (st->phase == PH_LOST)
+		return SK_PASS;
+	struct scratch *sc = bpf_map_lookup_elem(&scratch, &zero);
+	if (!sc)
+		return SK_PASS;
+
+	struct pcur *p = &sc->pc;
+	__builtin_memset(p, 0, sizeof(*p));
+	p->len = msg->size;
+	p->pid_tgid = bpf_get_current_pid_tgid();
+	msg_tuple(msg, &p->t);
+	struct parse_ctx c = { .st = st, .sc = sc, .prog_ctx = msg };
+
+	bpf_loop(MAX_ROUNDS, eg_round, &c, 0);
+	if (p->pos < p->len && st->phase != PH_LOST) {
+		st->phase = PH_LOST; /* out of rounds: stop rather than guess */
+		count(OBI_CNT_PARSE_LOST);
+	}
+	if (p->cur)
+		st->bits |= HS_INJECTED; /* headers continue in a later write */
+
+	/* Last insertion first, so that earlier offsets stay valid. */
+#pragma unroll
+	for (int k = MAX_INS - 1; k >= 0; k--) {
+		if ((__u32)k >= p->nins || !sc->ins[k].ok)
+			continue;
+		if (insert_header(msg, &sc->ins[k]))
+			count(OBI_CNT_INSERT_FAILED);
+		else
+			count(OBI_CNT_HEADERS_INSERTED);
+	}
+	return SK_PASS;
+}

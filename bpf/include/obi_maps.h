@@ -1,0 +1,153 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Every map of the kernel path, declared once. Each .bpf.c includes this header, so each
+ * object has the same map definitions; the loader (obi/kernel/datapath.py) creates them
+ * with the first object and hands the same fds to the others (bpf_map__reuse_fd), so all
+ * programs share one set of maps. */
+#ifndef OBI_MAPS_H
+#define OBI_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "obi_abi.h"
+#include "obi_http.h"
+
+/* Set by userspace before load (obi_abi.h OBI_CFG_*). */
+const volatile __u32 obi_cfg_flags = OBI_CFG_HEADERS;
+
+/* Instrumented processes. Key: tgid. Value: 1. Written by userspace (process scanner),
+ * read by sk_msg (is the sender selected?) and the thread tracepoint. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u32);
+} selected_tgids SEC(".maps");
+
+/* Listening ports of instrumented processes. Key: port (host order) as u32. Value: 1.
+ * Written by userspace, read by tc ingress (new server connections), sockops and sk_msg
+ * (server or client role of a socket). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, __u32);
+} server_ports SEC(".maps");
+
+/* TCP sockets of the watched cgroup, so that sk_msg runs on their sends. Key: socket
+ * cookie. Written by sockops (established callbacks); entries leave when sockets close. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __u64);
+} sock_hash SEC(".maps");
+
+/* Egress HTTP parse state of a socket (what the process writes). Socket-local storage,
+ * freed with the socket. Written/read by sk_msg only. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct http_state);
+} egress_st SEC(".maps");
+
+/* Ingress HTTP parse state of a connection (what the peer sends), keyed by the tuple as
+ * seen from this host. Created by tc (requests to server_ports) or by sk_msg (a client
+ * request went out, so responses will come back). Read/written by tc; read by the thread
+ * tracepoint (which server request does this connection carry). LRU bounds it; tc deletes
+ * on FIN/RST. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct obi_tuple);
+	__type(value, struct http_state);
+} ingress_conns SEC(".maps");
+
+/* Which server request each thread is serving. Key: pid_tgid. Written by the
+ * sock_recv_length tracepoint when a thread reads a server connection whose request was
+ * parsed; read by sk_msg for outgoing requests (parent of the client span); deleted by
+ * sk_msg when the thread writes that connection's response. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct thread_ctx);
+} thread_ctx SEC(".maps");
+
+/* Span events to userspace (struct obi_event). Lost ones are counted in counters. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4 << 20);
+} events SEC(".maps");
+
+/* enum obi_counter -> u64, per CPU; summed by userspace for stats(). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, OBI_CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+/* Per-CPU window of bytes being parsed (too big for the 512-byte stack). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct scratch);
+} scratch SEC(".maps");
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
+
+	if (v)
+		*v += 1;
+}
+
+static __always_inline int tgid_selected(void)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+
+	return bpf_map_lookup_elem(&selected_tgids, &tgid) != 0;
+}
+
+static __always_inline int port_selected(__u32 port)
+{
+	return bpf_map_lookup_elem(&server_ports, &port) != 0;
+}
+
+static __always_inline struct obi_event *event_reserve(void)
+{
+	struct obi_event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+
+	if (!ev)
+		count(OBI_CNT_EVENTS_LOST);
+	return ev;
+}
+
+/* Fill an event from the parse state of the message it describes. */
+static __always_inline void event_fill(struct obi_event *ev, __u32 kind, const struct http_state *st,
+				       const struct obi_tuple *t, __u64 pid_tgid)
+{
+	ev->kind = kind;
+	ev->flags = 0;
+	ev->ts_ns = st->start_ns;
+	ev->pid_tgid = pid_tgid;
+	ev->tuple = *t;
+	__builtin_memcpy(ev->trace_id, st->trace_id, 16);
+	__builtin_memcpy(ev->span_id, st->span_id, 8);
+	__builtin_memcpy(ev->parent_id, st->parent_id, 8);
+	ev->trace_flags = st->trace_flags;
+	ev->tp_count = st->tp_count > 255 ? 255 : st->tp_count;
+	ev->status = st->status;
+	ev->line_len = st->line_cap;
+	ev->tracestate_len = st->ts_len;
+	__builtin_memcpy(ev->line, st->line, OBI_LINE_MAX);
+	__builtin_memcpy(ev->tp, st->tp, OBI_TP_MAX);
+	ev->tp_len = st->tp_len;
+	ev->_pad0 = 0;
+	ev->_pad1 = 0;
+	__builtin_memcpy(ev->tracestate, st->tracestate, OBI_TRACESTATE_MAX);
+}
+
+#endif
