@@ -1,0 +1,138 @@
+"""UserspaceDatapath: the DatapathRunner for kernels without bpf_loop (NFQUEUE + Python).
+
+Runs in the network namespace of the hosts it watches (like the agent). start() reads the
+MTU, finds the watched ports, relaxes conntrack's TCP window check for this netns (peers
+ack bytes the local stack never sent, which strict conntrack would mark INVALID, and an
+untracked packet no longer matches our connmark rules), adds the iptables rules and
+starts reading the queue. stop() undoes it in reverse order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import threading
+
+from obi.config import Config
+from obi.datapath import SpanSink
+from obi.errors import AttachError, MissingFeature
+
+from . import rules
+from .flows import INSERT_LEN, TCP_OPTION_ROOM, Tracker
+from .procs import ProcOwners
+from .queue import QueueLoop
+
+log = logging.getLogger("obi.fallback")
+
+LIBERAL = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"
+IP_TCP_HEADERS = 60  # IPv6 (40) + TCP (20): the MSS headroom is computed for the larger family
+
+
+def path_mtu() -> int:
+    """Smallest MTU of the up, non-loopback interfaces of this netns (1500 if none)."""
+    mtus = []
+    for dev in os.listdir("/sys/class/net"):
+        if dev == "lo":
+            continue
+        try:
+            with open(f"/sys/class/net/{dev}/mtu") as f:
+                mtus.append(int(f.read()))
+        except (OSError, ValueError):
+            continue
+    return min(mtus) if mtus else 1500
+
+
+def clamp_mss(mtu: int, tcp_option: bool) -> int:
+    return mtu - IP_TCP_HEADERS - INSERT_LEN - (TCP_OPTION_ROOM if tcp_option else 0)
+
+
+class UserspaceDatapath:
+    name = "userspace"
+
+    def __init__(self, cfg: Config, sink: SpanSink, queue_num: int = rules.DEFAULT_QUEUE) -> None:
+        self.cfg = cfg
+        self.sink = sink
+        self.queue_num = queue_num
+        self.instance = f"{os.getpid()}-{secrets.token_hex(2)}"
+        self.owners = ProcOwners(cfg)
+        self.tracker: Tracker | None = None
+        self._rules: rules.Rules | None = None
+        self._queue: QueueLoop | None = None
+        self._liberal_before: str | None = None
+        self._lock = threading.Lock()
+        self._queue_counts: dict[str, int] = {}
+
+    def start(self) -> None:
+        if os.geteuid() != 0:
+            raise MissingFeature("NFQUEUE userspace datapath (needs root / CAP_NET_ADMIN)")
+        if not shutil.which("iptables") or not shutil.which("ip6tables"):
+            raise MissingFeature("iptables/ip6tables commands (userspace datapath)")
+        try:
+            mtu = path_mtu()
+            ports = [(r.low, r.high) for r in self.cfg.open_ports]
+            if self.cfg.auto_target_exe:
+                ports += [(p, p) for p in self.owners.listening_ports()]
+            self.owners.refresh()
+            self.tracker = Tracker(self.cfg, self.sink, self.owners, mtu=mtu, mark=rules.MARK)
+            self._set_liberal()
+            self._queue = QueueLoop(self.queue_num, self._handle)
+            self._queue.start()  # read before the rules send us packets
+            self._rules = rules.Rules(ports, self.queue_num, clamp_mss(mtu, self.cfg.propagate_tcp), self.instance)
+            self._rules.__enter__()
+            log.info("userspace datapath: queue %d, ports %s, mtu %d (links outgoing calls per process, "
+                     "not per thread)", self.queue_num, ports, mtu)
+        except MissingFeature:
+            self.stop()
+            raise
+        except Exception as e:
+            self.stop()
+            raise AttachError(f"userspace datapath: {e}") from e
+
+    def _handle(self, data: bytes, outgoing: bool):
+        assert self.tracker is not None
+        with self._lock:
+            return self.tracker.handle(data, outgoing)
+
+    def _set_liberal(self) -> None:
+        try:
+            with open(LIBERAL) as f:
+                self._liberal_before = f.read().strip()
+            if self._liberal_before != "1":
+                with open(LIBERAL, "w") as f:
+                    f.write("1")
+        except OSError as e:
+            log.warning("cannot relax conntrack TCP window checks (%s); inserted headers may stall", e)
+
+    def stop(self) -> None:
+        if self._rules is not None:
+            self._rules.remove()
+            self._rules = None
+        if self._queue is not None:
+            self._queue.stop()
+            self._queue_counts = {"packets_queued": self._queue.packets, "handler_errors": self._queue.errors}
+            self._queue = None
+        if self.tracker is not None:
+            with self._lock:
+                self.tracker.close_all()
+        if self._liberal_before not in (None, "1"):
+            try:
+                with open(LIBERAL, "w") as f:
+                    f.write(self._liberal_before)
+            except OSError:
+                pass
+        self._liberal_before = None
+
+    def stats(self) -> dict[str, int]:
+        out = dict(self.tracker.stats) if self.tracker else {}
+        out.update(self._queue_counts)
+        if self._queue is not None:
+            out["packets_queued"] = self._queue.packets
+            out["handler_errors"] = self._queue.errors
+        return out
+
+
+def cleanup() -> list[str]:
+    """Remove leftovers of a killed userspace agent in this netns (same as rules.cleanup)."""
+    return rules.cleanup()

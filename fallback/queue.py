@@ -1,0 +1,76 @@
+"""The NFQUEUE loop: one thread reads packets, asks the handler, always accepts.
+
+Fail open: whatever the handler does (returns, raises), the packet gets NF_ACCEPT, with the
+new bytes/mark only when the handler produced them without error. When the process dies
+the queue has no reader and the rules' --queue-bypass lets packets through.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import threading
+from typing import Callable
+
+from netfilterqueue import NetfilterQueue
+
+from .flows import Verdict
+
+log = logging.getLogger("obi.fallback")
+
+NF_INET_LOCAL_OUT = 3  # hook numbers as netfilterqueue reports them
+QUEUE_MAXLEN = 4096
+
+
+class QueueLoop:
+    def __init__(self, num: int, handler: Callable[[bytes, bool], Verdict]) -> None:
+        self.num = num
+        self.handler = handler
+        self.errors = 0
+        self.packets = 0
+        self._nfq: NetfilterQueue | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def _callback(self, pkt) -> None:
+        self.packets += 1
+        try:
+            verdict = self.handler(pkt.get_payload(), pkt.hook == NF_INET_LOCAL_OUT)
+            if verdict.mark:
+                pkt.set_mark(verdict.mark)
+            if verdict.payload is not None:
+                pkt.set_payload(verdict.payload)
+        except Exception:
+            self.errors += 1
+            if self.errors <= 10:
+                log.exception("packet handler failed; packet accepted unchanged")
+        finally:
+            pkt.accept()
+
+    def start(self) -> None:
+        nfq = NetfilterQueue()
+        nfq.bind(self.num, self._callback, max_len=QUEUE_MAXLEN)
+        self._nfq = nfq
+        self._thread = threading.Thread(target=self._loop, name=f"nfqueue-{self.num}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        assert self._nfq is not None
+        fd = self._nfq.get_fd()
+        while not self._stop.is_set():
+            try:
+                ready, _, _ = select.select([fd], [], [], 0.2)
+                if ready:
+                    self._nfq.run(block=False)
+            except Exception:
+                self.errors += 1
+                log.exception("nfqueue loop error")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._nfq is not None:
+            self._nfq.unbind()
+            self._nfq = None

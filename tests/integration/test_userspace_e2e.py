@@ -1,0 +1,345 @@
+"""Userspace datapath end to end: A -> B -> C in namespaces, the datapath in B's and C's netns.
+
+Everything asserted is real: the header C received, the spans the agents emitted (JSON
+lines of `python3 -m obi.fallback`), bytes and SHA-256 of echoed bodies, iptables state.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import queue
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from obi.netns import Topology, have_netns_tools
+
+pytestmark = pytest.mark.root
+
+PORT = 8080
+CLIENT_PORT = 8081  # a selected "client" process in B listens here so its calls are instrumented
+TP_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+TP_SPAN = "00f067aa0ba902b7"
+
+
+def _skip_reason() -> str:
+    why = have_netns_tools()
+    if why:
+        return why
+    try:
+        import netfilterqueue  # noqa: F401
+    except ImportError:
+        return "needs the netfilterqueue Python package (NFQUEUE)"
+    if subprocess.run(["which", "iptables"], capture_output=True).returncode:
+        return "needs iptables (NFQUEUE, connmark, TCPMSS targets)"
+    return ""
+
+
+if _skip_reason():
+    pytest.skip(_skip_reason(), allow_module_level=True)
+
+
+class Agent:
+    """`python3 -m obi.fallback` inside a host; collects its span lines."""
+
+    def __init__(self, host, ports: str = f"{PORT},{CLIENT_PORT}", propagation: str = "headers"):
+        self.host = host
+        self.proc = host.popen([sys.executable, "-m", "obi.fallback", "--ports", ports, "--propagation", propagation],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if self.lines.get(timeout=0.5) == "ready":
+                    break
+            except queue.Empty:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("agent did not start: " + "".join(self.stderr))
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+
+    def spans(self, wait: float = 0.5) -> list[dict]:
+        time.sleep(wait)
+        out = []
+        while True:
+            try:
+                line = self.lines.get_nowait()
+            except queue.Empty:
+                return out
+            if line.startswith("{") and '"span_id"' in line:
+                out.append(json.loads(line))
+
+    def stop(self) -> dict:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=15)
+        stats = {}
+        for span_or_stats in list(self.lines.queue):
+            if span_or_stats.startswith('{"stats"'):
+                stats = json.loads(span_or_stats)["stats"]
+        return stats
+
+
+def rules_of(host) -> str:
+    out = ""
+    for tool in ("iptables", "ip6tables"):
+        out += host.run([tool, "-t", "mangle", "-S"]).stdout
+    return out
+
+
+def wait_port(host, addr: str, port: int, timeout: float = 10) -> None:
+    script = f"""
+import socket, time
+deadline = time.monotonic() + {timeout}
+while True:
+    try:
+        socket.create_connection(({addr!r}, {port}), timeout=1).close(); break
+    except OSError:
+        if time.monotonic() > deadline: raise
+        time.sleep(0.1)
+"""
+    host.run([sys.executable, "-c", script], timeout=timeout + 5)
+
+
+# C: the demo service's handler on a dual-stack socket (the demo binds IPv4 only).
+DUAL_STACK_SERVER = f"""
+import socket
+from http.server import ThreadingHTTPServer
+from obi.demoapp import _Handler
+class Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+Server(("::", {PORT}), _Handler).serve_forever()
+"""
+
+
+@pytest.fixture
+def topo():
+    with Topology(["a", "b", "c"], prefix="obiu") as t:
+        c, b = t["c"], t["b"]
+        c.popen([sys.executable, "-c", DUAL_STACK_SERVER], stdout=subprocess.DEVNULL)
+        b.popen([sys.executable, "-m", "obi.demoapp", "serve", "--port", str(PORT),
+                 "--downstream", f"http://{c.addr}:{PORT}"], stdout=subprocess.DEVNULL)
+        wait_port(t["a"], c.addr, PORT)
+        wait_port(t["a"], b.addr, PORT)
+        yield t
+
+
+@pytest.fixture
+def agents(topo):
+    started = []
+    try:
+        for name in ("b", "c"):
+            started.append(Agent(topo[name]))
+        yield {"b": started[0], "c": started[1]}
+    finally:
+        for agent in started:
+            agent.stop()
+
+
+def run_py(host, script: str, timeout: float = 120) -> dict:
+    r = host.run([sys.executable, "-c", script], timeout=timeout, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _get_script(url: str, tp: str | None, n: int = 1) -> str:
+    hdr = {"traceparent": tp} if tp else {}
+    return f"""
+import json, urllib.request
+out = []
+for i in range({n}):
+    req = urllib.request.Request({url!r}, headers={hdr!r})
+    with urllib.request.urlopen(req, timeout=20) as r:
+        out.append(json.loads(r.read()))
+print(json.dumps(out))
+"""
+
+
+def _by_kind(spans, kind):
+    return [s for s in spans if s["kind"] == kind]
+
+
+@pytest.mark.parametrize("incoming", [True, False])
+def test_a_b_c_header_and_span_links(topo, agents, incoming):
+    tp = f"00-{TP_TRACE}-{TP_SPAN}-01" if incoming else None
+    (answer,) = run_py(topo["a"], _get_script(f"http://{topo['b'].addr}:{PORT}/work", tp))
+    # What C received: exactly one Traceparent, right after the request line (first header).
+    c_headers = answer["downstream"]["body"]["headers"]
+    assert c_headers[0][0] == "Traceparent"
+    assert sum(1 for k, _ in c_headers if k.lower() == "traceparent") == 1
+    _, trace_id, parent_id, flags = c_headers[0][1].split("-")
+
+    b_spans, c_spans = agents["b"].spans(), agents["c"].spans()
+    (b_server,) = _by_kind(b_spans, "SERVER")
+    (b_client,) = _by_kind(b_spans, "CLIENT")
+    (c_server,) = _by_kind(c_spans, "SERVER")
+    if incoming:
+        assert b_server["trace_id"] == TP_TRACE and b_server["parent_span_id"] == TP_SPAN
+    else:
+        assert b_server["parent_span_id"] == "" and not b_server["propagated"]
+    assert b_client["trace_id"] == b_server["trace_id"] == c_server["trace_id"] == trace_id
+    assert b_client["parent_span_id"] == b_server["span_id"]
+    assert parent_id == b_client["span_id"] and c_server["parent_span_id"] == b_client["span_id"]
+    assert (b_server["method"], b_server["path"], b_server["status"]) == ("GET", "/work", 200)
+    assert (b_client["path"], b_client["status"], c_server["path"]) == ("/headers", 200, "/headers")
+    assert b_client["peer_addr"] == topo["c"].addr and b_client["peer_port"] == PORT
+    assert c_server["peer_addr"] == topo["b"].addr and c_server["datapath"] == "userspace"
+
+
+ECHO_CLIENT = """
+import hashlib, http.client, json, socket, sys
+# Listening on a watched port makes this process "selected": its calls get headers.
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", {client_port})); srv.listen()
+sizes = {sizes!r}
+results = []
+for family_addr in {addrs!r}:
+    conn = http.client.HTTPConnection(family_addr, {port}, timeout=30)
+    for n in sizes:
+        body = bytes((i * 7 + n) & 0xFF for i in range(n))
+        conn.request("POST", "/echo", body=body, headers={{"Content-Type": "application/octet-stream"}})
+        r = conn.getresponse(); data = r.read()
+        results.append([family_addr, n, r.status, hashlib.sha256(body).hexdigest(), r.getheader("X-Body-Sha256"),
+                        hashlib.sha256(data).hexdigest()])
+    # chunked request body
+    chunks = [b"a" * 1000, b"GET /not-a-request HTTP/1.1\\r\\n\\r\\n", b"z" * 70000]
+    conn.request("POST", "/echo", body=iter(chunks), encode_chunked=True)
+    r = conn.getresponse(); data = r.read()
+    whole = b"".join(chunks)
+    results.append([family_addr, -1, r.status, hashlib.sha256(whole).hexdigest(), r.getheader("X-Body-Sha256"),
+                    hashlib.sha256(data).hexdigest()])
+    conn.close()
+print(json.dumps(results))
+"""
+
+SIZES = [0, 1, 100, 1300, 1460, 4096, 65536, 300000, 1 << 20]
+
+
+def echo_check(topo, sizes=SIZES, timeout=120) -> list:
+    c = topo["c"]
+    script = ECHO_CLIENT.format(client_port=CLIENT_PORT, sizes=sizes, addrs=[c.addr, c.addr6], port=PORT)
+    results = run_py(topo["b"], script, timeout=timeout)
+    for addr, n, status, sent, c_saw, got in results:
+        assert status == 200, (addr, n)
+        assert sent == c_saw == got, f"body of {n} bytes via {addr} changed"
+    return results
+
+
+def test_bodies_0_to_1mib_echoed_ipv4_and_ipv6(topo, agents):
+    results = echo_check(topo)
+    assert len(results) == 2 * (len(SIZES) + 1)
+    b_spans = agents["b"].spans()
+    clients = [s for s in _by_kind(b_spans, "CLIENT") if s["local_port"] != PORT]
+    # One client span per request, every one with status 200, v4 and v6.
+    assert len(clients) == len(results) and {s["status"] for s in clients} == {200}
+    assert {ipaddress.ip_address(s["peer_addr"]) for s in clients} == {
+        ipaddress.ip_address(topo["c"].addr), ipaddress.ip_address(topo["c"].addr6)}
+    stats = agents["b"].stop()
+    assert stats["headers_inserted"] == len(results) and stats["handler_errors"] == 0
+
+
+def test_loss_and_reordering_transfers_complete(topo, agents):
+    """5% of segments dropped (both ways, inside B and C) + netem reordering: all bodies intact."""
+    drop = ["-p", "tcp", "-m", "statistic", "--mode", "random", "--probability", "0.05", "-j", "DROP"]
+    added = []
+    try:
+        for name in ("b", "c"):
+            for tool in ("iptables", "ip6tables"):
+                topo[name].run([tool, "-I", "INPUT", *drop])
+                added.append((name, tool))
+        topo["c"].run(["tc", "qdisc", "add", "dev", "eth0", "root", "netem", "delay", "2ms", "reorder", "75%", "50%"],
+                      check=False)
+        echo_check(topo, sizes=[0, 100, 65536, 1 << 20], timeout=240)
+    finally:
+        for name, tool in added:
+            topo[name].run([tool, "-D", "INPUT", *drop], check=False)
+        topo["c"].run(["tc", "qdisc", "del", "dev", "eth0", "root"], check=False)
+    assert agents["b"].stop()["headers_inserted"] >= 10
+
+
+def test_stop_removes_rules_and_cleanup_removes_leftovers(topo):
+    b = topo["b"]
+    agent = Agent(b)
+    assert "obi-fallback" in rules_of(b)
+    # A rule that is not ours must survive.
+    b.run(["iptables", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--dport", "9", "-m", "comment",
+           "--comment", "someone-else", "-j", "ACCEPT"])
+    agent.stop()
+    assert "obi-fallback" not in rules_of(b) and "someone-else" in rules_of(b)
+    agent = Agent(b)
+    agent.proc.kill()
+    agent.proc.wait()
+    assert "obi-fallback" in rules_of(b)
+    out = b.run([sys.executable, "-m", "obi.fallback", "--cleanup"]).stdout
+    assert "removed" in out
+    assert "obi-fallback" not in rules_of(b) and "someone-else" in rules_of(b)
+
+
+def test_kill_9_under_load_keeps_traffic_flowing(topo, agents):
+    load = f"""
+import json, threading, time, urllib.request
+ok, fail, stop = [0], [0], time.monotonic() + 6
+def worker():
+    while time.monotonic() < stop:
+        try:
+            with urllib.request.urlopen("http://{topo['b'].addr}:{PORT}/work", timeout=15) as r:
+                r.read(); ok[0] += 1
+        except Exception:
+            fail[0] += 1
+ts = [threading.Thread(target=worker) for _ in range(8)]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(json.dumps({{"ok": ok[0], "fail": fail[0]}}))
+"""
+    runner = topo["a"].popen([sys.executable, "-c", load], stdout=subprocess.PIPE, text=True)
+    time.sleep(2)
+    for agent in agents.values():
+        agent.proc.kill()
+    out, _ = runner.communicate(timeout=60)
+    counts = json.loads(out.strip().splitlines()[-1])
+    assert counts["ok"] > 50
+    # After the kill, new connections must work with no agent at all (rules left, bypassed).
+    assert "obi-fallback" in rules_of(topo["b"])
+    (answer,) = run_py(topo["a"], _get_script(f"http://{topo['b'].addr}:{PORT}/work", None))
+    assert answer["downstream"]["status"] == 200
+    for name in ("b", "c"):
+        topo[name].run([sys.executable, "-m", "obi.fallback", "--cleanup"])
+    assert "obi-fallback" not in rules_of(topo["b"]) + rules_of(topo["c"])
+    # Report how many failed (connections that had inserted bytes when the agent died).
+    print("kill -9 under load:", counts)
+
+
+def test_random_payloads_on_watched_port(topo, agents):
+    script = f"""
+import json, os, random, socket
+rng = random.Random(5)
+for i in range(60):
+    s = socket.create_connection(({topo['c'].addr!r}, {PORT}), timeout=5)
+    data = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 3000)))
+    if i % 3 == 0: data = b"GET / HTTP/1.1\\r\\nContent-Length: zz\\r\\n\\r\\n" + data
+    if i % 3 == 1: data = b"\\x16\\x03\\x01" + data
+    try:
+        s.sendall(data); s.shutdown(socket.SHUT_WR); s.settimeout(2)
+        while s.recv(65536): pass
+    except OSError: pass
+    s.close()
+print(json.dumps({{"done": True}}))
+"""
+    srv = "import socket; s=socket.socket(); s.bind(('0.0.0.0', %d)); s.listen(); " % CLIENT_PORT
+    run_py(topo["b"], srv + script.replace("import json", "import json", 1))
+    # The agents survived, inserted nothing into garbage, and still work.
+    assert agents["b"].proc.poll() is None and agents["c"].proc.poll() is None
+    (answer,) = run_py(topo["a"], _get_script(f"http://{topo['b'].addr}:{PORT}/work", None))
+    assert answer["downstream"]["body"]["headers"][0][0] == "Traceparent"
+    stats_b = agents["b"].stop()
+    assert stats_b["headers_inserted"] == 1 and stats_b["handler_errors"] == 0
