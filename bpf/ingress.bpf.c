@@ -1,0 +1,250 @@
+// SPDX-License-Identifier: GPL-2.0
+/* Ingress fast path (DESIGN decision 4): a tc ingress program (tcx link or clsact filter)
+ * on the interfaces of the netns the agent watches. For TCP segments of
+ *  - connections to a selected listening port: parses the requests (start line, headers,
+ *    traceparent / tracestate, body framing) and emits SERVER_REQ with the server span's
+ *    ids; marks the connection READY so the thread that reads it links to that request;
+ *  - connections on which a selected process sent a request (ingress_conns entry made by
+ *    sk_msg): parses the responses and emits CLIENT_RESP with the status.
+ * Bytes are followed in TCP sequence order per connection: retransmitted bytes are not
+ * parsed twice, and after a gap the parser waits for a segment that starts a message.
+ * Always returns TC_ACT_OK. */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "obi_abi.h"
+#include "obi_http.h"
+#include "obi_maps.h"
+#include "obi_net.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* Payload offset of the segment being parsed lives in pcur.win_off's sibling: we keep it
+ * in the scratch cursor's `cur` field (unused on ingress). */
+#define payload_off cur
+
+static __always_inline int in_load(struct __sk_buff *skb, struct scratch *sc)
+{
+	struct pcur *p = &sc->pc;
+	__u32 n = p->len - p->pos;
+
+	if (n > WIN)
+		n = WIN;
+	if (n == 0)
+		return -1;
+	__u64 m = n;
+	asm volatile("%[m] &= 0x7ff" : [m] "+r"(m)); /* explicit bound for the verifier */
+	if (m == 0)
+		return -1;
+	if (bpf_skb_load_bytes(skb, p->payload_off + p->pos, sc->buf, m))
+		return -1;
+	p->win_off = p->pos;
+	p->win_len = n;
+	return 0;
+}
+
+static __always_inline void server_req_done(struct scratch *sc, struct http_state *st)
+{
+	__u32 flags = 0;
+
+	if ((obi_cfg_flags & OBI_CFG_HEADERS) && tp_parse(st)) {
+		flags |= OBI_EVF_TP_VALID; /* trace_id, parent_id, trace_flags from the header */
+	} else {
+		new_trace_id(st->trace_id);
+		__builtin_memset(st->parent_id, 0, 8);
+		st->trace_flags = 0x03; /* sampled + random: a fresh random trace id */
+	}
+	new_span_id(st->span_id);
+	st->bits |= HS_READY;
+	st->serial++;
+	count(OBI_CNT_SERVER_REQS);
+	struct obi_event *ev = event_reserve();
+	if (!ev)
+		return;
+	event_fill(ev, OBI_EV_SERVER_REQ, st, &sc->pc.t, 0);
+	ev->flags = flags;
+	bpf_ringbuf_submit(ev, 0);
+}
+
+static __always_inline void in_action(struct scratch *sc, struct http_state *st)
+{
+	struct pcur *p = &sc->pc;
+
+	if (p->act == ACT_MSG_START) {
+		st->start_ns = bpf_ktime_get_ns();
+		return;
+	}
+	if (st->role == OBI_ROLE_SERVER) {
+		if (p->act == ACT_HDRS_END)
+			server_req_done(sc, st);
+		return;
+	}
+	if (p->act == ACT_LINE0_END && st->status >= 200) {
+		struct obi_event *ev = event_reserve();
+		if (!ev)
+			return;
+		event_fill(ev, OBI_EV_CLIENT_RESP, st, &p->t, 0);
+		bpf_ringbuf_submit(ev, 0);
+	}
+}
+
+/* bpf_loop callback: one window or one action. */
+static long in_round(__u32 i, void *arg)
+{
+	struct parse_ctx *c = arg;
+	struct http_state *st = c->st;
+	struct scratch *sc = c->sc;
+
+	if (!st || !sc)
+		return 1;
+	struct pcur *p = &sc->pc;
+	if (p->pos >= p->len || st->phase == PH_LOST)
+		return 1;
+	if (st->phase != PH_BODY && st->phase != PH_CHUNK_DATA &&
+	    (p->pos < p->win_off || p->pos >= p->win_off + p->win_len)) {
+		if (in_load(c->prog_ctx, sc))
+			return 1; /* bytes unreadable: skip the rest of this segment */
+	}
+	p->act = ACT_NONE;
+	bpf_loop(WIN + 1, parse_step, c, 0);
+	if (p->act == ACT_LOST)
+		count(OBI_CNT_PARSE_LOST);
+	else if (p->act != ACT_NONE)
+		in_action(sc, st);
+	return 0;
+}
+
+struct seg {
+	__u32 seq;
+	__u32 payload_off;
+	__u32 payload_len;
+	__u8 syn, fin, rst, _pad0;
+};
+
+/* Parse L3/L4 headers into the tuple (local = destination) and the segment. */
+static __always_inline int parse_headers(struct __sk_buff *skb, struct obi_tuple *t, struct seg *s)
+{
+	__u32 l4;
+	__u32 l3_len;
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
+			return -1;
+		if (ip.protocol != IPPROTO_TCP || ip.ihl < 5 || (ip.frag_off & bpf_htons(0x3fff)))
+			return -1;
+		t->family = OBI_AF_INET;
+		__builtin_memcpy(t->local_addr, &ip.daddr, 4);
+		__builtin_memcpy(t->peer_addr, &ip.saddr, 4);
+		l4 = ETH_HLEN + ip.ihl * 4;
+		l3_len = bpf_ntohs(ip.tot_len);
+		if (l3_len == 0) /* BIG TCP GRO packets */
+			l3_len = skb->len - ETH_HLEN;
+		l3_len -= ip.ihl * 4;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)))
+			return -1;
+		if (ip6.nexthdr != IPPROTO_TCP) /* extension headers: not followed */
+			return -1;
+		t->family = OBI_AF_INET6;
+		__builtin_memcpy(t->local_addr, &ip6.daddr, 16);
+		__builtin_memcpy(t->peer_addr, &ip6.saddr, 16);
+		l4 = ETH_HLEN + sizeof(ip6);
+		l3_len = bpf_ntohs(ip6.payload_len);
+		if (l3_len == 0)
+			l3_len = skb->len - l4;
+	} else {
+		return -1;
+	}
+	struct tcphdr th;
+	if (bpf_skb_load_bytes(skb, l4, &th, sizeof(th)))
+		return -1;
+	__u32 doff = th.doff * 4;
+	if (doff < sizeof(th) || doff > l3_len)
+		return -1;
+	t->local_port = bpf_ntohs(th.dest);
+	t->peer_port = bpf_ntohs(th.source);
+	s->seq = bpf_ntohl(th.seq);
+	s->payload_off = l4 + doff;
+	s->payload_len = l3_len - doff;
+	if (s->payload_off + s->payload_len > skb->len)
+		s->payload_len = skb->len > s->payload_off ? skb->len - s->payload_off : 0;
+	s->syn = th.syn;
+	s->fin = th.fin;
+	s->rst = th.rst;
+	return 0;
+}
+
+/* Hook: tc ingress (tcx link or clsact direct-action filter). Context: __sk_buff at the
+ * Ethernet header. Maps: server_ports (read), ingress_conns (create for new server
+ * connections, update, delete on SYN/FIN/RST), scratch, events, counters.
+ * Returns TC_ACT_OK always: parse misses never drop. */
+SEC("tc")
+int obi_tc_ingress(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct scratch *sc = bpf_map_lookup_elem(&scratch, &zero);
+
+	if (!sc)
+		return TC_ACT_OK;
+	struct pcur *p = &sc->pc;
+	__builtin_memset(p, 0, sizeof(*p));
+	struct seg s = {};
+	if (parse_headers(skb, &p->t, &s))
+		return TC_ACT_OK;
+
+	struct http_state *st = bpf_map_lookup_elem(&ingress_conns, &p->t);
+	if (s.syn) {
+		if (st) /* a new connection on a reused tuple: forget the old one */
+			bpf_map_delete_elem(&ingress_conns, &p->t);
+		return TC_ACT_OK;
+	}
+	if (!st) {
+		if (!s.payload_len || s.rst || !port_selected(p->t.local_port))
+			return TC_ACT_OK;
+		struct http_state *init = &sc->init;
+		__builtin_memset(init, 0, sizeof(*init));
+		init->role = OBI_ROLE_SERVER;
+		bpf_map_update_elem(&ingress_conns, &p->t, init, BPF_NOEXIST);
+		st = bpf_map_lookup_elem(&ingress_conns, &p->t);
+		if (!st)
+			return TC_ACT_OK;
+	}
+	if (s.payload_len && st->phase != PH_LOST) {
+		__u32 start = 0;
+		if (!st->seq_valid) {
+			st->next_seq = s.seq;
+			st->seq_valid = 1;
+		}
+		__s32 d = (__s32)(s.seq - st->next_seq);
+		if (d < 0) {
+			/* (partly) retransmitted: parse only bytes not seen yet */
+			if ((__u32)(-d) >= s.payload_len)
+				goto out;
+			start = -d;
+		} else if (d > 0) {
+			/* bytes were missed: framing unknown until a segment starts a message */
+			count(OBI_CNT_SEQ_GAPS);
+			st->phase = PH_IDLE;
+			st->bits |= HS_RESYNC;
+		}
+		st->next_seq = s.seq + s.payload_len;
+		p->pos = start;
+		p->len = s.payload_len;
+		p->payload_off = s.payload_off;
+		p->win_len = 0;
+		struct parse_ctx c = { .st = st, .sc = sc, .prog_ctx = skb };
+		bpf_loop(MAX_ROUNDS, in_round, &c, 0);
+	}
+out:
+	if (s.fin || s.rst)
+		bpf_map_delete_elem(&ingress_conns, &p->t);
+	return TC_ACT_OK;
+}
