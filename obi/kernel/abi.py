@@ -1,0 +1,185 @@
+"""The one Python mirror of bpf/include/obi_abi.h (structs that cross from BPF to here).
+
+Layouts are `struct` formats with explicit padding ('=' : native byte order, no implicit
+alignment), so they match the C structs field by field. tests/unit/test_kernel_abi.py
+checks every size and offset below against the BTF of the built objects.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+TP_LEN = 55
+TP_HDR_LEN = 70  # "Traceparent: " + 55 + CRLF
+LINE_MAX = 96
+TP_MAX = 56
+TRACESTATE_MAX = 256
+
+TCPOPT_KIND = 25
+TCPOPT_LEN_SAMPLED = 26
+TCPOPT_LEN_FLAGS = 27
+
+# obi_cfg_flags
+CFG_HEADERS = 1 << 0
+CFG_TCP = 1 << 1
+
+AF_INET = 2
+AF_INET6 = 10
+
+
+class EventKind(enum.IntEnum):
+    SERVER_REQ = 1
+    SERVER_RESP = 2
+    CLIENT_REQ = 3
+    CLIENT_RESP = 4
+
+
+# obi_event.flags
+EVF_INJECTED = 1 << 0
+EVF_TP_VALID = 1 << 1
+EVF_HDRS_PARTIAL = 1 << 2
+EVF_THREAD_LINKED = 1 << 3
+EVF_TCPOPT = 1 << 4
+EVF_INJECT_FAILED = 1 << 5
+
+
+class Counter(enum.IntEnum):
+    """enum obi_counter; names become stats() keys."""
+
+    EVENTS_LOST = 0
+    HEADERS_INSERTED = 1
+    INSERT_FAILED = 2
+    CLIENT_REQS = 3
+    SERVER_REQS = 4
+    APP_TRACEPARENT = 5
+    PARSE_LOST = 6
+    SEQ_GAPS = 7
+    TCPOPT_WRITTEN = 8
+    TCPOPT_READ = 9
+    THREAD_LINKS = 10
+
+
+COUNTER_MAX = 11
+
+# struct obi_tuple: local_addr[16] peer_addr[16] local_port peer_port family _pad0
+TUPLE_FMT = "=16s16sHHHH"
+TUPLE_SIZE = struct.calcsize(TUPLE_FMT)  # 40
+
+# struct obi_event, field by field (name, format); offsets are checked against BTF.
+EVENT_FIELDS: tuple[tuple[str, str], ...] = (
+    ("kind", "I"),
+    ("flags", "I"),
+    ("ts_ns", "Q"),
+    ("pid_tgid", "Q"),
+    ("tuple", f"{TUPLE_SIZE}s"),
+    ("trace_id", "16s"),
+    ("span_id", "8s"),
+    ("parent_id", "8s"),
+    ("trace_flags", "B"),
+    ("tp_count", "B"),
+    ("status", "H"),
+    ("line_len", "H"),
+    ("tracestate_len", "H"),
+    ("line", f"{LINE_MAX}s"),
+    ("tp", f"{TP_MAX}s"),
+    ("tp_len", "H"),
+    ("_pad0", "H"),
+    ("_pad1", "I"),
+    ("tracestate", f"{TRACESTATE_MAX}s"),
+)
+EVENT_FMT = "=" + "".join(f for _, f in EVENT_FIELDS)
+EVENT_SIZE = struct.calcsize(EVENT_FMT)  # 520
+_EVENT = struct.Struct(EVENT_FMT)
+_TUPLE = struct.Struct(TUPLE_FMT)
+
+
+def field_offsets(fields: tuple[tuple[str, str], ...]) -> dict[str, int]:
+    """Offset of each field in a '='-packed layout (what the BTF must agree with)."""
+    out, off = {}, 0
+    for name, fmt in fields:
+        out[name] = off
+        off += struct.calcsize("=" + fmt)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Tuple:
+    """struct obi_tuple: a connection seen from the instrumented host."""
+
+    local_addr: str
+    peer_addr: str
+    local_port: int
+    peer_port: int
+    family: int
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> "Tuple":
+        la, pa, lp, pp, fam, _ = _TUPLE.unpack(raw)
+        return cls(_addr(la, fam), _addr(pa, fam), lp, pp, fam)
+
+    def pack(self) -> bytes:
+        return _TUPLE.pack(_addr_bytes(self.local_addr), _addr_bytes(self.peer_addr),
+                           self.local_port, self.peer_port, self.family, 0)
+
+
+def _addr(raw: bytes, family: int) -> str:
+    if family == AF_INET:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    return str(ipaddress.IPv6Address(raw))
+
+
+def _addr_bytes(addr: str) -> bytes:
+    ip = ipaddress.ip_address(addr)
+    return ip.packed.ljust(16, b"\0")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """struct obi_event, decoded."""
+
+    kind: EventKind
+    flags: int
+    ts_ns: int
+    pid_tgid: int
+    tuple: Tuple
+    trace_id: str  # hex
+    span_id: str
+    parent_id: str  # "" when all zero
+    trace_flags: int
+    tp_count: int
+    status: int
+    line: bytes
+    tp: bytes  # first traceparent value as received (significant bytes only)
+    tracestate: bytes
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> "Event":
+        v = dict(zip((n for n, _ in EVENT_FIELDS), _EVENT.unpack_from(raw)))
+        parent = v["parent_id"].hex()
+        return cls(
+            kind=EventKind(v["kind"]),
+            flags=v["flags"],
+            ts_ns=v["ts_ns"],
+            pid_tgid=v["pid_tgid"],
+            tuple=Tuple.unpack(v["tuple"]),
+            trace_id=v["trace_id"].hex(),
+            span_id=v["span_id"].hex(),
+            parent_id="" if parent == "0" * 16 else parent,
+            trace_flags=v["trace_flags"],
+            tp_count=v["tp_count"],
+            status=v["status"],
+            line=v["line"][: min(v["line_len"], LINE_MAX)],
+            tp=v["tp"][: min(v["tp_len"], TP_MAX)],
+            tracestate=v["tracestate"][: min(v["tracestate_len"], TRACESTATE_MAX)],
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.pid_tgid >> 32
+
+    @property
+    def tid(self) -> int:
+        return self.pid_tgid & 0xFFFFFFFF

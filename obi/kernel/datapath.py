@@ -1,0 +1,345 @@
+"""KernelDatapath: loads the BPF objects, attaches them, selects processes, turns ring
+buffer events into spans (obi.datapath.DatapathRunner).
+
+What gets attached (all through obi.kernel.attach, so `obi cleanup` knows about it):
+- egress.bpf.o: `obi_sockops` on cfg.cgroup_path (cgroup link) and `obi_sk_msg` on its
+  sock_hash;
+- ingress.bpf.o: `obi_tc_ingress` on every interface of the watched netns (tcx or clsact
+  per cfg.traffic_control_backend);
+- threads.bpf.o: `obi_recv_length` on the sock:sock_recv_length tracepoint.
+The three objects share one set of maps (obi_maps.h): egress creates them, the others
+reuse its fds.
+
+Process selection: a process is instrumented when it listens on a port of cfg.open_ports
+(its /proc/<pid>/net/tcp{,6} listening sockets whose inode is among its fds) or when its
+executable matches cfg.auto_target_exe; only processes in the watched netns count (one
+agent per node, like a DaemonSet). Their tgids go to `selected_tgids`, their listening
+ports to `server_ports`; a scanner thread refreshes both every `scan_interval` seconds.
+
+Sockets established before start() are not in sock_hash (sockops only sees new
+connections): their requests pass unchanged and produce no client spans. Server
+connections accepted before start() are still parsed by tc, but their responses are not
+seen by sk_msg (no server span end) until the client reconnects.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from typing import Iterable
+
+from ..config import Config
+from ..datapath import SpanSink
+from ..errors import AttachError, BpfError, MissingFeature
+from . import attach, libbpf
+from .abi import CFG_HEADERS, CFG_TCP, COUNTER_MAX, Counter
+from .events import Correlator
+
+log = logging.getLogger("obi.kernel.datapath")
+
+OBJECTS = ("egress", "ingress", "threads")  # egress first: it creates the shared maps
+_TCP_LISTEN = "0A"
+
+# libbpf's bpf_map__reuse_fd (not in the shared binding): lets an object use a map
+# created by another object, before load.
+libbpf._lib.bpf_map__reuse_fd.restype = ctypes.c_int
+libbpf._lib.bpf_map__reuse_fd.argtypes = [ctypes.c_void_p, ctypes.c_int]
+
+
+def _reuse_map_fd(m: libbpf.Map, fd: int) -> None:
+    ret = libbpf._lib.bpf_map__reuse_fd(m._ptr, fd)
+    if ret < 0:
+        raise BpfError(f"bpf_map__reuse_fd({m.name})", -ret)
+
+
+# --- process selection ---------------------------------------------------------------
+
+
+def _netns_ino(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _listening_inodes(pid: int) -> dict[int, int]:
+    """{socket inode: port} of TCP listening sockets in the netns of `pid`."""
+    out: dict[int, int] = {}
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{name}", encoding="ascii") as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) > 9 and parts[3] == _TCP_LISTEN:
+                        out[int(parts[9])] = int(parts[1].rsplit(":", 1)[1], 16)
+        except OSError:
+            continue
+    return out
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink(f"{fd_dir}/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def scan_processes(cfg: Config, netns_ino: int | None) -> tuple[set[int], set[int], dict[int, str]]:
+    """(tgids, their listening ports, {tgid: exe}) of the processes cfg selects in the
+    netns with inode `netns_ino` (None: any netns)."""
+    tgids: set[int] = set()
+    ports: set[int] = set()
+    exes: dict[int, str] = {}
+    listen_cache: dict[int, dict[int, int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        ns = _netns_ino(f"/proc/{pid}/ns/net")
+        if ns is None or (netns_ino is not None and ns != netns_ino):
+            continue
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            continue  # kernel thread or gone
+        if ns not in listen_cache:
+            listen_cache[ns] = _listening_inodes(pid)
+        listening = listen_cache[ns]
+        own_ports = {listening[i] for i in _socket_inodes(pid) if i in listening} if listening else set()
+        by_port = any(cfg.port_selected(p) for p in own_ports)
+        if by_port or cfg.exe_selected(exe):
+            tgids.add(pid)
+            exes[pid] = exe
+            ports.update(p for p in own_ports if by_port is False or cfg.port_selected(p))
+    return tgids, ports, exes
+
+
+# --- the datapath --------------------------------------------------------------------
+
+
+class KernelDatapath:
+    """The kernel fast path. `netns`: path of the network namespace whose interfaces and
+    processes this agent watches ("" = the agent's own)."""
+
+    name = "kernel"
+
+    def __init__(
+        self,
+        cfg: Config,
+        sink: SpanSink,
+        *,
+        netns: str = "",
+        state_dir: str | None = attach.DEFAULT_STATE_DIR,
+        scan_interval: float = 0.5,
+    ):
+        self.cfg = cfg
+        self.sink = sink
+        self.netns = netns
+        self.state_dir = state_dir
+        self.scan_interval = scan_interval
+        self._objs: dict[str, libbpf.BpfObject] = {}
+        self._attachments: list = []  # detached in reverse order
+        self._links: list[libbpf.Link] = []
+        self._ring: libbpf.RingBuffer | None = None
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._exes: dict[int, str] = {}
+        self._selected: set[int] = set()
+        self._ports: set[int] = set()
+        self._scan_lock = threading.Lock()
+        self.correlator = Correlator(sink, exe_of=lambda pid: self._exes.get(pid, ""))
+        self.started = False
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        if self.started:
+            return
+        try:
+            self._load()
+            self.scan_now()
+            self._attach()
+            self._ring = libbpf.RingBuffer(self._objs["egress"].map("events"), self.correlator.on_raw)
+        except BaseException:
+            self.stop()
+            raise
+        self._stop.clear()
+        for target, name in ((self._poll_loop, "obi-kernel-events"), (self._scan_loop, "obi-kernel-scan")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        self.started = True
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        self._threads.clear()
+        if self._ring is not None:
+            try:
+                self._ring.consume()  # what is already in the ring buffer still counts
+            except BpfError:
+                pass
+        for a in reversed(self._attachments):
+            try:
+                a.detach()
+            except Exception as e:  # keep detaching the rest
+                log.warning("detach failed: %s", e)
+        self._attachments.clear()
+        for link in reversed(self._links):
+            link.detach()
+        self._links.clear()
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        self.correlator.flush()
+        for obj in reversed(list(self._objs.values())):
+            obj.close()
+        self._objs.clear()
+        self.started = False
+
+    def __enter__(self) -> "KernelDatapath":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- loading and attaching
+
+    def _load(self) -> None:
+        flags = (CFG_HEADERS if self.cfg.propagate_headers else 0) | (CFG_TCP if self.cfg.propagate_tcp else 0)
+        shared: dict[str, int] = {}
+        for name in OBJECTS:
+            obj = libbpf.BpfObject.open(libbpf.object_path(name))
+            self._objs[name] = obj
+            obj.set_global("obi_cfg_flags", struct.pack("=I", flags))
+            for m in obj.maps():
+                if m.name in shared:
+                    _reuse_map_fd(m, shared[m.name])
+            try:
+                obj.load()
+            except BpfError as e:
+                if "bpf_loop" in (e.log or "") or "unknown func" in (e.log or ""):
+                    raise MissingFeature("bpf_loop", "5.17", str(e).splitlines()[0]) from e
+                raise
+            if not shared:
+                shared = {m.name: m.fd for m in obj.maps() if not m.name.startswith(".")
+                          and not m.name.endswith((".rodata", ".data", ".bss"))}
+
+    def _attach(self) -> None:
+        eg = self._objs["egress"]
+        cgroup = self.cfg.cgroup_path or libbpf.cgroup_v2_mount()
+        if not cgroup:
+            raise MissingFeature("cgroup v2", "4.5", "no cgroup2 mount for sockops")
+        sd = self.state_dir
+        self._attachments.append(attach.CgroupAttachment(eg.program("obi_sockops"), cgroup, state_dir=sd).attach())
+        self._attachments.append(
+            attach.SkMsgAttachment(eg.program("obi_sk_msg"), eg.map("sock_hash"), state_dir=sd).attach()
+        )
+        th = self._objs["threads"].program("obi_recv_length")
+        try:
+            self._links.append(th.attach_tracepoint("sock", "sock_recv_length"))
+        except BpfError as e:
+            raise MissingFeature("tracepoint sock:sock_recv_length", "6.3", str(e)) from e
+        prog = self._objs["ingress"].program("obi_tc_ingress")
+        backend = self.cfg.traffic_control_backend
+        with attach.in_netns(self.netns):
+            for ifindex, ifname in socket.if_nameindex():
+                a = attach.TcAttachment(prog, ifindex, "ingress", backend, state_dir=sd)
+                try:
+                    a.attach()
+                except (AttachError, BpfError) as e:
+                    raise AttachError(f"tc ingress on {ifname}: {e}") from e
+                self._attachments.append(a)
+
+    # -- process selection
+
+    def scan_now(self) -> None:
+        """Refresh selected_tgids / server_ports from /proc (also run periodically)."""
+        with self._scan_lock:
+            ino = _netns_ino(self.netns) if self.netns else _netns_ino("/proc/thread-self/ns/net")
+            tgids, ports, exes = scan_processes(self.cfg, ino)
+            eg = self._objs.get("egress")
+            if eg is None:
+                return
+            self._sync(eg.map("selected_tgids"), self._selected, tgids)
+            self._sync(eg.map("server_ports"), self._ports, ports)
+            self._selected, self._ports = tgids, ports
+            self._exes = exes
+
+    @staticmethod
+    def _sync(m: libbpf.Map, old: Iterable[int], new: set[int]) -> None:
+        one = struct.pack("=I", 1)
+        for k in set(old) - new:
+            m.delete(struct.pack("=I", k))
+        for k in new - set(old):
+            m.update(struct.pack("=I", k), one)
+
+    @property
+    def selected_pids(self) -> set[int]:
+        return set(self._selected)
+
+    @property
+    def server_ports(self) -> set[int]:
+        return set(self._ports)
+
+    def _scan_loop(self) -> None:
+        while not self._stop.wait(self.scan_interval):
+            try:
+                self.scan_now()
+            except Exception:
+                log.exception("process scan failed")
+
+    def _poll_loop(self) -> None:
+        ring = self._ring
+        last_sync = time.monotonic()
+        while not self._stop.is_set() and ring is not None:
+            try:
+                ring.poll(100)
+            except BpfError as e:
+                log.warning("ring buffer poll: %s", e)
+                time.sleep(0.1)
+            if time.monotonic() - last_sync > 60:
+                self.correlator.resync_clock()
+                last_sync = time.monotonic()
+
+    # -- stats
+
+    def counters(self) -> dict[str, int]:
+        eg = self._objs.get("egress")
+        if eg is None:
+            return {}
+        m = eg.map("counters")
+        out = {}
+        for c in Counter:
+            vals = m.lookup_percpu(struct.pack("=I", int(c))) or []
+            out[c.name.lower()] = sum(struct.unpack("=Q", v[:8])[0] for v in vals)
+        return out
+
+    def stats(self) -> dict[str, int]:
+        out = self.counters()
+        out["spans"] = self.correlator.spans
+        out["unmatched_responses"] = self.correlator.unmatched_responses
+        out["selected_processes"] = len(self._selected)
+        out["ring_callback_errors"] = self._ring.errors if self._ring else 0
+        return out
+
+
+assert COUNTER_MAX == len(Counter)

@@ -1,0 +1,188 @@
+"""Ring buffer events -> SpanRecords.
+
+BPF reports four kinds of events (obi_abi.h): a request's headers seen (SERVER_REQ on tc
+ingress, CLIENT_REQ in sk_msg) and a response's status line (SERVER_RESP in sk_msg,
+CLIENT_RESP on tc ingress). The ids are chosen in BPF (they had to be: the client's ids are
+written into the request as it leaves); here each response is paired with the oldest open
+request of the same connection (HTTP/1.x answers in order), which gives one span.
+
+Times: bpf_ktime_get_ns() is CLOCK_MONOTONIC; the offset to CLOCK_REALTIME is measured
+once at start (and can be refreshed with `resync_clock`).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Callable
+
+from .. import w3c
+from ..model import Datapath, SpanKind, SpanRecord
+from .abi import (
+    EVF_INJECTED,
+    EVF_TCPOPT,
+    EVF_THREAD_LINKED,
+    EVF_TP_VALID,
+    Event,
+    EventKind,
+    Tuple,
+)
+
+log = logging.getLogger("obi.kernel.events")
+
+SpanSink = Callable[[SpanRecord], None]
+MAX_OPEN_PER_CONN = 64  # open requests kept per connection (pipelining depth)
+
+
+def monotonic_to_epoch_offset() -> int:
+    """CLOCK_REALTIME - CLOCK_MONOTONIC in ns, read as close together as we can."""
+    best = None
+    for _ in range(3):
+        a = time.monotonic_ns()
+        r = time.time_ns()
+        b = time.monotonic_ns()
+        if best is None or b - a < best[0]:
+            best = (b - a, r - (a + b) // 2)
+    assert best is not None
+    return best[1]
+
+
+def split_request_line(line: bytes) -> tuple[str, str]:
+    """(method, target) of a request line prefix; the target may be cut at LINE_MAX."""
+    text = line.decode("latin-1")
+    method, _, rest = text.partition(" ")
+    target = rest.rsplit(" HTTP/", 1)[0] if " HTTP/" in rest else rest
+    return method, target
+
+
+class Correlator:
+    """Pairs request and response events per connection and emits finished spans."""
+
+    def __init__(self, sink: SpanSink, exe_of: Callable[[int], str] | None = None):
+        self._sink = sink
+        self._exe_of = exe_of or (lambda pid: "")
+        self._offset = monotonic_to_epoch_offset()
+        self._lock = threading.Lock()
+        self._server: dict[Tuple, collections.deque[Event]] = collections.defaultdict(collections.deque)
+        self._client: dict[Tuple, collections.deque[Event]] = collections.defaultdict(collections.deque)
+        self.spans = 0
+        self.unmatched_responses = 0
+        self.dropped_requests = 0
+
+    def resync_clock(self) -> None:
+        self._offset = monotonic_to_epoch_offset()
+
+    def epoch(self, mono_ns: int) -> int:
+        return mono_ns + self._offset
+
+    def on_raw(self, raw: bytes) -> None:
+        self.on_event(Event.unpack(raw))
+
+    def on_event(self, ev: Event) -> None:
+        with self._lock:
+            if ev.kind in (EventKind.SERVER_REQ, EventKind.CLIENT_REQ):
+                table = self._server if ev.kind == EventKind.SERVER_REQ else self._client
+                q = table[ev.tuple]
+                if len(q) >= MAX_OPEN_PER_CONN:
+                    q.popleft()
+                    self.dropped_requests += 1
+                q.append(ev)
+                return
+            table = self._server if ev.kind == EventKind.SERVER_RESP else self._client
+            q = table.get(ev.tuple)
+            if not q:
+                self.unmatched_responses += 1
+                return
+            req = q.popleft()
+            if not q:
+                del table[ev.tuple]
+        if ev.kind == EventKind.SERVER_RESP:
+            self._emit(self.server_span(req, ev))
+        else:
+            self._emit(self.client_span(req, ev))
+
+    def flush(self) -> None:
+        """Emit spans for requests still open (status 0, zero duration): at stop."""
+        with self._lock:
+            pending = [(SpanKind.SERVER, e) for q in self._server.values() for e in q]
+            pending += [(SpanKind.CLIENT, e) for q in self._client.values() for e in q]
+            self._server.clear()
+            self._client.clear()
+        for kind, req in pending:
+            self._emit(self.server_span(req, None) if kind == SpanKind.SERVER else self.client_span(req, None))
+
+    def _emit(self, span: SpanRecord) -> None:
+        self.spans += 1
+        self._sink(span)
+
+    def server_span(self, req: Event, resp: Event | None) -> SpanRecord:
+        method, target = split_request_line(req.line)
+        tracestate = ""
+        if req.flags & EVF_TP_VALID and req.tracestate:
+            entries = w3c.parse_tracestate(req.tracestate)
+            if entries:
+                tracestate = w3c.format_tracestate(entries)
+        start = self.epoch(req.ts_ns)
+        pid_tgid = resp.pid_tgid if resp else 0
+        return SpanRecord(
+            trace_id=req.trace_id,
+            span_id=req.span_id,
+            parent_span_id=req.parent_id,
+            kind=SpanKind.SERVER,
+            start_ns=start,
+            end_ns=self.epoch(resp.ts_ns) if resp else start,
+            method=method,
+            path=target,
+            status=resp.status if resp else 0,
+            local_addr=req.tuple.local_addr,
+            local_port=req.tuple.local_port,
+            peer_addr=req.tuple.peer_addr,
+            peer_port=req.tuple.peer_port,
+            pid=pid_tgid >> 32,
+            tid=pid_tgid & 0xFFFFFFFF,
+            exe=self._exe_of(pid_tgid >> 32) if pid_tgid else "",
+            flags=req.trace_flags,
+            tracestate=tracestate,
+            datapath=Datapath.KERNEL,
+            propagated=bool(req.flags & (EVF_TP_VALID | EVF_TCPOPT)),
+        )
+
+    def client_span(self, req: Event, resp: Event | None) -> SpanRecord:
+        method, target = split_request_line(req.line)
+        trace_id, span_id, parent, flags = req.trace_id, req.span_id, req.parent_id, req.trace_flags
+        extra: dict[str, str | int | bool] = {"injected": bool(req.flags & EVF_INJECTED)}
+        if req.tp_count and not req.flags & EVF_INJECTED:
+            # The application wrote its own traceparent (nothing was inserted). One valid
+            # header: the span takes its ids, so that the server it calls links to it.
+            # Invalid or duplicated: the request carries no usable context; keep ours.
+            ctx = w3c.parse_traceparent(req.tp) if req.tp_count == 1 else None
+            extra["app_traceparent"] = "valid" if ctx else "invalid"
+            if ctx is not None:
+                if ctx.trace_id != trace_id:
+                    parent = ""
+                trace_id, span_id, flags = ctx.trace_id, ctx.span_id, ctx.flags
+        start = self.epoch(req.ts_ns)
+        return SpanRecord(
+            trace_id=trace_id,
+            span_id=span_id,
+            parent_span_id=parent,
+            kind=SpanKind.CLIENT,
+            start_ns=start,
+            end_ns=self.epoch(resp.ts_ns) if resp else start,
+            method=method,
+            path=target,
+            status=resp.status if resp else 0,
+            local_addr=req.tuple.local_addr,
+            local_port=req.tuple.local_port,
+            peer_addr=req.tuple.peer_addr,
+            peer_port=req.tuple.peer_port,
+            pid=req.pid,
+            tid=req.tid,
+            exe=self._exe_of(req.pid),
+            flags=flags,
+            datapath=Datapath.KERNEL,
+            propagated=bool(req.flags & EVF_THREAD_LINKED),
+            extra=extra,
+        )

@@ -1,0 +1,262 @@
+"""Kernel datapath end to end: A -> B -> C in namespaces, one KernelDatapath per service
+host (B and C), each attached to that host's cgroup and netns, spans collected in lists.
+
+Asserted on real things: the header C received (its JSON echo), the SpanRecords the agents
+emitted (ids and parent links), SHA-256 of bodies echoed through instrumented sockets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from obi import config
+from obi.errors import MissingFeature
+from obi.model import SpanKind, SpanRecord
+from obi.netns import Topology, have_netns_tools
+
+pytestmark = pytest.mark.root
+
+PORT = 8080
+CLIENT_PORT = 8081  # the test client in B listens here: that makes it a selected process
+TP_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+TP_SPAN = "00f067aa0ba902b7"
+
+if have_netns_tools():
+    pytest.skip(have_netns_tools(), allow_module_level=True)
+
+try:
+    from obi.kernel.datapath import KernelDatapath
+    from obi.kernel import libbpf
+except Exception as e:  # libbpf.so.1 missing
+    pytest.skip(f"kernel path unavailable: {e}", allow_module_level=True)
+
+if not all(__import__("os").path.exists(libbpf.object_path(n)) for n in ("egress", "ingress", "threads")):
+    pytest.skip("BPF objects not built (run `make -C bpf`)", allow_module_level=True)
+
+
+class Agent:
+    """A KernelDatapath watching one host; spans land in .spans."""
+
+    def __init__(self, host, tmp_path, propagation: str = "headers", ports: str = f"{PORT},{CLIENT_PORT}"):
+        self.spans: list[SpanRecord] = []
+        cfg = config.load(env={
+            "OTEL_EBPF_BPF_CONTEXT_PROPAGATION": propagation,
+            "OTEL_EBPF_OPEN_PORT": ports,
+            "OTEL_EBPF_CGROUP_PATH": host.cgroup,
+        })
+        self.dp = KernelDatapath(cfg, self.spans.append, netns=host.netns_path, state_dir=str(tmp_path / host.name))
+        try:
+            self.dp.start()
+        except MissingFeature as e:
+            pytest.skip(f"kernel feature missing: {e}")
+
+    def wait(self, pred, timeout: float = 10.0) -> list[SpanRecord]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = [s for s in list(self.spans) if pred(s)]
+            if got:
+                return got
+            time.sleep(0.05)
+        return []
+
+    def wait_count(self, kind: SpanKind, n: int, timeout: float = 20.0) -> list[SpanRecord]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = [s for s in list(self.spans) if s.kind == kind]
+            if len(got) >= n:
+                return got
+            time.sleep(0.05)
+        return [s for s in list(self.spans) if s.kind == kind]
+
+    def stop(self) -> None:
+        self.dp.stop()
+
+
+def serve(host, downstream: str = "") -> subprocess.Popen:
+    argv = [sys.executable, "-m", "obi.demoapp", "serve", "--port", str(PORT)]
+    if downstream:
+        argv += ["--downstream", downstream]
+    proc = host.popen(argv, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "listening" in line, line
+    return proc
+
+
+def http_get(host, url: str, headers: dict[str, str] | None = None) -> dict:
+    code = (
+        "import json,sys,urllib.request\n"
+        "req=urllib.request.Request(sys.argv[1], headers=json.loads(sys.argv[2]))\n"
+        "print(urllib.request.urlopen(req, timeout=10).read().decode())\n"
+    )
+    r = host.run([sys.executable, "-c", code, url, json.dumps(headers or {})], timeout=30)
+    return json.loads(r.stdout)
+
+
+# A client that runs inside B, selected because it listens on CLIENT_PORT. It reads one JSON
+# job per line on stdin ({"method","path","body_len","chunked","headers"}), runs it over one
+# keep-alive connection to C and prints {"status","sha","body_sha","headers"} per job.
+CLIENT_CODE = r"""
+import hashlib, http.client, json, socket, sys
+lst = socket.socket(); lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+lst.bind(("0.0.0.0", int(sys.argv[2]))); lst.listen(1)
+print("ready", flush=True)
+conn = None
+def pattern(n):
+    b = bytes(range(256)); return (b * (n // 256 + 1))[:n]
+for line in sys.stdin:
+    job = json.loads(line)
+    if job.get("new_conn") or conn is None:
+        conn = http.client.HTTPConnection(sys.argv[1], 8080, timeout=30)
+    body = pattern(job.get("body_len", 0)) if job.get("body_len") is not None else None
+    hdrs = dict(job.get("headers", {}))
+    if job.get("chunked"):
+        def gen(b=body):
+            for i in range(0, len(b), 7000):
+                yield b[i:i + 7000]
+        conn.request(job["method"], job["path"], body=gen(), headers=hdrs, encode_chunked=True)
+    else:
+        conn.request(job["method"], job["path"], body=body, headers=hdrs)
+    resp = conn.getresponse()
+    data = resp.read()
+    out = {"status": resp.status, "sha": resp.getheader("X-Body-Sha256"),
+           "body_sha": hashlib.sha256(data).hexdigest(), "sent_sha": hashlib.sha256(body or b"").hexdigest(),
+           "len": len(data)}
+    if job["path"].startswith("/headers"):
+        out["headers"] = json.loads(data)["headers"]
+    print(json.dumps(out), flush=True)
+"""
+
+
+class Client:
+    def __init__(self, host, server_addr: str):
+        self.proc = host.popen([sys.executable, "-c", CLIENT_CODE, server_addr, str(CLIENT_PORT)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def run(self, job: dict, timeout: float = 30.0) -> dict:
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        box: list[str] = []
+        t = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
+        t.start()
+        t.join(timeout)
+        assert box and box[0], f"client got no answer for {job} within {timeout}s"
+        return json.loads(box[0])
+
+
+@pytest.fixture
+def topo():
+    with Topology(["a", "b", "c"], prefix="obik") as t:
+        yield t
+
+
+@pytest.fixture
+def abc(topo, tmp_path):
+    """Services B (calling C) and C running, agents on B and C started after them."""
+    a, b, c = topo["a"], topo["b"], topo["c"]
+    serve(c)
+    serve(b, downstream=f"http://{c.addr}:{PORT}")
+    agent_c = Agent(c, tmp_path)
+    agent_b = Agent(b, tmp_path)
+    try:
+        yield topo, agent_b, agent_c
+    finally:
+        agent_b.stop()
+        agent_c.stop()
+
+
+def _tp_of(headers: list[list[str]]) -> list[str]:
+    return [v for k, v in headers if k.lower() == "traceparent"]
+
+
+@pytest.mark.parametrize("incoming", [False, True], ids=["no-traceparent", "with-traceparent"])
+def test_a_b_c_linked(abc, incoming):
+    topo, agent_b, agent_c = abc
+    a, b, c = topo["a"], topo["b"], topo["c"]
+    hdrs = {"traceparent": f"00-{TP_TRACE}-{TP_SPAN}-01"} if incoming else {}
+    out = http_get(a, f"http://{b.addr}:{PORT}/work", hdrs)
+
+    # What C received: exactly one Traceparent, inserted by B's agent; the other headers
+    # are those http.client always sends.
+    got = out["downstream"]["body"]["headers"]
+    tps = _tp_of(got)
+    assert len(tps) == 1, got
+    version, trace_id, parent_id, flags = tps[0].split("-")
+    assert version == "00" and len(trace_id) == 32 and len(parent_id) == 16
+    assert sorted(k.lower() for k, _ in got) == ["accept-encoding", "host", "traceparent"]
+    assert got[0][0] == "Traceparent" and got[1][0] == "Host"  # inserted right after the request line
+    if incoming:
+        assert trace_id == TP_TRACE and flags == "01"
+    else:
+        assert trace_id != TP_TRACE
+
+    b_server = agent_b.wait(lambda s: s.kind == SpanKind.SERVER and s.path == "/work")
+    b_client = agent_b.wait(lambda s: s.kind == SpanKind.CLIENT and s.path == "/headers")
+    c_server = agent_c.wait(lambda s: s.kind == SpanKind.SERVER and s.path == "/headers")
+    assert len(b_server) == 1 and len(b_client) == 1 and len(c_server) == 1, (agent_b.spans, agent_c.spans)
+    bs, bc, cs = b_server[0], b_client[0], c_server[0]
+
+    # B's server span continues A's context (or starts the trace).
+    assert bs.trace_id == trace_id
+    assert bs.parent_span_id == (TP_SPAN if incoming else "")
+    assert bs.method == "GET" and bs.status == 200 and bs.peer_addr == a.addr and bs.local_port == PORT
+    # B's client span: child of B's server span; its id is what C received.
+    assert bc.trace_id == trace_id and bc.parent_span_id == bs.span_id
+    assert bc.span_id == parent_id
+    assert bc.status == 200 and bc.peer_addr == c.addr and bc.peer_port == PORT
+    assert bc.extra["injected"] is True
+    # C's server span: child of B's client span.
+    assert cs.trace_id == trace_id and cs.parent_span_id == bc.span_id and cs.status == 200
+    assert cs.propagated
+    # Times are epoch ns and nested.
+    now = time.time_ns()
+    assert abs(bs.start_ns - now) < 60e9
+    assert bs.start_ns <= bc.start_ns <= bc.end_ns <= bs.end_ns
+    assert agent_b.dp.stats()["headers_inserted"] >= 1
+    assert agent_b.dp.stats()["events_lost"] == 0
+
+
+def test_bodies_unchanged_and_existing_traceparent_kept(abc):
+    """A selected client in B posts bodies of many sizes (Content-Length and chunked) to C:
+    every byte arrives (SHA-256), each request got one header, none went into a body."""
+    topo, agent_b, agent_c = abc
+    b, c = topo["b"], topo["c"]
+    client = Client(b, c.addr)
+    agent_b.dp.scan_now()  # select the client now instead of waiting for the next scan
+    assert client.proc.pid in agent_b.dp.selected_pids or agent_b.dp.selected_pids
+    sizes = [0, 1, 69, 70, 1000, 8191, 65536, 300_000, 1 << 20]
+    n = 0
+    for size in sizes:
+        for chunked in (False, True):
+            if chunked and size == 0:
+                continue
+            r = client.run({"method": "POST", "path": "/echo", "body_len": size, "chunked": chunked})
+            n += 1
+            assert r["status"] == 200
+            assert r["sha"] == r["sent_sha"] == r["body_sha"], (size, chunked, r)
+    # Body that looks like a request start must not get a header.
+    r = client.run({"method": "POST", "path": "/echo", "body_len": None,
+                    "headers": {"Content-Type": "text/plain"}})
+    # Existing traceparent: not modified, not duplicated.
+    mine = f"00-{TP_TRACE}-{TP_SPAN}-01"
+    r = client.run({"method": "GET", "path": "/headers", "headers": {"traceparent": mine}})
+    assert _tp_of(r["headers"]) == [mine], r["headers"]
+    # And a request without one gets exactly one.
+    r = client.run({"method": "GET", "path": "/headers"})
+    assert len(_tp_of(r["headers"])) == 1
+    spans = agent_c.wait_count(SpanKind.SERVER, n + 3)
+    mine_span = [s for s in spans if s.parent_span_id == TP_SPAN]
+    assert len(mine_span) == 1 and mine_span[0].trace_id == TP_TRACE
+    echo = [s for s in spans if s.path == "/echo"]
+    assert len(echo) == n + 1 and all(s.status == 200 for s in echo)
+    # Every echo on C is the child of a client span of B (the header went through intact).
+    b_clients = {s.span_id: s for s in agent_b.wait_count(SpanKind.CLIENT, n + 3)}
+    assert all(s.parent_span_id in b_clients for s in echo)
