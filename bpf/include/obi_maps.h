@@ -14,6 +14,10 @@
 /* Set by userspace before load (obi_abi.h OBI_CFG_*). */
 const volatile __u32 obi_cfg_flags = OBI_CFG_HEADERS;
 
+/* Never read: anchors the ABI structs in the object's BTF (a struct only reached through
+ * a ring buffer reservation would not be described), so the ABI test can check them. */
+const volatile struct obi_event obi_abi_anchor_event;
+
 /* Instrumented processes. Key: tgid. Value: 1. Written by userspace (process scanner),
  * read by sk_msg (is the sender selected?) and the thread tracepoint. */
 struct {
