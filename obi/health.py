@@ -48,21 +48,27 @@ MetricsFn = Callable[[], Mapping[str, int]]
 @dataclass(frozen=True)
 class Metric:
     name: str  # Prometheus name (counters end in _total)
-    key: str  # key in metrics_fn()'s dict; missing keys read as 0
+    keys: tuple[str, ...]  # keys in metrics_fn()'s dict, summed; missing keys read as 0
     help: str
+
+    def value(self, counters: Mapping[str, int]) -> int:
+        return sum(int(counters.get(k, 0)) for k in self.keys)
 
 
 # The one table from internal counters to exported metric names. Every metric is a counter.
+# Where the two datapaths name a counter differently, both names are listed (only one
+# datapath runs, so at most one of them is present).
 METRICS: tuple[Metric, ...] = (
-    Metric("obi_spans_exported_total", "exported", "Spans the OTLP backend accepted."),
-    Metric("obi_spans_dropped_total", "dropped", "Spans dropped: export queue full, failed export or shutdown."),
-    Metric("obi_export_errors_total", "export_errors", "OTLP export requests (batches) that failed."),
-    Metric("obi_ringbuf_events_lost_total", "events_lost", "Kernel datapath events lost because the ring buffer was full."),
-    Metric("obi_packets_queued_total", "packets_queued", "Packets the userspace datapath received from NFQUEUE."),
-    Metric("obi_packets_accepted_total", "packets_accepted", "Packets the userspace datapath gave back to the kernel."),
-    Metric("obi_packets_bypassed_total", "packets_bypassed", "Packets passed unchanged because of a parse miss or an error."),
-    Metric("obi_headers_inserted_total", "headers_inserted", "Traceparent headers written into outgoing HTTP requests."),
-    Metric("obi_tcp_options_written_total", "tcp_options_written", "TCP segments tagged with the trace context option (kind 25)."),
+    Metric("obi_spans_exported_total", ("exported",), "Spans the OTLP backend accepted."),
+    Metric("obi_spans_dropped_total", ("dropped",), "Spans dropped: export queue full, failed export or shutdown."),
+    Metric("obi_export_errors_total", ("export_errors",), "OTLP export requests (batches) that failed."),
+    Metric("obi_ringbuf_events_lost_total", ("events_lost",), "Kernel datapath events lost because the ring buffer was full."),
+    Metric("obi_packets_queued_total", ("packets_queued",), "Packets the userspace datapath received from NFQUEUE."),
+    Metric("obi_packets_accepted_total", ("packets_accepted",), "Packets the userspace datapath gave back to the kernel."),
+    Metric("obi_packets_bypassed_total", ("packets_bypassed",), "Packets passed unchanged because of a parse miss or an error."),
+    Metric("obi_headers_inserted_total", ("headers_inserted",), "Traceparent headers written into outgoing HTTP requests."),
+    Metric("obi_tcp_options_written_total", ("tcp_options_written", "tcpopt_written"),
+           "TCP segments tagged with the trace context option (kind 25)."),
 )
 
 
@@ -75,7 +81,7 @@ def render_metrics(counters: Mapping[str, int], datapath: str | None) -> str:
     """The Prometheus text exposition (format 0.0.4) of the counters plus info gauges."""
     lines: list[str] = []
     for m in METRICS:
-        lines += [f"# HELP {m.name} {m.help}", f"# TYPE {m.name} counter", f"{m.name} {int(counters.get(m.key, 0))}"]
+        lines += [f"# HELP {m.name} {m.help}", f"# TYPE {m.name} counter", f"{m.name} {m.value(counters)}"]
     lines += [
         "# HELP obi_datapath_info The datapath in use (kernel, userspace, or none before attach).",
         "# TYPE obi_datapath_info gauge",

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -275,8 +276,13 @@ def test_agent_serves_health() -> None:
     _run_agent_and_scrape()
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+AGENT_ARGV = [sys.executable, "-m", "obi", "run"]
+
+
 def _run_agent_and_scrape() -> None:
-    """`obi run` (kernel datapath) in its own netns and cgroup; scrape while traffic flows."""
+    """`obi run` (kernel datapath) on a service host with its own netns and cgroup; scrape
+    /healthz and the metrics from inside that namespace while requests flow through."""
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces and BPF")
     from obi.netns import Topology, have_netns_tools
@@ -284,42 +290,57 @@ def _run_agent_and_scrape() -> None:
     missing = have_netns_tools()
     if missing:
         pytest.skip(f"network namespace tools missing: {missing}")
-    port = 8080
-    with Topology(["svc"], prefix="obih") as topo:
-        host = topo["svc"]
-        env = dict(os.environ, OTEL_EBPF_DATAPATH="kernel", OTEL_EBPF_OPEN_PORT=str(port),
-                   OTEL_EBPF_BPF_CONTEXT_PROPAGATION="all", OTEL_EBPF_CGROUP_PATH=host.cgroup,
-                   OTEL_EBPF_TRACE_PRINTER="json", OTEL_EBPF_HEALTH_CHECK_PORT="9400",
-                   OTEL_EBPF_INTERNAL_METRICS_PROMETHEUS_PORT="9400", OTEL_EBPF_SHUTDOWN_TIMEOUT="5s")
-        agent = host.popen([sys.executable, "-m", "obi", "run"], env=env)
-        server = host.popen([sys.executable, "-m", "obi.demoapp", "serve", "--port", str(port)])
+    port, health_port = 8080, 9400
+    with Topology(["service", "backend"], prefix="obih") as topo:
+        service, backend = topo["service"], topo["backend"]
+        backend.popen([sys.executable, "-m", "obi.demoapp", "serve", "--port", str(port)], stdout=subprocess.PIPE)
+        service.popen([sys.executable, "-m", "obi.demoapp", "serve", "--port", str(port),
+                       "--downstream", f"http://{backend.addr}:{port}"], stdout=subprocess.PIPE)
+        for host in (backend, service):
+            host.procs[-1].stdout.readline()  # "listening on ..."
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        env.update(OTEL_EBPF_DATAPATH="kernel", OTEL_EBPF_OPEN_PORT=str(port),
+                   OTEL_EBPF_BPF_CONTEXT_PROPAGATION="all", OTEL_EBPF_CGROUP_PATH=service.cgroup,
+                   OTEL_EBPF_TRACE_PRINTER="json", OTEL_EBPF_HEALTH_CHECK_PORT=str(health_port),
+                   OTEL_EBPF_INTERNAL_METRICS_PROMETHEUS_PORT=str(health_port), OTEL_EBPF_SHUTDOWN_TIMEOUT="5s")
+        # nsenter, not `ip netns exec` (host.popen): that one remounts /sys, hiding the
+        # cgroup2 mount the agent attaches to.
+        agent = subprocess.Popen(["nsenter", f"--net={service.netns_path}", *AGENT_ARGV], env=env, cwd=ROOT,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        probe = ("import sys,urllib.request as u\n"
+                 "try:\n r=u.urlopen(sys.argv[1],timeout=5); print(r.status); print(r.read().decode())\n"
+                 "except u.HTTPError as e: print(e.code); print(e.read().decode())\n"
+                 "except OSError as e: print(0); print(e)\n")
+
+        def inside(url: str) -> tuple[int, str]:
+            res = service.run([sys.executable, "-c", probe, url], check=False, timeout=15)
+            code, _, body = res.stdout.partition("\n")
+            return (int(code) if code.strip().isdigit() else 0), body
+
+        def metric(body: str, name: str) -> float:
+            m = re.search(rf"^{name} (\S+)$", body, re.M)
+            assert m, f"{name} missing from the exposition"
+            return float(m.group(1))
+
+        base = f"http://127.0.0.1:{health_port}"
         try:
-            probe = ("import sys,urllib.request as u\n"
-                     "try:\n r=u.urlopen(sys.argv[1],timeout=3); print(r.status); print(r.read().decode())\n"
-                     "except u.HTTPError as e: print(e.code); print(e.read().decode())\n")
-
-            def inside(url: str) -> tuple[int, str]:
-                res = host.run([sys.executable, "-c", probe, url], check=False, timeout=10)
-                code, _, body = res.stdout.partition("\n")
-                return (int(code) if code.strip().isdigit() else 0), body
-
-            until(lambda: inside("http://127.0.0.1:9400/healthz")[0] == 200, 20, "agent /healthz 200")
-            m1 = inside("http://127.0.0.1:9400/internal/metrics")[1]
-            assert 'obi_datapath_info{datapath="kernel"} 1' in m1
-            # Requests through the instrumented port: the datapath's counters must move.
-            for _ in range(5):
-                inside(f"http://127.0.0.1:{port}/")
-
-            def datapath_counters() -> float:
-                body = inside("http://127.0.0.1:9400/internal/metrics")[1]
-                names = ("obi_headers_inserted_total", "obi_tcp_options_written_total")
-                return sum(float(m.group(1)) for n in names for m in re.finditer(rf"^{n} (\S+)$", body, re.M))
-
-            until(lambda: datapath_counters() > 0 or None, 10, "headers_inserted / tcp_options_written to move")
+            until(lambda: agent.poll() is not None or inside(f"{base}/healthz")[0] == 200, 30, "agent /healthz 200")
+            assert agent.poll() is None, agent.stderr.read()
+            code, body = inside(f"{base}/healthz")
+            doc = json.loads(body)
+            assert doc["datapath"] == "kernel" and doc["attached"] is True and doc["exporting"] is True
+            before = inside(f"{base}/internal/metrics")[1]
+            assert 'obi_datapath_info{datapath="kernel"} 1' in before
+            # Requests into the service: each makes one outgoing call, which gets a header.
+            for i in range(5):
+                code, _ = inside(f"http://{service.addr}:{port}/work/{i}")
+                assert code == 200
+            until(lambda: metric(inside(f"{base}/internal/metrics")[1], "obi_headers_inserted_total")
+                  >= metric(before, "obi_headers_inserted_total") + 5, 10, "obi_headers_inserted_total to rise by 5")
         finally:
-            for p in (server, agent):
-                p.terminate()
-                try:
-                    p.wait(10)
-                except Exception:
-                    p.kill()
+            agent.terminate()
+            try:
+                agent.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.communicate(timeout=5)

@@ -85,9 +85,18 @@ def test_missing_keys_read_as_zero_and_no_datapath_is_none() -> None:
     fams = parse_exposition(render_metrics({"exported": 1}, None))
     assert fams["obi_spans_exported_total"]["samples"] == [({}, 1.0)]
     for m in METRICS:
-        if m.key != "exported":
+        if m.keys != ("exported",):
             assert fams[m.name]["samples"] == [({}, 0.0)], m.name
     assert fams["obi_datapath_info"]["samples"] == [({"datapath": "none"}, 1.0)]
+
+
+def test_both_datapaths_names_map_to_one_metric() -> None:
+    kernel = parse_exposition(render_metrics({"tcpopt_written": 6, "events_lost": 1}, "kernel"))
+    user = parse_exposition(render_metrics({"tcp_options_written": 2, "packets_queued": 9}, "userspace"))
+    assert kernel["obi_tcp_options_written_total"]["samples"] == [({}, 6.0)]
+    assert kernel["obi_ringbuf_events_lost_total"]["samples"] == [({}, 1.0)]
+    assert user["obi_tcp_options_written_total"]["samples"] == [({}, 2.0)]
+    assert user["obi_packets_queued_total"]["samples"] == [({}, 9.0)]
 
 
 def test_label_values_are_escaped() -> None:
