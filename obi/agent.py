@@ -40,6 +40,7 @@ class Agent:
             exporter_factory = Exporter
         self.exporter = exporter_factory(cfg)
         self.datapath: DatapathRunner | None = None
+        self.attached = False  # True between a successful start() and stop()
         self.stopping = threading.Event()
 
     def start(self) -> None:
@@ -56,10 +57,12 @@ class Agent:
             log.warning("kernel datapath unavailable (%s); falling back to the userspace datapath", e)
             self.datapath = make_datapath(Datapath.USERSPACE, self.cfg, self.exporter.export)
             self.datapath.start()
+        self.attached = True
         log.info("attached; instrumenting ports %s", ",".join(str(p) for p in self.cfg.open_ports) or "(none)")
 
     def stop(self) -> bool:
         """Detach and flush, bounded by shutdown_timeout. Returns False if it ran out of time."""
+        self.attached = False
         done = threading.Event()
 
         def _stop() -> None:
@@ -96,6 +99,13 @@ class Agent:
             self.stopping.set()
 
         old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        health = None
+        if self.cfg.health_check_port or self.cfg.internal_metrics_port:
+            from .health import HealthServer
+
+            # Up before attaching, so liveness answers (and readiness says 503) meanwhile.
+            health = HealthServer.for_agent(self)
+            health.start()
         try:
             try:
                 self.start()
@@ -106,6 +116,8 @@ class Agent:
                 pass
             return 0 if self.stop() else 1
         finally:
+            if health is not None:
+                health.stop()
             for s, handler in old.items():
                 signal.signal(s, handler)
 

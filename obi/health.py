@@ -158,7 +158,7 @@ class HealthServer:
 
         def status() -> dict[str, Any]:
             dp = agent.datapath
-            return {"datapath": getattr(dp, "name", None), "attached": dp is not None and not agent.stopping.is_set()}
+            return {"datapath": getattr(dp, "name", None), "attached": agent.attached}
 
         def metrics() -> dict[str, int]:
             merged = dict(agent.exporter.stats())
