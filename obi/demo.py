@@ -23,11 +23,11 @@ import threading
 import time
 from collections import defaultdict
 
+from .model import new_span_id, new_trace_id
 from .netns import Topology, have_netns_tools
 from .w3c import parse_traceparent
 
 PORT = 8080
-UPSTREAM_TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 class AgentProcess:
@@ -50,8 +50,10 @@ class AgentProcess:
         self.spans: list[dict] = []
         self.log: list[str] = []
         self.attached = threading.Event()
+        # nsenter, not `ip netns exec`: the latter remounts /sys, hiding the cgroup2 mount
+        # the sockops program attaches to.
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", host.netns, sys.executable, "-m", "obi", "run"],
+            ["nsenter", f"--net={host.netns_path}", sys.executable, "-m", "obi", "run"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         threading.Thread(target=self._read_spans, daemon=True).start()
@@ -171,7 +173,9 @@ def main(datapath: str = "auto", requests: int = 3, output: str = "text") -> int
                 print(f"agent on {agent.name}: {agent.datapath_line}")
             wire: list[tuple[str, str]] = []
             for i in range(requests):
-                for sent in ("", UPSTREAM_TRACEPARENT):
+                # As an upstream OpenTelemetry SDK would send it: a fresh trace each time.
+                upstream = f"00-{new_trace_id()}-{new_span_id()}-01"
+                for sent in ("", upstream):
                     answer = _curl(client, f"http://{service.addr}:{PORT}/work/{i}", sent)
                     got = _header(answer["downstream"]["body"]["headers"], "traceparent")
                     wire.append((sent, got))
