@@ -294,10 +294,10 @@ def test_concurrent_keepalive_no_cross_links(abc):
     r = a.run([sys.executable, "-c", CONCURRENT_CODE, b.addr, str(n_clients), str(n_req)], timeout=180)
     out = json.loads(r.stdout)
     total = n_clients * n_req
-    assert out["done"] == total and out["n_bad"] == 0, out
+    assert out["done"] == total and out["n_bad"] == 0, (out, agent_b.dp.stats(), agent_c.dp.stats())
     servers = agent_b.wait_count(SpanKind.SERVER, total, timeout=30)
     clients = agent_b.wait_count(SpanKind.CLIENT, total, timeout=30)
-    assert len(servers) == total and len(clients) == total
+    assert len(servers) == total and len(clients) == total, (agent_b.dp.stats(), agent_b.dp.correlator.dropped_requests)
     by_id = {s.span_id: s for s in servers}
     # Every client span is the child of exactly one server span of its own trace.
     children: dict[str, int] = {}
