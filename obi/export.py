@@ -440,12 +440,19 @@ class _BatchSender:
         with self._cond:
             self._closing = True
             self._cond.notify()
-        self._thread.join(max(0.0, deadline - time.monotonic()))
+        # Keep a slice of the budget for aborting: the SDK's shutdown (which stops its
+        # retry backoff) can itself take a while when a gRPC channel is mid-connect.
+        remaining = max(0.0, deadline - time.monotonic())
+        reserve = min(0.5, remaining * 0.25)
+        self._thread.join(remaining - reserve)
         flushed = not self._thread.is_alive()
-        # Aborts the SDK's retry backoff (and makes further exports fail fast).
-        self.exporter.shutdown()
+        # Run the SDK shutdown off-thread so a slow channel close cannot overrun the bound.
+        aborter = threading.Thread(target=self.exporter.shutdown, name="obi-otlp-shutdown", daemon=True)
+        aborter.start()
+        aborter.join(max(0.0, deadline - time.monotonic()))
         if not flushed:
-            self._thread.join(0.2)
+            # Whatever the sender still held after the abort was not exported.
+            self._thread.join(max(0.0, deadline - time.monotonic()))
             with self._cond:
                 lost = len(self._buf)
                 self._buf.clear()
