@@ -34,6 +34,15 @@ _STOPPED = re.compile(r"stopped: (.*)$")
 _KV = re.compile(r"([A-Za-z_][\w.]*)=(-?\d+)")
 
 
+def in_netns(host: Host) -> list[str]:
+    """Command prefix that runs in the host's network namespace only. Not `ip netns exec`:
+    that also remounts /sys, which hides the cgroup2 mount (/sys/fs/cgroup/unified) the
+    kernel path attaches to; `nsenter --net` changes nothing but the network namespace."""
+    if shutil.which("nsenter"):
+        return ["nsenter", f"--net={host.netns_path}", "--"]
+    return ["ip", "netns", "exec", host.netns]
+
+
 class ArmUnavailable(Exception):
     """The arm cannot run here; str() is the reason shown in the report."""
 
@@ -90,7 +99,7 @@ class AgentArm(Arm):
             "OTEL_EBPF_LOG_LEVEL": "info",
         })
         # Not in the server's cgroup: a per-node agent is not part of the service it watches.
-        argv = ["ip", "netns", "exec", ctx.server.netns, sys.executable, "-m", "obi", "run"]
+        argv = [*in_netns(ctx.server), sys.executable, "-m", "obi", "run"]
         self.process = proc = Proc(argv, env=env)
         attached = proc.wait_for(lambda: any("attached;" in line for line in proc.err), ctx.attach_timeout_s)
         if not attached:
@@ -154,7 +163,7 @@ class NoopNfqueue(Arm):
         except ImportError as e:
             raise ArmUnavailable(f"python module netfilterqueue missing: {e}") from None
         self._server = ctx.server
-        argv = ["ip", "netns", "exec", ctx.server.netns, sys.executable, "-m", "bench.nfq_noop", "--queue", str(self.queue)]
+        argv = [*in_netns(ctx.server), sys.executable, "-m", "bench.nfq_noop", "--queue", str(self.queue)]
         self.process = proc = Proc(argv)
         if not proc.wait_for(lambda: "ready" in proc.out, 10):
             proc.stop(timeout=3)

@@ -208,25 +208,42 @@ def nfqueue_counters(netns: str) -> dict[str, int]:
     return out
 
 
+def owned_prog_ids(pid: int) -> set[int]:
+    """Ids of the BPF programs a process holds, directly or through links: its fds'
+    /proc/<pid>/fdinfo show `prog_id:`. (Debian's bpftool has no `pids` column.)"""
+    ids: set[int] = set()
+    base = f"/proc/{pid}/fdinfo"
+    try:
+        fds = os.listdir(base)
+    except OSError:
+        return ids
+    for fd in fds:
+        try:
+            with open(os.path.join(base, fd), encoding="ascii", errors="replace") as f:
+                for line in f:
+                    if line.startswith("prog_id:"):
+                        ids.add(int(line.split()[1]))
+        except (OSError, ValueError):
+            continue
+    return ids
+
+
 def bpf_programs(pid: int | None) -> dict[int, dict[str, Any]]:
-    """BPF programs of the measured process (bpftool's `pids`), or, where bpftool cannot
-    tell owners, the ones named obi_*. {prog id: {name, type, run_cnt, run_time_ns}}."""
-    if not shutil.which("bpftool"):
+    """Run-time counters of the BPF programs the measured process holds (other agents'
+    programs, e.g. of tests running at the same time, are not counted).
+    {prog id: {name, type, run_cnt, run_time_ns}}."""
+    if pid is None or not shutil.which("bpftool"):
+        return {}
+    mine = owned_prog_ids(pid)
+    if not mine:
         return {}
     r = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True)
     try:
         progs = json.loads(r.stdout or "[]")
     except ValueError:
         return {}
-    out = {}
-    for p in progs:
-        owners = {x.get("pid") for x in p.get("pids", [])}
-        name = p.get("name", "")
-        mine = (pid in owners) if owners else name.startswith("obi")
-        if pid is not None and mine:
-            out[p["id"]] = {"name": name, "type": p.get("type", ""), "run_cnt": p.get("run_cnt", 0),
-                            "run_time_ns": p.get("run_time_ns", 0)}
-    return out
+    return {p["id"]: {"name": p.get("name", ""), "type": p.get("type", ""), "run_cnt": p.get("run_cnt", 0),
+                      "run_time_ns": p.get("run_time_ns", 0)} for p in progs if p.get("id") in mine}
 
 
 @contextlib.contextmanager
@@ -398,7 +415,12 @@ def run_arm(bench: Bench, name: str, rep: int, s: Settings, progress: Progress) 
         result["available"] = False
         result["reason"] = "agent crashed during the run: " + " | ".join(result["counters"].get("log_tail", []))
     requests = sum(p["load"]["requests"] for p in phases.values())
-    result["requests_total"] = requests + warm + (1 if "propagation" in result else 0)
+    checked = 1 if "propagation" in result else 0
+    result["requests_total"] = requests + warm + checked
+    # Spans a complete agent exports: one server span per request to the server, and a
+    # server plus a client span on B per request of the chain phase (and the check).
+    chain = phases.get("chain", {}).get("load", {}).get("requests", 0)
+    result["spans_expected"] = requests + chain + warm + 2 * checked
     result["spans_received"] = bench.wait_spans_settled() - spans_before
     result["leftovers"] = leftovers(bench.server)
     summarize_run(result)
@@ -457,6 +479,8 @@ def summarize_run(r: dict[str, Any]) -> None:
         "peak_rss_mib": round(r["peak_rss_kib"] / 1024, 1) if r.get("peak_rss_kib") else None,
         "spans_per_second": round(r["spans_received"] / all_wall, 1) if all_wall and r["arm"] in ("kernel", "userspace") else None,
         "spans_per_request": round(r["spans_received"] / r["requests_total"], 3) if r["requests_total"] else None,
+        "span_completeness": round(r["spans_received"] / r["spans_expected"], 3)
+        if r["spans_expected"] and r["arm"] in ("kernel", "userspace") else None,
         "bpf_ns_per_run": round(bpf_ns / bpf_cnt, 1) if bpf_cnt else None,
         "bpf_runs_per_request": round(bpf_cnt / reqs, 2) if reqs and bpf_cnt else None,
         "bpf_ns_per_request": round(bpf_ns / reqs, 1) if reqs and bpf_cnt else None,
@@ -545,7 +569,7 @@ def run(s: Settings) -> dict[str, Any]:
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python3 -m bench", *sys.argv[1:]]),
         "settings": asdict(s) | {"arms": list(s.arms)},
-        "machine": machine_info(),
+        "machine": machine_info() | {"loadavg_start": os.getloadavg()},
         "versions": versions(),
         "topology": {},
         "order": [],
@@ -591,6 +615,7 @@ def run(s: Settings) -> dict[str, Any]:
         progress.step("micro-benchmark: span pipeline")
         results["micro"]["span_pipeline"] = codec_micro.bench_span_pipeline(scale=s.micro_scale)
     results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    results["machine"]["loadavg_end"] = os.getloadavg()  # other work on the machine makes numbers noisy
     report.finish(results, out_dir, charts=s.charts)
     progress.note("")
     print(report.terminal_summary(results, out_dir))

@@ -33,7 +33,7 @@ COLUMNS = [
     ("cpu_us_per_request", "agent CPU/req (µs)", "{:.1f}"),
     ("peak_rss_mib", "agent peak RSS (MiB)", "{:.1f}"),
     ("spans_per_second", "spans/s exported", "{:,.0f}"),
-    ("spans_per_request", "spans/req", "{:.2f}"),
+    ("span_completeness", "spans received / expected", "{:.0%}"),
     ("bpf_ns_per_run", "BPF ns/run", "{:.0f}"),
     ("bpf_runs_per_request", "BPF runs/req", "{:.1f}"),
     ("queued_per_request", "pkts queued/req", "{:.2f}"),
@@ -112,6 +112,18 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _counter_text(arm: dict[str, Any]) -> str:
+    runs = [x for x in arm["runs"] if x.get("summary")]
+    c = runs[0]["counters"] if runs else {}
+    keys = [k for k in c if any(w in k for w in ("lost", "drop", "unmatched", "error", "exported"))]
+    return ", ".join(f"{k}={c[k]}" for k in keys) or "none reported"
+
+
+def _loadavg(machine: dict[str, Any], key: str) -> str:
+    v = machine.get(key)
+    return " ".join(f"{x:.2f}" for x in v) if v else "?"
+
+
 def _fmt(value: Any, fmt: str) -> str:
     if value is None:
         return "–"
@@ -131,7 +143,8 @@ def markdown(results: dict[str, Any], charts: list[str]) -> str:
         "",
         f"Command: `{results['command']}` — {s['reps']} repetition(s), arms interleaved, {s['duration_s']:g} s per load "
         f"phase, fixed rate {s['rate']:g} req/s. Medians over repetitions; ratios and added latency are against "
-        "the baseline of the same repetition.",
+        f"the baseline of the same repetition. Load average at start/end: {_loadavg(m, 'loadavg_start')} / "
+        f"{_loadavg(m, 'loadavg_end')} (anything else running on the machine makes the numbers noisier).",
         "",
     ]
     arms = [a for a in ARM_NAMES if a in results["arms"]]
@@ -159,6 +172,10 @@ def markdown(results: dict[str, Any], charts: list[str]) -> str:
             lines.append(f"- **{ARM_TITLES[a]}: unavailable**: {arm['reason']}")
         for f in arm.get("failed_runs", []) if arm["available"] else []:
             lines.append(f"- {ARM_TITLES[a]}, repetition {f['rep'] + 1} failed: {f['reason']}")
+        complete = arm["aggregate"].get("span_completeness") if arm["available"] else None
+        if complete is not None and complete < 0.95:
+            lines.append(f"- {ARM_TITLES[a]}: only {complete:.0%} of the expected spans reached the OTLP receiver "
+                         f"(agent counters: {_counter_text(arm)})")
         for x in arm["aggregate"].get("leftovers", []):
             lines.append(f"- {ARM_TITLES[a]} left behind (removed by the harness): `{x}`")
     lines += ["", "## Goals", "", "| arm | goal | target | measured | result |", "|---|---|---|---|---|"]
@@ -192,7 +209,8 @@ def markdown(results: dict[str, Any], charts: list[str]) -> str:
               "- **pkts queued/req**: packets the kernel queued to userspace in the server namespace "
               "(`/proc/net/netfilter/nfnetlink_queue`), per request.",
               "- **spans/s exported**: spans the OTLP sink received during the arm, per second of load; "
-              "spans/req counts the B→C phase's two spans per request too.",
+              "**spans received / expected**: one span per request to the server, two per request through B "
+              "(B's server and client span).",
               ""]
     if charts:
         lines += ["## Charts", ""] + [f"![{c}]({c})" for c in charts] + [""]
@@ -234,9 +252,10 @@ def charts(results: dict[str, Any], out_dir: Path) -> list[str]:
     width = 0.8 / len(series)
     for i, (key, label) in enumerate(series):
         xs = [j + (i - len(series) / 2 + 0.5) * width for j in range(len(arms))]
-        ax.bar(xs, [agg[a].get(key) or 0 for a in arms], width, label=label)
+        ax.bar(xs, [agg[a].get(key) or 0.0 for a in arms], width, label=label)
     ax.set_xticks(range(len(arms)), [t + ("" if agg[a] else "\n(n/a)") for t, a in zip(titles, arms)])
-    ax.set_ylabel("latency (µs)")
+    ax.set_yscale("log")  # p99 is often 10-100x p50; a log axis keeps both readable
+    ax.set_ylabel("latency (µs, log scale)")
     ax.set_title(f"Latency at 1 connection and at {results['settings']['rate']:g} req/s")
     ax.legend()
     fig.tight_layout()

@@ -38,15 +38,25 @@ def _skip_reason() -> str:
     return ""
 
 
+def _bpf_stats_sysctl() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip()
+    except OSError:
+        return None
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[dict, Path, str]:
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
     out = tmp_path_factory.mktemp("bench")
+    stats_before = _bpf_stats_sysctl()
     proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # The harness turns kernel.bpf_stats_enabled on per arm and must put it back.
+    assert _bpf_stats_sysctl() == stats_before
     return json.loads((out / "results.json").read_text()), out, proc.stdout
 
 
@@ -138,9 +148,11 @@ def test_kernel_arm_inserted_headers(run):
     results, _, _ = run
     for r in _agent_arm(results, "kernel"):
         _check_phases(r)
-        assert r["counters"].get("headers_inserted", 0) > 0, r["counters"]
+        # The header arrived at C: bytes on the wire; and the agent's counter agrees, if it has one.
         assert r["propagation"]["traceparent_at_backend"], r["propagation"]
-        assert r["spans_received"] > 0
+        if "headers_inserted" in r["counters"]:
+            assert r["counters"]["headers_inserted"] > 0, r["counters"]
+        assert 0 < r["spans_received"] and r["spans_expected"] >= r["requests_total"]
         assert all(p["queued"] == 0 for p in r["phases"].values())  # no NFQUEUE on this path
         if r.get("bpf_stats_enabled"):
             assert sum(p["bpf_run_cnt"] for p in r["phases"].values()) > 0
