@@ -248,7 +248,20 @@ def bpf_programs(pid: int | None) -> dict[int, dict[str, Any]]:
 
 @contextlib.contextmanager
 def bpf_stats_enabled() -> Iterator[bool]:
-    """kernel.bpf_stats_enabled=1 for the duration; the previous value is put back."""
+    """BPF run-time statistics on for the duration.
+
+    Preferred: libbpf's bpf_enable_stats(BPF_STATS_RUN_TIME) (the BPF_ENABLE_STATS command,
+    Linux >= 5.8): the kernel keeps stats on while the returned fd is open and counts
+    holders, so concurrent runs cannot leave the setting behind. Otherwise the
+    kernel.bpf_stats_enabled sysctl is set to 1 and its previous value written back.
+    """
+    fd = _enable_stats_fd()
+    if fd >= 0:
+        try:
+            yield True
+        finally:
+            os.close(fd)
+        return
     path = "/proc/sys/kernel/bpf_stats_enabled"
     try:
         with open(path, encoding="ascii") as f:
@@ -263,6 +276,17 @@ def bpf_stats_enabled() -> Iterator[bool]:
     finally:
         with open(path, "w", encoding="ascii") as f:
             f.write(old)
+
+
+def _enable_stats_fd() -> int:
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+        fd = lib.bpf_enable_stats(ctypes.c_int(0))  # BPF_STATS_RUN_TIME
+    except (OSError, AttributeError):
+        return -1
+    return fd if fd >= 0 else -1
 
 
 @dataclass

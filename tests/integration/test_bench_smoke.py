@@ -55,7 +55,7 @@ def run(tmp_path_factory) -> tuple[dict, Path, str]:
     proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    # The harness turns kernel.bpf_stats_enabled on per arm and must put it back.
+    # BPF run-time stats are on only while an arm runs: the sysctl must be as before.
     assert _bpf_stats_sysctl() == stats_before
     return json.loads((out / "results.json").read_text()), out, proc.stdout
 
