@@ -35,6 +35,9 @@ def pattern_bytes(n: int) -> bytes:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Buffer the response so head and body leave in one write (the handler flushes after
+    # each request); two small writes would meet Nagle + delayed ACK, a 40 ms stall.
+    wbufsize = 64 * 1024
     server_version = "obi-demo/1"
     downstream: urllib.parse.SplitResult | None = None
     _local = threading.local()
