@@ -250,36 +250,9 @@ static __always_inline int insert_header(struct sk_msg_md *msg, struct ins *in)
 	return 0;
 }
 
-/* Hook: sk_msg verdict on sock_hash. Context: sk_msg_md of one sendmsg (or part of it),
- * running in the sending thread. Maps: selected_tgids, server_ports, thread_ctx (read;
- * delete on response), egress_st (socket storage), ingress_conns (create for client
- * connections, clear READY on response), scratch, events, counters.
- * Returns SK_PASS always. */
-SEC("sk_msg")
-int obi_sk_msg(struct sk_msg_md *msg)
+/* The body of obi_sk_msg once it holds the scratch slot. */
+static __always_inline void sk_msg_parse(struct sk_msg_md *msg, struct http_state *st, struct scratch *sc)
 {
-	struct bpf_sock *sk = msg->sk;
-	__u32 zero = 0;
-
-	if (!sk || !tgid_selected())
-		return SK_PASS;
-	struct http_state *st = bpf_sk_storage_get(&egress_st, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!st)
-		return SK_PASS;
-	if (!st->role) {
-		if (port_selected(msg->local_port)) {
-			st->role = OBI_ROLE_SERVER;
-			st->bits |= HS_RESP;
-		} else {
-			st->role = OBI_ROLE_CLIENT;
-		}
-	}
-	if (st->phase == PH_LOST)
-		return SK_PASS;
-	struct scratch *sc = bpf_map_lookup_elem(&scratch, &zero);
-	if (!sc)
-		return SK_PASS;
-
 	struct pcur *p = &sc->pc;
 	__builtin_memset(p, 0, sizeof(*p));
 	p->len = msg->size;
@@ -305,5 +278,40 @@ int obi_sk_msg(struct sk_msg_md *msg)
 		else
 			count(OBI_CNT_HEADERS_INSERTED);
 	}
+}
+
+/* Hook: sk_msg verdict on sock_hash. Context: sk_msg_md of one sendmsg (or part of it),
+ * running in the sending thread. Maps: selected_tgids, server_ports, thread_ctx (read;
+ * delete on response), egress_st (socket storage), ingress_conns (create for client
+ * connections, clear READY on response), scratch, events, counters.
+ * Returns SK_PASS always. */
+SEC("sk_msg")
+int obi_sk_msg(struct sk_msg_md *msg)
+{
+	struct bpf_sock *sk = msg->sk;
+
+	if (!sk || !tgid_selected())
+		return SK_PASS;
+	struct http_state *st = bpf_sk_storage_get(&egress_st, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st)
+		return SK_PASS;
+	if (!st->role) {
+		if (port_selected(msg->local_port)) {
+			st->role = OBI_ROLE_SERVER;
+			st->bits |= HS_RESP;
+		} else {
+			st->role = OBI_ROLE_CLIENT;
+		}
+	}
+	if (st->phase == PH_LOST)
+		return SK_PASS;
+	struct scratch *sc = scratch_get(SCRATCH_PROC);
+	if (!sc) {
+		/* Cannot parse this message: never guess the framing of the next one. */
+		st->phase = PH_LOST;
+		return SK_PASS;
+	}
+	sk_msg_parse(msg, st, sc);
+	scratch_put(sc);
 	return SK_PASS;
 }

@@ -182,40 +182,31 @@ static __always_inline int parse_headers(struct __sk_buff *skb, struct obi_tuple
 	return 0;
 }
 
-/* Hook: tc ingress (tcx link or clsact direct-action filter). Context: __sk_buff at the
- * Ethernet header. Maps: server_ports (read), ingress_conns (create for new server
- * connections, update, delete on SYN/FIN/RST), scratch, events, counters.
- * Returns TC_ACT_OK always: parse misses never drop. */
-SEC("tc")
-int obi_tc_ingress(struct __sk_buff *skb)
+/* The body of obi_tc_ingress once it holds the scratch slot. */
+static __always_inline void tc_parse(struct __sk_buff *skb, struct scratch *sc)
 {
-	__u32 zero = 0;
-	struct scratch *sc = bpf_map_lookup_elem(&scratch, &zero);
-
-	if (!sc)
-		return TC_ACT_OK;
 	struct pcur *p = &sc->pc;
 	__builtin_memset(p, 0, sizeof(*p));
 	struct seg s = {};
 	if (parse_headers(skb, &p->t, &s))
-		return TC_ACT_OK;
+		return;
 
 	struct http_state *st = bpf_map_lookup_elem(&ingress_conns, &p->t);
 	if (s.syn) {
 		if (st) /* a new connection on a reused tuple: forget the old one */
 			bpf_map_delete_elem(&ingress_conns, &p->t);
-		return TC_ACT_OK;
+		return;
 	}
 	if (!st) {
 		if (!s.payload_len || s.rst || !port_selected(p->t.local_port))
-			return TC_ACT_OK;
+			return;
 		struct http_state *init = &sc->init;
 		__builtin_memset(init, 0, sizeof(*init));
 		init->role = OBI_ROLE_SERVER;
 		bpf_map_update_elem(&ingress_conns, &p->t, init, BPF_NOEXIST);
 		st = bpf_map_lookup_elem(&ingress_conns, &p->t);
 		if (!st)
-			return TC_ACT_OK;
+			return;
 	}
 	if (s.payload_len && st->phase != PH_LOST) {
 		__u32 start = 0;
@@ -246,5 +237,20 @@ int obi_tc_ingress(struct __sk_buff *skb)
 out:
 	if (s.fin || s.rst)
 		bpf_map_delete_elem(&ingress_conns, &p->t);
+}
+
+/* Hook: tc ingress (tcx link or clsact direct-action filter). Context: __sk_buff at the
+ * Ethernet header. Maps: server_ports (read), ingress_conns (create for new server
+ * connections, update, delete on SYN/FIN/RST), scratch, events, counters.
+ * Returns TC_ACT_OK always: parse misses never drop. */
+SEC("tc")
+int obi_tc_ingress(struct __sk_buff *skb)
+{
+	struct scratch *sc = scratch_get(SCRATCH_SOFTIRQ);
+
+	if (!sc)
+		return TC_ACT_OK; /* the connection's next segment sees a sequence gap: resync */
+	tc_parse(skb, sc);
+	scratch_put(sc);
 	return TC_ACT_OK;
 }

@@ -129,6 +129,7 @@ struct pcur {
 };
 
 struct scratch {
+	__u64 busy; /* > 1: another program on this CPU is using this slot (see scratch_get) */
 	struct pcur pc;
 	__u8 buf[2 * WIN]; /* WIN used; sized so that a 0x7ff-masked length is in bounds */
 	struct http_state init; /* zeroed template for new map entries */

@@ -92,20 +92,56 @@ struct {
 	__type(value, __u64);
 } counters SEC(".maps");
 
-/* Per-CPU window of bytes being parsed (too big for the 512-byte stack). */
+/* Scratch slots: one for programs in process context (sk_msg), one for softirq (tc).
+ * Sharing one slot was a real bug: a timer interrupt ending in NET_RX softirq ran tc on
+ * the CPU where sk_msg was mid-parse and overwrote its cursor (about 1 request in 3000
+ * lost its header under 32 concurrent clients). */
+#define SCRATCH_PROC 0
+#define SCRATCH_SOFTIRQ 1
+#define SCRATCH_SLOTS 2
+
+/* Per-CPU window of bytes being parsed (too big for the 512-byte stack). Key: slot
+ * (SCRATCH_PROC for sk_msg, SCRATCH_SOFTIRQ for tc), taken with scratch_get. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, SCRATCH_SLOTS);
 	__type(key, __u32);
 	__type(value, struct scratch);
 } scratch SEC(".maps");
+
 
 static __always_inline void count(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
 
 	if (v)
-		*v += 1;
+		__sync_fetch_and_add(v, 1); /* a softirq may interrupt us on this CPU mid-update */
+}
+
+/* Take the per-CPU scratch slot `idx`, or NULL if another program on this CPU holds it.
+ * Per-CPU is not exclusive: a softirq (tc) can interrupt a program running in process
+ * context (sk_msg) on the same CPU, and a preemptible kernel can switch tasks mid-program.
+ * Each taker adds 1 and then reads: only a taker that reads 1 owns the slot (nesting on
+ * one CPU is strict, so a later taker always sees the holder's 1). Release with
+ * scratch_put. A busy slot means the message is not parsed (counted, traffic passes). */
+static __always_inline struct scratch *scratch_get(__u32 idx)
+{
+	struct scratch *sc = bpf_map_lookup_elem(&scratch, &idx);
+
+	if (!sc)
+		return 0;
+	__sync_fetch_and_add(&sc->busy, 1);
+	if (*(volatile __u64 *)&sc->busy != 1) {
+		__sync_fetch_and_add(&sc->busy, -1);
+		count(OBI_CNT_SCRATCH_BUSY);
+		return 0;
+	}
+	return sc;
+}
+
+static __always_inline void scratch_put(struct scratch *sc)
+{
+	__sync_fetch_and_add(&sc->busy, -1);
 }
 
 static __always_inline int tgid_selected(void)
