@@ -151,10 +151,13 @@ class Driver:
             conn = self._raw_conn(addr, port, job.get("new_conn", False))
             for piece in job["pieces_b64"]:  # several writes when asked to
                 conn.sock.sendall(base64.b64decode(piece))
-            resp = read_message(conn)
-            assert resp is not None, "connection closed before a response"
-            head, _, body = resp.partition(b"\r\n\r\n")
-            return {"status": int(head.split(b" ")[1]), "body_b64": base64.b64encode(body).decode()}
+            answers = []
+            for _ in range(job.get("responses", 1)):  # several when the requests were pipelined
+                resp = read_message(conn)
+                assert resp is not None, "connection closed before a response"
+                head, _, body = resp.partition(b"\r\n\r\n")
+                answers.append({"status": int(head.split(b" ")[1]), "body_b64": base64.b64encode(body).decode()})
+            return answers[0] if len(answers) == 1 else {"answers": answers}
         if op == "raw":
             # Fresh connection, send, half-close, read to EOF.
             sock = socket.create_connection((addr, port), timeout=20)

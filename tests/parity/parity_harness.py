@@ -235,10 +235,26 @@ class Env:
         assert r.returncode == 0, r.stderr[-3000:]
         return json.loads(r.stdout.strip().splitlines()[-1])
 
+    def a_raw(self, requests: list[bytes]) -> list[dict]:
+        """Send raw requests from A to B over one keep-alive connection; B's JSON answers."""
+        return self.a_python(_A_RAW, self.topo["b"].addr, str(PORT), json.dumps([r.decode() for r in requests]))
+
     def a_get(self, path: str, headers: dict[str, str] | None = None) -> dict:
         """GET B<path> from A; B's JSON answer (it embeds what C received)."""
         return self.a_python(_A_GET, f"http://{self.topo['b'].addr}:{PORT}{path}", json.dumps(headers or {}))
 
+
+_A_RAW = """
+import http.client, json, socket, sys
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+out = []
+for raw in json.loads(sys.argv[3]):
+    sock.sendall(raw.encode())
+    resp = http.client.HTTPResponse(sock)
+    resp.begin()
+    out.append(json.loads(resp.read()))
+print(json.dumps(out))
+"""
 
 _A_GET = """
 import json, sys, urllib.request

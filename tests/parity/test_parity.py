@@ -97,6 +97,61 @@ def test_a_b_c_header_and_links(env: Env, upstream):
     check_flow(env, flow, upstream)
 
 
+# How A's header is written -> whether B's SERVER span must continue it.
+INCOMING = {
+    "upper-name": ("TRACEPARENT: {tp}", True),
+    "mixed-case-ows": ("TraceParent:   {tp}  ", True),
+    "tab-ows": ("traceparent:\t{tp}", True),
+    "bad-version": ("traceparent: ff-{trace}-{span}-01", False),
+    "zero-span-id": ("traceparent: 00-{trace}-0000000000000000-01", False),
+    "other-header-named-like-it": ("X-Not-Traceparent: {tp}", False),
+}
+
+
+@pytest.mark.parametrize("case", INCOMING)
+def test_incoming_traceparent_variants(env: Env, case):
+    """The header name in any case with optional whitespace is continued; invalid values
+    and other headers that merely contain the name start a new trace."""
+    line, continued = INCOMING[case]
+    line = line.format(tp=UPSTREAM, trace=TP_TRACE, span=TP_SPAN)
+    path = f"/in/{case}/{secrets.token_hex(3)}"
+    mark = env.agents["b"].mark()
+    (answer,) = env.a_raw([f"GET {path} HTTP/1.1\r\nHost: b\r\nX-Before: 1\r\n{line}\r\nX-After: 2\r\n\r\n".encode()])
+    servers = env.agents["b"].wait(lambda s: s["kind"] == "SERVER" and _path(s) == path, since=mark)
+    assert len(servers) == 1, env.agents["b"].spans[mark:]
+    bs = servers[0]
+    if continued:
+        assert (bs["trace_id"], bs["parent_span_id"]) == (TP_TRACE, TP_SPAN)
+    else:
+        assert bs["parent_span_id"] == "" and bs["trace_id"] != TP_TRACE
+    c_tps = traceparents(answer["downstream"]["body"]["headers"])
+    assert len(c_tps) == 1 and c_tps[0][2].split("-")[1] == bs["trace_id"]
+
+
+def test_keepalive_no_stale_incoming_context(env: Env):
+    """On one connection: a request with a traceparent, then requests without one (one of
+    them carrying the header text in its body): those start new traces."""
+    tag = secrets.token_hex(3)
+    body = f"traceparent: {UPSTREAM}\r\n".encode()
+    requests = [
+        f"GET /stale/{tag}/1 HTTP/1.1\r\nHost: b\r\ntraceparent: {UPSTREAM}\r\n\r\n".encode(),
+        f"GET /stale/{tag}/2 HTTP/1.1\r\nHost: b\r\n\r\n".encode(),
+        f"POST /stale/{tag}/3 HTTP/1.1\r\nHost: b\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body,
+        f"GET /stale/{tag}/4 HTTP/1.1\r\nHost: b\r\nX-Pad: {'p' * 60}\r\n\r\n".encode(),
+    ]
+    mark = env.agents["b"].mark()
+    env.a_raw(requests)
+    servers = env.agents["b"].wait(lambda s: s["kind"] == "SERVER" and _path(s).startswith(f"/stale/{tag}/"),
+                                   n=4, since=mark)
+    by_path = {_path(s): s for s in servers}
+    assert len(by_path) == 4, servers
+    first = by_path[f"/stale/{tag}/1"]
+    assert (first["trace_id"], first["parent_span_id"]) == (TP_TRACE, TP_SPAN)
+    for i in (2, 3, 4):
+        later = by_path[f"/stale/{tag}/{i}"]
+        assert later["parent_span_id"] == "" and later["trace_id"] != TP_TRACE, f"request {i} reused a stale context"
+
+
 # -- byte-exact header insertion (driver in B -> recorder on C) --------------------------
 
 def raw_request(env: Env, request: bytes, pieces: int = 1, new_conn: bool = True) -> bytes:
@@ -157,6 +212,43 @@ def test_keepalive_each_request_gets_its_own_header(env: Env):
         inserted = split_inserted(sent, raw_request(env, sent, new_conn=(i == 0)))
         ids.add(inserted[13 + 36:13 + 52])
     assert len(ids) == 4
+
+
+def test_pipelined_requests_each_get_a_header(env: Env):
+    """Two requests in one write: each gets its own header after its own request line."""
+    first = request_bytes("/pipe/1", [("X-N", "1")], body=b"a" * 100, method="POST")
+    second = request_bytes("/pipe/2", [("X-N", "2")])
+    out = env.driver.run({"op": "raw_http", "addr": env.hosts[2].addr, "port": RAW_PORT, "new_conn": True,
+                          "pieces_b64": [base64.b64encode(first + second).decode()], "responses": 2})
+    got = [base64.b64decode(a["body_b64"]) for a in out["answers"]]
+    ids = {split_inserted(first, got[0])[16:48], split_inserted(second, got[1])[16:48]}
+    assert len(ids) == 2, "both pipelined requests got the same trace id"
+
+
+NOT_SELECTED = """
+import base64, socket, sys
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+sock.sendall(base64.b64decode(sys.argv[3]))
+data = b""
+while b"\\r\\n\\r\\n" not in data:
+    data += sock.recv(65536)
+head, _, body = data.partition(b"\\r\\n\\r\\n")
+n = int(head.split(b"Content-Length: ")[1].split(b"\\r\\n")[0])
+while len(body) < n:
+    body += sock.recv(65536)
+print(base64.b64encode(body).decode())
+"""
+
+
+def test_process_not_selected_untouched(env: Env):
+    """A process in B that listens on no watched port is not instrumented: no header, no span."""
+    sent = request_bytes("/not-selected", [("Accept", "*/*")])
+    mark = env.agents["b"].mark()
+    r = env.hosts[1].run([sys.executable, "-c", NOT_SELECTED, env.hosts[2].addr, str(RAW_PORT),
+                          base64.b64encode(sent).decode()], timeout=30)
+    assert base64.b64decode(r.stdout.strip()) == sent
+    time.sleep(0.5)
+    assert not [s for s in env.agents["b"].spans[mark:] if _path(s) == "/not-selected"]
 
 
 APP_TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
