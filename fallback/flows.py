@@ -26,9 +26,9 @@ from typing import Callable, Protocol
 
 from obi import w3c
 from obi.config import Config
-from obi.model import Datapath, SpanKind, SpanRecord, TraceContext
+from obi.model import FLAG_SAMPLED, Datapath, SpanKind, SpanRecord, TraceContext
 
-from . import codec
+from . import codec, tls
 from .http import Message, Stream
 
 log = logging.getLogger("obi.fallback")
@@ -40,6 +40,7 @@ TCP_OPTION_ROOM = 28  # the kind-25 option, padded
 REASSEMBLY_LIMIT = 256 * 1024  # out-of-order bytes kept per incoming direction for parsing
 IDLE_TIMEOUT_S = 300.0
 CLOSE_LINGER_S = 10.0  # after both FINs: keep translating the last ACKs/retransmissions
+RECENT_OPTIONS = 8  # kind-25 options remembered per flow, for retransmissions / late segments
 
 
 def rel(seq: int, base: int) -> int:
@@ -152,7 +153,6 @@ class ClientCall:
     start_ns: int
     propagated: bool
     status: int = 0
-    option_sent: bool = False
 
 
 @dataclass(slots=True)
@@ -180,9 +180,26 @@ class Flow:
     in_ooo: dict[int, bytes] = field(default_factory=dict)
     pending: deque = field(default_factory=deque)  # ServerSpan / ClientCall awaiting a response
     option_ctx: TraceContext | None = None  # kind-25 context seen on incoming segments
+    # Client: (orig offset, option) of the segments that carry kind 25; a retransmission of
+    # such a segment carries the identical option, however the stack re-segments.
+    options_out: deque = field(default_factory=lambda: deque(maxlen=RECENT_OPTIONS))
+    tls: "TlsFlow | None" = None
     fins: int = 0
     last_seen: float = 0.0
     closed_at: float = 0.0
+
+
+@dataclass(slots=True)
+class TlsFlow:
+    """A TLS connection (seen with `tcp` propagation): request turns instead of messages."""
+
+    records: tls.Records = field(default_factory=tls.Records)  # requesting direction
+    turns: tls.Turns = field(default_factory=tls.Turns)
+    turn: "ServerSpan | ClientCall | None" = None  # the current request turn
+    turn_at: int = 0  # stream offset (requesting direction) where it started
+    answered_ns: int = 0  # last time the other side sent data in this turn
+    # Server: (start, end, context) of incoming segments that carried kind 25.
+    options_in: deque = field(default_factory=lambda: deque(maxlen=RECENT_OPTIONS))
 
 
 Key = tuple[bytes, int, bytes, int]  # local addr, local port, peer addr, peer port
@@ -200,8 +217,8 @@ class Tracker:
         self.linker = Linker()
         self.stats: dict[str, int] = dict.fromkeys(
             ("packets", "packets_modified", "headers_inserted", "headers_present", "headers_invalid",
-             "tcp_options_written", "tcp_options_read", "spans", "flows", "errors", "insert_skipped_mtu",
-             "links_to_server", "roots"), 0)
+             "tcp_options_written", "tcp_options_read", "tcp_option_no_room", "spans", "flows", "errors",
+             "insert_skipped_mtu", "links_to_server", "roots", "tls_flows", "tls_turns"), 0)
         self.now = time.time_ns  # replaceable in tests
         self._last_gc = time.monotonic()
 
@@ -288,35 +305,51 @@ class Tracker:
             flow.out_base = pkt.seq  # joined mid-connection
         r = rel(pkt.seq, flow.out_base)
         n = pkt.payload_len
-        new_requests: list[ClientCall] = []
-        if n and flow.out_stream is not None and not flow.out_stream.dead:
-            if r > flow.out_next:
+        if n and r <= flow.out_next < r + n:  # new bytes, in order
+            skip = flow.out_next - r
+            self._feed_out(flow, pkt, r, pkt.payload[skip:], flow.out_next)
+            flow.out_next = r + n
+        elif n and r > flow.out_next:  # a gap: framing is lost for this connection
+            if flow.out_stream is not None:
                 flow.out_stream.kill("gap in outgoing stream")
-            elif r + n > flow.out_next:
-                skip = flow.out_next - r
-                events = flow.out_stream.feed(pkt.payload[skip:], flow.out_next)
-                flow.out_next = r + n
-                new_requests = self._out_events(flow, events, pkt, r)
+            if flow.tls is not None:
+                flow.tls.records.dead = True
         if flow.server:
             return ACCEPT
         option = b""
-        if self.cfg.propagate_tcp:
-            for call in new_requests:  # one segment per request: the one holding its request line
-                if not call.option_sent:
-                    tid, sid = bytes.fromhex(call.ctx.trace_id), bytes.fromhex(call.ctx.span_id)
-                    option = codec.trace_option(tid, sid, call.ctx.flags)
-                    call.option_sent = True
+        if n and flow.options_out:
+            for at, opt in flow.options_out:  # one segment per request, also when retransmitted
+                if r <= at < r + n:
+                    option = opt
                     break
         fmap = flow.out_map
         if not fmap and not option:
             return ACCEPT
         inserts = fmap.within(r, r + n) if n else []
-        new = codec.rebuild(pkt, seq=flow.out_base + r + fmap.delta(r), inserts=inserts, add_option=option)
-        if new is None and option:  # no room for the option: send without it
-            new = codec.rebuild(pkt, seq=flow.out_base + r + fmap.delta(r), inserts=inserts)
+        seq = flow.out_base + r + fmap.delta(r)
+        new = codec.rebuild(pkt, seq=seq, inserts=inserts, add_option=option) if option else None
+        if option and (new is None or len(new) > self.mtu):
+            # No room in the 40 option bytes (or the MTU): the segment goes without it.
+            self.stats["tcp_option_no_room"] += 1
+            new = None
         elif option:
             self.stats["tcp_options_written"] += 1
+        if new is None:
+            new = codec.rebuild(pkt, seq=seq, inserts=inserts) if fmap else None
         return Verdict(new, mark)
+
+    def _feed_out(self, flow: Flow, pkt: codec.Packet, r: int, data: memoryview, off: int) -> None:
+        """New in-order outgoing bytes `data` at orig offset `off` of a segment starting at r."""
+        if (off == 0 and not flow.server and flow.tls is None and self.cfg.propagate_tcp
+                and tls.looks_like_tls(data[0])):
+            self._become_tls(flow)
+        if flow.tls is not None:
+            if flow.server:
+                self._tls_answer(flow)
+            else:
+                self._tls_request_bytes(flow, r, data, off)
+        elif flow.out_stream is not None and not flow.out_stream.dead:
+            self._out_events(flow, flow.out_stream.feed(data, off), pkt, r)
 
     def _out_events(self, flow: Flow, events, pkt: codec.Packet, r: int) -> list[ClientCall]:
         now = self.now()
@@ -370,24 +403,43 @@ class Tracker:
         call = ClientCall(ctx, parent_id, msg, now, propagated)
         msg.ctx = call
         flow.pending.append(call)
+        if self.cfg.propagate_tcp:  # the segment that completes the request line carries kind 25
+            flow.options_out.append((msg.line_end - 1, self._option(ctx)))
         return call
+
+    @staticmethod
+    def _option(ctx: TraceContext) -> bytes:
+        """Kind 25: len 26 when the flags are just `sampled`, else len 27 with the flags byte."""
+        flags = None if ctx.flags == FLAG_SAMPLED else ctx.flags
+        return codec.trace_option(bytes.fromhex(ctx.trace_id), bytes.fromhex(ctx.span_id), flags)
 
     # --- incoming ---------------------------------------------------------------------
 
     def _incoming(self, flow: Flow, pkt: codec.Packet) -> Verdict:
+        opt_ctx = None
         if self.cfg.propagate_tcp and flow.server:
             opt = codec.find_trace_option(pkt)
             if opt is not None:
                 tid, sid, flags = opt
                 if any(tid) and any(sid):
-                    flow.option_ctx = TraceContext(tid.hex(), sid.hex(), 1 if flags is None else flags)
+                    opt_ctx = TraceContext(tid.hex(), sid.hex(), FLAG_SAMPLED if flags is None else flags)
+                    flow.option_ctx = opt_ctx
                     self.stats["tcp_options_read"] += 1
         if pkt.flags & codec.SYN:
             flow.in_base = (pkt.seq + 1) & _U32
-        elif pkt.payload_len and flow.in_stream is not None and not flow.in_stream.dead:
+        elif pkt.payload_len and (flow.tls is not None
+                                  or (flow.in_stream is not None and not flow.in_stream.dead)):
             if flow.in_base is None:
                 flow.in_base = pkt.seq
-            self._in_data(flow, rel(pkt.seq, flow.in_base), bytes(pkt.payload))
+            r = rel(pkt.seq, flow.in_base)
+            if flow.tls is not None and flow.server and opt_ctx is not None:
+                self._tls_option_in(flow, r, r + pkt.payload_len, opt_ctx)
+            if flow.tls is not None and not flow.server:
+                if r + pkt.payload_len > flow.in_next:
+                    flow.in_next = r + pkt.payload_len
+                    self._tls_answer(flow)
+            else:
+                self._in_data(flow, r, bytes(pkt.payload))
         fmap = flow.out_map
         if not fmap or flow.out_base is None or not pkt.flags & codec.ACK:
             return ACCEPT
@@ -400,26 +452,40 @@ class Tracker:
 
     def _in_data(self, flow: Flow, r: int, data: bytes) -> None:
         """Feed incoming payload to the parser in order, keeping a little out-of-order data."""
-        stream = flow.in_stream
-        assert stream is not None
         if r > flow.in_next:
             if sum(map(len, flow.in_ooo.values())) + len(data) > REASSEMBLY_LIMIT:
-                stream.kill("reassembly limit")
+                if flow.tls is not None:
+                    flow.tls.records.dead = True
+                if flow.in_stream is not None:
+                    flow.in_stream.kill("reassembly limit")
             else:
                 flow.in_ooo[r] = data
             return
         while True:
             if r + len(data) > flow.in_next:
                 data = data[flow.in_next - r :]
-                events = stream.feed(data, flow.in_next)
+                if self._feed_in(flow, r, data, flow.in_next):
+                    return
                 flow.in_next += len(data)
-                self._in_events(flow, events)
             if not flow.in_ooo:
                 return
             nxt = min(flow.in_ooo)
             if nxt > flow.in_next:
                 return
             r, data = nxt, flow.in_ooo.pop(nxt)
+
+    def _feed_in(self, flow: Flow, r: int, data: bytes, off: int) -> bool:
+        """New in-order incoming bytes at offset `off` (segment start r); True = stop parsing."""
+        if (off == 0 and flow.server and flow.tls is None and self.cfg.propagate_tcp
+                and tls.looks_like_tls(data[0])):
+            self._become_tls(flow)
+        if flow.tls is not None:
+            self._tls_request_bytes(flow, r, data, off)
+            return flow.tls.records.dead
+        if flow.in_stream is None or flow.in_stream.dead:
+            return True
+        self._in_events(flow, flow.in_stream.feed(data, off))
+        return False
 
     def _in_events(self, flow: Flow, events) -> None:
         now = self.now()
@@ -448,6 +514,80 @@ class Tracker:
         flow.pending.append(span)
         self.linker.add(span)
 
+    # --- TLS: request turns ---------------------------------------------------------------
+
+    def _become_tls(self, flow: Flow) -> None:
+        flow.tls = TlsFlow()
+        flow.in_stream = flow.out_stream = None  # nothing to parse, nothing to insert
+        self.stats["tls_flows"] += 1
+
+    def _tls_request_bytes(self, flow: Flow, seg: int, data: bytes | memoryview, off: int) -> None:
+        """Bytes of the requesting direction (client: outgoing, server: incoming), in order."""
+        t = flow.tls
+        assert t is not None
+        if t.records.dead:
+            return
+        start = t.turns.segment(seg, t.records.feed(data, off))
+        if start is None:
+            return
+        self._end_tls_turn(flow)
+        now = self.now()
+        msg = Message(True, start)  # method and target unknown: encrypted
+        self.stats["tls_turns"] += 1
+        t.turn_at, t.answered_ns = start, 0
+        if flow.server:
+            parent = next((ctx for lo, hi, ctx in t.options_in if lo <= start < hi), None)
+            if parent is not None:
+                span = ServerSpan(parent.child(), parent.span_id, msg, flow.pid, now, True)
+            else:
+                span = ServerSpan(TraceContext.new_root(), "", msg, flow.pid, now, False)
+            self.linker.add(span)
+            t.turn = span
+        else:
+            call = self._client_call(flow, msg, now)
+            flow.options_out.append((start, self._option(call.ctx)))
+            t.turn = call
+
+    def _client_call(self, flow: Flow, msg: Message, now: int) -> ClientCall:
+        parent = self.linker.parent_for(flow.pid)
+        if parent is not None:
+            parent.children += 1
+            self.stats["links_to_server"] += 1
+            return ClientCall(parent.ctx.child(), parent.ctx.span_id, msg, now, False)
+        self.stats["roots"] += 1
+        return ClientCall(TraceContext.new_root(), "", msg, now, False)
+
+    def _tls_option_in(self, flow: Flow, lo: int, hi: int, ctx: TraceContext) -> None:
+        """A server segment [lo, hi) carried kind 25. Kept for the turn that starts inside it;
+        if that turn already started (the segment came late), it is adopted there."""
+        t = flow.tls
+        assert t is not None
+        t.options_in.append((lo, hi, ctx))
+        span = t.turn
+        if isinstance(span, ServerSpan) and not span.propagated and span.children == 0 and lo <= t.turn_at < hi:
+            span.ctx, span.parent, span.propagated = ctx.child(), ctx.span_id, True
+
+    def _tls_answer(self, flow: Flow) -> None:
+        """New data from the answering side: the current turn is being answered."""
+        t = flow.tls
+        assert t is not None
+        t.turns.answer()
+        if t.turn is not None:
+            t.answered_ns = self.now()
+            if isinstance(t.turn, ServerSpan):
+                self.linker.remove(t.turn)  # responding: no longer a parent for outgoing calls
+
+    def _end_tls_turn(self, flow: Flow) -> None:
+        t = flow.tls
+        if t is None or t.turn is None:
+            return
+        turn, t.turn = t.turn, None
+        end = t.answered_ns or self.now()
+        if isinstance(turn, ServerSpan):
+            self._finish_server(flow, turn, 0, end)
+        else:
+            self._finish_client(flow, turn, 0, end)
+
     # --- span records -------------------------------------------------------------------
 
     def _record(self, flow: Flow, kind: SpanKind, ctx: TraceContext, parent: str, msg: Message,
@@ -456,7 +596,7 @@ class Tracker:
         return SpanRecord(
             trace_id=ctx.trace_id, span_id=ctx.span_id, parent_span_id=parent, kind=kind,
             start_ns=start, end_ns=end, method=msg.method, path=msg.target, status=status,
-            host=host[0].decode("latin-1") if host else "",
+            scheme="https" if flow.tls is not None else "http", host=host[0].decode("latin-1") if host else "",
             local_addr=flow.local[0], local_port=flow.local[1], peer_addr=flow.peer[0], peer_port=flow.peer[1],
             pid=flow.pid, exe=self.owners.exe(flow.pid), flags=ctx.flags, tracestate=ctx.tracestate,
             datapath=Datapath.USERSPACE, propagated=propagated)
@@ -481,6 +621,7 @@ class Tracker:
 
     def _close(self, key: Key, flow: Flow) -> None:
         """End a flow: unanswered requests become spans without a status."""
+        self._end_tls_turn(flow)
         now = self.now()
         while flow.pending:
             item = flow.pending.popleft()

@@ -374,7 +374,9 @@ print(json.dumps({{"right": right[0], "wrong": wrong[0], "errors": errors[0]}}))
 def test_linking_accuracy_under_concurrency(topo, agents, threads):
     """Per-process linking: how often does B's outgoing call carry the trace of the request
     it serves? Ground truth: the traceparent C echoes back inside the answer of each request."""
-    per = 300 // threads + 1
+    # ~300 requests under concurrency; 60 alone suffice for "always right" (each request takes
+    # ~50 ms there, the demo's delayed ACKs, with or without the agent).
+    per = 60 if threads == 1 else 300 // threads + 1
     counts = run_py(topo["a"], LINK_LOAD.format(b=topo["b"].addr, port=PORT, threads=threads, per=per), timeout=240)
     total = counts["right"] + counts["wrong"]
     accuracy = counts["right"] / total
@@ -383,4 +385,92 @@ def test_linking_accuracy_under_concurrency(topo, agents, threads):
     if threads == 1:
         assert accuracy == 1.0  # no concurrency: always right
     else:
-        assert accuracy > 0.25  # a measurement (0.69-0.80 at 8, 0.40-0.57 at 32 here): per-process heuristic
+        # A measurement of the per-process heuristic, not a guarantee. Seen here over repeated
+        # runs: 0.69-0.92 at 8, 0.40-0.57 at 32. The bounds sit well below those and well
+        # above what picking any in-flight request would give (~1/8, ~1/32).
+        assert accuracy > {8: 0.45, 32: 0.25}[threads]
+
+
+TLS_PORT = 8443
+TLS_SERVER = """
+import hashlib, socket, ssl, struct
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain({cert!r}, {key!r})
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", {port})); srv.listen()
+def exactly(s, n):
+    buf = b""
+    while len(buf) < n:
+        part = s.recv(n - len(buf))
+        if not part: return None
+        buf += part
+    return buf
+while True:
+    conn, _ = srv.accept()
+    try:
+        with ctx.wrap_socket(conn, server_side=True) as s:
+            while (head := exactly(s, 4)) is not None:
+                data = exactly(s, struct.unpack("!I", head)[0])
+                s.sendall(hashlib.sha256(data).digest() + struct.pack("!I", len(data)) + data)
+    except (OSError, ssl.SSLError):
+        pass
+"""
+
+TLS_CLIENT = """
+import hashlib, json, os, socket, ssl, struct
+# Listening on a watched port makes this process "selected": its connections are tagged.
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", {client_port})); srv.listen()
+ctx = ssl.create_default_context(cafile={cert!r}); ctx.check_hostname = False
+results = []
+with ctx.wrap_socket(socket.create_connection(({c!r}, {port}), timeout=20)) as s:
+    for n in {sizes!r}:
+        data = os.urandom(n)
+        s.sendall(struct.pack("!I", n) + data)
+        got, want = b"", 36 + n
+        while len(got) < want:
+            part = s.recv(want - len(got))
+            assert part, "connection closed"
+            got += part
+        results.append([n, hashlib.sha256(data).hexdigest(), got[:32].hex(), hashlib.sha256(got[36:]).hexdigest()])
+    version = s.version()
+print(json.dumps({{"results": results, "version": version}}))
+"""
+
+
+def test_tls_kind25_option_links_server_span(topo, tmp_path):
+    """B -> C over TLS, both agents with tcp propagation: C's span is a child of B's client
+    span through TCP option kind 25, the encrypted stream is untouched (TLS would fail on a
+    single changed byte, and the echoed SHA-256s match) and the connection serves every turn."""
+    key, cert = str(tmp_path / "k"), str(tmp_path / "c")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=c", "-days", "1",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True, timeout=60)
+    b, c = topo["b"], topo["c"]
+    c.popen([sys.executable, "-c", TLS_SERVER.format(cert=cert, key=key, port=TLS_PORT)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(topo["a"], c.addr, TLS_PORT)
+    ports = f"{PORT},{CLIENT_PORT},{TLS_PORT}"
+    agent_b = Agent(b, ports=ports, propagation="headers,tcp")
+    agent_c = Agent(c, ports=ports, propagation="headers,tcp")
+    try:
+        sizes = [100, 5000, 70000, 1, 3000, 200000]
+        out = run_py(b, TLS_CLIENT.format(client_port=CLIENT_PORT, cert=cert, c=c.addr, port=TLS_PORT, sizes=sizes))
+        assert [r[0] for r in out["results"]] == sizes
+        for n, sent, c_saw, echoed in out["results"]:
+            assert sent == c_saw == echoed, f"TLS payload of {n} bytes changed"
+        time.sleep(0.5)  # let the close reach both agents
+        b_spans = [s for s in agent_b.spans() if s["scheme"] == "https"]
+        c_spans = [s for s in agent_c.spans() if s["scheme"] == "https"]
+    finally:
+        stats_b, stats_c = agent_b.stop(), agent_c.stop()
+    clients, servers = _by_kind(b_spans, "CLIENT"), _by_kind(c_spans, "SERVER")
+    # One span per request turn on each side (the handshake flights are not requests).
+    assert len(clients) == len(servers) == len(sizes), (out["version"], b_spans, c_spans)
+    by_trace = {s["trace_id"]: s for s in servers}
+    for client in clients:
+        server = by_trace[client["trace_id"]]
+        assert server["parent_span_id"] == client["span_id"] and server["propagated"]
+        assert client["method"] == server["method"] == "" and client["peer_port"] == TLS_PORT
+        assert server["peer_addr"] == b.addr and server["start_ns"] <= server["end_ns"]
+    assert stats_b["headers_inserted"] == 0 and stats_b["tcp_options_written"] >= len(sizes)
+    assert stats_c["tcp_options_read"] >= len(sizes) and stats_b["handler_errors"] == stats_c["handler_errors"] == 0
