@@ -309,26 +309,32 @@ SIZES = [0, 1, 1000, 65536, 1 << 20]
 
 
 def test_bodies_echoed_with_matching_sha256(env: Env):
-    """POST /echo from B's driver to C's demoapp, Content-Length and chunked: every byte
-    arrives (C's SHA-256) and comes back (our SHA-256); each request is one linked span pair."""
+    """POST /echo from B's driver to C's demoapp over one keep-alive connection, Content-Length
+    and chunked: every byte arrives (C's SHA-256) and comes back (ours); every request is
+    a B CLIENT span whose id C received (C's SERVER span is its child)."""
     agent_b, agent_c = env.agents["b"], env.agents["c"]
-    mark_b, mark_c = agent_b.mark(), agent_c.mark()
+    mark_b = agent_b.mark()
     c_addr = env.hosts[2].addr
-    n = 0
-    for size in SIZES:
-        for chunked in (False, True):
-            if chunked and size == 0:
-                continue
-            r = env.driver.run({"op": "echo", "addr": c_addr, "port": PORT, "size": size, "chunked": chunked,
-                                "new_conn": n == 0}, timeout=60)
-            n += 1
-            assert r["status"] == 200 and r["len"] == size, (size, chunked, r)
-            assert r["sent_sha"] == r["c_sha"] == r["back_sha"], f"body of {size} bytes (chunked={chunked}) changed"
-    clients = agent_b.wait(lambda s: s["kind"] == "CLIENT" and _path(s) == "/echo", n=n, since=mark_b)
-    servers = agent_c.wait(lambda s: s["kind"] == "SERVER" and _path(s) == "/echo", n=n, since=mark_c)
-    assert len(clients) == n and len(servers) == n, (len(clients), len(servers), n)
-    ids = {s["span_id"]: s for s in clients}
-    assert all(s["parent_span_id"] in ids and ids[s["parent_span_id"]]["trace_id"] == s["trace_id"] for s in servers)
+    cases = [(size, chunked) for size in SIZES for chunked in (False, True) if size or not chunked]
+    c_spans: list[tuple[tuple[int, bool], dict | None]] = []
+    for i, (size, chunked) in enumerate(cases):
+        mark_c = agent_c.mark()
+        r = env.driver.run({"op": "echo", "addr": c_addr, "port": PORT, "size": size, "chunked": chunked,
+                            "new_conn": i == 0}, timeout=60)
+        assert r["status"] == 200 and r["len"] == size, (size, chunked, r)
+        assert r["sent_sha"] == r["c_sha"] == r["back_sha"], f"body of {size} bytes (chunked={chunked}) changed"
+        got = agent_c.wait(lambda s: s["kind"] == "SERVER" and _path(s) == "/echo", since=mark_c, timeout=5)
+        c_spans.append(((size, chunked), got[0] if got else None))
+    clients = {s["span_id"]: s for s in agent_b.wait(lambda s: s["kind"] == "CLIENT" and _path(s) == "/echo",
+                                                     n=len(cases), since=mark_b)}
+    unlinked = []
+    for i, (case, server) in enumerate(c_spans):
+        if server is None or server["parent_span_id"] not in clients:
+            after = f", after {c_spans[i - 1][0]} on the same connection" if i else ""
+            unlinked.append(f"(size, chunked)={case}{after}: C SERVER parent "
+                            f"{server['parent_span_id'] if server else 'no span'!r} is no B CLIENT span")
+    assert not unlinked, "\n".join(unlinked) + f"\nB CLIENT /echo spans: {len(clients)} of {len(cases)}"
+    assert all(clients[s["parent_span_id"]]["trace_id"] == s["trace_id"] for _, s in c_spans)
 
 
 # -- traffic that must be left alone ----------------------------------------------------
