@@ -21,27 +21,160 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
+#define TLS_CCS 0x14
+#define TLS_HANDSHAKE 0x16
+#define TLS_APPDATA 0x17
+
+/* --- TCP option kind 25 (DESIGN decision 3) ------------------------------------------
+ * Sender: sk_msg sets HS_OPT_PENDING (with the request's ids in egress_st) when a TLS
+ * request starts; the next data segment the kernel builds for that socket reserves and
+ * writes the option (HDR_OPT_LEN_CB / WRITE_HDR_OPT_CB), then the flag is cleared: one
+ * segment per request. Only a segment that is not GSO and still fits the MSS with the
+ * option gets it (a GSO packet would copy the option to every segment, and the MSS was
+ * computed without it); otherwise the next data segment of the request is tagged.
+ * Receiver: PARSE_HDR_OPT_CB (kernel saw an option it does not know) reads kind 25 and
+ * gives its ids to the TLS request tc has just opened on that connection. */
+
+static __always_inline __u32 tcpopt_len(const struct http_state *st)
+{
+	return st->trace_flags == 0x01 ? OBI_TCPOPT_LEN_SAMPLED : OBI_TCPOPT_LEN_FLAGS;
+}
+
+/* egress_st of a socket whose next data segment should carry the option, else NULL. */
+static __always_inline struct http_state *tcpopt_pending(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+
+	if (!sk || skops->skb_len == 0 || (skops->skb_tcp_flags & 0x02 /* SYN */))
+		return 0;
+	struct http_state *st = bpf_sk_storage_get(&egress_st, sk, 0, 0);
+	if (!st || st->phase != PH_TLS) {
+		/* Data went out and this socket is not a TLS client of a selected process:
+		 * stop calling us for its segments. */
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+		return 0;
+	}
+	if (!(st->bits & HS_OPT_PENDING))
+		return 0;
+	if (skops->skb_len + 28 > skops->mss_cache)
+		return 0; /* GSO, or no room under the MSS: tag a later segment */
+	return st;
+}
+
+static __always_inline void tcpopt_reserve(struct bpf_sock_ops *skops)
+{
+	struct http_state *st = tcpopt_pending(skops);
+
+	if (st)
+		bpf_reserve_hdr_opt(skops, tcpopt_len(st), 0);
+}
+
+static __always_inline void tcpopt_write(struct bpf_sock_ops *skops)
+{
+	struct http_state *st = tcpopt_pending(skops);
+	__u8 opt[28] = {};
+
+	if (!st)
+		return;
+	__u32 len = tcpopt_len(st);
+	opt[0] = OBI_TCPOPT_KIND;
+	opt[1] = len;
+	__builtin_memcpy(&opt[2], st->trace_id, 16);
+	__builtin_memcpy(&opt[18], st->span_id, 8);
+	opt[26] = st->trace_flags;
+	if (bpf_store_hdr_opt(skops, opt, len == OBI_TCPOPT_LEN_SAMPLED ? OBI_TCPOPT_LEN_SAMPLED : OBI_TCPOPT_LEN_FLAGS,
+			      0) == 0) {
+		st->bits &= ~HS_OPT_PENDING;
+		count(OBI_CNT_TCPOPT_WRITTEN);
+	}
+}
+
+static __always_inline void skops_tuple(struct bpf_sock_ops *skops, struct obi_tuple *t)
+{
+	t->local_port = skops->local_port;
+	t->peer_port = ctx_remote_port(skops->remote_port);
+	if (skops->family == OBI_AF_INET) {
+		__u32 l = skops->local_ip4, r = skops->remote_ip4;
+		t->family = OBI_AF_INET;
+		__builtin_memcpy(t->local_addr, &l, 4);
+		__builtin_memcpy(t->peer_addr, &r, 4);
+	} else {
+		__u32 l[4], r[4];
+		l[0] = skops->local_ip6[0];
+		l[1] = skops->local_ip6[1];
+		l[2] = skops->local_ip6[2];
+		l[3] = skops->local_ip6[3];
+		r[0] = skops->remote_ip6[0];
+		r[1] = skops->remote_ip6[1];
+		r[2] = skops->remote_ip6[2];
+		r[3] = skops->remote_ip6[3];
+		tuple_set_addrs6(t, l, r);
+	}
+}
+
+static __always_inline void tcpopt_parse(struct bpf_sock_ops *skops)
+{
+	__u8 opt[28] = { OBI_TCPOPT_KIND };
+
+	if (!(obi_cfg_flags & OBI_CFG_TCP))
+		return;
+	long n = bpf_load_hdr_opt(skops, opt, sizeof(opt), 0);
+	if (n != OBI_TCPOPT_LEN_SAMPLED && n != OBI_TCPOPT_LEN_FLAGS)
+		return;
+	if (opt[1] != n || is_zero(&opt[2], 16) || is_zero(&opt[18], 8))
+		return;
+	struct obi_tuple t = {};
+	skops_tuple(skops, &t);
+	struct http_state *in = bpf_map_lookup_elem(&ingress_conns, &t);
+	/* Only the TLS request tc opened on this very segment (READY, no option yet). */
+	if (!in || in->phase != PH_TLS || in->role != OBI_ROLE_SERVER || !(in->bits & HS_READY) ||
+	    (in->bits & HS_TCPOPT))
+		return;
+	__builtin_memcpy(in->trace_id, &opt[2], 16);
+	__builtin_memcpy(in->parent_id, &opt[18], 8);
+	in->trace_flags = n == OBI_TCPOPT_LEN_FLAGS ? opt[26] : 0x01;
+	in->bits |= HS_TCPOPT;
+	count(OBI_CNT_TCPOPT_READ);
+}
+
 /* Hook: sockops on the watched cgroup (link). Context: bpf_sock_ops.
- * Maps: server_ports (read), sock_hash (write). Active established sockets are added
- * (their requests may need a header); passive ones only on selected listening ports.
+ * Maps: server_ports (read), sock_hash (write), egress_st (read: TLS option pending),
+ * ingress_conns (write ids read from kind 25), counters.
+ * Established sockets: active ones are added to sock_hash (their requests may need a
+ * header), passive ones only on selected listening ports. With OBI_CFG_TCP, active
+ * sockets get the header-option write callbacks and passive ones the parse callback.
  * Returns 1 (the return value only matters for a few ops we do not handle). */
 SEC("sockops")
 int obi_sockops(struct bpf_sock_ops *skops)
 {
 	__u64 cookie;
+	__u32 cb = 0;
 
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		cb = BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		if (!port_selected(skops->local_port))
 			return 1;
+		cb = BPF_SOCK_OPS_PARSE_UNKNOWN_HDR_OPT_CB_FLAG;
 		break;
+	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
+		tcpopt_reserve(skops);
+		return 1;
+	case BPF_SOCK_OPS_WRITE_HDR_OPT_CB:
+		tcpopt_write(skops);
+		return 1;
+	case BPF_SOCK_OPS_PARSE_HDR_OPT_CB:
+		tcpopt_parse(skops);
+		return 1;
 	default:
 		return 1;
 	}
 	if (skops->family != OBI_AF_INET && skops->family != OBI_AF_INET6)
 		return 1;
+	if (obi_cfg_flags & OBI_CFG_TCP)
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | cb);
 	cookie = bpf_get_socket_cookie(skops);
 	bpf_sock_hash_update(skops, &sock_hash, &cookie, BPF_NOEXIST);
 	return 1;
@@ -250,6 +383,121 @@ static __always_inline int insert_header(struct sk_msg_md *msg, struct ins *in)
 	return 0;
 }
 
+/* --- TLS turns ----------------------------------------------------------------------
+ * A connection whose first bytes are a TLS handshake record is never parsed as HTTP and
+ * never written into. Its "requests" are turns: on a client socket, a write that begins
+ * with an application_data record while no request is open opens one (CLIENT_REQ, and the
+ * TCP option when enabled); the first bytes back from the server close it (tc,
+ * CLIENT_RESP). On a server socket, tc opens a request on the first application_data
+ * segment from the client while none is open; the server's next write closes it (both
+ * events are sent then, so that ids read from the option by sockops are included).
+ * Limits: a TLS 1.3 client without middlebox-compatibility CCS sends its Finished as an
+ * application_data record (an extra short turn); a session ticket arriving after a
+ * request closes that request's client span early; a request written in several writes
+ * with replies in between counts as several. */
+
+/* Record type and version major of the message's first bytes, or -1. */
+static __always_inline int msg_head(struct sk_msg_md *msg, __u8 *type, __u8 *major)
+{
+	if (msg->size < 2 || bpf_msg_pull_data(msg, 0, 2, 0))
+		return -1;
+	__u8 *d = (void *)(long)msg->data;
+	__u8 *e = (void *)(long)msg->data_end;
+	if (d + 2 > e)
+		return -1;
+	*type = d[0];
+	*major = d[1];
+	return 0;
+}
+
+static __always_inline void tls_client_write(struct scratch *sc, struct http_state *st, __u8 type)
+{
+	struct pcur *p = &sc->pc;
+	struct http_state *in = bpf_map_lookup_elem(&ingress_conns, &p->t);
+
+	if (!in) {
+		struct http_state *init = &sc->init;
+		__builtin_memset(init, 0, sizeof(*init));
+		init->role = OBI_ROLE_CLIENT;
+		init->bits = HS_RESP;
+		init->phase = PH_TLS;
+		bpf_map_update_elem(&ingress_conns, &p->t, init, BPF_NOEXIST);
+		in = bpf_map_lookup_elem(&ingress_conns, &p->t);
+		if (!in)
+			return;
+	}
+	if (type != TLS_APPDATA || (in->bits & HS_READY))
+		return;
+	struct thread_ctx *tc = bpf_map_lookup_elem(&thread_ctx, &p->pid_tgid);
+	__u32 flags = OBI_EVF_TLS;
+	st->start_ns = bpf_ktime_get_ns();
+	if (tc) {
+		__builtin_memcpy(st->trace_id, tc->trace_id, 16);
+		__builtin_memcpy(st->parent_id, tc->span_id, 8);
+		st->trace_flags = tc->trace_flags;
+		flags |= OBI_EVF_THREAD_LINKED;
+	} else {
+		new_trace_id(st->trace_id);
+		__builtin_memset(st->parent_id, 0, 8);
+		st->trace_flags = 0x03;
+	}
+	new_span_id(st->span_id);
+	if (obi_cfg_flags & OBI_CFG_TCP) {
+		st->bits |= HS_OPT_PENDING;
+		flags |= OBI_EVF_TCPOPT;
+	}
+	in->bits |= HS_READY;
+	count(OBI_CNT_CLIENT_REQS);
+	client_req_event(sc, st, flags);
+}
+
+static __always_inline void tls_server_write(struct scratch *sc)
+{
+	struct pcur *p = &sc->pc;
+	struct http_state *in = bpf_map_lookup_elem(&ingress_conns, &p->t);
+
+	if (!in || in->phase != PH_TLS || !(in->bits & HS_READY))
+		return;
+	struct obi_event *ev = event_reserve();
+	if (ev) {
+		event_fill(ev, OBI_EV_SERVER_REQ, in, &p->t, 0);
+		ev->flags = OBI_EVF_TLS | (in->bits & HS_TCPOPT ? OBI_EVF_TCPOPT : 0);
+		bpf_ringbuf_submit(ev, 0);
+	}
+	ev = event_reserve();
+	if (ev) {
+		event_fill(ev, OBI_EV_SERVER_RESP, in, &p->t, p->pid_tgid);
+		ev->flags = OBI_EVF_TLS;
+		ev->ts_ns = bpf_ktime_get_ns();
+		bpf_ringbuf_submit(ev, 0);
+	}
+	in->bits &= ~(HS_READY | HS_TCPOPT);
+	struct thread_ctx *tc = bpf_map_lookup_elem(&thread_ctx, &p->pid_tgid);
+	if (tc && tuple_eq(&tc->conn, &p->t))
+		bpf_map_delete_elem(&thread_ctx, &p->pid_tgid);
+}
+
+/* A write on a TLS connection (or the first write of a connection: is it TLS?).
+ * Returns 1 if the message was handled here (TLS), 0 to parse it as HTTP. */
+static __always_inline int tls_write(struct sk_msg_md *msg, struct http_state *st, struct scratch *sc)
+{
+	__u8 type = 0, major = 0;
+
+	if (st->phase != PH_TLS) {
+		if (st->phase != PH_IDLE || st->start_ns || msg_head(msg, &type, &major) ||
+		    type != TLS_HANDSHAKE || major != 3)
+			return 0;
+		st->phase = PH_TLS;
+	} else if (msg_head(msg, &type, &major)) {
+		return 1;
+	}
+	if (st->role == OBI_ROLE_SERVER)
+		tls_server_write(sc);
+	else
+		tls_client_write(sc, st, type);
+	return 1;
+}
+
 /* The body of obi_sk_msg once it holds the scratch slot. */
 static __always_inline void sk_msg_parse(struct sk_msg_md *msg, struct http_state *st, struct scratch *sc)
 {
@@ -258,6 +506,8 @@ static __always_inline void sk_msg_parse(struct sk_msg_md *msg, struct http_stat
 	p->len = msg->size;
 	p->pid_tgid = bpf_get_current_pid_tgid();
 	msg_tuple(msg, &p->t);
+	if (tls_write(msg, st, sc))
+		return;
 	struct parse_ctx c = { .st = st, .sc = sc, .prog_ctx = msg };
 
 	bpf_loop(MAX_ROUNDS, eg_round, &c, 0);

@@ -182,6 +182,52 @@ static __always_inline int parse_headers(struct __sk_buff *skb, struct obi_tuple
 	return 0;
 }
 
+#define TLS_HANDSHAKE 0x16
+#define TLS_APPDATA 0x17
+
+/* TLS connections (see the TLS turns comment in egress.bpf.c): detect them on their first
+ * bytes, open server requests, close client requests. Returns 1 if the segment was
+ * handled here. `start`: offset of the first new byte in the payload. */
+static __always_inline int tls_segment(struct __sk_buff *skb, struct scratch *sc, struct http_state *st,
+				       const struct seg *s, __u32 start)
+{
+	__u8 head[2] = {};
+
+	if (st->phase != PH_TLS) {
+		if (st->phase != PH_IDLE || st->start_ns || st->serial || start ||
+		    bpf_skb_load_bytes(skb, s->payload_off, head, 2) || head[0] != TLS_HANDSHAKE || head[1] != 3)
+			return 0;
+		st->phase = PH_TLS;
+		return 1;
+	}
+	if (st->role == OBI_ROLE_CLIENT) {
+		if (!(st->bits & HS_READY))
+			return 1;
+		st->bits &= ~HS_READY;
+		st->start_ns = bpf_ktime_get_ns();
+		struct obi_event *ev = event_reserve();
+		if (ev) {
+			event_fill(ev, OBI_EV_CLIENT_RESP, st, &sc->pc.t, 0);
+			ev->flags = OBI_EVF_TLS;
+			bpf_ringbuf_submit(ev, 0);
+		}
+		return 1;
+	}
+	/* server: a new request starts with an application_data record at a turn */
+	if ((st->bits & HS_READY) || start || bpf_skb_load_bytes(skb, s->payload_off, head, 2) ||
+	    head[0] != TLS_APPDATA || head[1] != 3)
+		return 1;
+	st->start_ns = bpf_ktime_get_ns();
+	new_trace_id(st->trace_id);
+	__builtin_memset(st->parent_id, 0, 8);
+	st->trace_flags = 0x03;
+	new_span_id(st->span_id); /* sockops may replace trace and parent from kind 25 */
+	st->bits = (st->bits & ~HS_TCPOPT) | HS_READY;
+	st->serial++;
+	count(OBI_CNT_SERVER_REQS);
+	return 1;
+}
+
 /* The body of obi_tc_ingress once it holds the scratch slot. */
 static __always_inline void tc_parse(struct __sk_buff *skb, struct scratch *sc)
 {
@@ -223,10 +269,14 @@ static __always_inline void tc_parse(struct __sk_buff *skb, struct scratch *sc)
 		} else if (d > 0) {
 			/* bytes were missed: framing unknown until a segment starts a message */
 			count(OBI_CNT_SEQ_GAPS);
-			st->phase = PH_IDLE;
-			st->bits |= HS_RESYNC;
+			if (st->phase != PH_TLS) {
+				st->phase = PH_IDLE;
+				st->bits |= HS_RESYNC;
+			}
 		}
 		st->next_seq = s.seq + s.payload_len;
+		if (tls_segment(skb, sc, st, &s, start))
+			goto out;
 		p->pos = start;
 		p->len = s.payload_len;
 		p->payload_off = s.payload_off;

@@ -58,6 +58,7 @@ enum obi_event_kind {
 #define OBI_EVF_THREAD_LINKED (1u << 3) /* parent is the server span the thread is serving */
 #define OBI_EVF_TCPOPT (1u << 4)        /* context came from / went into TCP option kind 25 */
 #define OBI_EVF_INJECT_FAILED (1u << 5) /* insertion was wanted but bpf_msg_push_data failed */
+#define OBI_EVF_TLS (1u << 6)           /* a TLS turn: no method, path or status are known */
 
 /* One event. trace_id/span_id/parent_id: for *_REQ events the ids of the span the request
  * opens (server span: span_id generated in BPF, parent from a valid incoming traceparent;

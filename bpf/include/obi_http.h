@@ -32,6 +32,8 @@ enum {
 	PH_CHUNK_END,  /* CRLF after chunk data */
 	PH_TRAILER,    /* trailer fields after the last chunk */
 	PH_LOST,       /* not HTTP/1.x (or framing we do not follow): leave the stream alone */
+	PH_TLS,        /* TLS records (the connection began with a handshake): never parsed as
+			* HTTP, never written into; requests are turns (see egress.bpf.c) */
 };
 
 /* actions for the program */
@@ -47,6 +49,8 @@ enum { ACT_NONE = 0, ACT_MSG_START, ACT_LINE0_END, ACT_HDRS_END, ACT_LOST };
 #define HS_INJECTED (1u << 6)    /* sk_msg: header inserted for the current request */
 #define HS_LINKED (1u << 7)      /* ids came from the thread's server request */
 #define HS_TP_VALID (1u << 8)
+#define HS_OPT_PENDING (1u << 9) /* egress TLS: the next data segment carries TCP option kind 25 */
+#define HS_TCPOPT (1u << 10)     /* ingress TLS: the open request's ids came from kind 25 */
 
 /* candidate header names (bit k of hmask) */
 #define H_CL 1

@@ -44,6 +44,7 @@ EVF_HDRS_PARTIAL = 1 << 2
 EVF_THREAD_LINKED = 1 << 3
 EVF_TCPOPT = 1 << 4
 EVF_INJECT_FAILED = 1 << 5
+EVF_TLS = 1 << 6
 
 
 class Counter(enum.IntEnum):

@@ -6,6 +6,10 @@ CLIENT_RESP on tc ingress). The ids are chosen in BPF (they had to be: the clien
 written into the request as it leaves); here each response is paired with the oldest open
 request of the same connection (HTTP/1.x answers in order), which gives one span.
 
+TLS connections (OBI_EVF_TLS) carry no HTTP: their spans are turns (egress.bpf.c), with
+method, path and status left empty/0 and extra {"tls": True}; "tcp_option" tells whether
+the context went out in (client) or came from (server) TCP option kind 25.
+
 Times: bpf_ktime_get_ns() is CLOCK_MONOTONIC; the offset to CLOCK_REALTIME is measured
 once at start (and can be refreshed with `resync_clock`).
 """
@@ -24,6 +28,7 @@ from .abi import (
     EVF_INJECTED,
     EVF_TCPOPT,
     EVF_THREAD_LINKED,
+    EVF_TLS,
     EVF_TP_VALID,
     Event,
     EventKind,
@@ -126,6 +131,9 @@ class Correlator:
                 tracestate = w3c.format_tracestate(entries)
         start = self.epoch(req.ts_ns)
         pid_tgid = resp.pid_tgid if resp else 0
+        extra: dict[str, str | int | bool] = {}
+        if req.flags & EVF_TLS:
+            extra = {"tls": True, "tcp_option": bool(req.flags & EVF_TCPOPT)}
         return SpanRecord(
             trace_id=req.trace_id,
             span_id=req.span_id,
@@ -147,12 +155,15 @@ class Correlator:
             tracestate=tracestate,
             datapath=Datapath.KERNEL,
             propagated=bool(req.flags & (EVF_TP_VALID | EVF_TCPOPT)),
+            extra=extra,
         )
 
     def client_span(self, req: Event, resp: Event | None) -> SpanRecord:
         method, target = split_request_line(req.line)
         trace_id, span_id, parent, flags = req.trace_id, req.span_id, req.parent_id, req.trace_flags
         extra: dict[str, str | int | bool] = {"injected": bool(req.flags & EVF_INJECTED)}
+        if req.flags & EVF_TLS:
+            extra.update(tls=True, tcp_option=bool(req.flags & EVF_TCPOPT))
         if req.tp_count and not req.flags & EVF_INJECTED:
             # The application wrote its own traceparent (nothing was inserted). One valid
             # header: the span takes its ids, so that the server it calls links to it.

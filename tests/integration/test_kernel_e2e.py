@@ -17,8 +17,6 @@ import time
 
 import pytest
 
-from obi import config
-from obi.errors import MissingFeature
 from obi.model import SpanKind, SpanRecord
 from obi.netns import Topology, have_netns_tools
 
@@ -41,43 +39,8 @@ except Exception as e:  # libbpf.so.1 missing
 if not all(__import__("os").path.exists(libbpf.object_path(n)) for n in ("egress", "ingress", "threads")):
     pytest.skip("BPF objects not built (run `make -C bpf`)", allow_module_level=True)
 
-
-class Agent:
-    """A KernelDatapath watching one host; spans land in .spans."""
-
-    def __init__(self, host, tmp_path, propagation: str = "headers", ports: str = f"{PORT},{CLIENT_PORT}"):
-        self.spans: list[SpanRecord] = []
-        cfg = config.load(env={
-            "OTEL_EBPF_BPF_CONTEXT_PROPAGATION": propagation,
-            "OTEL_EBPF_OPEN_PORT": ports,
-            "OTEL_EBPF_CGROUP_PATH": host.cgroup,
-        })
-        self.dp = KernelDatapath(cfg, self.spans.append, netns=host.netns_path, state_dir=str(tmp_path / host.name))
-        try:
-            self.dp.start()
-        except MissingFeature as e:
-            pytest.skip(f"kernel feature missing: {e}")
-
-    def wait(self, pred, timeout: float = 10.0) -> list[SpanRecord]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = [s for s in list(self.spans) if pred(s)]
-            if got:
-                return got
-            time.sleep(0.05)
-        return []
-
-    def wait_count(self, kind: SpanKind, n: int, timeout: float = 20.0) -> list[SpanRecord]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = [s for s in list(self.spans) if s.kind == kind]
-            if len(got) >= n:
-                return got
-            time.sleep(0.05)
-        return [s for s in list(self.spans) if s.kind == kind]
-
-    def stop(self) -> None:
-        self.dp.stop()
+sys.path.insert(0, __import__("os").path.dirname(__file__))
+from kernel_agent import Agent  # noqa: E402
 
 
 def serve(host, downstream: str = "") -> subprocess.Popen:
