@@ -1,38 +1,49 @@
-"""Span export: `SpanRecord` -> OpenTelemetry SDK spans -> OTLP and/or the trace printer.
+"""Span export: `SpanRecord` -> OTLP (through the OpenTelemetry SDK's exporters) and/or the
+trace printer.
 
 Pipeline (three hops, each bounded, so a datapath thread never waits on anything slow):
 
-    Exporter.export(rec)        datapath thread: put_nowait on a bounded queue, else count a drop
-      -> "obi-export" thread    sampling, SpanRecord -> ReadableSpan (explicit IDs and times),
-                                trace printer, hand-off to the sender's bounded buffer
-      -> "obi-otlp" thread      batches -> SDK OTLP exporter (http/protobuf or grpc), which
-                                retries with backoff within `otlp_timeout_s`
+    Exporter.export(rec)        datapath thread: append to a bounded deque, else count a drop
+      -> "obi-export" thread    sampling, SpanRecord -> encoded OTLP span (explicit IDs and
+                                times), trace printer, hand-off to the sender's bounded buffer
+      -> "obi-otlp" thread      batches -> one ExportTraceServiceRequest -> the SDK's OTLP
+                                exporter (http/protobuf or grpc), which retries with backoff
+                                within `otlp_timeout_s`
 
-Spans are built as `opentelemetry.sdk.trace.ReadableSpan` objects directly, because the
-SDK `Tracer` would generate its own IDs and times; ours come from the wire. Every span
-carries the Resource of the process it was seen in (cached per pid/exe); the SDK's OTLP
-encoder groups a batch by Resource, so one pipeline serves every instrumented process.
-Batching is done here rather than by `BatchSpanProcessor` so that every span lost to a
-full buffer is counted and shutdown is bounded by `shutdown_timeout_s` (the SDK processor
-waits up to 30 s and drops silently).
+OTLP spans carry our own IDs, parents and times (the SDK `Tracer` would make its own). They
+are encoded by `WireEncoder` into exactly the protobuf the SDK's encoder makes from
+`to_readable_span(rec)` (tested), because that encoder is ~10x too slow for the export goal
+(>= 20,000 spans/s on 2 cores); transport, TLS, headers, compression, retry and backoff stay
+the SDK's (see "OTLP transport"). The printer and any caller-supplied SDK `SpanExporter` get
+`ReadableSpan`s. Every span carries the Resource of the process it was seen in (cached per
+pid/exe); a batch is grouped by Resource, so one pipeline serves every instrumented process.
+Batching is done here rather than by `BatchSpanProcessor` so that every span lost to a full
+buffer or a failed batch is counted and shutdown is bounded by `shutdown_timeout_s` (the SDK
+processor waits up to 30 s and drops silently).
 """
 
 from __future__ import annotations
 
 import collections
 import datetime
+import functools
 import json
 import logging
 import os
-import queue
 import socket
+import struct
 import sys
 import threading
 import time
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, NamedTuple, Sequence, TextIO
 from urllib.parse import urlsplit
 
+from google.protobuf.descriptor import FieldDescriptor as _FD
 from opentelemetry import trace as trace_api
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as _svc_pb2
+from opentelemetry.proto.common.v1 import common_pb2 as _common_pb2
+from opentelemetry.proto.resource.v1 import resource_pb2 as _resource_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2 as _trace_pb2
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
@@ -180,19 +191,23 @@ def resource_attributes(rec: SpanRecord, service_name: str = "") -> dict[str, st
 
 
 class ResourceCache:
-    """One `Resource` per (pid, exe), created lazily; bounded (LRU) so churn can't grow it."""
+    """One resource per (pid, exe), created lazily; bounded (LRU) so churn can't grow it.
 
-    def __init__(self, service_name: str = "", max_entries: int = 4096):
+    The resource is an SDK `Resource` by default, or what `build` makes of the attributes
+    (the wire encoder keeps them encoded)."""
+
+    def __init__(self, service_name: str = "", max_entries: int = 4096, build: Callable[[dict], Any] = Resource):
         self._service_name = service_name
         self._max = max_entries
-        self._cache: collections.OrderedDict[tuple[int, str], Resource] = collections.OrderedDict()
+        # Resource(...) rather than Resource.create(): no environment, no SDK defaults.
+        self._build = build
+        self._cache: collections.OrderedDict[tuple[int, str], Any] = collections.OrderedDict()
 
-    def get(self, rec: SpanRecord) -> Resource:
+    def get(self, rec: SpanRecord) -> Any:
         key = (rec.pid, rec.exe)
         res = self._cache.get(key)
         if res is None:
-            # Resource(...) rather than Resource.create(): no environment, no SDK defaults.
-            res = Resource(resource_attributes(rec, self._service_name))
+            res = self._build(resource_attributes(rec, self._service_name))
             self._cache[key] = res
             if len(self._cache) > self._max:
                 self._cache.popitem(last=False)
@@ -353,85 +368,338 @@ class SpanPrinter:
             stream.flush()
 
 
-# --- OTLP -------------------------------------------------------------------------------
+# --- OTLP wire encoding -------------------------------------------------------------------
+#
+# Why not the SDK's encoder: `encode_spans` builds one protobuf object per span, attribute
+# and value. Measured on this project's 2-core test machine that is ~90 us per span (and
+# ~110 us building opentelemetry-proto messages by hand), which caps export below 10,000
+# spans/s however the rest is tuned. So a span is written straight to protobuf wire bytes:
+# field numbers and wire types come from the opentelemetry-proto descriptors (not typed in
+# here), the Resource and Scope are encoded once per process, and the attribute key/value
+# pairs that repeat (method, addresses, ports, pid, datapath) are encoded once and reused.
+# The result is the message the SDK would build from `to_readable_span` (a unit test parses
+# both and compares them); it is sent by the SDK's own exporters, see "OTLP transport".
+
+_WIRE_TYPES = {_FD.TYPE_FIXED64: 1, _FD.TYPE_DOUBLE: 1, _FD.TYPE_FIXED32: 5,
+               _FD.TYPE_STRING: 2, _FD.TYPE_BYTES: 2, _FD.TYPE_MESSAGE: 2}  # anything else: varint
 
 
-class CountingExporter(SpanExporter):
-    """Wraps an SDK span exporter and counts what it reports (spans exported, failures)."""
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
-    def __init__(self, inner: SpanExporter, on_result: Callable[[int, bool], None]):
-        self.inner = inner
-        self._on_result = on_result
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        try:
-            result = self.inner.export(spans)
-        except Exception:
-            log.exception("OTLP exporter raised")
-            result = SpanExportResult.FAILURE
-        self._on_result(len(spans), result is SpanExportResult.SUCCESS)
-        return result
+_SMALL_VARINTS = [_encode_varint(n) for n in range(4096)]  # every length up to 4 KiB
 
-    def shutdown(self) -> None:
-        self.inner.shutdown()
 
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.inner.force_flush(timeout_millis)
+def _varint(n: int) -> bytes:
+    """Unsigned protobuf varint."""
+    return _SMALL_VARINTS[n] if n < 4096 else _encode_varint(n)
+
+
+def _tag(message: Any, field: str) -> bytes:
+    """The key (field number + wire type) of `message.field`, from the .proto descriptor."""
+    desc = message.DESCRIPTOR.fields_by_name[field]
+    return _varint(desc.number << 3 | _WIRE_TYPES.get(desc.type, 0))
+
+
+def _len_field(tag: bytes, body: bytes) -> bytes:
+    return tag + _varint(len(body)) + body
+
+
+_PbSpan, _PbStatus = _trace_pb2.Span, _trace_pb2.Status
+_PbAny, _PbKV = _common_pb2.AnyValue, _common_pb2.KeyValue
+_T_TRACE_ID = _tag(_PbSpan, "trace_id") + _varint(16)
+_T_SPAN_ID = _tag(_PbSpan, "span_id") + _varint(8)
+_T_PARENT_ID = _tag(_PbSpan, "parent_span_id") + _varint(8)
+_T_TRACE_STATE = _tag(_PbSpan, "trace_state")
+_T_NAME = _tag(_PbSpan, "name")
+_T_KIND = _tag(_PbSpan, "kind")
+_T_START = _tag(_PbSpan, "start_time_unix_nano")
+_T_END = _tag(_PbSpan, "end_time_unix_nano")
+_T_ATTRIBUTE = _tag(_PbSpan, "attributes")
+_T_KEY, _T_VALUE = _tag(_PbKV, "key"), _tag(_PbKV, "value")
+_T_STRING, _T_BOOL = _tag(_PbAny, "string_value"), _tag(_PbAny, "bool_value")
+_T_INT, _T_DOUBLE = _tag(_PbAny, "int_value"), _tag(_PbAny, "double_value")
+_T_SPAN = _tag(_trace_pb2.ScopeSpans, "spans")
+_T_SCOPE_SPANS = _tag(_trace_pb2.ResourceSpans, "scope_spans")
+_T_RESOURCE_SPANS = _tag(_svc_pb2.ExportTraceServiceRequest, "resource_spans")
+_PB_KIND = {SpanKind.SERVER: _PbSpan.SpanKind.SPAN_KIND_SERVER, SpanKind.CLIENT: _PbSpan.SpanKind.SPAN_KIND_CLIENT}
+# The SDK always sends a Status (empty when unset) and, in `flags`, whether the parent is
+# remote; `to_readable_span` marks every parent remote (it came from another span record).
+_STATUS_UNSET = _len_field(_tag(_PbSpan, "status"), b"")
+_STATUS_ERROR = _len_field(_tag(_PbSpan, "status"), _tag(_PbStatus, "code") + _varint(_PbStatus.STATUS_CODE_ERROR))
+_HAS_IS_REMOTE = _trace_pb2.SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
+_FLAGS_ROOT = _tag(_PbSpan, "flags") + struct.pack("<I", _HAS_IS_REMOTE)
+_FLAGS_REMOTE_PARENT = _tag(_PbSpan, "flags") + struct.pack(
+    "<I", _HAS_IS_REMOTE | _trace_pb2.SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK)
+_SCOPE = _len_field(_tag(_trace_pb2.ScopeSpans, "scope"),
+                    _len_field(_tag(_common_pb2.InstrumentationScope, "name"), SCOPE.name.encode())
+                    + _len_field(_tag(_common_pb2.InstrumentationScope, "version"), (SCOPE.version or "").encode()))
+_U64 = struct.Struct("<Q").pack
+_INT64_RANGE = range(-(1 << 63), 1 << 63)
+
+
+def _any_value(value: object) -> bytes | None:
+    """An AnyValue body; None for a type OTLP attributes can't hold (the SDK drops those too)."""
+    if isinstance(value, bool):
+        return _T_BOOL + (b"\x01" if value else b"\x00")
+    if isinstance(value, str):
+        return _len_field(_T_STRING, value.encode())
+    if isinstance(value, int):
+        return _T_INT + _varint(value & 0xFFFF_FFFF_FFFF_FFFF) if value in _INT64_RANGE else None
+    if isinstance(value, float):
+        return _T_DOUBLE + struct.pack("<d", value)
+    return None
+
+
+def _key_value(key: str, value: object) -> bytes | None:
+    """A KeyValue body, or None when the value can't be encoded."""
+    any_value = _any_value(value)
+    return None if any_value is None else _len_field(_T_KEY, key.encode()) + _len_field(_T_VALUE, any_value)
+
+
+def _encode_resource(attrs: dict[str, str | int]) -> bytes:
+    """The `ResourceSpans.resource` field for a process's resource attributes."""
+    tag = _tag(_resource_pb2.Resource, "attributes")
+    body = b"".join(_len_field(tag, kv) for k, v in attrs.items() if (kv := _key_value(k, v)) is not None)
+    return _len_field(_tag(_trace_pb2.ResourceSpans, "resource"), body)
+
+
+class WireEncoder:
+    """`SpanRecord` -> one encoded OTLP `Span`, and batches of those -> one request body.
+
+    Used by one thread (the exporter's worker encodes, the sender only calls `request`,
+    which keeps no state). The caches are bounded: cleared when full, so a flood of unique
+    values (paths, client ports) costs a re-encode, never memory.
+    """
+
+    def __init__(self, service_name: str = "", max_cached: int = 16384):
+        self.resources = ResourceCache(service_name, build=_encode_resource)
+        self._max = max_cached
+        self._attrs: dict[tuple[str, object, type], bytes] = {}
+        self._heads: dict[tuple[str, SpanKind], bytes] = {}  # name + kind fields
+        self._states: dict[str, bytes] = {}  # raw tracestate -> trace_state field
+
+    def resource(self, rec: SpanRecord) -> bytes:
+        return self.resources.get(rec)
+
+    def span(self, rec: SpanRecord) -> bytes:
+        """The `ScopeSpans.spans` field for one record. Raises ValueError on malformed ids."""
+        trace_id, span_id = bytes.fromhex(rec.trace_id), bytes.fromhex(rec.span_id)
+        if len(trace_id) != 16 or len(span_id) != 8:
+            raise ValueError(f"bad trace/span id {rec.trace_id!r}/{rec.span_id!r}")
+        parts = [_T_TRACE_ID, trace_id, _T_SPAN_ID, span_id]
+        if rec.tracestate:
+            parts.append(self._trace_state(rec.tracestate))
+        if rec.parent_span_id:
+            parent = bytes.fromhex(rec.parent_span_id)
+            if len(parent) != 8:
+                raise ValueError(f"bad parent span id {rec.parent_span_id!r}")
+            parts += (_T_PARENT_ID, parent)
+        head = self._heads.get((rec.method, rec.kind))
+        if head is None:
+            head = self._cached(self._heads, (rec.method, rec.kind),
+                                _len_field(_T_NAME, span_name(rec).encode()) + _T_KIND + _varint(_PB_KIND[rec.kind]))
+        parts += (head, _T_START, _U64(rec.start_ns), _T_END, _U64(max(rec.end_ns, rec.start_ns)))
+        cache = self._attrs
+        for key, value in span_attributes(rec).items():
+            ck = (key, value, type(value))  # type too: True == 1 must not share an entry
+            field = cache.get(ck)
+            if field is None:
+                kv = _key_value(key, value)
+                field = self._cached(cache, ck, b"" if kv is None else _len_field(_T_ATTRIBUTE, kv))
+            parts.append(field)
+        parts.append(_STATUS_ERROR if is_error(rec) else _STATUS_UNSET)
+        parts.append(_FLAGS_REMOTE_PARENT if rec.parent_span_id else _FLAGS_ROOT)
+        body = b"".join(parts)
+        return _T_SPAN + _varint(len(body)) + body
+
+    def _trace_state(self, raw: str) -> bytes:
+        field = self._states.get(raw)
+        if field is None:
+            # Normalized exactly as the SDK does: parsed by TraceState, re-joined.
+            state = _trace_state(raw)
+            text = ",".join(f"{k}={v}" for k, v in state.items()) if state is not None else ""
+            field = self._cached(self._states, raw, _len_field(_T_TRACE_STATE, text.encode()) if text else b"")
+        return field
+
+    def _cached(self, cache: dict, key: Any, value: bytes) -> bytes:
+        if len(cache) >= self._max:
+            cache.clear()
+        cache[key] = value
+        return value
+
+    @staticmethod
+    def request(batch: Sequence[tuple[bytes, bytes]]) -> bytes:
+        """An `ExportTraceServiceRequest` body for (resource, span) pairs, grouped by
+        resource in first-seen order, one ScopeSpans each (like the SDK's encoder)."""
+        groups: dict[bytes, list[bytes]] = {}
+        for resource, span in batch:
+            spans = groups.get(resource)
+            if spans is None:
+                groups[resource] = spans = [_SCOPE]
+            spans.append(span)
+        out = []
+        for resource, spans in groups.items():
+            resource_spans = resource + _len_field(_T_SCOPE_SPANS, b"".join(spans))
+            out.append(_len_field(_T_RESOURCE_SPANS, resource_spans))
+        return b"".join(out)
+
+
+# --- OTLP transport: the SDK's exporters, fed encoded requests ------------------------------
+#
+# The one place that relies on SDK internals (checked with opentelemetry-exporter-otlp-proto-
+# http/grpc 1.45; `test_sdk_transport_internals` in tests/unit/test_export.py fails loudly
+# if they move, and at run time a mismatch falls back to the SDK's own, slower encoding):
+# - http: `OTLPSpanExporter.export(spans)` is `encode_spans(spans)` followed by
+#   `self._client.export(bytes)` (an `_OTLPHTTPClient`: compression, headers, TLS session,
+#   retry with backoff, abort on shutdown). We call that second step with our bytes.
+# - grpc: `OTLPExporterMixin._export(data)` runs retry/backoff/reconnect around
+#   `self._client.Export(request=self._translate_data(data), ...)`, `_client` being
+#   `self._stub(channel)`. We supply a stub whose serializer passes bytes through and a
+#   `_translate_data` that returns them.
+
+
+class SdkInternalsChanged(RuntimeError):
+    """The installed OTLP exporter no longer has what `send_payload` relies on."""
+
+
+class Payload(NamedTuple):
+    """An encoded ExportTraceServiceRequest and how many spans it holds."""
+
+    data: bytes
+    spans: int
+
+
+def _serialize_request(request: Any) -> bytes:
+    """gRPC request serializer: our encoded bytes as they are, SDK messages serialized."""
+    return request if isinstance(request, bytes) else request.SerializeToString()
+
+
+class _PayloadTraceStub:
+    """TraceService client stub (as generated by grpc) that also accepts encoded bytes."""
+
+    def __init__(self, channel: Any):
+        method = _svc_pb2.DESCRIPTOR.services_by_name["TraceService"].methods_by_name["Export"]
+        self.Export = channel.unary_unary(  # noqa: N815 (grpc naming)
+            f"/{method.containing_service.full_name}/{method.name}",
+            request_serializer=_serialize_request,
+            response_deserializer=_svc_pb2.ExportTraceServiceResponse.FromString,
+        )
+
+
+@functools.cache
+def _payload_exporter_classes() -> dict[str, type]:
+    """SDK exporter subclasses with `send_payload(Payload) -> bool` (imported lazily: grpc is heavy)."""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+    class HttpPayloadExporter(HttpExporter):
+        def __init__(self, **kw: Any):
+            super().__init__(**kw)
+            if not callable(getattr(getattr(self, "_client", None), "export", None)) or not hasattr(self, "_shutdown"):
+                super().shutdown()
+                raise SdkInternalsChanged("http OTLPSpanExporter has no _client.export(bytes)")
+
+        def send_payload(self, payload: Payload) -> bool:
+            if self._shutdown:
+                return False
+            limit = getattr(self, "_max_request_size", 0) or 0
+            if 0 < limit < len(payload.data):  # what the SDK's export() would refuse too
+                log.warning("OTLP request of %d bytes exceeds max_request_size %d; dropped", len(payload.data), limit)
+                return False
+            return bool(self._client.export(payload.data).success)
+
+    class GrpcPayloadExporter(GrpcExporter):
+        def __init__(self, **kw: Any):
+            super().__init__(**kw)
+            needed = ("_export", "_stub", "_client", "_channel", "_initialize_channel_and_stub")
+            if not all(hasattr(self, name) for name in needed):
+                super().shutdown()
+                raise SdkInternalsChanged("grpc OTLPExporterMixin lacks " + ", ".join(needed))
+            self._stub = _PayloadTraceStub  # used again whenever the SDK rebuilds the channel
+            self._client = _PayloadTraceStub(self._channel)
+
+        def _translate_data(self, data: Any) -> Any:
+            return data.data if isinstance(data, Payload) else super()._translate_data(data)
+
+        def _count_data(self, data: Any) -> int:
+            return data.spans if isinstance(data, Payload) else super()._count_data(data)
+
+        def send_payload(self, payload: Payload) -> bool:
+            return self._export(payload) is SpanExportResult.SUCCESS
+
+    return {"http/protobuf": HttpPayloadExporter, "grpc": GrpcPayloadExporter}
 
 
 def make_otlp_exporter(cfg: Config) -> SpanExporter | None:
-    """The SDK OTLP exporter the config asks for, or None when OTLP export is off."""
+    """The SDK OTLP exporter the config asks for (able to `send_payload`), or None when
+    OTLP export is off."""
     endpoint = cfg.traces_endpoint
     if not endpoint:
         return None
-    headers = dict(cfg.otlp_headers)
-    if cfg.otlp_protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
-
-        return GrpcExporter(endpoint=endpoint, insecure=cfg.otlp_insecure, headers=headers, timeout=cfg.otlp_timeout_s)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
-
-    return HttpExporter(endpoint=endpoint, headers=headers, timeout=cfg.otlp_timeout_s)
+    kw: dict[str, Any] = {"endpoint": endpoint, "headers": dict(cfg.otlp_headers), "timeout": cfg.otlp_timeout_s}
+    protocol = "grpc" if cfg.otlp_protocol == "grpc" else "http/protobuf"
+    if protocol == "grpc":
+        kw["insecure"] = cfg.otlp_insecure
+    cls = _payload_exporter_classes()[protocol]
+    try:
+        return cls(**kw)
+    except SdkInternalsChanged as e:
+        log.warning("OTLP exporter internals changed (%s): using the SDK's own span encoding (slower)", e)
+        return cls.__mro__[1](**kw)
 
 
 class _BatchSender:
-    """Bounded buffer + thread that hands batches to the (counting) OTLP exporter."""
+    """Bounded buffer + "obi-otlp" thread: batches of up to `batch_size` -> `send(batch)`."""
 
-    def __init__(self, exporter: CountingExporter, max_buffer: int, batch_size: int, delay_s: float,
-                 on_drop: Callable[[int], None]):
-        self.exporter = exporter
-        self._buf: collections.deque[ReadableSpan] = collections.deque()
+    def __init__(self, send: Callable[[list[Any]], bool], shutdown: Callable[[], None], max_buffer: int,
+                 batch_size: int, delay_s: float, on_drop: Callable[[int], None],
+                 on_result: Callable[[int, bool], None]):
+        self._send = send
+        self._shutdown = shutdown
+        self._buf: list[Any] = []
         self._max = max_buffer
         self._batch = batch_size
         self._delay = delay_s
         self._on_drop = on_drop
+        self._on_result = on_result
         self._cond = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="obi-otlp", daemon=True)
         self._thread.start()
 
-    def add(self, span: ReadableSpan) -> None:
+    def add(self, items: list[Any]) -> None:
+        """Buffer what fits; count the rest (and anything arriving after close) as dropped."""
         with self._cond:
-            if len(self._buf) >= self._max:
-                self._on_drop(1)
-                return
-            self._buf.append(span)
+            room = 0 if self._closing else self._max - len(self._buf)
+            if room < len(items):
+                self._on_drop(len(items) - max(room, 0))
+                items = items[:max(room, 0)]
+            self._buf += items
             if len(self._buf) >= self._batch:
                 self._cond.notify()
-
-    def _take(self) -> list[ReadableSpan]:
-        n = min(self._batch, len(self._buf))
-        return [self._buf.popleft() for _ in range(n)]
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 if not self._closing and len(self._buf) < self._batch:
                     self._cond.wait(self._delay)
-                batch = self._take()
+                batch = self._buf[:self._batch]
+                del self._buf[:self._batch]
                 done = self._closing and not self._buf and not batch
             if batch:
-                self.exporter.export(batch)
+                try:
+                    ok = self._send(batch)
+                except Exception:
+                    log.exception("OTLP export raised")
+                    ok = False
+                self._on_result(len(batch), ok)
             if done:
                 return
 
@@ -447,7 +715,7 @@ class _BatchSender:
         self._thread.join(remaining - reserve)
         flushed = not self._thread.is_alive()
         # Run the SDK shutdown off-thread so a slow channel close cannot overrun the bound.
-        aborter = threading.Thread(target=self.exporter.shutdown, name="obi-otlp-shutdown", daemon=True)
+        aborter = threading.Thread(target=self._shutdown, name="obi-otlp-shutdown", daemon=True)
         aborter.start()
         aborter.join(max(0.0, deadline - time.monotonic()))
         if not flushed:
@@ -461,16 +729,17 @@ class _BatchSender:
         return flushed
 
 
-_STOP = object()
-
-
 class Exporter:
     """Consumes `SpanRecord`s from any datapath thread; exports them off-thread.
 
-    `export(rec)` never blocks: it queues or, when the queue is full, drops and counts.
-    `stats()` returns the counters; `shutdown(timeout_s)` flushes and stops within the
-    timeout (default `config.shutdown_timeout_s`).
+    `export(rec)` never blocks: it appends to a bounded deque or, when that is full (or the
+    exporter is shut down), drops and counts. `stats()` returns the counters;
+    `shutdown(timeout_s)` flushes and stops within the timeout (default
+    `config.shutdown_timeout_s`). `otlp_exporter` may be any SDK `SpanExporter` (it then
+    gets ReadableSpans); by default the config's OTLP exporter is fed encoded requests.
     """
+
+    _HANDOFF = 256  # records the worker encodes before handing them to the sender at once
 
     def __init__(
         self,
@@ -489,13 +758,26 @@ class Exporter:
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(("received", "exported", "dropped", "unsampled", "export_errors", "printed"), 0)
         inner = otlp_exporter if otlp_exporter is not None else make_otlp_exporter(config)
-        self._sender = None
+        self.encoder: WireEncoder | None = None
+        self._sender: _BatchSender | None = None
         if inner is not None:
-            self._sender = _BatchSender(
-                CountingExporter(inner, self._on_export_result), queue_size, batch_size, schedule_delay_s,
-                self._count_drop,
-            )
-        self._queue: queue.Queue[SpanRecord | object] = queue.Queue(queue_size)
+            send: Callable[[list[Any]], bool]
+            if callable(getattr(inner, "send_payload", None)):
+                self.encoder = WireEncoder(config.service_name)
+                encoder, send_payload = self.encoder, inner.send_payload  # type: ignore[attr-defined]
+                send = lambda batch: send_payload(Payload(encoder.request(batch), len(batch)))  # noqa: E731
+            else:
+                send = lambda batch: inner.export(batch) is SpanExportResult.SUCCESS  # noqa: E731
+            self._sender = _BatchSender(send, inner.shutdown, queue_size, batch_size, schedule_delay_s,
+                                        self._count_drop, self._on_export_result)
+        # A deque, not queue.Queue: append/popleft are atomic under the GIL and cost a
+        # fraction of Queue.put_nowait (no lock, no condition). The bound is checked before
+        # the append; concurrent producers can overshoot it by at most one record each.
+        self._pending: collections.deque[SpanRecord] = collections.deque()
+        self._max_pending = queue_size
+        self._wake = threading.Event()
+        self._idle = False  # the worker is (about to be) waiting on _wake
+        self._stopping = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="obi-export", daemon=True)
         self._thread.start()
@@ -515,6 +797,11 @@ class Exporter:
         with self._lock:
             self._counts[key] += n
 
+    def _add_all(self, counts: dict[str, int]) -> None:
+        with self._lock:
+            for key, n in counts.items():
+                self._counts[key] += n
+
     def _count_drop(self, n: int) -> None:
         self._add("dropped", n)
 
@@ -522,14 +809,16 @@ class Exporter:
         with self._lock:
             if ok:
                 self._counts["exported"] += n
-            else:
+            else:  # the SDK gave up on the batch (after its retries): those spans are lost
                 self._counts["export_errors"] += 1
+                self._counts["dropped"] += n
 
     def stats(self) -> dict[str, int]:
-        """received, exported, dropped, unsampled, export_errors (failed batches), printed, queued."""
+        """received, exported, dropped (queue full, failed batch, shutdown), unsampled,
+        export_errors (failed batches), printed, queued."""
         with self._lock:
             out = dict(self._counts)
-        out["queued"] = self._queue.qsize()
+        out["queued"] = len(self._pending)
         return out
 
     @property
@@ -552,38 +841,72 @@ class Exporter:
 
     def export(self, rec: SpanRecord) -> None:
         """Hand a finished span over. Never blocks; drops (and counts) when full or closed."""
-        if self._closed:
+        pending = self._pending
+        if self._closed or len(pending) >= self._max_pending:
             self._add("dropped")
             return
-        try:
-            self._queue.put_nowait(rec)
-        except queue.Full:
-            self._add("dropped")
+        pending.append(rec)
+        if self._idle:  # only then is a wake-up needed (Event.set costs a lock round)
+            self._wake.set()
 
     # -- worker ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        pending = self._pending
+        counts = dict.fromkeys(("received", "unsampled", "printed", "dropped"), 0)
+        out: list[Any] = []
         while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
             try:
-                self._handle(item)  # type: ignore[arg-type]
+                rec = pending.popleft()
+            except IndexError:
+                self._flush(counts, out)
+                if self._stopping:
+                    return
+                time.sleep(0.002)  # let records gather, so producers rarely need to wake us
+                if pending or self._stopping:
+                    continue
+                self._idle = True
+                if not pending and not self._stopping:  # re-check after announcing idle
+                    self._wake.wait(1.0)
+                self._idle = False
+                self._wake.clear()
+                continue
+            counts["received"] += 1
+            try:
+                self._handle(rec, counts, out)
             except Exception:  # one bad record must not stop the exporter
-                log.exception("could not export span record %r", item)
-                self._add("dropped")
+                log.exception("could not export span record %r", rec)
+                counts["dropped"] += 1
+            if len(out) >= self._HANDOFF or counts["received"] >= self._HANDOFF:
+                self._flush(counts, out)
 
-    def _handle(self, rec: SpanRecord) -> None:
-        self._add("received")
+    def _flush(self, counts: dict[str, int], out: list[Any]) -> None:
+        """Publish the worker's local counters and hand its encoded spans to the sender."""
+        if any(counts.values()):
+            self._add_all(counts)
+            for key in counts:
+                counts[key] = 0
+        if out:
+            if self._sender is not None:
+                self._sender.add(out[:])
+            out.clear()
+
+    def _handle(self, rec: SpanRecord, counts: dict[str, int], out: list[Any]) -> None:
         if not self.sampler.should_export(rec):
-            self._add("unsampled")
+            counts["unsampled"] += 1
             return
-        span = to_readable_span(rec, self.resources.get(rec))
-        if self.printer is not None:
-            self.printer.print(span)
-            self._add("printed")
+        item: Any = None
+        if self.encoder is not None:
+            item = (self.encoder.resource(rec), self.encoder.span(rec))
+        if self.printer is not None or (self._sender is not None and item is None):
+            span = to_readable_span(rec, self.resources.get(rec))
+            if self.printer is not None:
+                self.printer.print(span)
+                counts["printed"] += 1
+            if item is None:
+                item = span
         if self._sender is not None:
-            self._sender.add(span)
+            out.append(item)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -594,21 +917,14 @@ class Exporter:
         self._closed = True
         timeout = self.config.shutdown_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
-        flushed = True
-        # The sentinel must get in even when the queue is full: wait for room, bounded.
-        try:
-            self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Full:
-            flushed = False
-        if flushed:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-            flushed = not self._thread.is_alive()
-        if not flushed:
-            self._add("dropped", self._drain())
-            try:  # let the worker exit whenever it gets unstuck
-                self._queue.put_nowait(_STOP)
-            except queue.Full:
-                pass
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        flushed = not self._thread.is_alive()
+        # Records still pending (the worker is stuck, or a producer raced the close) are lost.
+        lost = self._drain()
+        if lost:
+            self._add("dropped", lost)
         if self._sender is not None:
             flushed = self._sender.close(deadline) and flushed
         if not flushed:
@@ -616,14 +932,14 @@ class Exporter:
         return flushed
 
     def _drain(self) -> int:
-        """Empty the queue after a timed-out shutdown; returns how many records were lost."""
+        """Empty the pending deque; returns how many records were in it."""
         lost = 0
         while True:
             try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
+                self._pending.popleft()
+            except IndexError:
                 return lost
-            lost += item is not _STOP
+            lost += 1
 
     def __enter__(self) -> "Exporter":
         return self
