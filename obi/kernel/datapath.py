@@ -16,15 +16,21 @@ executable matches cfg.auto_target_exe; only processes in the watched netns coun
 agent per node, like a DaemonSet). Their tgids go to `selected_tgids`, their listening
 ports to `server_ports`; a scanner thread refreshes both every `scan_interval` seconds.
 
+TLS (connections that begin with a handshake record) is never parsed or written into;
+its requests are request/response turns, and with `tcp` propagation the client's context
+travels in TCP option kind 25 of one segment per request (egress.bpf.c explains both).
+Such spans have empty method/path, status 0 and extra {"tls": True, "tcp_option": ...}.
+
 Sockets established before start() are not in sock_hash (sockops only sees new
 connections): their requests pass unchanged and produce no client spans. Server
 connections accepted before start() are still parsed by tc, but their responses are not
-seen by sk_msg (no server span end) until the client reconnects.
+seen by sk_msg (no server span end) until the client reconnects. They also lack the
+TCP-option callbacks (set at establishment). Not done yet: a BPF TCP socket iterator
+(`iter/tcp`, bpf_sock_hash_update from the iterator) could adopt them at start.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import socket
@@ -44,18 +50,6 @@ log = logging.getLogger("obi.kernel.datapath")
 
 OBJECTS = ("egress", "ingress", "threads")  # egress first: it creates the shared maps
 _TCP_LISTEN = "0A"
-
-# libbpf's bpf_map__reuse_fd (not in the shared binding): lets an object use a map
-# created by another object, before load.
-libbpf._lib.bpf_map__reuse_fd.restype = ctypes.c_int
-libbpf._lib.bpf_map__reuse_fd.argtypes = [ctypes.c_void_p, ctypes.c_int]
-
-
-def _reuse_map_fd(m: libbpf.Map, fd: int) -> None:
-    ret = libbpf._lib.bpf_map__reuse_fd(m._ptr, fd)
-    if ret < 0:
-        raise BpfError(f"bpf_map__reuse_fd({m.name})", -ret)
-
 
 # --- process selection ---------------------------------------------------------------
 
@@ -232,7 +226,7 @@ class KernelDatapath:
             obj.set_global("obi_cfg_flags", struct.pack("=I", flags))
             for m in obj.maps():
                 if m.name in shared:
-                    _reuse_map_fd(m, shared[m.name])
+                    m.reuse_fd(shared[m.name])
             try:
                 obj.load()
             except BpfError as e:

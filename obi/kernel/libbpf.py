@@ -211,6 +211,7 @@ _map_key_size = _fn("bpf_map__key_size", c_uint32, c_void_p)
 _map_value_size = _fn("bpf_map__value_size", c_uint32, c_void_p)
 _map_max_entries = _fn("bpf_map__max_entries", c_uint32, c_void_p)
 _map_set_max_entries = _fn("bpf_map__set_max_entries", c_int, c_void_p, c_uint32)
+_map_reuse_fd = _fn("bpf_map__reuse_fd", c_int, c_void_p, c_int)
 _map_initial_value = _fn("bpf_map__initial_value", c_void_p, c_void_p, POINTER(c_size_t))
 
 _map_lookup = _fn("bpf_map_lookup_elem", c_int, c_int, c_void_p, c_void_p)
@@ -668,6 +669,11 @@ class Map:
         """Before load only."""
         _check(_map_set_max_entries(self._ptr, n), f"set_max_entries({self.name})")
         self.max_entries = n
+
+    def reuse_fd(self, fd: int) -> None:
+        """Before load only: use the existing map `fd` (e.g. created by another object)
+        instead of creating this one, so that several objects share one map."""
+        _check(_map_reuse_fd(self._ptr, fd), f"bpf_map__reuse_fd({self.name})")
 
     def _key(self, key: bytes) -> ctypes.Array:
         if len(key) != self.key_size:
