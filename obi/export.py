@@ -25,6 +25,7 @@ processor waits up to 30 s and drops silently).
 from __future__ import annotations
 
 import collections
+import collections.abc
 import datetime
 import functools
 import json
@@ -393,12 +394,16 @@ def _encode_varint(n: int) -> bytes:
     return bytes(out)
 
 
-_SMALL_VARINTS = [_encode_varint(n) for n in range(4096)]  # every length up to 4 KiB
+_SMALL_VARINTS = [_encode_varint(n) for n in range(1 << 14)]  # every 1- and 2-byte varint
 
 
 def _varint(n: int) -> bytes:
     """Unsigned protobuf varint."""
-    return _SMALL_VARINTS[n] if n < 4096 else _encode_varint(n)
+    if n < 0x4000:
+        return _SMALL_VARINTS[n]
+    if n < 0x20_0000:  # ports, lengths up to 2 MiB: no loop
+        return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
+    return _encode_varint(n)
 
 
 def _tag(message: Any, field: str) -> bytes:
@@ -425,6 +430,9 @@ _T_ATTRIBUTE = _tag(_PbSpan, "attributes")
 _T_KEY, _T_VALUE = _tag(_PbKV, "key"), _tag(_PbKV, "value")
 _T_STRING, _T_BOOL = _tag(_PbAny, "string_value"), _tag(_PbAny, "bool_value")
 _T_INT, _T_DOUBLE = _tag(_PbAny, "int_value"), _tag(_PbAny, "double_value")
+_T_BYTES, _T_ARRAY, _T_KVLIST = _tag(_PbAny, "bytes_value"), _tag(_PbAny, "array_value"), _tag(_PbAny, "kvlist_value")
+_T_ARRAY_VALUE = _tag(_common_pb2.ArrayValue, "values")
+_T_KVLIST_VALUE = _tag(_common_pb2.KeyValueList, "values")
 _T_SPAN = _tag(_trace_pb2.ScopeSpans, "spans")
 _T_SCOPE_SPANS = _tag(_trace_pb2.ResourceSpans, "scope_spans")
 _T_RESOURCE_SPANS = _tag(_svc_pb2.ExportTraceServiceRequest, "resource_spans")
@@ -444,44 +452,58 @@ _U64 = struct.Struct("<Q").pack
 _INT64_RANGE = range(-(1 << 63), 1 << 63)
 
 
-def _any_value(value: object) -> bytes | None:
-    """An AnyValue body; None for a type OTLP attributes can't hold (the SDK drops those too)."""
+def _any_value(value: object) -> bytes:
+    """An AnyValue body, for the same types and in the same order as the SDK's encoder.
+    Raises (TypeError, OverflowError) where the SDK would drop the attribute."""
+    if value is None:
+        return b""
     if isinstance(value, bool):
         return _T_BOOL + (b"\x01" if value else b"\x00")
     if isinstance(value, str):
         return _len_field(_T_STRING, value.encode())
     if isinstance(value, int):
-        return _T_INT + _varint(value & 0xFFFF_FFFF_FFFF_FFFF) if value in _INT64_RANGE else None
+        if value not in _INT64_RANGE:
+            raise OverflowError(f"{value} does not fit an int64")
+        return _T_INT + _varint(value & 0xFFFF_FFFF_FFFF_FFFF)
     if isinstance(value, float):
         return _T_DOUBLE + struct.pack("<d", value)
-    return None
+    if isinstance(value, bytes):
+        return _len_field(_T_BYTES, value)
+    if isinstance(value, collections.abc.Sequence):
+        return _len_field(_T_ARRAY, b"".join(_len_field(_T_ARRAY_VALUE, _any_value(v)) for v in value))
+    if isinstance(value, collections.abc.Mapping):
+        return _len_field(_T_KVLIST, b"".join(_len_field(_T_KVLIST_VALUE, _key_value(str(k), v)) for k, v in value.items()))
+    raise TypeError(f"invalid attribute value type {type(value).__name__}")
 
 
-def _key_value(key: str, value: object) -> bytes | None:
-    """A KeyValue body, or None when the value can't be encoded."""
-    any_value = _any_value(value)
-    return None if any_value is None else _len_field(_T_KEY, key.encode()) + _len_field(_T_VALUE, any_value)
+def _key_value(key: str, value: object) -> bytes:
+    """A KeyValue body."""
+    return _len_field(_T_KEY, key.encode()) + _len_field(_T_VALUE, _any_value(value))
 
 
 def _encode_resource(attrs: dict[str, str | int]) -> bytes:
     """The `ResourceSpans.resource` field for a process's resource attributes."""
     tag = _tag(_resource_pb2.Resource, "attributes")
-    body = b"".join(_len_field(tag, kv) for k, v in attrs.items() if (kv := _key_value(k, v)) is not None)
+    body = b"".join(_len_field(tag, _key_value(k, v)) for k, v in attrs.items())
     return _len_field(_tag(_trace_pb2.ResourceSpans, "resource"), body)
 
 
 class WireEncoder:
     """`SpanRecord` -> one encoded OTLP `Span`, and batches of those -> one request body.
 
-    Used by one thread (the exporter's worker encodes, the sender only calls `request`,
-    which keeps no state). The caches are bounded: cleared when full, so a flood of unique
-    values (paths, client ports) costs a re-encode, never memory.
+    Used by one thread (the exporter's worker; `request` keeps no state). Attribute
+    encodings are cached per (key, value) until a key shows more than `per_key` distinct
+    values (client ports, paths with ids): such keys are encoded afresh each time rather
+    than flushing the useful entries. Every cache is bounded (cleared when full).
     """
 
-    def __init__(self, service_name: str = "", max_cached: int = 16384):
+    def __init__(self, service_name: str = "", max_cached: int = 16384, per_key: int = 1024):
         self.resources = ResourceCache(service_name, build=_encode_resource)
         self._max = max_cached
+        self._per_key = per_key
         self._attrs: dict[tuple[str, object, type], bytes] = {}
+        self._seen: dict[str, int] = {}  # key -> distinct values cached so far
+        self._keys: dict[str, bytes] = {}  # key -> encoded KeyValue.key field
         self._heads: dict[tuple[str, SpanKind], bytes] = {}  # name + kind fields
         self._states: dict[str, bytes] = {}  # raw tracestate -> trace_state field
 
@@ -508,16 +530,51 @@ class WireEncoder:
         parts += (head, _T_START, _U64(rec.start_ns), _T_END, _U64(max(rec.end_ns, rec.start_ns)))
         cache = self._attrs
         for key, value in span_attributes(rec).items():
-            ck = (key, value, type(value))  # type too: True == 1 must not share an entry
-            field = cache.get(ck)
+            ck = (key, value, value.__class__)  # the type too: True == 1 must not share an entry
+            try:
+                field = cache.get(ck)
+            except TypeError:  # an unhashable value (a list in `extra`): encode, don't cache
+                field = self._encode_attribute(key, value)
             if field is None:
-                kv = _key_value(key, value)
-                field = self._cached(cache, ck, b"" if kv is None else _len_field(_T_ATTRIBUTE, kv))
+                field = self._attribute(ck)
             parts.append(field)
         parts.append(_STATUS_ERROR if is_error(rec) else _STATUS_UNSET)
         parts.append(_FLAGS_REMOTE_PARENT if rec.parent_span_id else _FLAGS_ROOT)
         body = b"".join(parts)
         return _T_SPAN + _varint(len(body)) + body
+
+    def _attribute(self, ck: tuple[str, object, type]) -> bytes:
+        """Encode one attribute; cache it unless its key has proved high-cardinality."""
+        key = ck[0]
+        field = self._encode_attribute(key, ck[1])
+        seen = self._seen.get(key, 0)
+        if seen < self._per_key:
+            if len(self._attrs) >= self._max:
+                self._attrs.clear()
+                self._seen.clear()
+                seen = 0
+            self._attrs[ck] = field
+            self._seen[key] = seen + 1
+        return field
+
+    def _encode_attribute(self, key: str, value: object) -> bytes:
+        """One `Span.attributes` field; b"" for a value the SDK's encoder would drop too."""
+        key_field = self._keys.get(key)
+        if key_field is None:
+            key_field = self._cached(self._keys, key, _len_field(_T_KEY, key.encode()))
+        if value.__class__ is str:
+            raw = value.encode()  # type: ignore[attr-defined]
+            any_value = _T_STRING + _varint(len(raw)) + raw
+        elif value.__class__ is int and 0 <= value < 0x20_0000:  # type: ignore[operator]
+            any_value = _T_INT + _varint(value)  # type: ignore[arg-type]
+        else:
+            try:
+                any_value = _any_value(value)
+            except (TypeError, OverflowError) as e:
+                log.debug("attribute %s not exported: %s", key, e)
+                return b""
+        kv = key_field + _T_VALUE + _varint(len(any_value)) + any_value
+        return _T_ATTRIBUTE + _varint(len(kv)) + kv
 
     def _trace_state(self, raw: str) -> bytes:
         field = self._states.get(raw)

@@ -69,13 +69,30 @@ class _Receiver:
         self.port = port or free_port()
         self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
         self.headers: list[dict[str, str]] = []
+        self.span_count = 0  # spans decoded so far (cheap to poll, unlike spans())
         self._cond = threading.Condition()
 
     def _record(self, req: trace_service_pb2.ExportTraceServiceRequest, headers: dict[str, str]) -> None:
+        n = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
         with self._cond:
             self.requests.append(req)
             self.headers.append(headers)
+            self.span_count += n
             self._cond.notify_all()
+
+    def wait_for_count(self, n: int, timeout: float) -> int:
+        """Wait until at least n spans arrived (or timeout); returns how many arrived."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.span_count < n and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(min(left, 0.1))
+            return self.span_count
+
+    def span_ids(self) -> list[bytes]:
+        """Every received span id, in arrival order (duplicates kept)."""
+        with self._cond:
+            reqs = list(self.requests)
+        return [s.span_id for req in reqs for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans]
 
     def spans(self) -> list[ReceivedSpan]:
         with self._cond:

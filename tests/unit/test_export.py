@@ -483,3 +483,147 @@ def test_make_otlp_exporter_follows_config() -> None:
     assert grpc_exp._headers == (("k", "v"),) and grpc_exp._insecure
     http.shutdown()
     grpc_exp.shutdown()
+
+
+# --- OTLP wire encoding (must equal the SDK's encoding) -----------------------------------
+
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans  # noqa: E402
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
+from opentelemetry.sdk.trace.export import SpanExportResult  # noqa: E402
+
+from obi.export import Payload, SdkInternalsChanged, WireEncoder  # noqa: E402
+
+
+def varied_records() -> list[SpanRecord]:
+    """Records covering every branch the encoder has: kinds, parents, tracestate, status
+    classes, odd methods, IPv6, every attribute value type, several processes."""
+    parent = TraceContext.new_root()
+    out = [
+        rec(),
+        rec(SpanKind.CLIENT, parent_span_id=parent.span_id, status=404, host="svc:8443", scheme="https"),
+        rec(parent_span_id=parent.span_id, status=503, tracestate="vendor=abc,other=x:y", pid=7, exe="/bin/a"),
+        rec(tracestate="not a valid tracestate ===", pid=7, exe="/bin/a"),
+        rec(tracestate="k1=v1 , k2=v2", pid=8, exe="/usr/sbin/b"),  # normalized like the SDK does
+        rec(method="PROPFIND", status=0, path="http://origin.example/p?q=1#frag"),
+        rec(SpanKind.CLIENT, peer_addr="2001:db8::1", peer_port=65535, status=500, pid=9, tid=10),
+        rec(end_ns=T0 - 5),  # end before start: clamped, like to_readable_span
+        rec(start_ns=0, end_ns=2**64 - 1, local_port=0, peer_port=0, local_addr="", peer_addr=""),
+        rec(extra={"b.true": True, "b.false": False, "i.zero": 0, "i.one": 1, "i.neg": -5, "i.big": 2**62,
+                   "f": 1.5, "s.empty": "", "s.utf8": "héllo ✓", "raw": b"\x00\x01", "none": None,
+                   "list": ["a", 1, True], "map": {"k": "v", "n": 2}, "too.big": 2**64, "bad": object()}),
+        rec(extra={"b.true": 1, "b.false": 0, "i.one": True}),  # same keys, other types: no cache mix-up
+    ]
+    out += [rec(peer_port=40000 + i, path=f"/items/{i}", pid=7, exe="/bin/a") for i in range(50)]
+    return out
+
+
+def sdk_request(records: list[SpanRecord], service_name: str = "") -> ExportTraceServiceRequest:
+    resources = ResourceCache(service_name)
+    return encode_spans([to_readable_span(r, resources.get(r)) for r in records])
+
+
+def wire_request(enc: WireEncoder, records: list[SpanRecord]) -> ExportTraceServiceRequest:
+    return ExportTraceServiceRequest.FromString(enc.request([(enc.resource(r), enc.span(r)) for r in records]))
+
+
+@pytest.mark.parametrize("service_name", ["", "checkout"])
+def test_wire_encoding_equals_the_sdk_encoding(service_name: str) -> None:
+    records = varied_records()
+    enc = WireEncoder(service_name)
+    expected = sdk_request(records, service_name)
+    # Twice: the second pass is served from the encoder's caches.
+    for _ in range(2):
+        got = wire_request(enc, records)
+        assert got == expected
+    # Grouped by process in first-seen order, one scope each.
+    assert len(got.resource_spans) == 4
+    assert [len(rs.scope_spans[0].spans) for rs in got.resource_spans] == [7, 52, 1, 1]
+    assert got.resource_spans[0].scope_spans[0].scope.name == "obi"
+    attrs = {kv.key: kv.value for kv in got.resource_spans[0].scope_spans[0].spans[-1].attributes}
+    assert attrs["b.true"].WhichOneof("value") == "int_value" and attrs["i.one"].bool_value is True
+
+
+def test_wire_encoder_caches_are_bounded_and_stay_correct() -> None:
+    enc = WireEncoder(max_cached=64, per_key=8)
+    records = [rec(peer_port=1024 + i, path=f"/p/{i}", host=f"h{i % 3}.example", pid=1 + i % 5, exe="/bin/x")
+               for i in range(400)]
+    for chunk in (records[:200], records[200:]):
+        assert wire_request(enc, chunk) == sdk_request(chunk)
+    assert len(enc._attrs) <= 64
+    # High-cardinality keys stop being cached: ports and paths were not kept past per_key.
+    assert sum(1 for key, *_ in enc._attrs if key == "client.port") <= 8
+
+
+def test_wire_encoder_rejects_malformed_ids() -> None:
+    enc = WireEncoder()
+    for bad in (dict(trace_id="abcd"), dict(span_id="00" * 9), dict(parent_span_id="zz" * 8), dict(trace_id="x" * 32)):
+        with pytest.raises(ValueError):
+            enc.span(rec(**bad))
+
+
+# --- the SDK exporters' internals that send_payload relies on --------------------------------
+
+
+def test_sdk_transport_internals() -> None:
+    """Fails loudly when an opentelemetry-exporter-otlp upgrade moves what obi.export's
+    transport adapter uses (then export silently falls back to the slow SDK encoding)."""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as Grpc
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
+
+    http = make_otlp_exporter(Config(otlp_endpoint="http://127.0.0.1:4318"))
+    assert isinstance(http, Http) and type(http) is not Http, "fell back to the plain SDK exporter"
+    assert callable(http._client.export) and http._shutdown is False
+
+    grpc_exp = make_otlp_exporter(Config(otlp_endpoint="http://127.0.0.1:4317", otlp_protocol="grpc"))
+    assert isinstance(grpc_exp, Grpc) and type(grpc_exp) is not Grpc, "fell back to the plain SDK exporter"
+    assert grpc_exp._stub.__name__ == "_PayloadTraceStub" and type(grpc_exp._client) is grpc_exp._stub
+    payload = Payload(b"\x0a\x00", 3)
+    assert grpc_exp._translate_data(payload) == b"\x0a\x00" and grpc_exp._count_data(payload) == 3
+    # SDK spans still go through the SDK encoder (and the stub serializes its message).
+    span = to_readable_span(rec(), ResourceCache().get(rec()))
+    assert isinstance(grpc_exp._translate_data([span]), ExportTraceServiceRequest)
+    for exp in (http, grpc_exp):
+        exp.shutdown()
+        assert exp.send_payload(payload) is False  # after shutdown: refused, no network
+
+
+def test_sdk_internals_change_falls_back_to_the_sdk_exporter(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
+
+    cls = make_otlp_exporter.__globals__["_payload_exporter_classes"]()["http/protobuf"]
+
+    def changed(self, **kw):
+        raise SdkInternalsChanged("simulated")
+
+    monkeypatch.setattr(cls, "__init__", changed)
+    exp = make_otlp_exporter(Config(otlp_endpoint="http://127.0.0.1:4318"))
+    assert type(exp) is Http and not hasattr(exp, "send_payload")
+    exp.shutdown()
+
+
+def test_export_is_cheap_and_counters_exact_with_a_refusing_backend() -> None:
+    """An SDK exporter that refuses every batch: nothing blocks, every span is accounted for."""
+
+    class Refusing:
+        def __init__(self) -> None:
+            self.batches = 0
+
+        def export(self, spans):
+            self.batches += 1
+            return SpanExportResult.FAILURE
+
+        def shutdown(self) -> None:
+            pass
+
+    backend = Refusing()
+    exp = Exporter(printing_config("disabled"), otlp_exporter=backend, batch_size=100, schedule_delay_s=0.01)
+    records = [rec() for _ in range(1000)]
+    t0 = time.perf_counter()
+    for r in records:
+        exp.export(r)
+    per_call = (time.perf_counter() - t0) / len(records)
+    assert exp.shutdown(5)
+    stats = exp.stats()
+    assert stats["received"] == 1000 and stats["exported"] == 0
+    assert stats["dropped"] == 1000 and stats["export_errors"] == backend.batches >= 10
+    assert per_call < 0.001
