@@ -118,7 +118,9 @@ def run_checks(cfg: Config) -> list[Check]:
     if pwu.ok:
         checks.append(Check(pwu.name, OK, "usable (obi does not use it)", True))
     else:
-        checks.append(Check(pwu.name, WARN, f"not usable: {pwu.detail} (obi does not need it)", False))
+        # Reported because OBI's Go-library propagation depends on it; obi-py's datapaths
+        # write on the wire instead, so its absence is no problem here.
+        checks.append(Check(pwu.name, OK, f"not usable: {pwu.detail} (obi does not need it)", False))
 
     checks.append(_capabilities_check())
 
@@ -179,6 +181,7 @@ def report_json(checks: list[Check]) -> dict[str, Any]:
         "datapath": val("datapath"),
         "datapath_reason": dp.detail if dp else "",
         "tcx": bool(val("tcx", False)),
+        "bpf_probe_write_user": bool(val("bpf_probe_write_user", False)),
         "iptables_backend": val("iptables", ""),
         "capabilities": val("capabilities", {}),
         "checks": [{"name": c.name, "status": c.status, "detail": c.detail} for c in checks],
