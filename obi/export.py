@@ -394,14 +394,16 @@ def _encode_varint(n: int) -> bytes:
     return bytes(out)
 
 
-_SMALL_VARINTS = [_encode_varint(n) for n in range(1 << 14)]  # every 1- and 2-byte varint
+_SMALL_VARINTS = [_encode_varint(n) for n in range(4096)]  # every span/attribute length: a lookup
 
 
 def _varint(n: int) -> bytes:
     """Unsigned protobuf varint."""
-    if n < 0x4000:
+    if n < 4096:
         return _SMALL_VARINTS[n]
-    if n < 0x20_0000:  # ports, lengths up to 2 MiB: no loop
+    if n < 0x4000:
+        return bytes((n & 0x7F | 0x80, n >> 7))
+    if n < 0x20_0000:  # ports, batch lengths up to 2 MiB: no loop
         return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
     return _encode_varint(n)
 

@@ -491,7 +491,7 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
 from opentelemetry.sdk.trace.export import SpanExportResult  # noqa: E402
 
-from obi.export import Payload, SdkInternalsChanged, WireEncoder  # noqa: E402
+from obi.export import Payload, SdkInternalsChanged, WireEncoder, _payload_exporter_classes  # noqa: E402
 
 
 def varied_records() -> list[SpanRecord]:
@@ -590,7 +590,7 @@ def test_sdk_transport_internals() -> None:
 def test_sdk_internals_change_falls_back_to_the_sdk_exporter(monkeypatch: pytest.MonkeyPatch) -> None:
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
 
-    cls = make_otlp_exporter.__globals__["_payload_exporter_classes"]()["http/protobuf"]
+    cls = _payload_exporter_classes()["http/protobuf"]
 
     def changed(self, **kw):
         raise SdkInternalsChanged("simulated")
