@@ -74,8 +74,16 @@ def _known_method(method: str) -> bool:
     return method in KNOWN_METHODS
 
 
+def is_tls(rec: SpanRecord) -> bool:
+    """An encrypted exchange: linked by the TCP option, its HTTP fields unknown."""
+    return bool(rec.extra.get("tls"))
+
+
 def span_name(rec: SpanRecord) -> str:
-    """`{method}` (routes are unknown on the wire); `HTTP` for a nonstandard method."""
+    """`{method}` (routes are unknown on the wire); `HTTP` for a nonstandard method;
+    `TLS` for an encrypted request, whose method the agent cannot see."""
+    if is_tls(rec):
+        return "TLS"
     return rec.method if _known_method(rec.method) else "HTTP"
 
 
@@ -120,16 +128,18 @@ def span_status(rec: SpanRecord) -> Status:
 def span_attributes(rec: SpanRecord) -> dict[str, str | int | bool]:
     """Attributes per the stable OpenTelemetry HTTP semantic conventions, plus obi's own."""
     attrs: dict[str, str | int | bool] = {}
-    if _known_method(rec.method):
-        attrs["http.request.method"] = rec.method
-    else:
-        attrs["http.request.method"] = "_OTHER"
-        attrs["http.request.method_original"] = rec.method
+    tls = is_tls(rec)
     path, query = _split_target(rec.path)
-    attrs["url.path"] = path
-    if query:
-        attrs["url.query"] = query
-    attrs["url.scheme"] = rec.scheme
+    if not tls:  # encrypted: method, target and status are not visible on the wire
+        if _known_method(rec.method):
+            attrs["http.request.method"] = rec.method
+        else:
+            attrs["http.request.method"] = "_OTHER"
+            attrs["http.request.method_original"] = rec.method
+        attrs["url.path"] = path
+        if query:
+            attrs["url.query"] = query
+        attrs["url.scheme"] = rec.scheme
     if rec.status > 0:
         attrs["http.response.status_code"] = rec.status
 
@@ -151,9 +161,11 @@ def span_attributes(rec: SpanRecord) -> dict[str, str | int | bool]:
         attrs["network.peer.address"] = rec.peer_addr
     if rec.peer_port:
         attrs["network.peer.port"] = rec.peer_port
-    attrs["network.protocol.name"] = "http"
-    attrs["network.protocol.version"] = "1.1"
-    if rec.kind is SpanKind.CLIENT and server_addr:
+    attrs["network.transport"] = "tcp"
+    if not tls:
+        attrs["network.protocol.name"] = "http"
+        attrs["network.protocol.version"] = "1.1"
+    if rec.kind is SpanKind.CLIENT and server_addr and not tls:
         authority = _url_host(server_addr)
         if server_port and server_port != _DEFAULT_PORTS.get(rec.scheme):
             authority += f":{server_port}"
@@ -165,8 +177,9 @@ def span_attributes(rec: SpanRecord) -> dict[str, str | int | bool]:
         attrs["thread.id"] = rec.tid
     if rec.pid:
         attrs["process.pid"] = rec.pid
+    # Datapath-specific facts (e.g. tls, tcp_option) live in obi's own namespace.
     for key, value in rec.extra.items():
-        attrs.setdefault(key, value)
+        attrs.setdefault(key if key.startswith("obi.") else f"obi.{key}", value)
     return attrs
 
 

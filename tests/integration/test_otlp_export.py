@@ -108,6 +108,7 @@ def test_spans_round_trip_exactly(protocol: str) -> None:
         "network.peer.port": 40123,
         "network.protocol.name": "http",
         "network.protocol.version": "1.1",
+        "network.transport": "tcp",
         "error.type": "503",
         "obi.datapath": "userspace",
         "thread.id": 4243,

@@ -85,6 +85,7 @@ def test_server_attributes_from_sockets() -> None:
         "network.peer.port": 41000,
         "network.protocol.name": "http",
         "network.protocol.version": "1.1",
+        "network.transport": "tcp",
         "obi.datapath": "kernel",
         "thread.id": 11,
         "process.pid": 10,
@@ -136,10 +137,24 @@ def test_no_response_no_status_code_no_error() -> None:
 
 
 def test_unknown_pid_tid_omitted_and_extra_merged() -> None:
-    attrs = span_attributes(rec(extra={"obi.propagation": "tcp", "url.path": "not me"}))
+    attrs = span_attributes(rec(extra={"obi.propagation": "tcp", "tls_version": "1.3", "url.path": "not me"}))
     assert "thread.id" not in attrs and "process.pid" not in attrs
     assert attrs["obi.propagation"] == "tcp"
+    assert attrs["obi.tls_version"] == "1.3"  # datapath facts go into obi's namespace
     assert attrs["url.path"] == "/items/1"  # extra never overrides a convention attribute
+    assert attrs["obi.url.path"] == "not me"
+
+
+def test_tls_span_has_no_http_fields() -> None:
+    r = rec(SpanKind.CLIENT, method="", path="", status=0, extra={"tls": True, "tcp_option": True})
+    assert span_name(r) == "TLS"
+    attrs = span_attributes(r)
+    assert not any(k.startswith(("http.", "url.")) for k in attrs), attrs
+    assert "network.protocol.name" not in attrs
+    assert attrs["network.transport"] == "tcp"
+    assert attrs["obi.tls"] is True and attrs["obi.tcp_option"] is True
+    assert attrs["server.address"] == r.peer_addr and attrs["network.peer.port"] == r.peer_port
+    assert span_status(r).status_code.name == "UNSET"
 
 
 @pytest.mark.parametrize(
@@ -540,7 +555,7 @@ def test_wire_encoding_equals_the_sdk_encoding(service_name: str) -> None:
     assert [len(rs.scope_spans[0].spans) for rs in got.resource_spans] == [7, 52, 1, 1]
     assert got.resource_spans[0].scope_spans[0].scope.name == "obi"
     attrs = {kv.key: kv.value for kv in got.resource_spans[0].scope_spans[0].spans[-1].attributes}
-    assert attrs["b.true"].WhichOneof("value") == "int_value" and attrs["i.one"].bool_value is True
+    assert attrs["obi.b.true"].WhichOneof("value") == "int_value" and attrs["obi.i.one"].bool_value is True
 
 
 def test_wire_encoder_caches_are_bounded_and_stay_correct() -> None:
