@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import http.client
 import json
+import socket
 import sys
 import threading
 import urllib.parse
@@ -111,9 +112,20 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
 
 
+class _DualStackServer(ThreadingHTTPServer):
+    """Listens on "::" for IPv6 and, through v4-mapped addresses, IPv4 too."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
 def serve(port: int, downstream: str = "", host: str = "0.0.0.0") -> None:
     handler = type("Handler", (_Handler,), {"downstream": urllib.parse.urlsplit(downstream) if downstream else None})
-    server = ThreadingHTTPServer((host, port), handler)
+    server_class = _DualStackServer if ":" in host else ThreadingHTTPServer
+    server = server_class((host, port), handler)
     server.daemon_threads = True
     print(f"listening on {host}:{port}", flush=True)
     server.serve_forever()
@@ -124,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="run a demo HTTP service")
     s.add_argument("--port", type=int, required=True)
-    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--host", default="0.0.0.0", help='address to listen on; "::" listens on IPv6 and IPv4')
     s.add_argument("--downstream", default="", help="base URL to call for each request")
     args = p.parse_args(argv)
     try:

@@ -11,6 +11,7 @@ Everything created is removed on exit, also when the body raised.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import shlex
@@ -103,7 +104,7 @@ class Topology:
                 netns=f"{tag}-{name}"[:32],
                 ifname="eth0",
                 addr=f"198.18.{subnet}.{i}",
-                addr6=f"fd00:198:18:{subnet}::{i}",
+                addr6=str(ipaddress.IPv6Address(f"fd00:198:18:{subnet}::{i}")),  # canonical form
             )
         self._made_ns: list[str] = []
         self._made_cgroups: list[str] = []

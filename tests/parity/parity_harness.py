@@ -160,8 +160,8 @@ def start_service(host: Host, argv: Sequence[str], ready: str = "listening") -> 
     return proc
 
 
-def demoapp(host: Host, downstream: str = "") -> subprocess.Popen:
-    argv = [sys.executable, "-m", "obi.demoapp", "serve", "--port", str(PORT)]
+def demoapp(host: Host, downstream: str = "", listen: str = "0.0.0.0") -> subprocess.Popen:
+    argv = [sys.executable, "-m", "obi.demoapp", "serve", "--port", str(PORT), "--host", listen]
     if downstream:
         argv += ["--downstream", downstream]
     return start_service(host, argv)
@@ -198,7 +198,7 @@ class Env:
         if self.c_service is not None:
             self.c_service(c)
         else:
-            demoapp(c)
+            demoapp(c, listen="::")  # dual stack: the IPv6 scenarios reach it too
             start_service(c, [sys.executable, APPS, "recorder", "--port", str(RAW_PORT)])
         demoapp(b, downstream=f"http://{c.addr}:{PORT}")
         if self.want_driver:

@@ -337,6 +337,29 @@ def test_bodies_echoed_with_matching_sha256(env: Env):
     assert all(clients[s["parent_span_id"]]["trace_id"] == s["trace_id"] for _, s in c_spans)
 
 
+def test_ipv6_header_bodies_and_links(env: Env):
+    """The same over IPv6 (B -> C on C's fd00:198:18::/64 address, a dual-stack service):
+    every request gets its header, bodies arrive unchanged, C's spans are B's children."""
+    agent_b, agent_c = env.agents["b"], env.agents["c"]
+    mark_b, mark_c = agent_b.mark(), agent_c.mark()
+    sizes = (0, 1000, 65536)
+    for i, size in enumerate(sizes):
+        r = env.driver.run({"op": "echo", "addr": env.hosts[2].addr6, "port": PORT, "size": size,
+                            "chunked": False, "new_conn": i == 0}, timeout=60)
+        assert r["status"] == 200 and r["len"] == size, (size, r)
+        assert r["sent_sha"] == r["c_sha"] == r["back_sha"], f"IPv6 body of {size} bytes changed"
+    clients = agent_b.wait(lambda s: s["kind"] == "CLIENT" and _path(s) == "/echo", n=len(sizes), since=mark_b)
+    servers = agent_c.wait(lambda s: s["kind"] == "SERVER" and _path(s) == "/echo", n=len(sizes), since=mark_c)
+    assert len(clients) == len(servers) == len(sizes), (clients, servers, env.logs())
+    by_id = {s["span_id"]: s for s in clients}
+    for server in servers:
+        client = by_id.get(server["parent_span_id"])
+        assert client is not None, f"C SERVER span {server['span_id']} is no child of a B CLIENT span"
+        assert client["trace_id"] == server["trace_id"]
+        assert client["attributes"]["network.peer.address"] == env.hosts[2].addr6
+        assert server["attributes"]["client.address"] == env.hosts[1].addr6
+
+
 # -- traffic that must be left alone ----------------------------------------------------
 
 def raw_roundtrip(env: Env, data: bytes) -> bytes:
