@@ -5,6 +5,13 @@ MTU, finds the watched ports, relaxes conntrack's TCP window check for this netn
 ack bytes the local stack never sent, which strict conntrack would mark INVALID, and an
 untracked packet no longer matches our connmark rules), adds the iptables rules and
 starts reading the queue. stop() undoes it in reverse order.
+
+Connections with inserted headers cannot go on without translation (`state`). start()
+resumes those a killed predecessor left in the shift journal; stop() first drains: no new
+connections are tracked and nothing more is inserted, while open connections with
+inserted bytes keep being translated until they close, for at most half of
+shutdown_timeout. Those still open then are reset (both ends see a reset; none sees
+corrupted bytes) before the rules go.
 """
 
 from __future__ import annotations
@@ -14,12 +21,13 @@ import os
 import secrets
 import shutil
 import threading
+import time
 
 from obi.config import Config
 from obi.datapath import SpanSink
 from obi.errors import AttachError, MissingFeature
 
-from . import rules
+from . import rules, state
 from .flows import INSERT_LEN, TCP_OPTION_ROOM, Tracker
 from .procs import ProcOwners
 from .queue import QueueLoop
@@ -63,6 +71,9 @@ class UserspaceDatapath:
         self._liberal_before: str | None = None
         self._lock = threading.Lock()
         self._queue_counts: dict[str, int] = {}
+        self._journal: state.Journal | None = None
+        self.drain_s = cfg.shutdown_timeout_s / 2  # the other half is for flushing spans
+        self.drain_stats: dict[str, int] = {}
 
     def start(self) -> None:
         if os.geteuid() != 0:
@@ -75,7 +86,17 @@ class UserspaceDatapath:
             if self.cfg.auto_target_exe:
                 ports += [(p, p) for p in self.owners.listening_ports()]
             self.owners.refresh()
-            self.tracker = Tracker(self.cfg, self.sink, self.owners, mtu=mtu, mark=rules.MARK)
+            for line in rules.remove_stale():
+                log.info("userspace datapath: %s (left by a killed agent)", line)
+            self._journal = state.Journal()
+            resumed = self._journal.open()
+            self.tracker = Tracker(self.cfg, self.sink, self.owners, mtu=mtu, mark=rules.MARK,
+                                   shift_mark=rules.SHIFT, journal=self._journal)
+            for key, (base, inserts) in resumed.items():
+                self.tracker.resume(key, base, inserts)
+            if resumed:
+                log.info("userspace datapath: resumed translation of %d connection(s) with inserted headers",
+                         len(resumed))
             self._set_liberal()
             self._queue = QueueLoop(self.queue_num, self._handle)
             self._queue.start()  # read before the rules send us packets
@@ -93,7 +114,32 @@ class UserspaceDatapath:
     def _handle(self, data: bytes, outgoing: bool):
         assert self.tracker is not None
         with self._lock:
-            return self.tracker.handle(data, outgoing)
+            verdict = self.tracker.handle(data, outgoing)
+            if self._journal is not None and self._journal.too_big:
+                self._journal.rewrite(self.tracker.shift_state())
+            return verdict
+
+    def _drain(self) -> None:
+        """Keep translating connections with inserted bytes until they close (bounded), then
+        reset those still open while the rules still translate the reset."""
+        tracker = self.tracker
+        if tracker is None or self._queue is None:
+            return
+        with self._lock:
+            tracker.draining = True
+        deadline = time.monotonic() + self.drain_s
+        while True:
+            with self._lock:
+                left = [f.key for f in tracker.shifted()]
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        reset = sum(state.abort(key) for key in left)
+        if left:
+            log.warning("userspace datapath: %d connection(s) with inserted headers still open after %.1fs "
+                        "of draining; reset %d of them", len(left), self.drain_s, reset)
+            time.sleep(0.1)  # let the queue translate the resets
+        self.drain_stats = {"drain_left": len(left), "drain_reset": reset}
 
     def _set_liberal(self) -> None:
         try:
@@ -107,6 +153,10 @@ class UserspaceDatapath:
 
     def stop(self) -> None:
         if self._rules is not None:
+            try:
+                self._drain()
+            except Exception:
+                log.exception("draining failed")
             self._rules.remove()
             self._rules = None
         if self._queue is not None:
@@ -116,6 +166,11 @@ class UserspaceDatapath:
         if self.tracker is not None:
             with self._lock:
                 self.tracker.close_all()
+        if self._journal is not None:
+            # Kept only if connections with inserted bytes remain (a failed start, a failed reset).
+            keep = self.tracker is not None and bool(self.tracker.shifted(linger=0))
+            self._journal.close(remove=not keep)
+            self._journal = None
         if self._liberal_before not in (None, "1"):
             try:
                 with open(LIBERAL, "w") as f:
@@ -127,6 +182,7 @@ class UserspaceDatapath:
     def stats(self) -> dict[str, int]:
         out = dict(self.tracker.stats) if self.tracker else {}
         out.update(self._queue_counts)
+        out.update(self.drain_stats)
         if self._queue is not None:
             out["packets_queued"] = self._queue.packets
             out["handler_errors"] = self._queue.errors

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import socket
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ INSERT_LEN = len(HEADER_NAME) + 2 + w3c.TRACEPARENT_LEN + 2  # "Traceparent: <55
 TCP_OPTION_ROOM = 28  # the kind-25 option, padded
 REASSEMBLY_LIMIT = 256 * 1024  # out-of-order bytes kept per incoming direction for parsing
 IDLE_TIMEOUT_S = 300.0
+# A connection with inserted bytes breaks without translation, so its state is kept for as
+# long as a pooled keep-alive connection may idle (the TCP keepalive default).
+SHIFTED_IDLE_TIMEOUT_S = 7200.0
 CLOSE_LINGER_S = 10.0  # after both FINs: keep translating the last ACKs/retransmissions
 RECENT_OPTIONS = 8  # kind-25 options remembered per flow, for retransmissions / late segments
 
@@ -166,6 +170,7 @@ ACCEPT = Verdict()
 
 @dataclass(slots=True)
 class Flow:
+    key: "Key"
     server: bool
     pid: int
     local: tuple[str, int]
@@ -205,20 +210,31 @@ class TlsFlow:
 Key = tuple[bytes, int, bytes, int]  # local addr, local port, peer addr, peer port
 
 
+class Journal(Protocol):
+    """Where insertions are recorded so they outlive the process (`state.Journal`)."""
+
+    def insertion(self, key: Key, base: int, pos: int, blob: bytes) -> None: ...
+
+    def end(self, key: Key) -> None: ...
+
+
 class Tracker:
     def __init__(self, cfg: Config, sink: Callable[[SpanRecord], None], owners: Owners,
-                 mtu: int = 1500, mark: int = 0) -> None:
+                 mtu: int = 1500, mark: int = 0, shift_mark: int = 0, journal: Journal | None = None) -> None:
         self.cfg = cfg
         self.sink = sink
         self.owners = owners
         self.mtu = mtu
         self.mark = mark  # set on the SYN of a client connection we track (-> connmark)
+        self.shift_mark = shift_mark  # added on packets of connections with inserted bytes (-> connmark)
+        self.journal = journal
+        self.draining = False  # stopping: no new flows, no new insertions, keep translating
         self.flows: dict[Key, Flow] = {}
         self.linker = Linker()
         self.stats: dict[str, int] = dict.fromkeys(
             ("packets", "packets_modified", "headers_inserted", "headers_present", "headers_invalid",
              "tcp_options_written", "tcp_options_read", "tcp_option_no_room", "spans", "flows", "errors",
-             "insert_skipped_mtu", "links_to_server", "roots", "tls_flows", "tls_turns"), 0)
+             "insert_skipped_mtu", "links_to_server", "roots", "tls_flows", "tls_turns", "flows_resumed"), 0)
         self.now = time.time_ns  # replaceable in tests
         self._last_gc = time.monotonic()
 
@@ -238,6 +254,8 @@ class Tracker:
         if flow is None or (syn and not pkt.flags & codec.ACK and flow.out_base is not None):
             if flow is not None:  # port reuse: a new SYN replaces an old flow
                 self._close(key, flow)
+            if self.draining:
+                return ACCEPT
             flow = self._new_flow(key, pkt, outgoing)
             if flow is None:
                 return ACCEPT
@@ -279,7 +297,7 @@ class Tracker:
             return None
         if pid is None:
             return None
-        flow = Flow(server, pid, (pkt.addr(key[0]), key[1]), (pkt.addr(key[2]), key[3]))
+        flow = Flow(key, server, pid, (pkt.addr(key[0]), key[1]), (pkt.addr(key[2]), key[3]))
         if server:
             flow.in_stream = Stream(True)
             flow.out_stream = Stream(False, lambda: self._pending_method(flow))
@@ -336,6 +354,8 @@ class Tracker:
             self.stats["tcp_options_written"] += 1
         if new is None:
             new = codec.rebuild(pkt, seq=seq, inserts=inserts) if fmap else None
+        if fmap:
+            mark = self.mark | self.shift_mark
         return Verdict(new, mark)
 
     def _feed_out(self, flow: Flow, pkt: codec.Packet, r: int, data: memoryview, off: int) -> None:
@@ -390,7 +410,7 @@ class Tracker:
                 propagated = True
             else:
                 self.stats["headers_invalid"] += 1
-        elif self.cfg.propagate_headers:
+        elif self.cfg.propagate_headers and not self.draining:
             blob = HEADER_NAME + b": " + w3c.format_traceparent(ctx).encode() + b"\r\n"
             pos = msg.line_end
             # The grown segment must still fit the MTU (the SYN's MSS was clamped for one insertion).
@@ -400,6 +420,8 @@ class Tracker:
             else:
                 flow.out_map.add(pos, blob)
                 self.stats["headers_inserted"] += 1
+                if self.journal is not None:
+                    self.journal.insertion(flow.key, flow.out_base, pos, blob)
         call = ClientCall(ctx, parent_id, msg, now, propagated)
         msg.ctx = call
         flow.pending.append(call)
@@ -619,8 +641,11 @@ class Tracker:
 
     # --- lifetime -----------------------------------------------------------------------
 
-    def _close(self, key: Key, flow: Flow) -> None:
-        """End a flow: unanswered requests become spans without a status."""
+    def _close(self, key: Key, flow: Flow, ended: bool = True) -> None:
+        """End a flow: unanswered requests become spans without a status. `ended`: the
+        connection itself ended (not just our interest in it), so its journal entry goes."""
+        if ended and flow.out_map and self.journal is not None:
+            self.journal.end(key)
         self._end_tls_turn(flow)
         now = self.now()
         while flow.pending:
@@ -636,9 +661,38 @@ class Tracker:
         now = time.monotonic()
         self._last_gc = now
         for key, flow in list(self.flows.items()):
-            if (flow.closed_at and now - flow.closed_at > CLOSE_LINGER_S) or now - flow.last_seen > IDLE_TIMEOUT_S:
+            idle = SHIFTED_IDLE_TIMEOUT_S if flow.out_map else IDLE_TIMEOUT_S
+            if (flow.closed_at and now - flow.closed_at > CLOSE_LINGER_S) or now - flow.last_seen > idle:
                 self._close(key, flow)
 
     def close_all(self) -> None:
+        """Emit what is pending; the journal keeps connections that are still open."""
         for key, flow in list(self.flows.items()):
-            self._close(key, flow)
+            self._close(key, flow, ended=bool(flow.closed_at))
+
+    # --- connections with inserted bytes ----------------------------------------------------
+
+    def shifted(self, linger: float = 0.3) -> list[Flow]:
+        """Open connections carrying inserted bytes (closed ones count for `linger` seconds
+        more, for their last ACK)."""
+        now = time.monotonic()
+        return [f for f in self.flows.values() if f.out_map and not (f.closed_at and now - f.closed_at > linger)]
+
+    def shift_state(self) -> list[tuple[Key, tuple[int, list[tuple[int, bytes]]]]]:
+        """(key, (out_base, insertions)) of every connection with inserted bytes (journal compaction)."""
+        return [(f.key, (f.out_base, list(zip(f.out_map.pos, f.out_map.blobs)))) for f in self.flows.values()
+                if f.out_map and f.out_base is not None]
+
+    def resume(self, key: Key, base: int, inserts: list[tuple[int, bytes]]) -> None:
+        """Translate a connection a previous agent inserted into. Its HTTP framing is unknown,
+        so nothing more is parsed or inserted; seq/ack/SACK translation and retransmissions
+        with the identical bytes go on as before."""
+        v6 = len(key[0]) == 16
+        fam = socket.AF_INET6 if v6 else socket.AF_INET
+        flow = Flow(key, False, 0, (socket.inet_ntop(fam, key[0]), key[1]), (socket.inet_ntop(fam, key[2]), key[3]))
+        flow.out_base = base
+        for pos, blob in sorted(inserts, key=lambda pb: pb[0]):
+            flow.out_map.add(pos, blob)
+        flow.last_seen = time.monotonic()
+        self.flows[key] = flow
+        self.stats["flows_resumed"] += 1

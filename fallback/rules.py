@@ -10,21 +10,29 @@ the mangle table, for IPv4 (iptables) and IPv6 (ip6tables):
   owned by a selected process, POSTROUTING saves the mark in the connmark, and from then
   on both directions of that connection are queued by connmark;
 - the SYN-ACK of those connections gets its MSS clamped (TCPMSS, before the queue rule)
-  so a segment that grows by an inserted header still fits the path MTU.
-Every NFQUEUE rule has --queue-bypass: with no agent reading, packets pass untouched.
+  so a segment that grows by an inserted header still fits the path MTU;
+- once a header was inserted into a connection the agent also sets the SHIFT bit (saved
+  in the connmark the same way): its packets are queued *without* --queue-bypass, because
+  untranslated they would be taken at the wrong stream offset (see `state`). With no agent
+  those connections stall until an agent resumes them or `cleanup` resets them.
+Every other NFQUEUE rule has --queue-bypass: with no agent reading, packets pass untouched.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import subprocess
 from typing import Sequence
+
+from . import state
 
 log = logging.getLogger("obi.fallback")
 
 TAG_PREFIX = "obi-fallback"
 MARK = 0x02000000  # one mark bit: "connection of a selected process"
+SHIFT = 0x04000000  # one more: "bytes were inserted into this connection"
 DEFAULT_QUEUE = 177
 TABLE = "mangle"
 TOOLS = ("iptables", "ip6tables")
@@ -51,15 +59,19 @@ def rule_specs(ports: Sequence[tuple[int, int]], queue: int, mss: int, tag: str,
     q = ["-j", "NFQUEUE", "--queue-num", str(queue), "--queue-bypass"]
     c = ["-m", "comment", "--comment", tag]
     conn = ["-m", "connmark", "--mark", f"{MARK:#x}/{MARK:#x}"]
+    shifted = ["-m", "connmark", "--mark", f"{SHIFT:#x}/{SHIFT:#x}"]
+    hold = ["-j", "NFQUEUE", "--queue-num", str(queue)]  # no bypass: see the module doc
     specs: list[tuple[str, list[str]]] = []
     if clients:
         specs += [
             ("INPUT", ["-p", "tcp", "--tcp-flags", "SYN,RST", "SYN", *conn, *c, "-j", "TCPMSS", "--set-mss", str(mss)]),
+            ("INPUT", ["-p", "tcp", *shifted, *c, *hold]),
+            ("OUTPUT", ["-p", "tcp", *shifted, *c, *hold]),
             ("INPUT", ["-p", "tcp", *conn, *c, *q]),
             ("OUTPUT", ["-p", "tcp", *conn, *c, *q]),
             ("OUTPUT", ["-p", "tcp", "--syn", *c, *q]),
             ("POSTROUTING", ["-m", "mark", "--mark", f"{MARK:#x}/{MARK:#x}", *c,
-                             "-j", "CONNMARK", "--save-mark", "--mask", f"{MARK:#x}"]),
+                             "-j", "CONNMARK", "--save-mark", "--mask", f"{MARK | SHIFT:#x}"]),
         ]
     for chunk in _multiport_chunks(ports):
         specs += [
@@ -123,9 +135,30 @@ def list_ours(prefix: str = TAG_PREFIX) -> list[tuple[str, list[str]]]:
     return found
 
 
-def cleanup() -> list[str]:
-    """Delete the rules of any userspace-path agent in this netns; returns what was removed."""
+def _instance_pid(comment: str) -> int | None:
+    """pid part of `obi-fallback-<pid>-<hex>`, None for another shape."""
+    parts = comment[len(TAG_PREFIX) + 1 :].split("-")
+    return int(parts[0]) if len(parts) == 2 and parts[0].isdigit() else None
+
+
+def remove_stale() -> list[str]:
+    """Delete the rules of agents whose process is gone (a kill -9 left them); live agents'
+    rules stay. Called at start, so a restarted agent does not run behind stale rules."""
     done = []
+    for tool, args in list_ours():
+        pid = _instance_pid(args[args.index("--comment") + 1])
+        if pid is None or os.path.exists(f"/proc/{pid}"):
+            continue
+        if _run([tool, "-w", "-t", TABLE, "-D", *args[1:]]).returncode == 0:
+            done.append(f"removed {tool} -t {TABLE} {shlex.join(args)}")
+    return done
+
+
+def cleanup() -> list[str]:
+    """Delete the rules of any userspace-path agent in this netns; returns what was removed.
+    Connections that carried inserted headers are reset first: without an agent they could
+    only stall (held by the rules) or, once the rules are gone, be corrupted."""
+    done = state.abort_journaled()
     for tool, args in list_ours():
         r = _run([tool, "-w", "-t", TABLE, "-D", *args[1:]])
         if r.returncode == 0:

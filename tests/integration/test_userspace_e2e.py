@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from obi.fallback.procs import MISS_REFRESH_S
 from obi.netns import Topology, have_netns_tools
 
 pytestmark = pytest.mark.root
@@ -474,3 +475,132 @@ def test_tls_kind25_option_links_server_span(topo, tmp_path):
         assert server["peer_addr"] == b.addr and server["start_ns"] <= server["end_ns"]
     assert stats_b["headers_inserted"] == 0 and stats_b["tcp_options_written"] >= len(sizes)
     assert stats_c["tcp_options_read"] >= len(sizes) and stats_b["handler_errors"] == stats_c["handler_errors"] == 0
+
+
+# A selected client on B with one keep-alive connection to C; one request per line on stdin
+# ("req <n>"), one JSON line per answer on stdout; C echoes the headers it received.
+KEEPALIVE_CLIENT = """
+import http.client, json, socket, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", {client_port})); srv.listen()
+conn = http.client.HTTPConnection({c!r}, {port}, timeout={timeout})
+for line in sys.stdin:
+    n = line.split()[1]
+    try:
+        conn.request("GET", "/headers?n=" + n, headers={{"X-Seq": n}})
+        r = conn.getresponse(); heads = json.loads(r.read())["headers"]
+        out = {{"n": n, "status": r.status, "headers": heads}}
+    except Exception as e:
+        out = {{"n": n, "error": type(e).__name__ + ": " + str(e)}}
+    print(json.dumps(out), flush=True)
+"""
+
+
+class KeepAliveClient:
+    def __init__(self, topo, timeout: float = 30):
+        script = KEEPALIVE_CLIENT.format(client_port=CLIENT_PORT, c=topo["c"].addr, port=PORT, timeout=timeout)
+        self.proc = topo["b"].popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    text=True)
+        self.sent = 0
+        wait_port(topo["b"], "127.0.0.1", CLIENT_PORT)
+        # The agent looks for newly selected processes at most every MISS_REFRESH_S; past
+        # that, the first SYN of this client finds it listening on a watched port.
+        time.sleep(MISS_REFRESH_S + 0.1)
+
+    def send(self) -> None:
+        self.sent += 1
+        self.proc.stdin.write(f"req {self.sent}\n")
+        self.proc.stdin.flush()
+
+    def answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        assert line, "client died"
+        out = json.loads(line)
+        if "error" not in out:
+            # The request arrived intact: its own header is there, exactly once, unshifted.
+            heads = dict((k.lower(), v) for k, v in out["headers"])
+            assert heads.get("x-seq") == out["n"], out
+        return out
+
+    def request(self) -> dict:
+        self.send()
+        return self.answer()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def _has_traceparent(answer: dict) -> bool:
+    return any(k.lower() == "traceparent" for k, _ in answer["headers"])
+
+
+def test_keepalive_with_inserted_headers_survives_clean_stop(topo):
+    """SIGTERM while a keep-alive connection that carries inserted headers is in use: the
+    agent stops inserting but keeps translating until the connection closes."""
+    agent = Agent(topo["b"])
+    client = KeepAliveClient(topo)
+    try:
+        first = client.request()
+        assert first["status"] == 200 and _has_traceparent(first)
+        agent.proc.terminate()  # draining from here on
+        time.sleep(0.3)
+        later = [client.request() for _ in range(10)]
+        assert all(a.get("status") == 200 for a in later), later
+        assert not any(_has_traceparent(a) for a in later)  # draining: nothing more inserted
+        assert agent.proc.poll() is None  # still translating for the open connection
+        client.close()
+        agent.proc.wait(timeout=10)  # the connection closed: the drain ends early
+    finally:
+        stats = agent.stop()
+        if client.proc.poll() is None:
+            client.proc.kill()
+    assert stats["drain_left"] == 0 and stats["headers_inserted"] == 1
+    assert "obi-fallback" not in rules_of(topo["b"])
+
+
+def test_keepalive_with_inserted_headers_resumed_after_kill_9(topo):
+    """kill -9 with a keep-alive connection that carries inserted headers: its packets are
+    held (not passed untranslated, which would shift the peer's stream); a restarted agent
+    resumes the translation from the shift journal and the same connection goes on."""
+    agent = Agent(topo["b"])
+    client = KeepAliveClient(topo)
+    try:
+        first = client.request()
+        assert first["status"] == 200 and _has_traceparent(first)
+        agent.proc.kill()
+        agent.proc.wait()
+        client.send()  # sent while no agent runs: held by the rules, retransmitted later
+        time.sleep(1.0)
+        agent = Agent(topo["b"])
+        second = client.answer()
+        assert second.get("status") == 200, second
+        assert not _has_traceparent(second)  # the resumed connection's framing is unknown
+        assert all(client.request()["status"] == 200 for _ in range(3))
+        client.close()
+    finally:
+        stats = agent.stop()
+        if client.proc.poll() is None:
+            client.proc.kill()
+    assert stats["flows_resumed"] == 1 and stats["handler_errors"] == 0
+    assert "obi-fallback" not in rules_of(topo["b"])
+
+
+def test_cleanup_after_kill_9_resets_connections_with_inserted_headers(topo):
+    """No agent coming back: `cleanup` resets the held connection, so the application gets
+    an error at once instead of a stall (and never a corrupted stream)."""
+    agent = Agent(topo["b"])
+    client = KeepAliveClient(topo, timeout=20)
+    try:
+        assert _has_traceparent(client.request())
+        agent.proc.kill()
+        agent.proc.wait()
+        out = topo["b"].run([sys.executable, "-m", "obi.fallback", "--cleanup"]).stdout
+        assert "reset connection" in out and "obi-fallback" not in rules_of(topo["b"])
+        t0 = time.monotonic()
+        answer = client.request()
+        assert "error" in answer and time.monotonic() - t0 < 5, answer
+        client.close()
+    finally:
+        if client.proc.poll() is None:
+            client.proc.kill()

@@ -1,0 +1,87 @@
+"""Shift journal and resumed translation: what a killed agent leaves is enough for the next
+one to translate the same connection identically; the hold rules come first, unbypassed."""
+
+from __future__ import annotations
+
+import socket
+
+from scapy.layers.inet import IP, TCP
+
+from obi.config import Config, PortRange
+from obi.fallback import codec, rules, state
+from obi.fallback.flows import Tracker
+
+B, C = "198.18.0.2", "198.18.0.3"
+
+
+class Owners:
+    def server_pid(self, port):
+        return None
+
+    def client_pid(self, pkt):
+        return 42
+
+    def exe(self, pid):
+        return ""
+
+
+class Recorder(state.Journal):
+    """A journal in a temporary file (no /run/obi, no ss needed)."""
+
+    def __init__(self, path):
+        super().__init__(str(path))
+        self.rewrite([])
+
+
+def tracker(journal):
+    cfg = Config(context_propagation=frozenset({"headers"}), open_ports=(PortRange(8080, 8080),))
+    return Tracker(cfg, lambda s: None, Owners(), mark=rules.MARK, shift_mark=rules.SHIFT, journal=journal)
+
+
+def pkt(flags, seq, ack=9000, payload=b"", out=True):
+    ip = IP(src=B, dst=C) if out else IP(src=C, dst=B)
+    sport, dport = (40000, 8080) if out else (8080, 40000)
+    return bytes(ip / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack) / payload)
+
+
+REQ = b"GET /a HTTP/1.1\r\nHost: c\r\n\r\n"
+
+
+def test_journal_lets_a_new_tracker_translate_the_same_connection(tmp_path):
+    j1 = Recorder(tmp_path / "j")
+    t1 = tracker(j1)
+    t1.handle(pkt("S", 999, 0), True)
+    t1.handle(pkt("SA", 8999, 1000, out=False), False)
+    v = t1.handle(pkt("PA", 1000, payload=REQ), True)
+    assert v.mark == rules.MARK | rules.SHIFT and len(codec.parse(v.payload).payload) == len(REQ) + 70
+    # The agent dies here. What the journal holds:
+    live = state.load(j1.path)
+    key = (socket.inet_aton(B), 40000, socket.inet_aton(C), 8080)
+    assert list(live) == [key] and live[key][0] == 1000 and live[key][1][0][0] == len(b"GET /a HTTP/1.1\r\n")
+
+    t2 = tracker(Recorder(tmp_path / "j2"))
+    t2.resume(key, *live[key])
+    # A retransmission of the first request carries the identical inserted bytes; the next
+    # request is shifted by them (and gets no header: the resumed flow's framing is unknown).
+    assert t2.handle(pkt("PA", 1000, payload=REQ), True).payload == v.payload
+    nxt = codec.parse(t2.handle(pkt("PA", 1000 + len(REQ), payload=REQ), True).payload)
+    assert nxt.seq == 1000 + len(REQ) + 70 and bytes(nxt.payload) == REQ and codec.verify_checksums(nxt.data)
+    ack = pkt("A", 9000, ack=1000 + 2 * len(REQ) + 70, out=False)
+    assert codec.parse(t2.handle(ack, False).payload).ack == 1000 + 2 * len(REQ)
+    assert t2.stats["headers_inserted"] == 0 and t2.stats["flows_resumed"] == 1
+
+    # The connection ends: the journal says so, and nothing is left to resume.
+    t1.handle(pkt("R", 1000 + 2 * len(REQ)), True)
+    assert state.load(j1.path) == {}
+
+
+def test_hold_rules_precede_bypass_rules_and_have_no_bypass():
+    specs = rules.rule_specs([(8080, 8080)], 177, 1300, "obi-fallback-1-ab")
+    queue_rules = [(chain, spec) for chain, spec in specs if "NFQUEUE" in spec]
+    held = [i for i, (_, spec) in enumerate(queue_rules) if f"{rules.SHIFT:#x}/{rules.SHIFT:#x}" in spec]
+    assert len(held) == 2 and held == [0, 1]
+    assert all("--queue-bypass" not in queue_rules[i][1] for i in held)
+    assert all("--queue-bypass" in spec for i, (_, spec) in enumerate(queue_rules) if i not in held)
+    save = next(spec for chain, spec in specs if chain == "POSTROUTING")
+    assert save[save.index("--mask") + 1] == f"{rules.MARK | rules.SHIFT:#x}"
+    assert rules._instance_pid("obi-fallback-123-beef") == 123 and rules._instance_pid("obi-fallback-x") is None
