@@ -100,6 +100,7 @@ enum obi_counter {
 	OBI_CNT_TCPOPT_READ,        /* kind-25 options read */
 	OBI_CNT_THREAD_LINKS,       /* recv by a thread linked it to a server request */
 	OBI_CNT_SCRATCH_BUSY,       /* scratch slot in use on this CPU (nesting): message not parsed */
+	OBI_CNT_UNSEEN_SENDS,       /* write_seq moved other than sk_msg saw (short send + resend) */
 	OBI_CNT_MAX,
 };
 

@@ -73,8 +73,9 @@ struct http_state {
 	__u32 vlen;      /* value bytes after leading OWS */
 	__u32 vend;      /* vlen at the last non-OWS byte */
 	__u32 te_idx;    /* chars of "chunked" matched */
-	__u32 next_seq;  /* tc: next expected TCP sequence number */
-	__u32 seq_valid; /* tc: next_seq is set */
+	__u32 next_seq;  /* tc: next expected TCP sequence number;
+			  * sk_msg: the socket's write_seq expected at the next send */
+	__u32 seq_valid; /* next_seq is set */
 	__u32 serial;    /* requests seen on this connection */
 	__u16 tp_count;
 	__u16 ts_count;

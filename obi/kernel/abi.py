@@ -62,9 +62,10 @@ class Counter(enum.IntEnum):
     TCPOPT_READ = 9
     THREAD_LINKS = 10
     SCRATCH_BUSY = 11
+    UNSEEN_SENDS = 12
 
 
-COUNTER_MAX = 12
+COUNTER_MAX = 13
 
 # struct obi_tuple: local_addr[16] peer_addr[16] local_port peer_port family _pad0
 TUPLE_FMT = "=16s16sHHHH"
