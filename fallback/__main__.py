@@ -8,6 +8,7 @@ or SIGINT stop it cleanly (rules removed).
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import logging
@@ -16,12 +17,16 @@ import sys
 import threading
 
 from obi import config
+from obi.model import SpanRecord
 
 from .datapath import UserspaceDatapath, cleanup
 
 
-def _span_json(span) -> str:
-    d = dataclasses.asdict(span)
+_FIELDS = [f.name for f in dataclasses.fields(SpanRecord)]
+
+
+def _span_json(span: SpanRecord) -> str:
+    d = {name: getattr(span, name) for name in _FIELDS}  # asdict() deep-copies: 10x slower
     d["kind"] = span.kind.value
     d["datapath"] = span.datapath.value
     return json.dumps(d)
@@ -40,13 +45,26 @@ def main(argv: list[str] | None = None) -> int:
             print(line, flush=True)
         return 0
     cfg = config.load(env={"OTEL_EBPF_OPEN_PORT": args.ports, "OTEL_EBPF_BPF_CONTEXT_PROPAGATION": args.propagation})
-    lock = threading.Lock()
+    # Like the agent's exporter: the packet thread only appends; a writer thread serializes.
+    pending: collections.deque = collections.deque()
+    wake = threading.Event()
 
     def sink(span) -> None:
-        line = _span_json(span)
-        with lock:
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
+        pending.append(span)
+        wake.set()
+
+    def writer() -> None:
+        while True:
+            wake.wait()
+            wake.clear()
+            lines = []
+            while pending:
+                lines.append(_span_json(pending.popleft()) + "\n")
+            if lines:
+                sys.stdout.write("".join(lines))
+                sys.stdout.flush()
+
+    threading.Thread(target=writer, name="span-writer", daemon=True).start()
 
     dp = UserspaceDatapath(cfg, sink, queue_num=args.queue)
     done = threading.Event()
@@ -59,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             pass
     finally:
         dp.stop()
+        while pending:  # spans of the last moments (the writer may be mid-batch: same order kept)
+            sys.stdout.write(_span_json(pending.popleft()) + "\n")
         print(json.dumps({"stats": dp.stats()}), flush=True)
     return 0
 

@@ -39,9 +39,12 @@ class Message:
     status: int = 0
     end: int = -1  # stream offset just after the last byte, -1 while unknown
     ctx: object = None  # whatever the flow layer attaches (span state)
+    _lines: list[tuple[bytes, bytes]] | None = None  # header_lines() once the head is complete
 
     def header_lines(self) -> list[tuple[bytes, bytes]]:
         """(name, value) of every complete header line seen so far."""
+        if self._lines is not None:
+            return self._lines
         text = bytes(self.head)
         first = text.find(b"\r\n")
         if first < 0:
@@ -57,6 +60,8 @@ class Message:
             name, sep, value = line.partition(b":")
             if sep:
                 out.append((name.strip(), value.strip(b" \t")))
+        if self.head_done:  # parsed once: extraction, Host and span building all ask
+            self._lines = out
         return out
 
     def header(self, name: bytes) -> list[bytes]:

