@@ -615,13 +615,18 @@ class Tracker:
     def _record(self, flow: Flow, kind: SpanKind, ctx: TraceContext, parent: str, msg: Message,
                 start: int, end: int, status: int, propagated: bool) -> SpanRecord:
         host = msg.header(b"host")
+        extra: dict[str, str | int | bool] = {}
+        if flow.tls is not None:
+            # As the kernel path: a TLS turn, and whether its context went out in (client)
+            # or came from (server) TCP option kind 25.
+            extra = {"tls": True, "tcp_option": propagated if kind is SpanKind.SERVER else self.cfg.propagate_tcp}
         return SpanRecord(
             trace_id=ctx.trace_id, span_id=ctx.span_id, parent_span_id=parent, kind=kind,
             start_ns=start, end_ns=end, method=msg.method, path=msg.target, status=status,
             scheme="https" if flow.tls is not None else "http", host=host[0].decode("latin-1") if host else "",
             local_addr=flow.local[0], local_port=flow.local[1], peer_addr=flow.peer[0], peer_port=flow.peer[1],
             pid=flow.pid, exe=self.owners.exe(flow.pid), flags=ctx.flags, tracestate=ctx.tracestate,
-            datapath=Datapath.USERSPACE, propagated=propagated)
+            datapath=Datapath.USERSPACE, propagated=propagated, extra=extra)
 
     def _emit(self, record: SpanRecord) -> None:
         self.stats["spans"] += 1

@@ -471,6 +471,9 @@ def test_tls_kind25_option_links_server_span(topo, tmp_path):
     for client in clients:
         server = by_trace[client["trace_id"]]
         assert server["parent_span_id"] == client["span_id"] and server["propagated"]
+        # Same marks as the kernel path's TLS spans (exported as obi.tls / obi.tcp_option).
+        assert server["extra"] == {"tls": True, "tcp_option": True}
+        assert client["extra"] == {"tls": True, "tcp_option": True}
         assert client["method"] == server["method"] == "" and client["peer_port"] == TLS_PORT
         assert server["peer_addr"] == b.addr and server["start_ns"] <= server["end_ns"]
     assert stats_b["headers_inserted"] == 0 and stats_b["tcp_options_written"] >= len(sizes)
