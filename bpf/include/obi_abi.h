@@ -16,6 +16,7 @@
 #define OBI_LINE_MAX 96       /* bytes of the request/status line kept in events */
 #define OBI_TP_MAX 56         /* bytes of a traceparent value kept (55 + 1 to see what follows) */
 #define OBI_TRACESTATE_MAX 256
+#define OBI_HOST_MAX 128      /* bytes of a Host header value kept; longer ones are dropped */
 
 /* TCP option carrying trace context (DESIGN decision 3). */
 #define OBI_TCPOPT_KIND 25
@@ -81,9 +82,10 @@ struct obi_event {
 	char line[OBI_LINE_MAX]; /* start of the request line / status line */
 	char tp[OBI_TP_MAX];     /* first traceparent value as received (OWS trimmed at the start) */
 	__u16 tp_len;            /* significant bytes of that value (trailing OWS trimmed) */
-	__u16 _pad0;
+	__u16 host_len;          /* bytes valid in host (0: none, or longer than OBI_HOST_MAX) */
 	__u32 _pad1;
 	char tracestate[OBI_TRACESTATE_MAX]; /* first tracestate value, raw */
+	char host[OBI_HOST_MAX]; /* first Host header value of the request (OWS trimmed) */
 };
 
 /* Per-CPU counters (map `counters`, index = enum value). */

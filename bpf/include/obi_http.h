@@ -57,6 +57,8 @@ enum { ACT_NONE = 0, ACT_MSG_START, ACT_LINE0_END, ACT_HDRS_END, ACT_LOST };
 #define H_TE 2
 #define H_TP 4
 #define H_TS 8
+#define H_HOST 16
+#define H_ALL (H_CL | H_TE | H_TP | H_TS | H_HOST)
 
 /* Parse state of one direction of one connection. Internal (never read by userspace). */
 struct http_state {
@@ -83,7 +85,8 @@ struct http_state {
 	__u16 ts_len;
 	__u16 line_cap;  /* bytes kept in line[] */
 	__u16 status;
-	__u32 _pad1;
+	__u16 host_count;
+	__u16 host_len;  /* bytes of the first Host value (0 if longer than OBI_HOST_MAX) */
 	__u8 trace_id[16];
 	__u8 span_id[8];
 	__u8 parent_id[8];
@@ -92,6 +95,7 @@ struct http_state {
 	char line[OBI_LINE_MAX];
 	char tp[OBI_TP_MAX];
 	char tracestate[OBI_TRACESTATE_MAX];
+	char host[OBI_HOST_MAX];
 };
 
 /* The server request a thread is serving (map thread_ctx). */
@@ -153,11 +157,13 @@ static __always_inline __u8 lower(__u8 c)
 #define NAME_TE_LEN 17
 #define NAME_TP_LEN 11
 #define NAME_TS_LEN 10
+#define NAME_HOST_LEN 4
 #define CHUNKED_LEN 7
 const volatile char name_cl[32] = "content-length";
 const volatile char name_te[32] = "transfer-encoding";
 const volatile char name_tp[32] = "traceparent";
 const volatile char name_ts[32] = "tracestate";
+const volatile char name_host[32] = "host";
 const volatile char word_chunked[8] = "chunked";
 
 /* Clear the per-message fields before a message starts. */
@@ -178,13 +184,15 @@ static __always_inline void msg_reset(struct http_state *st)
 	st->ts_count = 0;
 	st->tp_len = 0;
 	st->ts_len = 0;
+	st->host_count = 0;
+	st->host_len = 0;
 	st->status = 0;
 }
 
 static __always_inline void line_reset(struct http_state *st)
 {
 	st->line_len = 0;
-	st->hmask = H_CL | H_TE | H_TP | H_TS;
+	st->hmask = H_ALL;
 	st->hcur = 0;
 	st->vlen = 0;
 	st->vend = 0;
@@ -297,6 +305,8 @@ static __always_inline __u32 byte_hdrs(struct http_state *st, __u8 ch)
 			st->tp_len = st->vend > 0xffff ? 0xffff : st->vend;
 		if (st->hcur == H_TS && st->ts_count == 1)
 			st->ts_len = st->vend > OBI_TRACESTATE_MAX ? OBI_TRACESTATE_MAX : st->vend;
+		if (st->hcur == H_HOST && st->host_count == 1)
+			st->host_len = st->vend > OBI_HOST_MAX ? 0 : st->vend; /* cut would be wrong: drop */
 		line_reset(st);
 		return ACT_NONE;
 	}
@@ -315,11 +325,15 @@ static __always_inline __u32 byte_hdrs(struct http_state *st, __u8 ch)
 				st->hcur = H_TP;
 			else if ((st->hmask & H_TS) && n == NAME_TS_LEN)
 				st->hcur = H_TS;
+			else if ((st->hmask & H_HOST) && n == NAME_HOST_LEN)
+				st->hcur = H_HOST;
 			st->hmask = 0;
 			if (st->hcur == H_TP)
 				st->tp_count++;
 			if (st->hcur == H_TS)
 				st->ts_count++;
+			if (st->hcur == H_HOST)
+				st->host_count++;
 			if (st->hcur == H_CL) {
 				st->bits |= HS_HAS_CL; /* a repeated Content-Length restarts the value */
 				st->cl = 0;
@@ -330,6 +344,7 @@ static __always_inline __u32 byte_hdrs(struct http_state *st, __u8 ch)
 			name_match(st, H_TE, name_te, NAME_TE_LEN, idx, lc);
 			name_match(st, H_TP, name_tp, NAME_TP_LEN, idx, lc);
 			name_match(st, H_TS, name_ts, NAME_TS_LEN, idx, lc);
+			name_match(st, H_HOST, name_host, NAME_HOST_LEN, idx, lc);
 		}
 	} else if (st->hcur) {
 		int ows = ch == ' ' || ch == '\t';
@@ -364,6 +379,10 @@ static __always_inline __u32 byte_hdrs(struct http_state *st, __u8 ch)
 		case H_TS:
 			if (st->ts_count == 1 && v < OBI_TRACESTATE_MAX)
 				st->tracestate[v & (OBI_TRACESTATE_MAX - 1)] = ch;
+			break;
+		case H_HOST:
+			if (st->host_count == 1 && v < OBI_HOST_MAX)
+				st->host[v & (OBI_HOST_MAX - 1)] = ch;
 			break;
 		}
 		st->vlen = v + 1;

@@ -185,9 +185,10 @@ static __always_inline void event_fill(struct obi_event *ev, __u32 kind, const s
 	__builtin_memcpy(ev->line, st->line, OBI_LINE_MAX);
 	__builtin_memcpy(ev->tp, st->tp, OBI_TP_MAX);
 	ev->tp_len = st->tp_len;
-	ev->_pad0 = 0;
+	ev->host_len = st->host_len;
 	ev->_pad1 = 0;
 	__builtin_memcpy(ev->tracestate, st->tracestate, OBI_TRACESTATE_MAX);
+	__builtin_memcpy(ev->host, st->host, OBI_HOST_MAX);
 }
 
 #endif

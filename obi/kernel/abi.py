@@ -17,6 +17,7 @@ TP_HDR_LEN = 70  # "Traceparent: " + 55 + CRLF
 LINE_MAX = 96
 TP_MAX = 56
 TRACESTATE_MAX = 256
+HOST_MAX = 128
 
 TCPOPT_KIND = 25
 TCPOPT_LEN_SAMPLED = 26
@@ -89,12 +90,13 @@ EVENT_FIELDS: tuple[tuple[str, str], ...] = (
     ("line", f"{LINE_MAX}s"),
     ("tp", f"{TP_MAX}s"),
     ("tp_len", "H"),
-    ("_pad0", "H"),
+    ("host_len", "H"),
     ("_pad1", "I"),
     ("tracestate", f"{TRACESTATE_MAX}s"),
+    ("host", f"{HOST_MAX}s"),
 )
 EVENT_FMT = "=" + "".join(f for _, f in EVENT_FIELDS)
-EVENT_SIZE = struct.calcsize(EVENT_FMT)  # 520
+EVENT_SIZE = struct.calcsize(EVENT_FMT)  # 648
 _EVENT = struct.Struct(EVENT_FMT)
 _TUPLE = struct.Struct(TUPLE_FMT)
 
@@ -157,6 +159,7 @@ class Event:
     line: bytes
     tp: bytes  # first traceparent value as received (significant bytes only)
     tracestate: bytes
+    host: str  # first Host header value of the request ("" if none)
 
     @classmethod
     def unpack(cls, raw: bytes) -> "Event":
@@ -177,6 +180,7 @@ class Event:
             line=v["line"][: min(v["line_len"], LINE_MAX)],
             tp=v["tp"][: min(v["tp_len"], TP_MAX)],
             tracestate=v["tracestate"][: min(v["tracestate_len"], TRACESTATE_MAX)],
+            host=v["host"][: min(v["host_len"], HOST_MAX)].decode("latin-1"),
         )
 
     @property

@@ -144,6 +144,7 @@ class Correlator:
             method=method,
             path=target,
             status=resp.status if resp else 0,
+            host=req.host,
             local_addr=req.tuple.local_addr,
             local_port=req.tuple.local_port,
             peer_addr=req.tuple.peer_addr,
@@ -161,15 +162,14 @@ class Correlator:
     def client_span(self, req: Event, resp: Event | None) -> SpanRecord:
         method, target = split_request_line(req.line)
         trace_id, span_id, parent, flags = req.trace_id, req.span_id, req.parent_id, req.trace_flags
-        extra: dict[str, str | int | bool] = {"injected": bool(req.flags & EVF_INJECTED)}
+        extra: dict[str, str | int | bool] = {}
         if req.flags & EVF_TLS:
-            extra.update(tls=True, tcp_option=bool(req.flags & EVF_TCPOPT))
+            extra = {"tls": True, "tcp_option": bool(req.flags & EVF_TCPOPT)}
         if req.tp_count and not req.flags & EVF_INJECTED:
-            # The application wrote its own traceparent (nothing was inserted). One valid
-            # header: the span takes its ids, so that the server it calls links to it.
-            # Invalid or duplicated: the request carries no usable context; keep ours.
+            # The application wrote its own traceparent (nothing was inserted; counted in
+            # BPF as app_traceparent). One valid header: the span takes its ids, so that the
+            # server it calls links to it. Invalid or duplicated: no usable context; keep ours.
             ctx = w3c.parse_traceparent(req.tp) if req.tp_count == 1 else None
-            extra["app_traceparent"] = "valid" if ctx else "invalid"
             if ctx is not None:
                 if ctx.trace_id != trace_id:
                     parent = ""
@@ -185,6 +185,7 @@ class Correlator:
             method=method,
             path=target,
             status=resp.status if resp else 0,
+            host=req.host,
             local_addr=req.tuple.local_addr,
             local_port=req.tuple.local_port,
             peer_addr=req.tuple.peer_addr,

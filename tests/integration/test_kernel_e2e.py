@@ -176,7 +176,9 @@ def test_a_b_c_linked(abc, incoming):
     assert bc.trace_id == trace_id and bc.parent_span_id == bs.span_id
     assert bc.span_id == parent_id
     assert bc.status == 200 and bc.peer_addr == c.addr and bc.peer_port == PORT
-    assert bc.extra["injected"] is True
+    assert bc.extra == {} and bs.extra == {} and cs.extra == {}  # same attributes as the userspace path
+    # Host headers (OTel server.address): urllib in A and http.client in B write "addr:port".
+    assert bs.host == f"{b.addr}:{PORT}" and bc.host == cs.host == f"{c.addr}:{PORT}"
     # C's server span: child of B's client span.
     assert cs.trace_id == trace_id and cs.parent_span_id == bc.span_id and cs.status == 200
     assert cs.propagated
@@ -228,6 +230,29 @@ def test_bodies_unchanged_and_existing_traceparent_kept(abc):
     # Every echo on C is the child of a client span of B (the header went through intact).
     b_clients = {s.span_id: s for s in agent_b.wait_count(SpanKind.CLIENT, n + 3)}
     assert all(s.parent_span_id in b_clients for s in echo)
+
+
+def test_host_header_parsed_both_sides(abc):
+    """The first Host header's value (name in any case, OWS trimmed) becomes SpanRecord.host
+    of B's CLIENT span (sk_msg parser) and of C's SERVER span (tc parser); names that only
+    contain "host" are not taken; a value longer than the kernel keeps is dropped, not cut."""
+    topo, agent_b, agent_c = abc
+    b, c = topo["b"], topo["c"]
+    client = Client(b, c.addr)
+    agent_b.dp.scan_now()
+    long_host = "h" * 200 + ".test"
+    cases = {"/h/plain": ("Host", "svc.example:8443", "svc.example:8443"),
+             "/h/upper-ows": ("HOST", " \t svc.example \t", "svc.example"),
+             "/h/long": ("Host", long_host, "")}
+    for path, (name, value, _) in cases.items():
+        r = client.run({"method": "GET", "path": path, "headers": {"X-Forwarded-Host": "not-me", name: value}})
+        assert r["status"] == 200
+    for path, (_, _, want) in cases.items():
+        bc = agent_b.wait(lambda s: s.kind == SpanKind.CLIENT and s.path == path)
+        cs = agent_c.wait(lambda s: s.kind == SpanKind.SERVER and s.path == path)
+        assert len(bc) == 1 and len(cs) == 1, (path, agent_b.spans, agent_c.spans)
+        assert bc[0].host == cs[0].host == want, (path, bc[0].host, cs[0].host)
+        assert cs[0].parent_span_id == bc[0].span_id
 
 
 # 32 keep-alive clients in A, each request with its own trace id; B echoes what C got.

@@ -51,7 +51,7 @@ def btf_structs(obj: str) -> dict[str, tuple[int, dict[str, int]]]:
 def test_event_layout_matches_btf(obj):
     structs = btf_structs(obj)
     size, members = structs["obi_event"]
-    assert size == abi.EVENT_SIZE == 520
+    assert size == abi.EVENT_SIZE == 648
     assert members == abi.field_offsets(abi.EVENT_FIELDS)
 
 
@@ -77,9 +77,10 @@ def test_event_roundtrip():
     vals = {name: 0 for name, _ in abi.EVENT_FIELDS}
     vals.update(kind=3, flags=abi.EVF_INJECTED, ts_ns=123, pid_tgid=(7 << 32) | 9, tuple=t.pack(),
                 trace_id=bytes(range(16)), span_id=bytes(range(1, 9)), parent_id=bytes(8), trace_flags=3,
-                line_len=4, line=b"GET /", tp=b"", tracestate=b"")
+                line_len=4, line=b"GET /", tp=b"", tracestate=b"", host_len=6, host=b"c:8080xyz")
     raw = struct.pack(abi.EVENT_FMT, *(vals[n] if not isinstance(vals[n], int) or f[-1] != "s" else b""
                                        for n, f in abi.EVENT_FIELDS))
     ev = abi.Event.unpack(raw)
     assert ev.kind == abi.EventKind.CLIENT_REQ and ev.tuple == t and ev.pid == 7 and ev.tid == 9
     assert ev.trace_id == bytes(range(16)).hex() and ev.parent_id == "" and ev.line == b"GET "
+    assert ev.host == "c:8080"
