@@ -302,8 +302,10 @@ static __always_inline void client_action(struct scratch *sc, struct http_state 
 			flags |= OBI_EVF_INJECTED;
 		}
 		p->cur = 0;
-		client_req_event(sc, st, flags);
 		expect_responses(sc);
+		event_fill(&sc->ev, OBI_EV_CLIENT_SPAN, st, &p->t, p->pid_tgid);
+		sc->ev.flags = flags;
+		span_open(sc, bpf_map_lookup_elem(&ingress_conns, &p->t), OBI_EV_CLIENT_REQ);
 		break;
 	}
 	}
@@ -319,16 +321,12 @@ static __always_inline void server_action(struct scratch *sc, struct http_state 
 	}
 	if (p->act != ACT_LINE0_END || st->status < 200)
 		return;
-	struct obi_event *ev = event_reserve();
-	if (ev) {
-		event_fill(ev, OBI_EV_SERVER_RESP, st, &p->t, p->pid_tgid);
-		bpf_ringbuf_submit(ev, 0);
-	}
+	struct http_state *in = bpf_map_lookup_elem(&ingress_conns, &p->t);
+	span_close(&p->t, st, in, OBI_EV_SERVER_SPAN, OBI_EV_SERVER_RESP, p->pid_tgid);
 	/* The thread is done with this request: its next client calls are not its children. */
 	struct thread_ctx *tc = bpf_map_lookup_elem(&thread_ctx, &p->pid_tgid);
 	if (tc && tuple_eq(&tc->conn, &p->t))
 		bpf_map_delete_elem(&thread_ctx, &p->pid_tgid);
-	struct http_state *in = bpf_map_lookup_elem(&ingress_conns, &p->t);
 	if (in)
 		in->bits &= ~HS_READY;
 }

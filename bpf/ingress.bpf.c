@@ -64,12 +64,9 @@ static __always_inline void server_req_done(struct scratch *sc, struct http_stat
 	st->bits |= HS_READY;
 	st->serial++;
 	count(OBI_CNT_SERVER_REQS);
-	struct obi_event *ev = event_reserve();
-	if (!ev)
-		return;
-	event_fill(ev, OBI_EV_SERVER_REQ, st, &sc->pc.t, 0);
-	ev->flags = flags;
-	bpf_ringbuf_submit(ev, 0);
+	event_fill(&sc->ev, OBI_EV_SERVER_SPAN, st, &sc->pc.t, 0);
+	sc->ev.flags = flags;
+	span_open(sc, st, OBI_EV_SERVER_REQ);
 }
 
 static __always_inline void in_action(struct scratch *sc, struct http_state *st)
@@ -85,13 +82,8 @@ static __always_inline void in_action(struct scratch *sc, struct http_state *st)
 			server_req_done(sc, st);
 		return;
 	}
-	if (p->act == ACT_LINE0_END && st->status >= 200) {
-		struct obi_event *ev = event_reserve();
-		if (!ev)
-			return;
-		event_fill(ev, OBI_EV_CLIENT_RESP, st, &p->t, 0);
-		bpf_ringbuf_submit(ev, 0);
-	}
+	if (p->act == ACT_LINE0_END && st->status >= 200)
+		span_close(&p->t, st, st, OBI_EV_CLIENT_SPAN, OBI_EV_CLIENT_RESP, 0);
 }
 
 /* bpf_loop callback: one window or one action. */
@@ -285,8 +277,10 @@ static __always_inline void tc_parse(struct __sk_buff *skb, struct scratch *sc)
 		bpf_loop(MAX_ROUNDS, in_round, &c, 0);
 	}
 out:
-	if (s.fin || s.rst)
+	if (s.fin || s.rst) {
+		span_abandon(&p->t);
 		bpf_map_delete_elem(&ingress_conns, &p->t);
+	}
 }
 
 /* Hook: tc ingress (tcx link or clsact direct-action filter). Context: __sk_buff at the

@@ -50,6 +50,8 @@ enum obi_event_kind {
 	OBI_EV_SERVER_RESP = 2, /* sk_msg: the server wrote a response status line */
 	OBI_EV_CLIENT_REQ = 3,  /* sk_msg: the process sent a request's headers */
 	OBI_EV_CLIENT_RESP = 4, /* tc ingress: a response status line arrived */
+	OBI_EV_SERVER_SPAN = 5, /* sk_msg: a whole server span (request + response status) */
+	OBI_EV_CLIENT_SPAN = 6, /* tc ingress: a whole client span (request + response status) */
 };
 
 /* obi_event.flags */
@@ -61,14 +63,20 @@ enum obi_event_kind {
 #define OBI_EVF_INJECT_FAILED (1u << 5) /* insertion was wanted but bpf_msg_push_data failed */
 #define OBI_EVF_TLS (1u << 6)           /* a TLS turn: no method, path or status are known */
 
-/* One event. trace_id/span_id/parent_id: for *_REQ events the ids of the span the request
- * opens (server span: span_id generated in BPF, parent from a valid incoming traceparent;
- * client span: the ids written into the inserted header). *_RESP events carry no ids:
- * userspace pairs them with the oldest open request of the same tuple. */
+/* One event. The common case is one *_SPAN event per request: the request's event is
+ * kept in map open_spans until its response's status line, then completed (status,
+ * end_ns, pid_tgid of the responder for server spans) and sent. When a request comes while
+ * the previous one of its connection is still unanswered (pipelining, or a response never
+ * seen), that connection switches to pairs: *_REQ events (the held one first), then *_RESP
+ * events that userspace pairs with the oldest open request of the tuple, until no request
+ * is pending there. trace_id/span_id/parent_id: the ids of the span (server span: span_id
+ * generated in BPF, parent from a valid incoming traceparent; client span: the ids written
+ * into the inserted header). *_RESP events carry no ids. */
 struct obi_event {
 	__u32 kind;  /* enum obi_event_kind */
 	__u32 flags; /* OBI_EVF_* */
 	__u64 ts_ns; /* bpf_ktime_get_ns() (CLOCK_MONOTONIC): request start / response start */
+	__u64 end_ns; /* *_SPAN: response start (end of the span); else 0 */
 	__u64 pid_tgid; /* sender (sk_msg) or the thread that read the request; 0 if unknown */
 	struct obi_tuple tuple;
 	__u8 trace_id[16];

@@ -79,6 +79,9 @@ struct http_state {
 			  * sk_msg: the socket's write_seq expected at the next send */
 	__u32 seq_valid; /* next_seq is set */
 	__u32 serial;    /* requests seen on this connection */
+	__u32 queued;    /* requests of this connection sent as *_REQ events whose response is
+			  * not seen yet (kept in the connection's ingress_conns state) */
+	__u32 _pad2;
 	__u16 tp_count;
 	__u16 ts_count;
 	__u16 tp_len;    /* significant length of the first traceparent value */
@@ -143,6 +146,7 @@ struct scratch {
 	__u8 buf[2 * WIN]; /* WIN used; sized so that a 0x7ff-masked length is in bounds */
 	struct http_state init; /* zeroed template for new map entries */
 	struct ins ins[MAX_INS];
+	struct obi_event ev; /* a request's event being built for open_spans */
 };
 
 

@@ -29,6 +29,7 @@ CFG_TCP = 1 << 1
 
 AF_INET = 2
 AF_INET6 = 10
+_ZERO8 = bytes(8)
 
 
 class EventKind(enum.IntEnum):
@@ -36,6 +37,8 @@ class EventKind(enum.IntEnum):
     SERVER_RESP = 2
     CLIENT_REQ = 3
     CLIENT_RESP = 4
+    SERVER_SPAN = 5
+    CLIENT_SPAN = 6
 
 
 # obi_event.flags
@@ -77,6 +80,7 @@ EVENT_FIELDS: tuple[tuple[str, str], ...] = (
     ("kind", "I"),
     ("flags", "I"),
     ("ts_ns", "Q"),
+    ("end_ns", "Q"),
     ("pid_tgid", "Q"),
     ("tuple", f"{TUPLE_SIZE}s"),
     ("trace_id", "16s"),
@@ -96,9 +100,11 @@ EVENT_FIELDS: tuple[tuple[str, str], ...] = (
     ("host", f"{HOST_MAX}s"),
 )
 EVENT_FMT = "=" + "".join(f for _, f in EVENT_FIELDS)
-EVENT_SIZE = struct.calcsize(EVENT_FMT)  # 648
-_EVENT = struct.Struct(EVENT_FMT)
+EVENT_SIZE = struct.calcsize(EVENT_FMT)  # 656
+EVENT = struct.Struct(EVENT_FMT)  # precompiled: decoding is on the agent's hot path
 _TUPLE = struct.Struct(TUPLE_FMT)
+_TUPLE_CACHE: dict[bytes, "Tuple"] = {}  # raw tuple -> Tuple (ipaddress formatting is slow)
+_TUPLE_CACHE_MAX = 65536
 
 
 def field_offsets(fields: tuple[tuple[str, str], ...]) -> dict[str, int]:
@@ -122,8 +128,14 @@ class Tuple:
 
     @classmethod
     def unpack(cls, raw: bytes) -> "Tuple":
-        la, pa, lp, pp, fam, _ = _TUPLE.unpack(raw)
-        return cls(_addr(la, fam), _addr(pa, fam), lp, pp, fam)
+        t = _TUPLE_CACHE.get(raw)
+        if t is None:
+            la, pa, lp, pp, fam, _ = _TUPLE.unpack(raw)
+            t = cls(_addr(la, fam), _addr(pa, fam), lp, pp, fam)
+            if len(_TUPLE_CACHE) >= _TUPLE_CACHE_MAX:
+                _TUPLE_CACHE.clear()
+            _TUPLE_CACHE[raw] = t
+        return t
 
     def pack(self) -> bytes:
         return _TUPLE.pack(_addr_bytes(self.local_addr), _addr_bytes(self.peer_addr),
@@ -141,13 +153,14 @@ def _addr_bytes(addr: str) -> bytes:
     return ip.packed.ljust(16, b"\0")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs a setattr call per field (hot path)
 class Event:
     """struct obi_event, decoded."""
 
     kind: EventKind
     flags: int
     ts_ns: int
+    end_ns: int
     pid_tgid: int
     tuple: Tuple
     trace_id: str  # hex
@@ -162,25 +175,26 @@ class Event:
     host: str  # first Host header value of the request ("" if none)
 
     @classmethod
-    def unpack(cls, raw: bytes) -> "Event":
-        v = dict(zip((n for n, _ in EVENT_FIELDS), _EVENT.unpack_from(raw)))
-        parent = v["parent_id"].hex()
+    def unpack(cls, raw: bytes | memoryview) -> "Event":
+        (kind, flags, ts_ns, end_ns, pid_tgid, tup, trace_id, span_id, parent_id, trace_flags, tp_count, status,
+         line_len, ts_len, line, tp, tp_len, host_len, _, tracestate, host) = EVENT.unpack_from(raw)
         return cls(
-            kind=EventKind(v["kind"]),
-            flags=v["flags"],
-            ts_ns=v["ts_ns"],
-            pid_tgid=v["pid_tgid"],
-            tuple=Tuple.unpack(v["tuple"]),
-            trace_id=v["trace_id"].hex(),
-            span_id=v["span_id"].hex(),
-            parent_id="" if parent == "0" * 16 else parent,
-            trace_flags=v["trace_flags"],
-            tp_count=v["tp_count"],
-            status=v["status"],
-            line=v["line"][: min(v["line_len"], LINE_MAX)],
-            tp=v["tp"][: min(v["tp_len"], TP_MAX)],
-            tracestate=v["tracestate"][: min(v["tracestate_len"], TRACESTATE_MAX)],
-            host=v["host"][: min(v["host_len"], HOST_MAX)].decode("latin-1"),
+            kind=EventKind(kind),
+            flags=flags,
+            ts_ns=ts_ns,
+            end_ns=end_ns,
+            pid_tgid=pid_tgid,
+            tuple=Tuple.unpack(tup),
+            trace_id=trace_id.hex(),
+            span_id=span_id.hex(),
+            parent_id="" if parent_id == _ZERO8 else parent_id.hex(),
+            trace_flags=trace_flags,
+            tp_count=tp_count,
+            status=status,
+            line=line[: min(line_len, LINE_MAX)],
+            tp=tp[: min(tp_len, TP_MAX)],
+            tracestate=tracestate[: min(ts_len, TRACESTATE_MAX)],
+            host=host[: min(host_len, HOST_MAX)].decode("latin-1"),
         )
 
     @property

@@ -150,7 +150,7 @@ class KernelDatapath:
         self._objs: dict[str, libbpf.BpfObject] = {}
         self._attachments: list = []  # detached in reverse order
         self._links: list[libbpf.Link] = []
-        self._ring: libbpf.RingBuffer | None = None
+        self._ring: libbpf.RingReader | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._exes: dict[int, str] = {}
@@ -169,7 +169,7 @@ class KernelDatapath:
             self._load()
             self.scan_now()
             self._attach()
-            self._ring = libbpf.RingBuffer(self._objs["egress"].map("events"), self.correlator.on_raw)
+            self._ring = libbpf.RingReader(self._objs["egress"].map("events"), self.correlator.on_raw)
         except BaseException:
             self.stop()
             raise

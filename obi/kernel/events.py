@@ -1,10 +1,13 @@
 """Ring buffer events -> SpanRecords.
 
-BPF reports four kinds of events (obi_abi.h): a request's headers seen (SERVER_REQ on tc
-ingress, CLIENT_REQ in sk_msg) and a response's status line (SERVER_RESP in sk_msg,
-CLIENT_RESP on tc ingress). The ids are chosen in BPF (they had to be: the client's ids are
-written into the request as it leaves); here each response is paired with the oldest open
-request of the same connection (HTTP/1.x answers in order), which gives one span.
+Normally BPF sends one event per span (SERVER_SPAN from sk_msg, CLIENT_SPAN from tc
+ingress: the request's event, completed with the response's status and time in BPF), and
+it becomes a SpanRecord at once. A connection with several requests waiting for answers
+(pipelining) is reported in pairs instead (obi_abi.h): a request's headers seen (SERVER_REQ
+on tc ingress, CLIENT_REQ in sk_msg) and a response's status line (SERVER_RESP in sk_msg,
+CLIENT_RESP on tc ingress); each response is paired with the oldest open request of the
+same connection (HTTP/1.x answers in order). The ids are always chosen in BPF (they had to
+be: the client's ids are written into the request as it leaves).
 
 TLS connections (OBI_EVF_TLS) carry no HTTP: their spans are turns (egress.bpf.c), with
 method, path and status left empty/0 and extra {"tls": True}; "tcp_option" tells whether
@@ -82,10 +85,17 @@ class Correlator:
     def epoch(self, mono_ns: int) -> int:
         return mono_ns + self._offset
 
-    def on_raw(self, raw: bytes) -> None:
+    def on_raw(self, raw: bytes | memoryview) -> None:
         self.on_event(Event.unpack(raw))
 
     def on_event(self, ev: Event) -> None:
+        kind = ev.kind
+        if kind == EventKind.SERVER_SPAN:
+            self._emit(self.server_span(ev, ev.end_ns, ev.status, ev.pid_tgid))
+            return
+        if kind == EventKind.CLIENT_SPAN:
+            self._emit(self.client_span(ev, ev.end_ns, ev.status))
+            return
         with self._lock:
             if ev.kind in (EventKind.SERVER_REQ, EventKind.CLIENT_REQ):
                 table = self._server if ev.kind == EventKind.SERVER_REQ else self._client
@@ -104,9 +114,9 @@ class Correlator:
             if not q:
                 del table[ev.tuple]
         if ev.kind == EventKind.SERVER_RESP:
-            self._emit(self.server_span(req, ev))
+            self._emit(self.server_span(req, ev.ts_ns, ev.status, ev.pid_tgid))
         else:
-            self._emit(self.client_span(req, ev))
+            self._emit(self.client_span(req, ev.ts_ns, ev.status))
 
     def flush(self) -> None:
         """Emit spans for requests still open (status 0, zero duration): at stop."""
@@ -116,13 +126,18 @@ class Correlator:
             self._server.clear()
             self._client.clear()
         for kind, req in pending:
-            self._emit(self.server_span(req, None) if kind == SpanKind.SERVER else self.client_span(req, None))
+            if kind == SpanKind.SERVER:
+                self._emit(self.server_span(req, req.ts_ns, 0, 0))
+            else:
+                self._emit(self.client_span(req, req.ts_ns, 0))
 
     def _emit(self, span: SpanRecord) -> None:
         self.spans += 1
         self._sink(span)
 
-    def server_span(self, req: Event, resp: Event | None) -> SpanRecord:
+    def server_span(self, req: Event, end_ns: int, status: int, pid_tgid: int) -> SpanRecord:
+        """req: the request's event; end_ns/status/pid_tgid: from the response (the
+        responding thread), or req.ts_ns/0/0 when none was seen."""
         method, target = split_request_line(req.line)
         tracestate = ""
         if req.flags & EVF_TP_VALID and req.tracestate:
@@ -130,7 +145,6 @@ class Correlator:
             if entries:
                 tracestate = w3c.format_tracestate(entries)
         start = self.epoch(req.ts_ns)
-        pid_tgid = resp.pid_tgid if resp else 0
         extra: dict[str, str | int | bool] = {}
         if req.flags & EVF_TLS:
             extra = {"tls": True, "tcp_option": bool(req.flags & EVF_TCPOPT)}
@@ -140,10 +154,10 @@ class Correlator:
             parent_span_id=req.parent_id,
             kind=SpanKind.SERVER,
             start_ns=start,
-            end_ns=self.epoch(resp.ts_ns) if resp else start,
+            end_ns=self.epoch(end_ns),
             method=method,
             path=target,
-            status=resp.status if resp else 0,
+            status=status,
             host=req.host,
             local_addr=req.tuple.local_addr,
             local_port=req.tuple.local_port,
@@ -159,7 +173,7 @@ class Correlator:
             extra=extra,
         )
 
-    def client_span(self, req: Event, resp: Event | None) -> SpanRecord:
+    def client_span(self, req: Event, end_ns: int, status: int) -> SpanRecord:
         method, target = split_request_line(req.line)
         trace_id, span_id, parent, flags = req.trace_id, req.span_id, req.parent_id, req.trace_flags
         extra: dict[str, str | int | bool] = {}
@@ -181,10 +195,10 @@ class Correlator:
             parent_span_id=parent,
             kind=SpanKind.CLIENT,
             start_ns=start,
-            end_ns=self.epoch(resp.ts_ns) if resp else start,
+            end_ns=self.epoch(end_ns),
             method=method,
             path=target,
-            status=resp.status if resp else 0,
+            status=status,
             host=req.host,
             local_addr=req.tuple.local_addr,
             local_port=req.tuple.local_port,
