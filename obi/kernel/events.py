@@ -41,7 +41,8 @@ from .abi import (
 log = logging.getLogger("obi.kernel.events")
 
 SpanSink = Callable[[SpanRecord], None]
-MAX_OPEN_PER_CONN = 64  # open requests kept per connection (pipelining depth)
+MAX_OPEN_PER_CONN = 64
+_SERVER_SPAN, _CLIENT_SPAN = int(EventKind.SERVER_SPAN), int(EventKind.CLIENT_SPAN)  # plain ints: hot path  # open requests kept per connection (pipelining depth)
 
 
 def monotonic_to_epoch_offset() -> int:
@@ -59,10 +60,9 @@ def monotonic_to_epoch_offset() -> int:
 
 def split_request_line(line: bytes) -> tuple[str, str]:
     """(method, target) of a request line prefix; the target may be cut at LINE_MAX."""
-    text = line.decode("latin-1")
-    method, _, rest = text.partition(" ")
-    target = rest.rsplit(" HTTP/", 1)[0] if " HTTP/" in rest else rest
-    return method, target
+    method, _, rest = line.decode("latin-1").partition(" ")
+    target, sep, _ = rest.rpartition(" HTTP/")
+    return method, (target if sep else rest)
 
 
 class Correlator:
@@ -90,10 +90,10 @@ class Correlator:
 
     def on_event(self, ev: Event) -> None:
         kind = ev.kind
-        if kind == EventKind.SERVER_SPAN:
+        if kind == _SERVER_SPAN:
             self._emit(self.server_span(ev, ev.end_ns, ev.status, ev.pid_tgid))
             return
-        if kind == EventKind.CLIENT_SPAN:
+        if kind == _CLIENT_SPAN:
             self._emit(self.client_span(ev, ev.end_ns, ev.status))
             return
         with self._lock:
