@@ -280,7 +280,7 @@ static __always_inline void client_action(struct scratch *sc, struct http_state 
 		break;
 	}
 	case ACT_LINE0_END:
-		if ((obi_cfg_flags & OBI_CFG_HEADERS) && p->nins < MAX_INS) {
+		if ((obi_cfg_flags & OBI_CFG_HDR_INSERT) && p->nins < MAX_INS) {
 			struct ins *in = &sc->ins[p->nins & (MAX_INS - 1)];
 			in->off = p->act_pos;
 			in->ok = 1;

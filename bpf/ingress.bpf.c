@@ -53,7 +53,7 @@ static __always_inline void server_req_done(struct scratch *sc, struct http_stat
 {
 	__u32 flags = 0;
 
-	if ((obi_cfg_flags & OBI_CFG_HEADERS) && tp_parse(st)) {
+	if ((obi_cfg_flags & OBI_CFG_HDR_READ) && tp_parse(st)) {
 		flags |= OBI_EVF_TP_VALID; /* trace_id, parent_id, trace_flags from the header */
 	} else {
 		new_trace_id(st->trace_id);

@@ -24,8 +24,10 @@
 #define OBI_TCPOPT_LEN_FLAGS 27   /* ... + flags[1] */
 
 /* obi_cfg_flags (a `const volatile` global set before load) */
-#define OBI_CFG_HEADERS (1u << 0) /* insert / read traceparent headers */
-#define OBI_CFG_TCP (1u << 1)     /* write / read TCP option kind 25 */
+#define OBI_CFG_HDR_INSERT (1u << 0) /* insert Traceparent into outgoing requests (headers propagation) */
+#define OBI_CFG_TCP (1u << 1)        /* write / read TCP option kind 25 */
+#define OBI_CFG_HDR_READ (1u << 2)   /* continue incoming traceparent headers (headers propagation,
+				      * or ebpf.track_request_headers alone, as in OBI) */
 
 /* Which end of a connection the instrumented process is. */
 #define OBI_ROLE_CLIENT 1

@@ -12,7 +12,7 @@
 #include "obi_http.h"
 
 /* Set by userspace before load (obi_abi.h OBI_CFG_*). */
-const volatile __u32 obi_cfg_flags = OBI_CFG_HEADERS;
+const volatile __u32 obi_cfg_flags = OBI_CFG_HDR_INSERT | OBI_CFG_HDR_READ;
 
 /* Never read: anchors the ABI structs in the object's BTF (a struct only reached through
  * a ring buffer reservation would not be described), so the ABI test can check them. */

@@ -43,7 +43,7 @@ from ..config import Config
 from ..datapath import SpanSink
 from ..errors import AttachError, BpfError, MissingFeature
 from . import attach, libbpf
-from .abi import CFG_HEADERS, CFG_TCP, COUNTER_MAX, Counter
+from .abi import CFG_HDR_INSERT, CFG_HDR_READ, CFG_TCP, COUNTER_MAX, Counter
 from .events import Correlator
 
 log = logging.getLogger("obi.kernel.datapath")
@@ -122,6 +122,18 @@ def scan_processes(cfg: Config, netns_ino: int | None) -> tuple[set[int], set[in
             exes[pid] = exe
             ports.update(p for p in own_ports if by_port is False or cfg.port_selected(p))
     return tgids, ports, exes
+
+
+def cfg_flags(cfg: Config) -> int:
+    """obi_cfg_flags for the BPF programs. As in OBI: incoming traceparent headers are
+    continued with headers propagation or with track_request_headers alone; headers are
+    inserted only with headers propagation."""
+    flags = CFG_TCP if cfg.propagate_tcp else 0
+    if cfg.propagate_headers:
+        flags |= CFG_HDR_INSERT | CFG_HDR_READ
+    if cfg.track_request_headers:
+        flags |= CFG_HDR_READ
+    return flags
 
 
 # --- the datapath --------------------------------------------------------------------
@@ -218,7 +230,7 @@ class KernelDatapath:
     # -- loading and attaching
 
     def _load(self) -> None:
-        flags = (CFG_HEADERS if self.cfg.propagate_headers else 0) | (CFG_TCP if self.cfg.propagate_tcp else 0)
+        flags = cfg_flags(self.cfg)
         shared: dict[str, int] = {}
         for name in OBJECTS:
             obj = libbpf.BpfObject.open(libbpf.object_path(name))

@@ -17,12 +17,14 @@ from obi.model import SpanKind, SpanRecord
 class Agent:
     """A KernelDatapath watching one host; spans land in .spans."""
 
-    def __init__(self, host, tmp_path, propagation: str = "headers", ports: str = "8080,8081"):
+    def __init__(self, host, tmp_path, propagation: str = "headers", ports: str = "8080,8081",
+                 env: dict[str, str] | None = None):
         self.spans: list[SpanRecord] = []
         cfg = config.load(env={
             "OTEL_EBPF_BPF_CONTEXT_PROPAGATION": propagation,
             "OTEL_EBPF_OPEN_PORT": ports,
             "OTEL_EBPF_CGROUP_PATH": host.cgroup,
+            **(env or {}),
         })
         self.dp = KernelDatapath(cfg, self.spans.append, netns=host.netns_path, state_dir=str(tmp_path / host.name))
         try:
