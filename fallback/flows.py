@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import socket
 import time
 from collections import OrderedDict, deque
@@ -27,7 +28,7 @@ from typing import Callable, Protocol
 
 from obi import w3c
 from obi.config import Config
-from obi.model import FLAG_SAMPLED, Datapath, SpanKind, SpanRecord, TraceContext
+from obi.model import FLAG_RANDOM, FLAG_SAMPLED, Datapath, SpanKind, SpanRecord, TraceContext
 
 from . import codec, tls
 from .http import Message, Stream
@@ -45,6 +46,41 @@ IDLE_TIMEOUT_S = 300.0
 SHIFTED_IDLE_TIMEOUT_S = 7200.0
 CLOSE_LINGER_S = 10.0  # after both FINs: keep translating the last ACKs/retransmissions
 RECENT_OPTIONS = 8  # kind-25 options remembered per flow, for retransmissions / late segments
+
+
+class _Ids:
+    """Random trace/span ids from os.urandom, read 4 KiB at a time: one syscall per ~170
+    root contexts instead of two per request (same CSPRNG, never all-zero, as obi.model)."""
+
+    __slots__ = ("buf", "at")
+    CHUNK = 4096
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.at = 0
+
+    def hex(self, n: int) -> str:
+        while True:
+            at = self.at
+            if at + n > len(self.buf):
+                self.buf, at = os.urandom(self.CHUNK), 0
+            self.at = at + n
+            value = self.buf[at : at + n]
+            if any(value):
+                return value.hex()
+
+
+_ids = _Ids()
+
+
+def new_root() -> TraceContext:
+    """TraceContext.new_root() (sampled, random flag set) with pooled randomness."""
+    return TraceContext(_ids.hex(16), _ids.hex(8), FLAG_RANDOM | FLAG_SAMPLED)
+
+
+def child(ctx: TraceContext) -> TraceContext:
+    """ctx.child() with pooled randomness."""
+    return TraceContext(ctx.trace_id, _ids.hex(8), ctx.flags, ctx.tracestate)
 
 
 def rel(seq: int, base: int) -> int:
@@ -388,11 +424,11 @@ class Tracker:
         parent = self.linker.parent_for(flow.pid)
         if parent is not None:
             parent.children += 1
-            ctx = parent.ctx.child()
+            ctx = child(parent.ctx)
             parent_id = parent.ctx.span_id
             self.stats["links_to_server"] += 1
         else:
-            ctx = TraceContext.new_root()
+            ctx = new_root()
             parent_id = ""
             self.stats["roots"] += 1
         propagated = False
@@ -522,16 +558,17 @@ class Tracker:
                     self._finish_client(flow, flow.pending.popleft(), msg.status, now)
 
     def _server_request(self, flow: Flow, msg: Message, start: int) -> None:
-        incoming = w3c.extract(msg.header_lines())
+        # Most requests carry no traceparent: skip the general extraction for them.
+        incoming = w3c.extract(msg.header_lines()) if msg.has_header(b"traceparent") else None
         propagated = incoming is not None
         if incoming is None and flow.option_ctx is not None:
             incoming = flow.option_ctx
             propagated = True
         flow.option_ctx = None
         if incoming is not None:
-            ctx, parent = incoming.child(), incoming.span_id
+            ctx, parent = child(incoming), incoming.span_id
         else:
-            ctx, parent = TraceContext.new_root(), ""
+            ctx, parent = new_root(), ""
         span = ServerSpan(ctx, parent, msg, flow.pid, start, propagated)
         flow.pending.append(span)
         self.linker.add(span)
@@ -560,9 +597,9 @@ class Tracker:
         if flow.server:
             parent = next((ctx for lo, hi, ctx in t.options_in if lo <= start < hi), None)
             if parent is not None:
-                span = ServerSpan(parent.child(), parent.span_id, msg, flow.pid, now, True)
+                span = ServerSpan(child(parent), parent.span_id, msg, flow.pid, now, True)
             else:
-                span = ServerSpan(TraceContext.new_root(), "", msg, flow.pid, now, False)
+                span = ServerSpan(new_root(), "", msg, flow.pid, now, False)
             self.linker.add(span)
             t.turn = span
         else:
@@ -575,9 +612,9 @@ class Tracker:
         if parent is not None:
             parent.children += 1
             self.stats["links_to_server"] += 1
-            return ClientCall(parent.ctx.child(), parent.ctx.span_id, msg, now, False)
+            return ClientCall(child(parent.ctx), parent.ctx.span_id, msg, now, False)
         self.stats["roots"] += 1
-        return ClientCall(TraceContext.new_root(), "", msg, now, False)
+        return ClientCall(new_root(), "", msg, now, False)
 
     def _tls_option_in(self, flow: Flow, lo: int, hi: int, ctx: TraceContext) -> None:
         """A server segment [lo, hi) carried kind 25. Kept for the turn that starts inside it;
@@ -587,7 +624,7 @@ class Tracker:
         t.options_in.append((lo, hi, ctx))
         span = t.turn
         if isinstance(span, ServerSpan) and not span.propagated and span.children == 0 and lo <= t.turn_at < hi:
-            span.ctx, span.parent, span.propagated = ctx.child(), ctx.span_id, True
+            span.ctx, span.parent, span.propagated = child(ctx), ctx.span_id, True
 
     def _tls_answer(self, flow: Flow) -> None:
         """New data from the answering side: the current turn is being answered."""

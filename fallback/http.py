@@ -40,6 +40,7 @@ class Message:
     end: int = -1  # stream offset just after the last byte, -1 while unknown
     ctx: object = None  # whatever the flow layer attaches (span state)
     _lines: list[tuple[bytes, bytes]] | None = None  # header_lines() once the head is complete
+    _index: dict[bytes, list[bytes]] | None = None  # lowercased name -> values, once complete
 
     def header_lines(self) -> list[tuple[bytes, bytes]]:
         """(name, value) of every complete header line seen so far."""
@@ -49,24 +50,42 @@ class Message:
         first = text.find(b"\r\n")
         if first < 0:
             return []
-        body = text[first + 2 :]
-        lines = body.split(b"\r\n")
+        lines = text[first + 2 :].split(b"\r\n")
         if not self.head_done:
             lines = lines[:-1]  # the last piece may be a partial line
         out = []
+        index: dict[bytes, list[bytes]] = {}
         for line in lines:
             if not line:
                 break
             name, sep, value = line.partition(b":")
             if sep:
-                out.append((name.strip(), value.strip(b" \t")))
-        if self.head_done:  # parsed once: extraction, Host and span building all ask
-            self._lines = out
+                name, value = name.strip(), value.strip(b" \t")
+                out.append((name, value))
+                lname = name.lower()
+                if lname in index:
+                    index[lname].append(value)
+                else:
+                    index[lname] = [value]
+        if self.head_done:  # parsed once: framing, extraction, Host and span building all ask
+            self._lines, self._index = out, index
         return out
 
     def header(self, name: bytes) -> list[bytes]:
         lname = name.lower()
-        return [v for n, v in self.header_lines() if n.lower() == lname]
+        if not self.head_done:
+            return [v for n, v in self.header_lines() if n.lower() == lname]
+        if self._index is None:
+            self.header_lines()
+        return self._index.get(lname, [])  # type: ignore[union-attr]  # callers only read it
+
+    def has_header(self, name: bytes) -> bool:
+        """Whether a header with this (lowercase) name is present."""
+        if not self.head_done:
+            return any(n.lower() == name for n, _ in self.header_lines())
+        if self._index is None:
+            self.header_lines()
+        return name in self._index  # type: ignore[operator]
 
 
 Event = tuple[str, Message]  # ("start" | "line" | "head" | "end", message)
@@ -155,6 +174,21 @@ class Stream:
         msg = self.msg
         assert msg is not None
         prev = len(msg.head)
+        if not prev:
+            # Fast path, the usual case: the whole head is in this buffer. Same outcome as
+            # the incremental code below, without growing msg.head piece by piece.
+            end = buf.find(b"\r\n\r\n", i)
+            if end >= 0:
+                k = buf.find(b"\r\n", i)  # the first CRLF is at or before the end of the head
+                if not self._first_line(buf[i:k]):
+                    return len(buf)
+                msg.line_end = msg.start + k - i + 2
+                events.append(("line", msg))
+                msg.head = bytearray(memoryview(buf)[i : end + 4])
+                msg.head_done = True
+                events.append(("head", msg))
+                self._body(msg, off + end + 4, events)
+                return end + 4
         msg.head += buf[i:]
         if msg.line_end < 0:
             k = msg.head.find(b"\r\n", max(0, prev - 1))
@@ -216,10 +250,11 @@ class Stream:
                     return
                 self._end(at, events)  # interim response, no body
                 return
-            if msg.status in (204, 304) or self.request_method() == "HEAD":
+            method = self.request_method()
+            if msg.status in (204, 304) or method == "HEAD":
                 self._end(at, events)
                 return
-            if self.request_method() == "CONNECT" and 200 <= msg.status < 300:
+            if method == "CONNECT" and 200 <= msg.status < 300:
                 self.kill("tunnel")
                 return
         te = b",".join(msg.header(b"transfer-encoding")).lower()

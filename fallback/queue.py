@@ -1,5 +1,10 @@
 """The NFQUEUE loop: one thread reads packets, asks the handler, always accepts.
 
+The thread sits in netfilterqueue's blocking C receive loop (`run()`): no Python runs
+between packets. The netlink socket has a receive timeout (SO_RCVTIMEO), so when idle the
+loop returns every `WAKE_S` and the thread sees `stop()`: stopping is prompt without a
+select() and a Python loop turn per packet.
+
 Fail open: whatever the handler does (returns, raises), the packet gets NF_ACCEPT, with the
 new bytes/mark only when the handler produced them without error. When the process dies
 the queue has no reader and the rules' --queue-bypass lets packets through.
@@ -8,7 +13,8 @@ the queue has no reader and the rules' --queue-bypass lets packets through.
 from __future__ import annotations
 
 import logging
-import select
+import socket
+import struct
 import threading
 from typing import Callable
 
@@ -20,6 +26,7 @@ log = logging.getLogger("obi.fallback")
 
 NF_INET_LOCAL_OUT = 3  # hook numbers as netfilterqueue reports them
 QUEUE_MAXLEN = 4096
+WAKE_S = 0.2  # idle receive timeout: how long stop() may wait for the reader thread
 
 
 class QueueLoop:
@@ -55,16 +62,22 @@ class QueueLoop:
         self._thread.start()
 
     def _loop(self) -> None:
-        assert self._nfq is not None
-        fd = self._nfq.get_fd()
+        nfq = self._nfq
+        assert nfq is not None
+        # A receive timeout on the queue's netlink socket makes the blocking run() return
+        # (EAGAIN) when no packet came for WAKE_S. fromfd() dups the descriptor; the
+        # option belongs to the socket both descriptors share.
+        with socket.fromfd(nfq.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW) as sock:
+            sec = int(WAKE_S)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                            struct.pack("ll", sec, int((WAKE_S - sec) * 1_000_000)))
         while not self._stop.is_set():
             try:
-                ready, _, _ = select.select([fd], [], [], 0.2)
-                if ready:
-                    self._nfq.run(block=False)
+                nfq.run(block=True)
             except Exception:
                 self.errors += 1
                 log.exception("nfqueue loop error")
+                self._stop.wait(0.01)  # a persistent error must not spin
 
     def stop(self) -> None:
         self._stop.set()
