@@ -89,10 +89,11 @@ struct {
 	__type(value, struct obi_event);
 } open_spans SEC(".maps");
 
-/* Span events to userspace (struct obi_event). Lost ones are counted in counters. */
+/* Span events to userspace (struct obi_event). Lost ones are counted in counters. 16 MiB:
+ * ~25k events, about half a second of a busy service if the agent is descheduled. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 4 << 20);
+	__uint(max_entries, 16 << 20);
 } events SEC(".maps");
 
 /* enum obi_counter -> u64, per CPU; summed by userspace for stats(). */
