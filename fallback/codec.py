@@ -27,6 +27,7 @@ OPT_EOL, OPT_NOP, OPT_MSS, OPT_SACK = 0, 1, 2, 5
 OPT_TRACE = 25
 OPT_TRACE_LEN = 26
 OPT_TRACE_LEN_FLAGS = 27
+_TRACE_KIND = bytes((OPT_TRACE,))
 MAX_TCP_HEADER = 60
 
 _U32 = 0xFFFFFFFF
@@ -137,6 +138,8 @@ def sack_blocks(pkt: Packet) -> list[tuple[int, int]]:
 
 def find_trace_option(pkt: Packet) -> tuple[bytes, bytes, int | None] | None:
     """(trace_id, span_id, flags or None) from a kind-25 option, if the packet carries one."""
+    if pkt.data.find(_TRACE_KIND, pkt.tcp_off + 20, pkt.payload_off) < 0:
+        return None  # no byte 25 among the options: no kind-25 option (the usual case)
     opts = pkt.options
     for kind, off, length in iter_options(opts):
         if kind == OPT_TRACE and length in (OPT_TRACE_LEN, OPT_TRACE_LEN_FLAGS):

@@ -55,13 +55,14 @@ class Message:
             lines = lines[:-1]  # the last piece may be a partial line
         out = []
         index: dict[bytes, list[bytes]] = {}
+        append = out.append
         for line in lines:
             if not line:
                 break
             name, sep, value = line.partition(b":")
             if sep:
                 name, value = name.strip(), value.strip(b" \t")
-                out.append((name, value))
+                append((name, value))
                 lname = name.lower()
                 if lname in index:
                     index[lname].append(value)
