@@ -18,7 +18,8 @@ class Agent:
     """A KernelDatapath watching one host; spans land in .spans."""
 
     def __init__(self, host, tmp_path, propagation: str = "headers", ports: str = "8080,8081",
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, sink=None):
+        """sink: called with each span instead of collecting them in .spans."""
         self.spans: list[SpanRecord] = []
         cfg = config.load(env={
             "OTEL_EBPF_BPF_CONTEXT_PROPAGATION": propagation,
@@ -26,7 +27,7 @@ class Agent:
             "OTEL_EBPF_CGROUP_PATH": host.cgroup,
             **(env or {}),
         })
-        self.dp = KernelDatapath(cfg, self.spans.append, netns=host.netns_path, state_dir=str(tmp_path / host.name))
+        self.dp = KernelDatapath(cfg, sink or self.spans.append, netns=host.netns_path, state_dir=str(tmp_path / host.name))
         try:
             self.dp.start()
         except MissingFeature as e:
