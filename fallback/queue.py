@@ -76,8 +76,9 @@ class QueueLoop:
                 nfq.run(block=True)
             except Exception:
                 self.errors += 1
-                log.exception("nfqueue loop error")
-                self._stop.wait(0.01)  # a persistent error must not spin
+                if self.errors <= 10:
+                    log.exception("nfqueue loop error")
+                self._stop.wait(0.01)  # a persistent error must neither spin nor flood the log
 
     def stop(self) -> None:
         self._stop.set()
