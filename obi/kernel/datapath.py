@@ -32,13 +32,13 @@ TCP-option callbacks (set at establishment). Not done yet: a BPF TCP socket iter
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import struct
 import threading
 import time
 from typing import Iterable
 
+from .. import procs
 from ..config import Config
 from ..datapath import SpanSink
 from ..errors import AttachError, BpfError, MissingFeature
@@ -49,79 +49,6 @@ from .events import Correlator
 log = logging.getLogger("obi.kernel.datapath")
 
 OBJECTS = ("egress", "ingress", "threads")  # egress first: it creates the shared maps
-_TCP_LISTEN = "0A"
-
-# --- process selection ---------------------------------------------------------------
-
-
-def _netns_ino(path: str) -> int | None:
-    try:
-        return os.stat(path).st_ino
-    except OSError:
-        return None
-
-
-def _listening_inodes(pid: int) -> dict[int, int]:
-    """{socket inode: port} of TCP listening sockets in the netns of `pid`."""
-    out: dict[int, int] = {}
-    for name in ("tcp", "tcp6"):
-        try:
-            with open(f"/proc/{pid}/net/{name}", encoding="ascii") as f:
-                next(f, None)
-                for line in f:
-                    parts = line.split()
-                    if len(parts) > 9 and parts[3] == _TCP_LISTEN:
-                        out[int(parts[9])] = int(parts[1].rsplit(":", 1)[1], 16)
-        except OSError:
-            continue
-    return out
-
-
-def _socket_inodes(pid: int) -> set[int]:
-    inodes = set()
-    fd_dir = f"/proc/{pid}/fd"
-    try:
-        fds = os.listdir(fd_dir)
-    except OSError:
-        return inodes
-    for fd in fds:
-        try:
-            target = os.readlink(f"{fd_dir}/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
-    return inodes
-
-
-def scan_processes(cfg: Config, netns_ino: int | None) -> tuple[set[int], set[int], dict[int, str]]:
-    """(tgids, their listening ports, {tgid: exe}) of the processes cfg selects in the
-    netns with inode `netns_ino` (None: any netns)."""
-    tgids: set[int] = set()
-    ports: set[int] = set()
-    exes: dict[int, str] = {}
-    listen_cache: dict[int, dict[int, int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        ns = _netns_ino(f"/proc/{pid}/ns/net")
-        if ns is None or (netns_ino is not None and ns != netns_ino):
-            continue
-        try:
-            exe = os.readlink(f"/proc/{pid}/exe")
-        except OSError:
-            continue  # kernel thread or gone
-        if ns not in listen_cache:
-            listen_cache[ns] = _listening_inodes(pid)
-        listening = listen_cache[ns]
-        own_ports = {listening[i] for i in _socket_inodes(pid) if i in listening} if listening else set()
-        by_port = any(cfg.port_selected(p) for p in own_ports)
-        if by_port or cfg.exe_selected(exe):
-            tgids.add(pid)
-            exes[pid] = exe
-            ports.update(p for p in own_ports if by_port is False or cfg.port_selected(p))
-    return tgids, ports, exes
 
 
 def cfg_flags(cfg: Config) -> int:
@@ -134,7 +61,6 @@ def cfg_flags(cfg: Config) -> int:
     if cfg.track_request_headers:
         flags |= CFG_HDR_READ
     return flags
-
 
 # --- the datapath --------------------------------------------------------------------
 
@@ -280,8 +206,9 @@ class KernelDatapath:
     def scan_now(self) -> None:
         """Refresh selected_tgids / server_ports from /proc (also run periodically)."""
         with self._scan_lock:
-            ino = _netns_ino(self.netns) if self.netns else _netns_ino("/proc/thread-self/ns/net")
-            tgids, ports, exes = scan_processes(self.cfg, ino)
+            ino = procs.netns_inode(self.netns or "/proc/thread-self/ns/net")
+            sel = procs.scan(self.cfg, ino)
+            tgids, ports, exes = sel.pids, sel.ports, sel.exes
             eg = self._objs.get("egress")
             if eg is None:
                 return
