@@ -38,38 +38,46 @@ class DatapathChoice:
 
 
 def choose_datapath(
-    cfg: Config, bpf_loop_ok: bool | None = None, nfqueue_ok: bool | None = None
+    cfg: Config, bpf_loop_ok: bool | None = None, nfqueue_ok: bool | None = None,
+    thread_tp_ok: bool | None = None,
 ) -> DatapathChoice:
     """The capability switch. `ebpf.datapath: kernel|userspace` forces; `auto` picks the
     kernel path when a bpf_loop program loads (or `override_bpfloop_enabled` is set, which
-    skips the probe), else the userspace path when NFQUEUE is usable, else nothing.
-    Probe results not given are probed here."""
+    skips that probe) and the sock:sock_recv_length tracepoint it links threads with
+    exists, else the userspace path when NFQUEUE is usable, else nothing. Probe results
+    not given are probed here."""
     if cfg.datapath == Datapath.KERNEL.value:
         return DatapathChoice(Datapath.KERNEL, "ebpf.datapath is kernel (forced)")
     if cfg.datapath == Datapath.USERSPACE.value:
         return DatapathChoice(
             Datapath.USERSPACE, f"ebpf.datapath is userspace (forced); {PER_PROCESS_NOTE}"
         )
-    if cfg.override_bpfloop_enabled:
+    if thread_tp_ok is None:
+        thread_tp_ok = probes.probe_sock_recv_tracepoint().ok
+    # An unknown answer (no tracefs, no BTF) does not veto: start() would still fail
+    # cleanly with MissingFeature and the agent fall back.
+    no_tp = thread_tp_ok is False
+    if cfg.override_bpfloop_enabled and not no_tp:
         return DatapathChoice(
             Datapath.KERNEL,
             "auto: override_bpfloop_enabled is set, bpf_loop probe skipped; kernel datapath",
         )
-    if bpf_loop_ok is None:
+    if bpf_loop_ok is None and not cfg.override_bpfloop_enabled:
         bpf_loop_ok = bool(probes.probe_bpf_loop().ok)
-    if bpf_loop_ok:
+    if bpf_loop_ok and not no_tp:
         return DatapathChoice(Datapath.KERNEL, "auto: a bpf_loop program loads; kernel datapath")
+    if no_tp and (bpf_loop_ok or cfg.override_bpfloop_enabled):
+        missing = "no sock:sock_recv_length tracepoint (needs Linux >= 6.3; the kernel path links threads with it)"
+    else:
+        missing = "no bpf_loop (needs Linux >= 5.17)"
     if nfqueue_ok is None:
         nfqueue_ok = bool(probes.probe_nfqueue().ok)
     if nfqueue_ok:
         return DatapathChoice(
             Datapath.USERSPACE,
-            f"auto: no bpf_loop (needs Linux >= 5.17); NFQUEUE usable; userspace datapath; "
-            f"{PER_PROCESS_NOTE}",
+            f"auto: {missing}; NFQUEUE usable; userspace datapath; {PER_PROCESS_NOTE}",
         )
-    return DatapathChoice(
-        None, "auto: no bpf_loop (needs Linux >= 5.17) and NFQUEUE not usable; no datapath available"
-    )
+    return DatapathChoice(None, f"auto: {missing} and NFQUEUE not usable; no datapath available")
 
 
 def _feature(p: Probe, missing_status: str, missing_effect: str) -> Check:
@@ -95,6 +103,8 @@ def run_checks(cfg: Config) -> list[Check]:
     if cfg.override_bpfloop_enabled:
         effect = "override_bpfloop_enabled is set: the kernel datapath is used anyway"
     checks.append(_feature(bpf_loop, kpath, effect))
+    tp = found["sock_recv_tracepoint"]
+    checks.append(_feature(tp, kpath, "the kernel path cannot link threads to requests"))
     checks.append(_feature(found["sockops"], kpath, "no egress socket tracking on the kernel path"))
     checks.append(_feature(found["sk_msg"], kpath, "no header injection on the kernel path"))
     checks.append(_feature(found["tc"], kpath, "no ingress program on the kernel path (clsact)"))
@@ -134,7 +144,7 @@ def run_checks(cfg: Config) -> list[Check]:
         else Check("nfqueue", OK, nfq.detail, True)
     )
 
-    choice = choose_datapath(cfg, bpf_loop_ok=bool(bpf_loop.ok), nfqueue_ok=bool(nfq.ok))
+    choice = choose_datapath(cfg, bpf_loop_ok=bool(bpf_loop.ok), nfqueue_ok=bool(nfq.ok), thread_tp_ok=tp.ok)
     if choice.datapath is None:
         status = FAIL
     elif choice.datapath is Datapath.USERSPACE:

@@ -162,6 +162,28 @@ def probe_ringbuf() -> Probe:
 # --- files and system state ------------------------------------------------------------
 
 
+# The kernel path links threads to requests with the sock:sock_recv_length tracepoint
+# (threads.bpf.c). Its event class is in the kernel's BTF as this type.
+SOCK_RECV_TP_BTF_TYPE = b"trace_event_raw_sock_msg_length"
+_TRACEFS_EVENT = ("/sys/kernel/tracing/events/sock/sock_recv_length",
+                  "/sys/kernel/debug/tracing/events/sock/sock_recv_length")
+
+
+def probe_sock_recv_tracepoint() -> Probe:
+    """Found in the kernel's BTF (readable without privileges) or in tracefs."""
+    name, min_kernel = "sock_recv_tracepoint", "6.3"
+    if any(os.path.isdir(path) for path in _TRACEFS_EVENT):
+        return Probe(name, True, "tracepoint sock:sock_recv_length present (tracefs)", min_kernel)
+    try:
+        with open(BTF_VMLINUX, "rb") as f:
+            found = SOCK_RECV_TP_BTF_TYPE in f.read()
+    except OSError as e:
+        return Probe(name, None, f"cannot tell: no tracefs, {BTF_VMLINUX}: {e.strerror}", min_kernel)
+    if found:
+        return Probe(name, True, "tracepoint sock:sock_recv_length present (kernel BTF)", min_kernel)
+    return Probe(name, False, "tracepoint sock:sock_recv_length missing", min_kernel)
+
+
 def probe_btf() -> Probe:
     if os.path.exists(BTF_VMLINUX):
         return Probe("btf", True, f"{BTF_VMLINUX} present", "5.4")
@@ -299,6 +321,7 @@ def probe_nfqueue() -> Probe:
 ALL_PROBES: tuple[Callable[[], Probe], ...] = (
     probe_btf,
     probe_bpf_loop,
+    probe_sock_recv_tracepoint,
     probe_sockops,
     probe_sk_msg,
     probe_tc,

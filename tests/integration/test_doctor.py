@@ -80,7 +80,7 @@ def test_lockdown_matches_the_kernel(report: dict) -> None:
 def test_every_check_present(report: dict) -> None:
     names = [c["name"] for c in report["checks"]]
     assert names == [
-        "kernel", "btf", "bpf_loop", "sockops", "sk_msg", "tc", "tcx", "ringbuf", "cgroup_v2",
+        "kernel", "btf", "bpf_loop", "sock_recv_tracepoint", "sockops", "sk_msg", "tc", "tcx", "ringbuf", "cgroup_v2",
         "lockdown", "bpf_probe_write_user", "capabilities", "iptables", "nfqueue", "datapath",
     ]
     assert report["kernel"] == os.uname().release
@@ -133,3 +133,17 @@ def test_doctor_cli_text_forced_userspace() -> None:
     assert res.returncode == 0, res.stderr
     line = next(ln for ln in res.stdout.splitlines() if "] datapath" in ln)
     assert "userspace (forced)" in line and "per process, not per thread" in line
+
+
+def test_thread_tracepoint_probe_agrees_with_btf_and_tracefs(monkeypatch) -> None:
+    """Both ways of finding sock:sock_recv_length give the same answer on this kernel."""
+    if not os.path.exists(probes.BTF_VMLINUX):
+        pytest.skip(f"{probes.BTF_VMLINUX} missing: kernel built without BTF")
+    with_tracefs = probes.probe_sock_recv_tracepoint()
+    monkeypatch.setattr(probes, "_TRACEFS_EVENT", ())
+    from_btf = probes.probe_sock_recv_tracepoint()
+    assert "kernel BTF" in from_btf.detail
+    assert from_btf.ok == with_tracefs.ok
+    release = tuple(int(x) for x in probes.kernel_release().split(".")[:2])
+    if release >= (6, 3):
+        assert from_btf.ok is True

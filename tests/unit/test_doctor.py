@@ -20,6 +20,8 @@ def no_probing(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(probes, "probe_bpf_loop", boom)
     monkeypatch.setattr(probes, "probe_nfqueue", boom)
+    # Not faked by a test: the tracepoint is there (as on every kernel >= 6.3).
+    monkeypatch.setattr(probes, "probe_sock_recv_tracepoint", lambda: probes.Probe("sock_recv_tracepoint", True, "", "6.3"))
 
 
 @pytest.mark.usefixtures("no_probing")
@@ -38,6 +40,19 @@ class TestChooseDatapath:
         choice = choose_datapath(Config(), bpf_loop_ok=True, nfqueue_ok=True)
         assert choice.datapath is Datapath.KERNEL
         assert "bpf_loop" in choice.reason
+
+    def test_auto_without_the_thread_tracepoint_picks_userspace(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # A 5.17 - 6.2 kernel: bpf_loop loads, sock:sock_recv_length does not exist.
+        choice = choose_datapath(Config(), bpf_loop_ok=True, nfqueue_ok=True, thread_tp_ok=False)
+        assert choice.datapath is Datapath.USERSPACE
+        assert "sock_recv_length" in choice.reason and "6.3" in choice.reason
+        override = choose_datapath(Config(override_bpfloop_enabled=True), nfqueue_ok=True, thread_tp_ok=False)
+        assert override.datapath is Datapath.USERSPACE
+        # Cannot tell (no tracefs, no BTF): no veto; start() would fail cleanly instead.
+        monkeypatch.setattr(probes, "probe_sock_recv_tracepoint",
+                            lambda: probes.Probe("sock_recv_tracepoint", None, "cannot tell", "6.3"))
+        unknown = choose_datapath(Config(), bpf_loop_ok=True, nfqueue_ok=True)
+        assert unknown.datapath is Datapath.KERNEL
 
     def test_auto_without_bpf_loop_picks_userspace(self) -> None:
         choice = choose_datapath(Config(), bpf_loop_ok=False, nfqueue_ok=True)
