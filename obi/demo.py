@@ -31,12 +31,15 @@ PORT = 8080
 
 
 class AgentProcess:
-    """`obi run` inside one host's namespace; collects its JSON span lines."""
+    """`obi run` inside one host's namespace, attached to its cgroup, printing spans as
+    JSON; collects them in `.spans` and its log in `.log`. (The parity and interop tests
+    drive their agents through this class too.)"""
 
-    def __init__(self, host, service_name: str, datapath: str):
-        env = dict(os.environ)
+    def __init__(self, host, service_name: str, datapath: str, ports: str = str(PORT)):
+        # Only what is set here: none of the caller's OTEL_* settings leak in.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         env.update(
-            OTEL_EBPF_OPEN_PORT=str(PORT),
+            OTEL_EBPF_OPEN_PORT=ports,
             OTEL_EBPF_BPF_CONTEXT_PROPAGATION="all",
             OTEL_EBPF_TRACE_PRINTER="json",
             OTEL_EBPF_DATAPATH=datapath,
@@ -44,8 +47,6 @@ class AgentProcess:
             OTEL_SERVICE_NAME=service_name,
             OTEL_EBPF_SHUTDOWN_TIMEOUT="5s",
         )
-        for var in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EBPF_CONFIG_PATH"):
-            env.pop(var, None)
         self.name = service_name
         self.spans: list[dict] = []
         self.log: list[str] = []
@@ -75,6 +76,25 @@ class AgentProcess:
     @property
     def datapath_line(self) -> str:
         return next((line.split("obi.agent: ", 1)[-1] for line in self.log if "datapath " in line), "?")
+
+    def wait_attached(self, timeout: float = 30) -> None:
+        if not self.attached.wait(timeout) or self.proc.poll() is not None:
+            raise RuntimeError(f"agent {self.name} did not attach:\n" + "\n".join(self.log[-30:]))
+
+    def mark(self) -> int:
+        return len(self.spans)
+
+    def wait(self, pred, n: int = 1, since: int = 0, timeout: float = 10) -> list[dict]:
+        """Spans after `since` matching `pred`, once there are n of them (or the timeout)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = [s for s in self.spans[since:] if pred(s)]
+            if len(got) >= n or time.monotonic() > deadline:
+                return got
+            time.sleep(0.05)
+
+    def tail(self) -> str:
+        return f"--- agent {self.name} log ---\n" + "\n".join(self.log[-20:])
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -13,15 +13,13 @@ Also imported by tests/integration/test_interop.py.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from obi.demo import AgentProcess as DemoAgent
 from obi.netns import Host, Topology, have_netns_tools
 
 PORT = 8080  # demo services on B and C
@@ -60,72 +58,11 @@ def skip_reason(datapath: str) -> str:
     return ""
 
 
-class AgentProcess:
-    """`obi run` in one host's namespace, attached to its cgroup; spans land in .spans."""
+class AgentProcess(DemoAgent):
+    """`obi run` in one host's namespace watching the parity ports (obi.demo.AgentProcess)."""
 
     def __init__(self, host: Host, service: str, datapath: str, ports: str = WATCHED):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-        env.update(
-            OTEL_EBPF_DATAPATH=datapath,
-            OTEL_EBPF_OPEN_PORT=ports,
-            OTEL_EBPF_BPF_CONTEXT_PROPAGATION="all",
-            OTEL_EBPF_CGROUP_PATH=host.cgroup,
-            OTEL_EBPF_TRACE_PRINTER="json",
-            OTEL_EBPF_SHUTDOWN_TIMEOUT="5s",
-            OTEL_SERVICE_NAME=service,
-        )
-        self.name = service
-        self.spans: list[dict] = []
-        self.log: list[str] = []
-        self.attached = threading.Event()
-        # nsenter, not `ip netns exec`: the latter remounts /sys and hides the cgroup2 mount.
-        self.proc = subprocess.Popen(["nsenter", f"--net={host.netns_path}", sys.executable, "-m", "obi", "run"],
-                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        threading.Thread(target=self._read_spans, daemon=True).start()
-        threading.Thread(target=self._read_log, daemon=True).start()
-
-    def _read_spans(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                self.spans.append(json.loads(line))
-            except ValueError:
-                self.log.append(line.rstrip())
-
-    def _read_log(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line.rstrip())
-            if "attached" in line:
-                self.attached.set()
-
-    def wait_attached(self, timeout: float = 30) -> None:
-        if not self.attached.wait(timeout) or self.proc.poll() is not None:
-            raise RuntimeError(f"agent {self.name} did not attach:\n" + "\n".join(self.log[-30:]))
-
-    def mark(self) -> int:
-        return len(self.spans)
-
-    def wait(self, pred: Callable[[dict], bool], n: int = 1, since: int = 0, timeout: float = 10) -> list[dict]:
-        """Spans after `since` matching `pred`, once there are n of them (or the timeout)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            got = [s for s in self.spans[since:] if pred(s)]
-            if len(got) >= n or time.monotonic() > deadline:
-                return got
-            time.sleep(0.05)
-
-    def tail(self) -> str:
-        return f"--- agent {self.name} log ---\n" + "\n".join(self.log[-20:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        super().__init__(host, service, datapath, ports)
 
 
 class Driver:
