@@ -559,7 +559,8 @@ class Tracker:
 
     def _server_request(self, flow: Flow, msg: Message, start: int) -> None:
         # Most requests carry no traceparent: skip the general extraction for them.
-        incoming = w3c.extract(msg.header_lines()) if msg.has_header(b"traceparent") else None
+        incoming = (w3c.extract(msg.header_lines())
+                    if self.cfg.read_incoming_headers and msg.has_header(b"traceparent") else None)
         propagated = incoming is not None
         if incoming is None and flow.option_ctx is not None:
             incoming = flow.option_ctx

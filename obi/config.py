@@ -73,6 +73,12 @@ class Config:
         return "headers" in self.context_propagation
 
     @property
+    def read_incoming_headers(self) -> bool:
+        """Continue incoming `traceparent` headers: with headers propagation, or (as in
+        OBI) with track_request_headers alone."""
+        return self.propagate_headers or self.track_request_headers
+
+    @property
     def propagate_tcp(self) -> bool:
         return "tcp" in self.context_propagation
 

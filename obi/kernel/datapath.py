@@ -57,8 +57,8 @@ def cfg_flags(cfg: Config) -> int:
     inserted only with headers propagation."""
     flags = CFG_TCP if cfg.propagate_tcp else 0
     if cfg.propagate_headers:
-        flags |= CFG_HDR_INSERT | CFG_HDR_READ
-    if cfg.track_request_headers:
+        flags |= CFG_HDR_INSERT
+    if cfg.read_incoming_headers:
         flags |= CFG_HDR_READ
     return flags
 

@@ -216,6 +216,26 @@ def test_server_span_parent_and_linked_client_call():
     assert (server.peer_addr, server.peer_port, server.local_port) == (A, 50000, 8080)
 
 
+@pytest.mark.parametrize("props, track, continued", [
+    (("headers",), False, True),
+    ((), False, False),  # propagation off: the incoming header is not read...
+    ((), True, True),  # ...unless track_request_headers (as in OBI and the kernel path)
+    (("tcp",), True, True),
+])
+def test_incoming_header_read_with_headers_propagation_or_track_request_headers(props, track, continued):
+    spans = []
+    cfg = Config(context_propagation=frozenset(props), track_request_headers=track,
+                 open_ports=(PortRange(8080, 8080),))
+    t = Tracker(cfg, spans.append, FakeOwners(), mark=0x2000000)
+    s = Conn(B, 8080, A, 50002)
+    t.handle(s.inn("S", seq=8999, ack=0), False)
+    t.handle(s.inn(payload=f"GET / HTTP/1.1\r\ntraceparent: {TP}\r\n\r\n".encode(), seq=9000), False)
+    t.handle(s.out(payload=b"HTTP/1.1 204 No Content\r\n\r\n", seq=1000), True)
+    (span,) = spans
+    assert (span.trace_id == "0af7651916cd43dd8448eb211c80319c") is continued
+    assert (span.parent_span_id == "b7ad6b7169203331") is continued
+
+
 def test_server_request_without_header_starts_a_trace_and_incoming_gaps_are_reassembled():
     t, spans = make_tracker()
     s = Conn(B, 8080, A, 50001)
