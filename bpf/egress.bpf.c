@@ -338,24 +338,15 @@ static long eg_round(__u32 i, void *arg)
 	struct http_state *st = c->st;
 	struct scratch *sc = c->sc;
 
-	if (!st || !sc)
+	int next = round_start(st, sc);
+	if (next == ROUND_END)
 		return 1;
-	struct pcur *p = &sc->pc;
-	if (p->pos >= p->len || st->phase == PH_LOST)
-		return 1;
-	if (st->phase != PH_BODY && st->phase != PH_CHUNK_DATA &&
-	    (p->pos < p->win_off || p->pos >= p->win_off + p->win_len)) {
-		if (eg_load(c->prog_ctx, sc)) {
-			st->phase = PH_LOST;
-			count(OBI_CNT_PARSE_LOST);
-			return 1;
-		}
-	}
-	p->act = ACT_NONE;
-	bpf_loop(WIN + 1, parse_step, c, 0);
-	if (p->act == ACT_LOST) {
+	if (next == ROUND_LOAD && eg_load(c->prog_ctx, sc)) {
+		st->phase = PH_LOST;
 		count(OBI_CNT_PARSE_LOST);
-	} else if (p->act != ACT_NONE) {
+		return 1;
+	}
+	if (round_parse(c, &sc->pc) != ACT_NONE) {
 		if (st->role == OBI_ROLE_SERVER)
 			server_action(sc, st);
 		else

@@ -8,7 +8,7 @@
  * Driving: the program loads a window of the message into scratch->buf and runs
  * bpf_loop(parse_step). parse_step stops (returns 1) when it needs the next window or when
  * the program must act (ACT_*: message start, start line end, headers end); the program
- * handles the action and loops again (see round_cb in egress.bpf.c / ingress.bpf.c).
+ * handles the action and loops again (round_start/round_parse in obi_maps.h).
  * Nothing here reads outside the bytes of the current message. */
 #ifndef OBI_HTTP_H
 #define OBI_HTTP_H

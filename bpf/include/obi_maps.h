@@ -276,4 +276,41 @@ static __always_inline void span_abandon(const struct obi_tuple *t)
 	bpf_map_delete_elem(&open_spans, t);
 }
 
+/* --- one round of bpf_loop(MAX_ROUNDS) over a message, in egress.bpf.c and ingress.bpf.c:
+ * round_start, then (ROUND_LOAD) the program's own window load, then round_parse and the
+ * program's own action. */
+
+enum { ROUND_END = 0, ROUND_LOAD, ROUND_PARSE };
+
+/* ROUND_END: the message is done (every byte parsed, or the stream given up; or no state
+ * or scratch, which the verifier wants checked in each callback). ROUND_LOAD: the next byte
+ * is outside the window in sc->buf, the program loads the next one (bodies are skipped by
+ * arithmetic and need none). ROUND_PARSE: the window holds the next byte. */
+static __always_inline int round_start(const struct http_state *st, const struct scratch *sc)
+{
+	if (!st || !sc)
+		return ROUND_END;
+	const struct pcur *p = &sc->pc;
+	if (p->pos >= p->len || st->phase == PH_LOST)
+		return ROUND_END;
+	if (st->phase != PH_BODY && st->phase != PH_CHUNK_DATA &&
+	    (p->pos < p->win_off || p->pos >= p->win_off + p->win_len))
+		return ROUND_LOAD;
+	return ROUND_PARSE;
+}
+
+/* Parse up to the next action and return it for the program to handle: ACT_NONE when the
+ * window or the message ended first, or when the stream is not HTTP/1.x (ACT_LOST, counted
+ * here; nothing to handle). */
+static __always_inline __u32 round_parse(struct parse_ctx *c, struct pcur *p)
+{
+	p->act = ACT_NONE;
+	bpf_loop(WIN + 1, parse_step, c, 0);
+	if (p->act == ACT_LOST) {
+		count(OBI_CNT_PARSE_LOST);
+		return ACT_NONE;
+	}
+	return p->act;
+}
+
 #endif
