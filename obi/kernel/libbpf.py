@@ -35,7 +35,7 @@ from ctypes import (
     c_uint64,
     c_void_p,
 )
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Self
 
 from ..errors import BpfError
 
@@ -424,10 +424,46 @@ def num_possible_cpus() -> int:
     return _check(_num_possible_cpus(), "libbpf_num_possible_cpus")
 
 
+# --- closing and detaching --------------------------------------------------------------
+
+
+class _Closing:
+    """A context manager whose block ends with `close()`."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Detaching(_Closing):
+    """Something attached to the kernel: `close()` detaches it."""
+
+    def detach(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.detach()
+
+
+class _OwnedLink(_Detaching):
+    """A link this process holds: detached on close, and also when garbage collected."""
+
+    def __del__(self) -> None:
+        try:
+            self.detach()
+        except Exception:
+            pass
+
+
 # --- links and attachments -------------------------------------------------------------
 
 
-class Link:
+class Link(_OwnedLink):
     """A libbpf `struct bpf_link`: destroyed (detached) on close, or when the process dies."""
 
     def __init__(self, ptr: int, what: str):
@@ -445,22 +481,8 @@ class Link:
             ptr, self._ptr = self._ptr, None
             _link_destroy(ptr)
 
-    close = detach
 
-    def __enter__(self) -> "Link":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
-
-    def __del__(self) -> None:
-        try:
-            self.detach()
-        except Exception:
-            pass
-
-
-class FdLink:
+class FdLink(_OwnedLink):
     """A BPF link we hold as a bare fd (e.g. a tcx link made with `link_create`)."""
 
     def __init__(self, fd: int, what: str):
@@ -478,22 +500,8 @@ class FdLink:
             fd, self._fd = self._fd, None
             os.close(fd)
 
-    close = detach
 
-    def __enter__(self) -> "FdLink":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
-
-    def __del__(self) -> None:
-        try:
-            self.detach()
-        except Exception:
-            pass
-
-
-class Attachment:
+class Attachment(_Detaching):
     """A bpf_prog_attach() attachment (not a link): survives the process, detach explicitly."""
 
     def __init__(self, prog_fd: int, target_fd: int, attach_type: int, what: str):
@@ -507,14 +515,6 @@ class Attachment:
         if self.attached:
             self.attached = False
             prog_detach(self.prog_fd, self.target_fd, self.attach_type)
-
-    close = detach
-
-    def __enter__(self) -> "Attachment":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
 
 
 # --- objects, programs, maps -----------------------------------------------------------
@@ -755,7 +755,7 @@ class Map:
         return f"<Map {self.name} type={self.map_type} k={self.key_size} v={self.value_size}>"
 
 
-class BpfObject:
+class BpfObject(_Closing):
     """A BPF ELF object: `with BpfObject.open(path) as obj: obj.load(); obj.program(...)`."""
 
     def __init__(self, ptr: int, path: str):
@@ -841,12 +841,6 @@ class BpfObject:
             ptr, self._ptr = self._ptr, None
             _obj_close(ptr)
 
-    def __enter__(self) -> "BpfObject":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 _BTF_KIND_VAR = 14
 _BTF_KIND_DATASEC = 15
@@ -883,7 +877,7 @@ def attach_sk_msg(prog: Program, sockmap: Map) -> Attachment:
 # --- ring buffer -----------------------------------------------------------------------
 
 
-class RingBuffer:
+class RingBuffer(_Closing):
     """Consume a BPF_MAP_TYPE_RINGBUF map. `callback(data: bytes)` gets a copy of each
     record; exceptions in it are logged and counted in `.errors`, never raised into C."""
 
@@ -940,14 +934,8 @@ class RingBuffer:
             ptr, self._ptr = self._ptr, None
             _rb_free(ptr)
 
-    def __enter__(self) -> "RingBuffer":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class RingReader:
+class RingReader(_Closing):
     """Consume a BPF_MAP_TYPE_RINGBUF map by reading its memory directly (mmap), in
     batches: no libbpf callback per record (a ctypes callback costs microseconds; at tens
     of thousands of records per second the agent fell behind and the kernel dropped
@@ -1033,12 +1021,6 @@ class RingReader:
             self._epoll.close()
             self._prod.close()
             self._cons.close()
-
-    def __enter__(self) -> "RingReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # --- where the built objects are -------------------------------------------------------
