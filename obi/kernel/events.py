@@ -138,47 +138,30 @@ class Correlator:
     def server_span(self, req: Event, end_ns: int, status: int, pid_tgid: int) -> SpanRecord:
         """req: the request's event; end_ns/status/pid_tgid: from the response (the
         responding thread), or req.ts_ns/0/0 when none was seen."""
-        method, target = split_request_line(req.line)
         tracestate = ""
         if req.flags & EVF_TP_VALID and req.tracestate:
             entries = w3c.parse_tracestate(req.tracestate)
             if entries:
                 tracestate = w3c.format_tracestate(entries)
-        start = self.epoch(req.ts_ns)
-        extra: dict[str, str | int | bool] = {}
-        if req.flags & EVF_TLS:
-            extra = {"tls": True, "tcp_option": bool(req.flags & EVF_TCPOPT)}
-        return SpanRecord(
+        pid = pid_tgid >> 32
+        return self._span(
+            req,
+            SpanKind.SERVER,
+            end_ns,
+            status,
             trace_id=req.trace_id,
             span_id=req.span_id,
-            parent_span_id=req.parent_id,
-            kind=SpanKind.SERVER,
-            start_ns=start,
-            end_ns=self.epoch(end_ns),
-            method=method,
-            path=target,
-            status=status,
-            host=req.host,
-            local_addr=req.tuple.local_addr,
-            local_port=req.tuple.local_port,
-            peer_addr=req.tuple.peer_addr,
-            peer_port=req.tuple.peer_port,
-            pid=pid_tgid >> 32,
-            tid=pid_tgid & 0xFFFFFFFF,
-            exe=self._exe_of(pid_tgid >> 32) if pid_tgid else "",
+            parent=req.parent_id,
             flags=req.trace_flags,
             tracestate=tracestate,
-            datapath=Datapath.KERNEL,
+            pid=pid,
+            tid=pid_tgid & 0xFFFFFFFF,
+            exe=self._exe_of(pid) if pid_tgid else "",
             propagated=bool(req.flags & (EVF_TP_VALID | EVF_TCPOPT)),
-            extra=extra,
         )
 
     def client_span(self, req: Event, end_ns: int, status: int) -> SpanRecord:
-        method, target = split_request_line(req.line)
         trace_id, span_id, parent, flags = req.trace_id, req.span_id, req.parent_id, req.trace_flags
-        extra: dict[str, str | int | bool] = {}
-        if req.flags & EVF_TLS:
-            extra = {"tls": True, "tcp_option": bool(req.flags & EVF_TCPOPT)}
         if req.tp_count and not req.flags & EVF_INJECTED:
             # The application wrote its own traceparent (nothing was inserted; counted in
             # BPF as app_traceparent). One valid header: the span takes its ids, so that the
@@ -188,27 +171,67 @@ class Correlator:
                 if ctx.trace_id != trace_id:
                     parent = ""
                 trace_id, span_id, flags = ctx.trace_id, ctx.span_id, ctx.flags
-        start = self.epoch(req.ts_ns)
+        return self._span(
+            req,
+            SpanKind.CLIENT,
+            end_ns,
+            status,
+            trace_id=trace_id,
+            span_id=span_id,
+            parent=parent,
+            flags=flags,
+            tracestate="",
+            pid=req.pid,
+            tid=req.tid,
+            exe=self._exe_of(req.pid),
+            propagated=bool(req.flags & EVF_THREAD_LINKED),
+        )
+
+    def _span(
+        self,
+        req: Event,
+        kind: SpanKind,
+        end_ns: int,
+        status: int,
+        *,
+        trace_id: str,
+        span_id: str,
+        parent: str,
+        flags: int,
+        tracestate: str,
+        pid: int,
+        tid: int,
+        exe: str,
+        propagated: bool,
+    ) -> SpanRecord:
+        """A span of either kind: start line, start time, host, connection and TLS come from
+        the request's event; ids, process and propagation differ by kind (the callers)."""
+        method, target = split_request_line(req.line)
+        extra: dict[str, str | int | bool] = {}
+        if req.flags & EVF_TLS:
+            extra = {"tls": True, "tcp_option": bool(req.flags & EVF_TCPOPT)}
+        t = req.tuple
         return SpanRecord(
             trace_id=trace_id,
             span_id=span_id,
             parent_span_id=parent,
-            kind=SpanKind.CLIENT,
-            start_ns=start,
+            kind=kind,
+            start_ns=self.epoch(req.ts_ns),
             end_ns=self.epoch(end_ns),
             method=method,
             path=target,
             status=status,
             host=req.host,
-            local_addr=req.tuple.local_addr,
-            local_port=req.tuple.local_port,
-            peer_addr=req.tuple.peer_addr,
-            peer_port=req.tuple.peer_port,
-            pid=req.pid,
-            tid=req.tid,
-            exe=self._exe_of(req.pid),
+            local_addr=t.local_addr,
+            local_port=t.local_port,
+            peer_addr=t.peer_addr,
+            peer_port=t.peer_port,
+            pid=pid,
+            tid=tid,
+            exe=exe,
             flags=flags,
+            tracestate=tracestate,
             datapath=Datapath.KERNEL,
-            propagated=bool(req.flags & EVF_THREAD_LINKED),
+            propagated=propagated,
             extra=extra,
         )
