@@ -39,13 +39,14 @@ class DatapathChoice:
 
 def choose_datapath(
     cfg: Config, bpf_loop_ok: bool | None = None, nfqueue_ok: bool | None = None,
-    thread_tp_ok: bool | None = None,
+    thread_tp_ok: bool | None = None, syscall_tp_ok: bool | None = None,
 ) -> DatapathChoice:
     """The capability switch. `ebpf.datapath: kernel|userspace` forces; `auto` picks the
     kernel path when a bpf_loop program loads (or `override_bpfloop_enabled` is set, which
-    skips that probe) and the sock:sock_recv_length tracepoint it links threads with
-    exists, else the userspace path when NFQUEUE is usable, else nothing. Probe results
-    not given are probed here."""
+    skips that probe) and it can link threads to requests: with the sock:sock_recv_length
+    tracepoint (`thread_tp_ok`, Linux >= 6.3) or else with the syscall tracepoints
+    (`syscall_tp_ok`); otherwise the userspace path when NFQUEUE is usable, else nothing.
+    Probe results not given are probed here (the syscall one only when needed)."""
     if cfg.datapath == Datapath.KERNEL.value:
         return DatapathChoice(Datapath.KERNEL, "ebpf.datapath is kernel (forced)")
     if cfg.datapath == Datapath.USERSPACE.value:
@@ -54,20 +55,24 @@ def choose_datapath(
         )
     if thread_tp_ok is None:
         thread_tp_ok = probes.probe_sock_recv_tracepoint().ok
+    if thread_tp_ok is False and syscall_tp_ok is None:
+        syscall_tp_ok = probes.probe_syscall_tracepoints().ok
     # An unknown answer (no tracefs, no BTF) does not veto: start() would still fail
     # cleanly with MissingFeature and the agent fall back.
-    no_tp = thread_tp_ok is False
+    no_tp = thread_tp_ok is False and syscall_tp_ok is False
+    how = "; threads linked with syscall tracepoints (no sock:sock_recv_length)" if thread_tp_ok is False else ""
     if cfg.override_bpfloop_enabled and not no_tp:
         return DatapathChoice(
             Datapath.KERNEL,
-            "auto: override_bpfloop_enabled is set, bpf_loop probe skipped; kernel datapath",
+            f"auto: override_bpfloop_enabled is set, bpf_loop probe skipped; kernel datapath{how}",
         )
     if bpf_loop_ok is None and not cfg.override_bpfloop_enabled:
         bpf_loop_ok = bool(probes.probe_bpf_loop().ok)
     if bpf_loop_ok and not no_tp:
-        return DatapathChoice(Datapath.KERNEL, "auto: a bpf_loop program loads; kernel datapath")
+        return DatapathChoice(Datapath.KERNEL, f"auto: a bpf_loop program loads; kernel datapath{how}")
     if no_tp and (bpf_loop_ok or cfg.override_bpfloop_enabled):
-        missing = "no sock:sock_recv_length tracepoint (needs Linux >= 6.3; the kernel path links threads with it)"
+        missing = ("no tracepoint to link threads with: neither sock:sock_recv_length (Linux >= 6.3) "
+                   "nor the syscall tracepoints (CONFIG_FTRACE_SYSCALLS)")
     else:
         missing = "no bpf_loop (needs Linux >= 5.17)"
     if nfqueue_ok is None:
@@ -103,8 +108,13 @@ def run_checks(cfg: Config) -> list[Check]:
     if cfg.override_bpfloop_enabled:
         effect = "override_bpfloop_enabled is set: the kernel datapath is used anyway"
     checks.append(_feature(bpf_loop, kpath, effect))
-    tp = found["sock_recv_tracepoint"]
-    checks.append(_feature(tp, kpath, "the kernel path cannot link threads to requests"))
+    tp, sys_tp = found["sock_recv_tracepoint"], found["syscall_tracepoints"]
+    if tp.ok is False and sys_tp.ok:
+        # One check for the thread hook (either tracepoint will do).
+        checks.append(Check(tp.name, OK, f"{tp.detail} (needs Linux >= {tp.min_kernel}); "
+                            f"threads are linked with the syscall tracepoints instead: {sys_tp.detail}", True))
+    else:
+        checks.append(_feature(tp, kpath, f"the kernel path cannot link threads to requests ({sys_tp.detail})"))
     checks.append(_feature(found["sockops"], kpath, "no egress socket tracking on the kernel path"))
     checks.append(_feature(found["sk_msg"], kpath, "no header injection on the kernel path"))
     checks.append(_feature(found["tc"], kpath, "no ingress program on the kernel path (clsact)"))
@@ -144,7 +154,8 @@ def run_checks(cfg: Config) -> list[Check]:
         else Check("nfqueue", OK, nfq.detail, True)
     )
 
-    choice = choose_datapath(cfg, bpf_loop_ok=bool(bpf_loop.ok), nfqueue_ok=bool(nfq.ok), thread_tp_ok=tp.ok)
+    choice = choose_datapath(cfg, bpf_loop_ok=bool(bpf_loop.ok), nfqueue_ok=bool(nfq.ok), thread_tp_ok=tp.ok,
+                             syscall_tp_ok=sys_tp.ok)
     if choice.datapath is None:
         status = FAIL
     elif choice.datapath is Datapath.USERSPACE:

@@ -6,7 +6,10 @@ What gets attached (all through obi.kernel.attach, so `obi cleanup` knows about 
   sock_hash;
 - ingress.bpf.o: `obi_tc_ingress` on every interface of the watched netns (tcx or clsact
   per cfg.traffic_control_backend);
-- threads.bpf.o: `obi_recv_length` on the sock:sock_recv_length tracepoint.
+- the thread hook (which request a thread serves, DESIGN decision 5), one of:
+  threads.bpf.o: `obi_recv_length` on the sock:sock_recv_length tracepoint (Linux >= 6.3);
+  threads_syscalls.bpf.o: `obi_sys_enter` / `obi_sys_exit` on the syscalls:sys_enter_* /
+  sys_exit_* tracepoints of SYSCALLS (kernels without it). `thread_hook` chooses.
 The three objects share one set of maps (obi_maps.h): egress creates them, the others
 reuse its fds.
 
@@ -48,7 +51,25 @@ from .events import Correlator
 
 log = logging.getLogger("obi.kernel.datapath")
 
-OBJECTS = ("egress", "ingress", "threads")  # egress first: it creates the shared maps
+OBJECTS = ("egress", "ingress")  # egress first: it creates the shared maps; then the thread hook's
+
+# Thread hooks (KernelDatapath thread_hook) -> their BPF object.
+THREAD_HOOKS = {"sock_recv_length": "threads", "syscalls": "threads_syscalls"}
+# The syscalls that read sockets, hooked by threads_syscalls (sock_recv_length fires for
+# all of them, from sock_recvmsg).
+SYSCALLS = ("read", "readv", "recvfrom", "recvmsg")
+
+
+def choose_thread_hook(requested: str = "auto") -> str:
+    """The THREAD_HOOKS key to use. "auto": sock_recv_length where that tracepoint exists
+    (or cannot be told: attaching then says), else the syscall tracepoints."""
+    if requested in THREAD_HOOKS:
+        return requested
+    if requested != "auto":
+        raise ValueError(f"thread_hook must be auto or one of {sorted(THREAD_HOOKS)}, not {requested!r}")
+    from .probes import probe_sock_recv_tracepoint  # probes imports attach: keep it lazy
+
+    return "syscalls" if probe_sock_recv_tracepoint().ok is False else "sock_recv_length"
 
 
 def cfg_flags(cfg: Config) -> int:
@@ -67,7 +88,8 @@ def cfg_flags(cfg: Config) -> int:
 
 class KernelDatapath:
     """The kernel fast path. `netns`: path of the network namespace whose interfaces and
-    processes this agent watches ("" = the agent's own)."""
+    processes this agent watches ("" = the agent's own). `thread_hook`: how threads are
+    linked to requests, "auto" or a THREAD_HOOKS key (tests force "syscalls")."""
 
     name = "kernel"
 
@@ -79,12 +101,14 @@ class KernelDatapath:
         netns: str = "",
         state_dir: str | None = attach.DEFAULT_STATE_DIR,
         scan_interval: float = 0.5,
+        thread_hook: str = "auto",
     ):
         self.cfg = cfg
         self.sink = sink
         self.netns = netns
         self.state_dir = state_dir
         self.scan_interval = scan_interval
+        self.thread_hook = choose_thread_hook(thread_hook)
         self._objs: dict[str, libbpf.BpfObject] = {}
         self._attachments: list = []  # detached in reverse order
         self._links: list[libbpf.Link] = []
@@ -158,7 +182,7 @@ class KernelDatapath:
     def _load(self) -> None:
         flags = cfg_flags(self.cfg)
         shared: dict[str, int] = {}
-        for name in OBJECTS:
+        for name in (*OBJECTS, THREAD_HOOKS[self.thread_hook]):
             obj = libbpf.BpfObject.open(libbpf.object_path(name))
             self._objs[name] = obj
             obj.set_global("obi_cfg_flags", struct.pack("=I", flags))
@@ -185,11 +209,7 @@ class KernelDatapath:
         self._attachments.append(
             attach.SkMsgAttachment(eg.program("obi_sk_msg"), eg.map("sock_hash"), state_dir=sd).attach()
         )
-        th = self._objs["threads"].program("obi_recv_length")
-        try:
-            self._links.append(th.attach_tracepoint("sock", "sock_recv_length"))
-        except BpfError as e:
-            raise MissingFeature("tracepoint sock:sock_recv_length", "6.3", str(e)) from e
+        self._attach_thread_hook()
         prog = self._objs["ingress"].program("obi_tc_ingress")
         backend = self.cfg.traffic_control_backend
         with attach.in_netns(self.netns):
@@ -200,6 +220,24 @@ class KernelDatapath:
                 except (AttachError, BpfError) as e:
                     raise AttachError(f"tc ingress on {ifname}: {e}") from e
                 self._attachments.append(a)
+
+    def _attach_thread_hook(self) -> None:
+        obj = self._objs[THREAD_HOOKS[self.thread_hook]]
+        if self.thread_hook == "sock_recv_length":
+            try:
+                self._links.append(obj.program("obi_recv_length").attach_tracepoint("sock", "sock_recv_length"))
+            except BpfError as e:
+                raise MissingFeature("tracepoint sock:sock_recv_length", "6.3", str(e)) from e
+            return
+        log.info("thread hook: syscall tracepoints (%s)", ", ".join(SYSCALLS))
+        enter, exit_ = obj.program("obi_sys_enter"), obj.program("obi_sys_exit")
+        for call in SYSCALLS:
+            # Exit before enter: no fd is remembered for a call whose exit is not hooked.
+            for prog, tp in ((exit_, f"sys_exit_{call}"), (enter, f"sys_enter_{call}")):
+                try:
+                    self._links.append(prog.attach_tracepoint("syscalls", tp))
+                except BpfError as e:
+                    raise MissingFeature(f"tracepoint syscalls:{tp} (CONFIG_FTRACE_SYSCALLS)", "", str(e)) from e
 
     # -- process selection
 

@@ -184,6 +184,33 @@ def probe_sock_recv_tracepoint() -> Probe:
     return Probe(name, False, "tracepoint sock:sock_recv_length missing", min_kernel)
 
 
+# Without sock:sock_recv_length the kernel path links threads from the syscall
+# tracepoints of the reads (threads_syscalls.bpf.c), which need CONFIG_FTRACE_SYSCALLS;
+# that option is also what puts these types (kernel/trace/trace_syscalls.c) in the BTF.
+SYSCALL_TP_BTF_TYPE = b"syscall_trace_exit"
+SYSCALL_TP_EVENTS = ("sys_enter_recvfrom", "sys_exit_recvfrom", "sys_enter_read", "sys_exit_read")
+_TRACEFS_SYSCALLS = ("/sys/kernel/tracing/events/syscalls", "/sys/kernel/debug/tracing/events/syscalls")
+
+
+def probe_syscall_tracepoints() -> Probe:
+    """The syscalls:sys_{enter,exit}_* tracepoints: found in tracefs or the kernel's BTF."""
+    name = "syscall_tracepoints"
+    for root in _TRACEFS_SYSCALLS:
+        if os.path.isdir(root):
+            missing = [e for e in SYSCALL_TP_EVENTS if not os.path.isdir(os.path.join(root, e))]
+            if missing:
+                return Probe(name, False, "tracepoints missing: syscalls:" + ", syscalls:".join(missing))
+            return Probe(name, True, "syscall tracepoints present (tracefs)")
+    try:
+        with open(BTF_VMLINUX, "rb") as f:
+            found = SYSCALL_TP_BTF_TYPE in f.read()
+    except OSError as e:
+        return Probe(name, None, f"cannot tell: no tracefs, {BTF_VMLINUX}: {e.strerror}")
+    if found:
+        return Probe(name, True, "syscall tracepoints present (kernel BTF)")
+    return Probe(name, False, "no syscall tracepoints (kernel built without CONFIG_FTRACE_SYSCALLS)")
+
+
 def probe_btf() -> Probe:
     if os.path.exists(BTF_VMLINUX):
         return Probe("btf", True, f"{BTF_VMLINUX} present", "5.4")
@@ -322,6 +349,7 @@ ALL_PROBES: tuple[Callable[[], Probe], ...] = (
     probe_btf,
     probe_bpf_loop,
     probe_sock_recv_tracepoint,
+    probe_syscall_tracepoints,
     probe_sockops,
     probe_sk_msg,
     probe_tc,

@@ -22,6 +22,7 @@ def no_probing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(probes, "probe_nfqueue", boom)
     # Not faked by a test: the tracepoint is there (as on every kernel >= 6.3).
     monkeypatch.setattr(probes, "probe_sock_recv_tracepoint", lambda: probes.Probe("sock_recv_tracepoint", True, "", "6.3"))
+    monkeypatch.setattr(probes, "probe_syscall_tracepoints", lambda: probes.Probe("syscall_tracepoints", True, ""))
 
 
 @pytest.mark.usefixtures("no_probing")
@@ -41,12 +42,27 @@ class TestChooseDatapath:
         assert choice.datapath is Datapath.KERNEL
         assert "bpf_loop" in choice.reason
 
-    def test_auto_without_the_thread_tracepoint_picks_userspace(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        # A 5.17 - 6.2 kernel: bpf_loop loads, sock:sock_recv_length does not exist.
-        choice = choose_datapath(Config(), bpf_loop_ok=True, nfqueue_ok=True, thread_tp_ok=False)
+    def test_auto_without_the_thread_tracepoint_uses_syscall_tracepoints(self) -> None:
+        # A 5.17 - 6.2 kernel: bpf_loop loads, sock:sock_recv_length does not exist, the
+        # syscall tracepoints do: still the kernel path, saying how threads are linked.
+        choice = choose_datapath(Config(), bpf_loop_ok=True, nfqueue_ok=True, thread_tp_ok=False, syscall_tp_ok=True)
+        assert choice.datapath is Datapath.KERNEL
+        assert "syscall tracepoints" in choice.reason
+        override = choose_datapath(Config(override_bpfloop_enabled=True), thread_tp_ok=False, syscall_tp_ok=True)
+        assert override.datapath is Datapath.KERNEL and "syscall tracepoints" in override.reason
+        # Not told: the syscall probe runs only when sock_recv_length is missing.
+        assert choose_datapath(Config(), bpf_loop_ok=True, thread_tp_ok=False).datapath is Datapath.KERNEL
+        with_tp = choose_datapath(Config(), bpf_loop_ok=True, thread_tp_ok=True, syscall_tp_ok=False)
+        assert with_tp.datapath is Datapath.KERNEL and "syscall" not in with_tp.reason
+
+    def test_auto_without_any_thread_tracepoint_picks_userspace(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # Neither sock:sock_recv_length nor CONFIG_FTRACE_SYSCALLS.
+        choice = choose_datapath(Config(), bpf_loop_ok=True, nfqueue_ok=True, thread_tp_ok=False, syscall_tp_ok=False)
         assert choice.datapath is Datapath.USERSPACE
         assert "sock_recv_length" in choice.reason and "6.3" in choice.reason
-        override = choose_datapath(Config(override_bpfloop_enabled=True), nfqueue_ok=True, thread_tp_ok=False)
+        assert "CONFIG_FTRACE_SYSCALLS" in choice.reason
+        override = choose_datapath(Config(override_bpfloop_enabled=True), nfqueue_ok=True, thread_tp_ok=False,
+                                   syscall_tp_ok=False)
         assert override.datapath is Datapath.USERSPACE
         # Cannot tell (no tracefs, no BTF): no veto; start() would fail cleanly instead.
         monkeypatch.setattr(probes, "probe_sock_recv_tracepoint",
