@@ -5,7 +5,7 @@
  * that keep -Wpadded quiet) do not matter, only the field names and types.
  *
  * thread_link_sock(): the per-thread link of DESIGN decision 5, shared by every hook that
- * knows "this thread just read bytes from socket sk" (threads_syscalls.bpf.c). */
+ * knows "this thread just read bytes from socket sk" (threads.bpf.c, threads_syscalls.bpf.c). */
 #ifndef OBI_CORE_H
 #define OBI_CORE_H
 
