@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import time
 import pytest
 
 from obi.model import SpanKind, SpanRecord
-from obi.netns import Topology, have_netns_tools
+from obi.netns import Topology
 
 pytestmark = pytest.mark.root
 
@@ -27,20 +28,10 @@ CLIENT_PORT = 8081  # the test client in B listens here: that makes it a selecte
 TP_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 TP_SPAN = "00f067aa0ba902b7"
 
-if have_netns_tools():
-    pytest.skip(have_netns_tools(), allow_module_level=True)
+sys.path.insert(0, os.path.dirname(__file__))
+from kernel_agent import Agent, skip_module_unless_kernel_path  # noqa: E402
 
-try:
-    from obi.kernel.datapath import KernelDatapath
-    from obi.kernel import libbpf
-except Exception as e:  # libbpf.so.1 missing
-    pytest.skip(f"kernel path unavailable: {e}", allow_module_level=True)
-
-if not all(__import__("os").path.exists(libbpf.object_path(n)) for n in ("egress", "ingress", "threads")):
-    pytest.skip("BPF objects not built (run `make -C bpf`)", allow_module_level=True)
-
-sys.path.insert(0, __import__("os").path.dirname(__file__))
-from kernel_agent import Agent  # noqa: E402
+skip_module_unless_kernel_path()
 
 
 def serve(host, downstream: str = "") -> subprocess.Popen:

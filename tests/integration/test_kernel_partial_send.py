@@ -24,21 +24,14 @@ import time
 import pytest
 
 from obi.model import SpanKind
-from obi.netns import Topology, have_netns_tools
+from obi.netns import Topology
 
 pytestmark = pytest.mark.root
 
-if have_netns_tools():
-    pytest.skip(have_netns_tools(), allow_module_level=True)
-try:
-    from obi.kernel import libbpf
-except Exception as e:  # libbpf.so.1 missing
-    pytest.skip(f"kernel path unavailable: {e}", allow_module_level=True)
-if not all(os.path.exists(libbpf.object_path(n)) for n in ("egress", "ingress", "threads")):
-    pytest.skip("BPF objects not built (run `make -C bpf`)", allow_module_level=True)
-
 sys.path.insert(0, os.path.dirname(__file__))
-from kernel_agent import Agent  # noqa: E402
+from kernel_agent import READ_RESPONSE_SRC, Agent, skip_module_unless_kernel_path  # noqa: E402
+
+skip_module_unless_kernel_path()
 
 PORT, CLIENT_PORT = 8080, 8081
 
@@ -88,34 +81,24 @@ while True:
 # socket is non-blocking inside) and a small send buffer. Per size: a POST whose head and
 # body go out in ONE sendall (Content-Length), or head + one chunk in one sendall and the
 # last chunk in another (chunked); then a small GET. Prints the request heads C saw.
-CLIENT = r"""
+CLIENT = READ_RESPONSE_SRC + r"""
 import json, socket, sys
 lst = socket.socket(); lst.bind(("0.0.0.0", 8081)); lst.listen(1)
 sys.stdin.readline()
 s = socket.create_connection((sys.argv[1], 8080), timeout=30)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
 f = s.makefile("rb")
-def response():
-    f.readline(); n = 0
-    while True:
-        line = f.readline()
-        if line in (b"\r\n", b""):
-            break
-        k, _, v = line.decode().partition(":")
-        if k.lower() == "content-length":
-            n = int(v)
-    return json.loads(f.read(n))
 heads = []
 for size in json.loads(sys.argv[2]):
     body = bytes(range(256)) * (size // 256) + bytes(size % 256)
     s.sendall(b"POST /big/%d HTTP/1.1\r\nHost: c\r\nContent-Length: %d\r\n\r\n" % (size, size) + body)
-    heads.append(response())
+    heads.append(read_response(f))
     s.sendall(b"POST /chunked/%d HTTP/1.1\r\nHost: c\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % (size, size)
               + body + b"\r\n")
     s.sendall(b"0\r\n\r\n")
-    heads.append(response())
+    heads.append(read_response(f))
     s.sendall(b"GET /after/%d HTTP/1.1\r\nHost: c\r\n\r\n" % size)
-    heads.append(response())
+    heads.append(read_response(f))
 print(json.dumps(heads), flush=True)
 """
 

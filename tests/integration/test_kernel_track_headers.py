@@ -14,21 +14,14 @@ import sys
 import pytest
 
 from obi.model import SpanKind
-from obi.netns import Topology, have_netns_tools
+from obi.netns import Topology
 
 pytestmark = pytest.mark.root
 
-if have_netns_tools():
-    pytest.skip(have_netns_tools(), allow_module_level=True)
-try:
-    from obi.kernel import libbpf
-except Exception as e:  # libbpf.so.1 missing
-    pytest.skip(f"kernel path unavailable: {e}", allow_module_level=True)
-if not all(os.path.exists(libbpf.object_path(n)) for n in ("egress", "ingress", "threads")):
-    pytest.skip("BPF objects not built (run `make -C bpf`)", allow_module_level=True)
-
 sys.path.insert(0, os.path.dirname(__file__))
-from kernel_agent import Agent  # noqa: E402
+from kernel_agent import Agent, skip_module_unless_kernel_path  # noqa: E402
+
+skip_module_unless_kernel_path()
 from test_kernel_e2e import PORT, TP_SPAN, TP_TRACE, _tp_of, http_get, serve  # noqa: E402
 
 

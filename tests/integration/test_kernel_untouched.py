@@ -21,21 +21,14 @@ import time
 import pytest
 
 from obi.model import SpanKind
-from obi.netns import Topology, have_netns_tools
+from obi.netns import Topology
 
 pytestmark = pytest.mark.root
 
-if have_netns_tools():
-    pytest.skip(have_netns_tools(), allow_module_level=True)
-try:
-    from obi.kernel import libbpf
-except Exception as e:  # libbpf.so.1 missing
-    pytest.skip(f"kernel path unavailable: {e}", allow_module_level=True)
-if not all(os.path.exists(libbpf.object_path(n)) for n in ("egress", "ingress", "threads")):
-    pytest.skip("BPF objects not built (run `make -C bpf`)", allow_module_level=True)
-
 sys.path.insert(0, os.path.dirname(__file__))
-from kernel_agent import Agent  # noqa: E402
+from kernel_agent import READ_RESPONSE_SRC, Agent, skip_module_unless_kernel_path  # noqa: E402
+
+skip_module_unless_kernel_path()
 
 HTTP_PORT, CLIENT_PORT, ECHO_PORT = 8080, 8081, 8082
 PORTS = f"{HTTP_PORT},{CLIENT_PORT},{ECHO_PORT}"
@@ -56,7 +49,7 @@ while True:
 """
 
 # Runs in B (selected: listens on CLIENT_PORT). argv[1] = C's address.
-CLIENT = r"""
+CLIENT = READ_RESPONSE_SRC + r"""
 import json, os, socket, sys
 lst = socket.socket(); lst.bind(("0.0.0.0", 8081)); lst.listen(1)
 sys.stdin.readline()  # the test says go once the agent has selected us
@@ -94,18 +87,7 @@ for kind, chunks in payloads.items():
 s = socket.create_connection((c_addr, 8080), timeout=10)
 s.sendall(b"".join(f"GET /headers?p={i} HTTP/1.1\r\nHost: c\r\n\r\n".encode() for i in range(3)))
 f = s.makefile("rb")
-bodies = []
-for i in range(3):
-    status = f.readline()
-    length = 0
-    while True:
-        line = f.readline()
-        if line in (b"\r\n", b""):
-            break
-        k, _, v = line.decode().partition(":")
-        if k.lower() == "content-length":
-            length = int(v)
-    bodies.append(json.loads(f.read(length)))
+bodies = [read_response(f) for _ in range(3)]
 out["pipelined"] = [b["headers"] for b in bodies]
 print(json.dumps(out), flush=True)
 """

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import queue
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import time
 import pytest
 
 from obi.fallback.procs import MISS_REFRESH_S
-from obi.netns import Topology, have_netns_tools
+from obi.netns import Topology
 
 pytestmark = pytest.mark.root
 
@@ -26,22 +27,10 @@ CLIENT_PORT = 8081  # a selected "client" process in B listens here so its calls
 TP_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 TP_SPAN = "00f067aa0ba902b7"
 
+sys.path.insert(0, os.path.dirname(__file__))
+from kernel_agent import skip_module_unless_nfqueue  # noqa: E402
 
-def _skip_reason() -> str:
-    why = have_netns_tools()
-    if why:
-        return why
-    try:
-        import netfilterqueue  # noqa: F401
-    except ImportError:
-        return "needs the netfilterqueue Python package (NFQUEUE)"
-    if subprocess.run(["which", "iptables"], capture_output=True).returncode:
-        return "needs iptables (NFQUEUE, connmark, TCPMSS targets)"
-    return ""
-
-
-if _skip_reason():
-    pytest.skip(_skip_reason(), allow_module_level=True)
+skip_module_unless_nfqueue("NFQUEUE, connmark, TCPMSS targets")
 
 
 class Agent:

@@ -7,32 +7,20 @@ to a QueueLoop by an iptables rule in that namespace only.
 
 from __future__ import annotations
 
-import subprocess
+import os
 import sys
 import textwrap
 
 import pytest
 
-from obi.netns import Topology, have_netns_tools
+from obi.netns import Topology
 
 pytestmark = pytest.mark.root
 
+sys.path.insert(0, os.path.dirname(__file__))
+from kernel_agent import skip_module_unless_nfqueue  # noqa: E402
 
-def _skip_reason() -> str:
-    why = have_netns_tools()
-    if why:
-        return why
-    try:
-        import netfilterqueue  # noqa: F401
-    except ImportError:
-        return "needs the netfilterqueue Python package (NFQUEUE)"
-    if subprocess.run(["which", "iptables"], capture_output=True).returncode:
-        return "needs iptables (NFQUEUE target)"
-    return ""
-
-
-if _skip_reason():
-    pytest.skip(_skip_reason(), allow_module_level=True)
+skip_module_unless_nfqueue("NFQUEUE target")
 
 # Runs in the namespace: a QueueLoop whose handler records the packets it saw, 200 echo
 # round trips through it, then stop() timed while idle.
