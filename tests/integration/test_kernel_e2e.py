@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from obi.model import SpanKind, SpanRecord
+from obi.model import SpanKind
 from obi.netns import Topology
 
 pytestmark = pytest.mark.root
@@ -182,7 +182,7 @@ def test_a_b_c_linked(abc, incoming):
     # taken by another one interrupting it on the same CPU (the cause of the old flake).
     for agent in (agent_b, agent_c):
         st = agent.dp.stats()
-        assert st["events_lost"] == 0 and st["scratch_busy"] == 0 and st["parse_lost"] == 0, stats()
+        assert st["events_lost"] == 0 and st["scratch_busy"] == 0 and st["parse_lost"] == 0, st
 
 
 def test_bodies_unchanged_and_existing_traceparent_kept(abc):

@@ -13,7 +13,6 @@ import sys
 import pytest
 
 from obi import config
-from obi.errors import MissingFeature
 from obi.model import SpanKind
 from obi.netns import Topology
 
@@ -30,21 +29,9 @@ if not os.path.exists(libbpf.object_path("threads_syscalls")):
     pytest.skip("threads_syscalls.bpf.o not built (run `make -C bpf`)", allow_module_level=True)
 
 
-class SyscallsAgent(Agent):
+def SyscallsAgent(host, tmp_path) -> Agent:
     """kernel_agent.Agent with the thread hook forced to the syscall tracepoints."""
-
-    def __init__(self, host, tmp_path):
-        from obi.kernel.datapath import KernelDatapath
-
-        self.spans = []
-        cfg = config.load(env={"OTEL_EBPF_BPF_CONTEXT_PROPAGATION": "headers", "OTEL_EBPF_OPEN_PORT": "8080,8081",
-                               "OTEL_EBPF_CGROUP_PATH": host.cgroup})
-        self.dp = KernelDatapath(cfg, self.spans.append, netns=host.netns_path,
-                                 state_dir=str(tmp_path / host.name), thread_hook="syscalls")
-        try:
-            self.dp.start()
-        except MissingFeature as e:
-            pytest.skip(f"kernel feature missing: {e}")
+    return Agent(host, tmp_path, thread_hook="syscalls")
 
 
 @pytest.fixture
