@@ -24,12 +24,15 @@ its requests are request/response turns, and with `tcp` propagation the client's
 travels in TCP option kind 25 of one segment per request (egress.bpf.c explains both).
 Such spans have empty method/path, status 0 and extra {"tls": True, "tcp_option": ...}.
 
-Sockets established before start() are not in sock_hash (sockops only sees new
-connections): their requests pass unchanged and produce no client spans. Server
-connections accepted before start() are still parsed by tc, but their responses are not
-seen by sk_msg (no server span end) until the client reconnects. They also lack the
-TCP-option callbacks (set at establishment). Not done yet: a BPF TCP socket iterator
-(`iter/tcp`, bpf_sock_hash_update from the iterator) could adopt them at start.
+Sockets established before start() are adopted once, right after attaching: iter.bpf.o's
+TCP iterator, run from a thread inside the watched netns (an iterator walks its creator's
+netns), puts the established sockets of that netns into sock_hash with an egress parse
+state that waits for a write beginning with a start line (HS_RESYNC), so nothing is
+inserted into a body (iter.bpf.c says which sockets, and why adopting sockets of other
+processes is safe). `adopted` counts what it did. Client sockets with a request in flight
+at start, and adoption itself on kernels without TCP iterators, are left as before: their
+requests pass unchanged with no client span. Adopted sockets have no TCP-option callbacks
+(sockops sets them at establishment).
 """
 
 from __future__ import annotations
@@ -52,6 +55,11 @@ from .events import Correlator
 log = logging.getLogger("obi.kernel.datapath")
 
 OBJECTS = ("egress", "ingress")  # egress first: it creates the shared maps; then the thread hook's
+
+# The iterator that adopts connections established before start(): object, program.
+ADOPT_ITER = ("iter", "obi_adopt")
+# Its output, one byte per established socket -> KernelDatapath.adopted key.
+ADOPT_CODES = {b"S": "server", b"C": "client", b"b": "in_flight", b"k": "known", b"e": "failed"}
 
 # Thread hooks (KernelDatapath thread_hook) -> their BPF object.
 THREAD_HOOKS = {"sock_recv_length": "threads", "syscalls": "threads_syscalls"}
@@ -121,6 +129,8 @@ class KernelDatapath:
         self._scan_lock = threading.Lock()
         self.correlator = Correlator(sink, exe_of=lambda pid: self._exes.get(pid, ""))
         self.started = False
+        # What _adopt did with the connections that existed at start (ADOPT_CODES values).
+        self.adopted: dict[str, int] = {}
 
     # -- lifecycle
 
@@ -131,6 +141,7 @@ class KernelDatapath:
             self._load()
             self.scan_now()
             self._attach()
+            self._adopt()
             self._ring = libbpf.RingReader(self._objs["egress"].map("events"), self.correlator.on_raw)
         except BaseException:
             self.stop()
@@ -180,15 +191,9 @@ class KernelDatapath:
     # -- loading and attaching
 
     def _load(self) -> None:
-        flags = cfg_flags(self.cfg)
         shared: dict[str, int] = {}
         for name in (*OBJECTS, THREAD_HOOKS[self.thread_hook]):
-            obj = libbpf.BpfObject.open(libbpf.object_path(name))
-            self._objs[name] = obj
-            obj.set_global("obi_cfg_flags", struct.pack("=I", flags))
-            for m in obj.maps():
-                if m.name in shared:
-                    m.reuse_fd(shared[m.name])
+            obj = self._objs[name] = self._open(name, shared)
             try:
                 obj.load()
             except BpfError as e:
@@ -196,8 +201,42 @@ class KernelDatapath:
                     raise MissingFeature("bpf_loop", "5.17", str(e).splitlines()[0]) from e
                 raise
             if not shared:
-                shared = {m.name: m.fd for m in obj.maps() if not m.name.startswith(".")
-                          and not m.name.endswith((".rodata", ".data", ".bss"))}
+                shared.update(self._shared_fds())
+
+    def _open(self, name: str, shared: dict[str, int]) -> libbpf.BpfObject:
+        """Open object `name` with the config flags set and the maps in `shared` reused."""
+        obj = libbpf.BpfObject.open(libbpf.object_path(name))
+        obj.set_global("obi_cfg_flags", struct.pack("=I", cfg_flags(self.cfg)))
+        for m in obj.maps():
+            if m.name in shared:
+                m.reuse_fd(shared[m.name])
+        return obj
+
+    def _shared_fds(self) -> dict[str, int]:
+        """The shared maps (obi_maps.h), as egress created them."""
+        return {m.name: m.fd for m in self._objs["egress"].maps() if not m.name.startswith(".")
+                and not m.name.endswith((".rodata", ".data", ".bss"))}
+
+    def _adopt(self) -> None:
+        """Run ADOPT_ITER once, in the watched netns: connections established before start()
+        join sock_hash (iter.bpf.c says which, and why that is safe). Without TCP
+        iterators (Linux < 5.10 or so) they are left alone, as they were before."""
+        try:
+            obj = self._open(ADOPT_ITER[0], self._shared_fds())
+        except BpfError as e:
+            log.warning("pre-existing connections not adopted: %s", e)
+            return
+        try:
+            obj.load()
+            with attach.in_netns(self.netns):
+                out = obj.program(ADOPT_ITER[1]).run_iter()
+        except BpfError as e:
+            log.warning("pre-existing connections not adopted: %s", str(e).splitlines()[0])
+            return
+        finally:
+            obj.close()  # the maps stay (egress holds them); the iterator is done
+        self.adopted = {what: out.count(code) for code, what in ADOPT_CODES.items()}
+        log.info("pre-existing TCP connections: %s", self.adopted)
 
     def _attach(self) -> None:
         eg = self._objs["egress"]

@@ -205,6 +205,8 @@ _prog_attach_raw_tp = _fn("bpf_program__attach_raw_tracepoint", c_void_p, c_void
 
 _link_destroy = _fn("bpf_link__destroy", c_int, c_void_p)
 _link_fd = _fn("bpf_link__fd", c_int, c_void_p)
+_prog_attach_iter = _fn("bpf_program__attach_iter", c_void_p, c_void_p, c_void_p)
+_iter_create = _fn("bpf_iter_create", c_int, c_int)
 
 _map_name = _fn("bpf_map__name", c_char_p, c_void_p)
 _map_fd = _fn("bpf_map__fd", c_int, c_void_p)
@@ -574,6 +576,24 @@ class Program:
         with _Capture() as cap:
             ptr = _prog_attach_raw_tp(self._ptr, name.encode())
             return self._link(ptr, f"attach {self.name} to raw_tp {name}", cap)
+
+    def attach_iter(self) -> Link:
+        """Attach an iter/... program (no target options): the link iterators are made from."""
+        with _Capture() as cap:
+            return self._link(_prog_attach_iter(self._ptr, None), f"attach iterator {self.name}", cap)
+
+    def run_iter(self) -> bytes:
+        """Attach this iter/... program, run one iteration to the end (in the calling thread's
+        namespaces, e.g. the netns a TCP iterator walks) and return what it wrote."""
+        with self.attach_iter() as link:
+            fd = _check(_iter_create(link.fd), f"bpf_iter_create({self.name})")
+            out = bytearray()
+            try:
+                while chunk := os.read(fd, 65536):
+                    out += chunk
+            finally:
+                os.close(fd)
+            return bytes(out)
 
     def test_run(
         self, data: bytes, ctx: bytes | None = None, repeat: int = 1

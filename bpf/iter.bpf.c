@@ -1,0 +1,113 @@
+// SPDX-License-Identifier: GPL-2.0
+/* Adoption of TCP connections established before the agent started (sockops only sees
+ * new ones). KernelDatapath.start() runs this iterator once, after attaching, from a
+ * thread inside the watched netns (a TCP iterator walks the netns of its creator).
+ *
+ * Each established IPv4/IPv6 socket that sk_msg does not know yet (no egress_st) gets an
+ * egress_st marked HS_RESYNC and goes into sock_hash, so that sk_msg runs on its sends:
+ * - local port in server_ports: server role (its writes are responses);
+ * - any other: client role. The owner cannot be told here, but sk_msg checks the sending
+ *   tgid against selected_tgids on every send, as for sockets sockops adds.
+ * HS_RESYNC makes the parser skip whole writes until one starts with a valid start line
+ * (the same wait tc uses after a sequence gap, obi_http.h parse_step): nothing is ever
+ * inserted into the middle of a body. A client socket is adopted only at a clear message
+ * boundary: everything it wrote is acknowledged and the peer sent data at or after its last
+ * send (the previous response came back, or nothing was sent yet). Otherwise a request may
+ * be in flight (or half written): the socket is left alone, as before.
+ * Not adopted: TLS option callbacks (sockops sets them at establishment only).
+ *
+ * Output (read by userspace to count): one byte per established socket, 'S' / 'C' adopted
+ * as server / client, 'b' skipped (client not at a boundary), 'k' already known, 'e' the
+ * sock_hash update failed. */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include "obi_abi.h"
+#include "obi_http.h"
+#include "obi_maps.h"
+#include "obi_net.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define OBI_TCP_ESTABLISHED 1
+
+/* Kernel structs, only the fields read; CO-RE relocates them (see obi_core.h). */
+struct bpf_iter_meta {
+	void *seq;
+	__u64 session_id;
+	__u64 seq_num;
+} __attribute__((preserve_access_index));
+
+struct sock_common {
+	unsigned short skc_family;
+	volatile unsigned char skc_state;
+	__u8 _pad0;
+	__u16 skc_num;
+	__u16 _pad1;
+} __attribute__((preserve_access_index));
+
+struct bpf_iter__tcp {
+	struct bpf_iter_meta *meta;
+	struct sock_common *sk_common;
+	__u32 uid;
+	__u32 _pad0;
+} __attribute__((preserve_access_index));
+
+struct inet_connection_sock {
+	struct {
+		__u32 lrcvtime; /* jiffies of the last data received */
+	} icsk_ack;
+} __attribute__((preserve_access_index));
+
+struct tcp_sock {
+	struct inet_connection_sock inet_conn;
+	__u32 snd_una;   /* first byte not acknowledged */
+	__u32 write_seq; /* next byte the process writes */
+	__u32 lsndtime;  /* jiffies of the last data sent */
+	__u32 _pad0;
+} __attribute__((preserve_access_index));
+
+static __always_inline void emit(struct bpf_iter_meta *meta, char what)
+{
+	bpf_seq_write(meta->seq, &what, 1);
+}
+
+/* Hook: iter/tcp, run once per start. Context: one socket of the netns (or NULL at the
+ * end). Maps: server_ports (read), egress_st (create), sock_hash (insert). */
+SEC("iter/tcp")
+int obi_adopt(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+
+	if (!skc || skc->skc_state != OBI_TCP_ESTABLISHED)
+		return 0;
+	if (skc->skc_family != OBI_AF_INET && skc->skc_family != OBI_AF_INET6)
+		return 0;
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp)
+		return 0;
+	if (bpf_sk_storage_get(&egress_st, tp, 0, 0)) {
+		emit(ctx->meta, 'k'); /* sk_msg already parses it (sockops added it since attach) */
+		return 0;
+	}
+	int server = port_selected(skc->skc_num);
+	if (!server && (tp->write_seq != tp->snd_una ||
+			(__s32)(tp->inet_conn.icsk_ack.lrcvtime - tp->lsndtime) < 0)) {
+		emit(ctx->meta, 'b');
+		return 0;
+	}
+	struct http_state *st = bpf_sk_storage_get(&egress_st, tp, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st)
+		return 0;
+	/* Before the socket enters sock_hash: its first sk_msg run sees this state. */
+	st->phase = PH_IDLE;
+	st->role = server ? OBI_ROLE_SERVER : OBI_ROLE_CLIENT;
+	st->bits = HS_RESYNC | (server ? HS_RESP : 0);
+	__u64 cookie = bpf_get_socket_cookie(tp);
+	if (bpf_map_update_elem(&sock_hash, &cookie, tp, BPF_NOEXIST)) {
+		emit(ctx->meta, 'e');
+		return 0;
+	}
+	emit(ctx->meta, server ? 'S' : 'C');
+	return 0;
+}
