@@ -25,7 +25,7 @@ from obi.model import SpanKind, SpanRecord
 from obi.netns import have_netns_tools
 
 # The BPF objects the kernel datapath loads (built by `make -C bpf`).
-KERNEL_OBJECTS = ("egress", "ingress", "threads")
+KERNEL_OBJECTS = ("egress", "ingress", "threads", "threads_syscalls", "iter")
 
 
 def skip_module_unless_kernel_path(tools: dict[str, str] | None = None) -> None:
