@@ -23,6 +23,7 @@ import threading
 import time
 from collections import defaultdict
 
+from . import demoapp
 from .model import new_span_id, new_trace_id
 from .netns import Topology, have_netns_tools
 from .w3c import parse_traceparent
@@ -176,11 +177,8 @@ def main(datapath: str = "auto", requests: int = 3, output: str = "text") -> int
         return 2
     with Topology(["client", "service", "backend"], prefix="obidemo") as topo:
         client, service, backend = topo["client"], topo["service"], topo["backend"]
-        backend.popen([sys.executable, "-m", "obi.demoapp", "serve", "--port", str(PORT)], stdout=subprocess.PIPE)
-        service.popen([sys.executable, "-m", "obi.demoapp", "serve", "--port", str(PORT),
-                       "--downstream", f"http://{backend.addr}:{PORT}"], stdout=subprocess.PIPE)
-        for host in (backend, service):
-            host.procs[-1].stdout.readline()  # "listening on ..."
+        demoapp.start(backend, PORT)
+        demoapp.start(service, PORT, downstream=f"http://{backend.addr}:{PORT}")
         agents = [AgentProcess(service, "service", datapath), AgentProcess(backend, "backend", datapath)]
         try:
             for agent in agents:

@@ -22,6 +22,7 @@ import hashlib
 import http.client
 import json
 import socket
+import subprocess
 import sys
 import threading
 import urllib.parse
@@ -129,6 +130,18 @@ def serve(port: int, downstream: str = "", host: str = "0.0.0.0") -> None:
     server.daemon_threads = True
     print(f"listening on {host}:{port}", flush=True)
     server.serve_forever()
+
+
+def start(host, port: int, downstream: str = "", listen: str = "0.0.0.0"):
+    """Start the demo service inside an `obi.netns.Host`; returns the Popen once it listens."""
+    argv = [sys.executable, "-m", "obi.demoapp", "serve", "--port", str(port), "--host", listen]
+    if downstream:
+        argv += ["--downstream", downstream]
+    proc = host.popen(argv, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if "listening" not in line:
+        raise RuntimeError(f"demo service on {host.name}:{port} did not start: {line!r}")
+    return proc
 
 
 def main(argv: list[str] | None = None) -> int:

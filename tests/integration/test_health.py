@@ -285,6 +285,7 @@ def _run_agent_and_scrape() -> None:
     /healthz and the metrics from inside that namespace while requests flow through."""
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces and BPF")
+    from obi import demoapp
     from obi.netns import Topology, have_netns_tools
 
     missing = have_netns_tools()
@@ -293,11 +294,8 @@ def _run_agent_and_scrape() -> None:
     port, health_port = 8080, 9400
     with Topology(["service", "backend"], prefix="obih") as topo:
         service, backend = topo["service"], topo["backend"]
-        backend.popen([sys.executable, "-m", "obi.demoapp", "serve", "--port", str(port)], stdout=subprocess.PIPE)
-        service.popen([sys.executable, "-m", "obi.demoapp", "serve", "--port", str(port),
-                       "--downstream", f"http://{backend.addr}:{port}"], stdout=subprocess.PIPE)
-        for host in (backend, service):
-            host.procs[-1].stdout.readline()  # "listening on ..."
+        demoapp.start(backend, port)
+        demoapp.start(service, port, downstream=f"http://{backend.addr}:{port}")
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         env.update(OTEL_EBPF_DATAPATH="kernel", OTEL_EBPF_OPEN_PORT=str(port),
                    OTEL_EBPF_BPF_CONTEXT_PROPAGATION="all", OTEL_EBPF_CGROUP_PATH=service.cgroup,

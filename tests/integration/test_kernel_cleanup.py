@@ -21,6 +21,7 @@ import time
 
 import pytest
 
+from obi import demoapp
 from obi.netns import Topology
 
 pytestmark = pytest.mark.root
@@ -101,9 +102,7 @@ def _cgroup_progs(cgroup: str) -> str:
 def test_kill9_then_cleanup(tmp_path, backend):
     with Topology(["a", "b"], prefix="obik") as topo:
         a, b = topo["a"], topo["b"]
-        srv = b.popen([sys.executable, "-m", "obi.demoapp", "serve", "--port", str(PORT)],
-                      stdout=subprocess.PIPE, text=True)
-        assert "listening" in srv.stdout.readline()
+        demoapp.start(b, PORT)
         subprocess.run(["tc", "-n", b.netns, "qdisc", "add", "dev", b.ifname, "clsact"], check=True)
         subprocess.run(f"tc -n {b.netns} filter add dev {b.ifname} ingress prio 7 protocol all bpf {FOREIGN}",
                        shell=True, check=True)

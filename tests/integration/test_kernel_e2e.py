@@ -19,6 +19,7 @@ import time
 import pytest
 
 from obi.model import SpanKind
+from obi import demoapp
 from obi.netns import Topology
 
 pytestmark = pytest.mark.root
@@ -35,14 +36,7 @@ skip_module_unless_kernel_path()
 
 
 def serve(host, downstream: str = "") -> subprocess.Popen:
-    argv = [sys.executable, "-m", "obi.demoapp", "serve", "--port", str(PORT)]
-    if downstream:
-        argv += ["--downstream", downstream]
-    proc = host.popen(argv, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert "listening" in line, line
-    return proc
+    return demoapp.start(host, PORT, downstream)
 
 
 def http_get(host, url: str, headers: dict[str, str] | None = None) -> dict:

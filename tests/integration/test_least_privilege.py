@@ -132,6 +132,7 @@ def test_doctor_names_a_missing_capability(dropped: str) -> None:
 
 def test_kernel_datapath_runs_without_sys_admin() -> None:
     pytest.importorskip("obi.kernel.datapath", reason="kernel datapath (obi.kernel.datapath) not written yet")
+    from obi import demoapp
     from obi.netns import Topology, have_netns_tools
     from obi.w3c import parse_traceparent
 
@@ -142,11 +143,8 @@ def test_kernel_datapath_runs_without_sys_admin() -> None:
     upstream = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     with Topology(["client", "service", "backend"], prefix="obih") as topo:
         client, service, backend = topo["client"], topo["service"], topo["backend"]
-        backend.popen([sys.executable, "-m", "obi.demoapp", "serve", "--port", str(port)], stdout=subprocess.PIPE)
-        service.popen([sys.executable, "-m", "obi.demoapp", "serve", "--port", str(port),
-                       "--downstream", f"http://{backend.addr}:{port}"], stdout=subprocess.PIPE)
-        for host in (backend, service):
-            host.procs[-1].stdout.readline()  # "listening on ..."
+        demoapp.start(backend, port)
+        demoapp.start(service, port, downstream=f"http://{backend.addr}:{port}")
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         env.update(OTEL_EBPF_DATAPATH="kernel", OTEL_EBPF_OPEN_PORT=str(port),
                    OTEL_EBPF_BPF_CONTEXT_PROPAGATION="all", OTEL_EBPF_CGROUP_PATH=service.cgroup,

@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
+from obi import demoapp as demo_service
 from obi.demo import AgentProcess as DemoAgent
 from obi.netns import Host, Topology, have_netns_tools
 
@@ -98,10 +99,7 @@ def start_service(host: Host, argv: Sequence[str], ready: str = "listening") -> 
 
 
 def demoapp(host: Host, downstream: str = "", listen: str = "0.0.0.0") -> subprocess.Popen:
-    argv = [sys.executable, "-m", "obi.demoapp", "serve", "--port", str(PORT), "--host", listen]
-    if downstream:
-        argv += ["--downstream", downstream]
-    return start_service(host, argv)
+    return demo_service.start(host, PORT, downstream, listen)
 
 
 class Env:
