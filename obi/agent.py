@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-import time
 from typing import Callable
 
 from . import doctor
@@ -121,12 +120,3 @@ class Agent:
             for s, handler in old.items():
                 signal.signal(s, handler)
 
-
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    """Poll until predicate() is true or timeout seconds pass (used by demo and tests)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()

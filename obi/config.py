@@ -7,7 +7,6 @@ This is the only module that reads the environment. Every key is declared once i
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import logging
 import os
@@ -363,7 +362,3 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
         log.debug("no open_port / auto_target_exe set: no process is instrumented")
     return cfg
 
-
-def replace(cfg: Config, **changes: Any) -> Config:
-    """A copy of cfg with some fields changed (used by the demo and tests)."""
-    return dataclasses.replace(cfg, **changes)
