@@ -481,7 +481,6 @@ def summarize_run(r: dict[str, Any]) -> None:
         return
     serve = [phases[p] for p in SERVE_PHASES]
     reqs = sum(p["load"]["requests"] for p in serve)
-    wall = sum(p["wall_s"] for p in serve)
     cpu = [p["cpu_s"] for p in serve]
     queued = sum(p["queued"] for p in serve)
     bpf_cnt = sum(p["bpf_run_cnt"] for p in serve)
