@@ -1,13 +1,11 @@
 // SPDX-License-Identifier: GPL-2.0
-/* Egress of instrumented processes: sockops puts TCP sockets of the watched cgroup into
- * sock_hash; sk_msg runs on every send of those sockets, in the sender's context.
- *
- * Client sockets (the process sends requests): each HTTP/1.x request of a selected process
- * gets `Traceparent: 00-<trace>-<span>-<flags>\r\n` inserted right after its request line
+/* Egress of instrumented processes: sockops puts the client (actively opened) TCP sockets
+ * of the watched cgroup into sock_hash; sk_msg runs on every send of those sockets, in the
+ * sender's context. Each HTTP/1.x request of a selected process gets
+ * `Traceparent: 00-<trace>-<span>-<flags>\r\n` inserted right after its request line
  * (unless the request already has a traceparent header), and a CLIENT_REQ event.
- * Server sockets (local port in server_ports; the process writes responses): the status
- * line gives a SERVER_RESP event (end and status of the server span) and ends the thread's
- * link to the request it was serving.
+ * Server sockets are not in sock_hash (obi_maps.h says why): tc egress (ingress.bpf.c)
+ * reads their responses on the wire.
  *
  * Inserting into the socket message, before TCP segments it, needs no sequence, checksum
  * or MSS work (DESIGN decision 2). Every path returns SK_PASS: telemetry never drops. */
@@ -140,9 +138,12 @@ static __always_inline void tcpopt_parse(struct bpf_sock_ops *skops)
 /* Hook: sockops on the watched cgroup (link). Context: bpf_sock_ops.
  * Maps: server_ports (read), sock_hash (write), egress_st (read: TLS option pending),
  * ingress_conns (write ids read from kind 25), counters.
- * Established sockets: active ones are added to sock_hash (their requests may need a
- * header), passive ones only on selected listening ports. With OBI_CFG_TCP, active
- * sockets get the header-option write callbacks and passive ones the parse callback.
+ * Established sockets: active ones that a selected process connected are added to
+ * sock_hash (their requests may need a header); no other socket is (a socket in a sockmap
+ * reads and writes through the kernel's tcp_bpf code, obi_maps.h says what that risks);
+ * passive ones never (tc egress follows their responses). With OBI_CFG_TCP, those active
+ * sockets get the header-option write callbacks and passive ones on selected listening
+ * ports the parse callback.
  * Returns 1 (the return value only matters for a few ops we do not handle). */
 SEC("sockops")
 int obi_sockops(struct bpf_sock_ops *skops)
@@ -151,9 +152,22 @@ int obi_sockops(struct bpf_sock_ops *skops)
 	__u32 cb = 0;
 
 	switch (skops->op) {
-	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_TCP_CONNECT_CB: {
+		/* connect() runs in the connecting process (the established callback usually runs
+		 * in a softirq, where the current task is anyone): mark sockets of selected
+		 * processes; only those join sock_hash. */
+		struct bpf_sock *sk = skops->sk;
+		if (sk && tgid_selected())
+			bpf_sk_storage_get(&egress_st, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		return 1;
+	}
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
+		struct bpf_sock *sk = skops->sk;
+		if (!sk || !bpf_sk_storage_get(&egress_st, sk, 0, 0))
+			return 1; /* not opened by a selected process: leave the socket alone */
 		cb = BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
 		break;
+	}
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		if (!port_selected(skops->local_port))
 			return 1;
@@ -175,6 +189,8 @@ int obi_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	if (obi_cfg_flags & OBI_CFG_TCP)
 		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | cb);
+	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		return 1; /* server sockets stay out of sock_hash (obi_maps.h says why) */
 	cookie = bpf_get_socket_cookie(skops);
 	bpf_sock_hash_update(skops, &sock_hash, &cookie, BPF_NOEXIST);
 	return 1;
@@ -311,26 +327,6 @@ static __always_inline void client_action(struct scratch *sc, struct http_state 
 	}
 }
 
-static __always_inline void server_action(struct scratch *sc, struct http_state *st)
-{
-	struct pcur *p = &sc->pc;
-
-	if (p->act == ACT_MSG_START) {
-		st->start_ns = bpf_ktime_get_ns();
-		return;
-	}
-	if (p->act != ACT_LINE0_END || st->status < 200)
-		return;
-	struct http_state *in = bpf_map_lookup_elem(&ingress_conns, &p->t);
-	span_close(&p->t, st, in, OBI_EV_SERVER_SPAN, OBI_EV_SERVER_RESP, p->pid_tgid);
-	/* The thread is done with this request: its next client calls are not its children. */
-	struct thread_ctx *tc = bpf_map_lookup_elem(&thread_ctx, &p->pid_tgid);
-	if (tc && tuple_eq(&tc->conn, &p->t))
-		bpf_map_delete_elem(&thread_ctx, &p->pid_tgid);
-	if (in)
-		in->bits &= ~HS_READY;
-}
-
 /* bpf_loop callback: one window or one action. */
 static long eg_round(__u32 i, void *arg)
 {
@@ -346,12 +342,8 @@ static long eg_round(__u32 i, void *arg)
 		count(OBI_CNT_PARSE_LOST);
 		return 1;
 	}
-	if (round_parse(c, &sc->pc) != ACT_NONE) {
-		if (st->role == OBI_ROLE_SERVER)
-			server_action(sc, st);
-		else
-			client_action(sc, st);
-	}
+	if (round_parse(c, &sc->pc) != ACT_NONE)
+		client_action(sc, st);
 	return 0;
 }
 
@@ -377,9 +369,10 @@ static __always_inline int insert_header(struct sk_msg_md *msg, struct ins *in)
  * never written into. Its "requests" are turns: on a client socket, a write that begins
  * with an application_data record while no request is open opens one (CLIENT_REQ, and the
  * TCP option when enabled); the first bytes back from the server close it (tc,
- * CLIENT_RESP). On a server socket, tc opens a request on the first application_data
- * segment from the client while none is open; the server's next write closes it (both
- * events are sent then, so that ids read from the option by sockops are included).
+ * CLIENT_RESP). On a server connection, tc opens a request on the first application_data
+ * segment from the client while none is open; the server's next data segment closes it
+ * (tc egress sends both events then, so that ids read from the option by sockops are
+ * included).
  * Limits: a TLS 1.3 client without middlebox-compatibility CCS sends its Finished as an
  * application_data record (an extra short turn); a session ticket arriving after a
  * request closes that request's client span early; a request written in several writes
@@ -440,32 +433,6 @@ static __always_inline void tls_client_write(struct scratch *sc, struct http_sta
 	client_req_event(sc, st, flags);
 }
 
-static __always_inline void tls_server_write(struct scratch *sc)
-{
-	struct pcur *p = &sc->pc;
-	struct http_state *in = bpf_map_lookup_elem(&ingress_conns, &p->t);
-
-	if (!in || in->phase != PH_TLS || !(in->bits & HS_READY))
-		return;
-	struct obi_event *ev = event_reserve();
-	if (ev) {
-		event_fill(ev, OBI_EV_SERVER_REQ, in, &p->t, 0);
-		ev->flags = OBI_EVF_TLS | (in->bits & HS_TCPOPT ? OBI_EVF_TCPOPT : 0);
-		bpf_ringbuf_submit(ev, 0);
-	}
-	ev = event_reserve();
-	if (ev) {
-		event_fill(ev, OBI_EV_SERVER_RESP, in, &p->t, p->pid_tgid);
-		ev->flags = OBI_EVF_TLS;
-		ev->ts_ns = bpf_ktime_get_ns();
-		bpf_ringbuf_submit(ev, 0);
-	}
-	in->bits &= ~(HS_READY | HS_TCPOPT);
-	struct thread_ctx *tc = bpf_map_lookup_elem(&thread_ctx, &p->pid_tgid);
-	if (tc && tuple_eq(&tc->conn, &p->t))
-		bpf_map_delete_elem(&thread_ctx, &p->pid_tgid);
-}
-
 /* A write on a TLS connection (or the first write of a connection: is it TLS?).
  * Returns 1 if the message was handled here (TLS), 0 to parse it as HTTP. */
 static __always_inline int tls_write(struct sk_msg_md *msg, struct http_state *st, struct scratch *sc)
@@ -480,10 +447,7 @@ static __always_inline int tls_write(struct sk_msg_md *msg, struct http_state *s
 	} else if (msg_head(msg, &type, &major)) {
 		return 1;
 	}
-	if (st->role == OBI_ROLE_SERVER)
-		tls_server_write(sc);
-	else
-		tls_client_write(sc, st, type);
+	tls_client_write(sc, st, type);
 	return 1;
 }
 
@@ -596,9 +560,9 @@ static __always_inline void sk_msg_parse(struct sk_msg_md *msg, struct http_stat
 }
 
 /* Hook: sk_msg verdict on sock_hash. Context: sk_msg_md of one sendmsg (or part of it),
- * running in the sending thread. Maps: selected_tgids, server_ports, thread_ctx (read;
- * delete on response), egress_st (socket storage), ingress_conns (create for client
- * connections, clear READY on response), scratch, events, counters.
+ * running in the sending thread. Maps: selected_tgids, thread_ctx (read), egress_st
+ * (socket storage), ingress_conns (create for client connections), scratch, events,
+ * counters.
  * Returns SK_PASS always. */
 SEC("sk_msg")
 int obi_sk_msg(struct sk_msg_md *msg)
@@ -610,14 +574,7 @@ int obi_sk_msg(struct sk_msg_md *msg)
 	struct http_state *st = bpf_sk_storage_get(&egress_st, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!st)
 		return SK_PASS;
-	if (!st->role) {
-		if (port_selected(msg->local_port)) {
-			st->role = OBI_ROLE_SERVER;
-			st->bits |= HS_RESP;
-		} else {
-			st->role = OBI_ROLE_CLIENT;
-		}
-	}
+	st->role = OBI_ROLE_CLIENT; /* only client sockets are in sock_hash */
 	if (st->phase == PH_LOST)
 		return SK_PASS;
 	struct scratch *sc = scratch_get(SCRATCH_PROC);

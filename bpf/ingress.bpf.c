@@ -1,14 +1,19 @@
 // SPDX-License-Identifier: GPL-2.0
-/* Ingress fast path (DESIGN decision 4): a tc ingress program (tcx link or clsact filter)
- * on the interfaces of the netns the agent watches. For TCP segments of
+/* The tc programs (DESIGN decision 4), tcx links or clsact filters on the interfaces of the
+ * netns the agent watches.
+ * Ingress, for TCP segments of
  *  - connections to a selected listening port: parses the requests (start line, headers,
  *    traceparent / tracestate, body framing) and emits SERVER_REQ with the server span's
  *    ids; marks the connection READY so the thread that reads it links to that request;
  *  - connections on which a selected process sent a request (ingress_conns entry made by
  *    sk_msg): parses the responses and emits CLIENT_RESP with the status.
- * Bytes are followed in TCP sequence order per connection: retransmitted bytes are not
- * parsed twice, and after a gap the parser waits for a segment that starts a message.
- * Always returns TC_ACT_OK. */
+ * Egress, for TCP segments of those server connections: parses the responses the service
+ * writes and closes the server span at each status line (SERVER_RESP), ending the serving
+ * thread's link. (sk_msg could read them, but only on sockets in a sockmap, which breaks
+ * blocking reads: obi_maps.h, sock_hash.)
+ * Bytes are followed in TCP sequence order per connection and direction: retransmitted
+ * bytes are not parsed twice, and after a gap the parser waits for a segment that starts a
+ * message. Always returns TC_ACT_OK. */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
 #include <linux/if_ether.h>
@@ -110,8 +115,9 @@ struct seg {
 	__u8 syn, fin, rst, _pad0;
 };
 
-/* Parse L3/L4 headers into the tuple (local = destination) and the segment. */
-static __always_inline int parse_headers(struct __sk_buff *skb, struct obi_tuple *t, struct seg *s)
+/* Parse L3/L4 headers into the tuple and the segment. local = this host's end: the
+ * destination of an incoming segment, the source of an outgoing one (`out`). */
+static __always_inline int parse_headers(struct __sk_buff *skb, struct obi_tuple *t, struct seg *s, int out)
 {
 	__u32 l4;
 	__u32 l3_len;
@@ -123,8 +129,8 @@ static __always_inline int parse_headers(struct __sk_buff *skb, struct obi_tuple
 		if (ip.protocol != IPPROTO_TCP || ip.ihl < 5 || (ip.frag_off & bpf_htons(0x3fff)))
 			return -1;
 		t->family = OBI_AF_INET;
-		__builtin_memcpy(t->local_addr, &ip.daddr, 4);
-		__builtin_memcpy(t->peer_addr, &ip.saddr, 4);
+		__builtin_memcpy(t->local_addr, out ? &ip.saddr : &ip.daddr, 4);
+		__builtin_memcpy(t->peer_addr, out ? &ip.daddr : &ip.saddr, 4);
 		l4 = ETH_HLEN + ip.ihl * 4;
 		l3_len = bpf_ntohs(ip.tot_len);
 		if (l3_len == 0) /* BIG TCP GRO packets */
@@ -137,8 +143,8 @@ static __always_inline int parse_headers(struct __sk_buff *skb, struct obi_tuple
 		if (ip6.nexthdr != IPPROTO_TCP) /* extension headers: not followed */
 			return -1;
 		t->family = OBI_AF_INET6;
-		__builtin_memcpy(t->local_addr, &ip6.daddr, 16);
-		__builtin_memcpy(t->peer_addr, &ip6.saddr, 16);
+		__builtin_memcpy(t->local_addr, out ? &ip6.saddr : &ip6.daddr, 16);
+		__builtin_memcpy(t->peer_addr, out ? &ip6.daddr : &ip6.saddr, 16);
 		l4 = ETH_HLEN + sizeof(ip6);
 		l3_len = bpf_ntohs(ip6.payload_len);
 		if (l3_len == 0)
@@ -152,8 +158,8 @@ static __always_inline int parse_headers(struct __sk_buff *skb, struct obi_tuple
 	__u32 doff = th.doff * 4;
 	if (doff < sizeof(th) || doff > l3_len)
 		return -1;
-	t->local_port = bpf_ntohs(th.dest);
-	t->peer_port = bpf_ntohs(th.source);
+	t->local_port = bpf_ntohs(out ? th.source : th.dest);
+	t->peer_port = bpf_ntohs(out ? th.dest : th.source);
 	s->seq = bpf_ntohl(th.seq);
 	s->payload_off = l4 + doff;
 	s->payload_len = l3_len - doff;
@@ -163,6 +169,34 @@ static __always_inline int parse_headers(struct __sk_buff *skb, struct obi_tuple
 	s->fin = th.fin;
 	s->rst = th.rst;
 	return 0;
+}
+
+/* Follow the connection's bytes (one direction, state st) in sequence order: returns the
+ * offset in this segment's payload of the first byte not seen before, or -1 if all of
+ * them were (a retransmission). After missed bytes the framing is unknown: the parser
+ * waits for a segment that starts a message. */
+static __always_inline int seq_follow(struct http_state *st, const struct seg *s)
+{
+	__u32 start = 0;
+
+	if (!st->seq_valid) {
+		st->next_seq = s->seq;
+		st->seq_valid = 1;
+	}
+	__s32 d = (__s32)(s->seq - st->next_seq);
+	if (d < 0) {
+		if ((__u32)(-d) >= s->payload_len)
+			return -1;
+		start = -d;
+	} else if (d > 0) {
+		count(OBI_CNT_SEQ_GAPS);
+		if (st->phase != PH_TLS) {
+			st->phase = PH_IDLE;
+			st->bits |= HS_RESYNC;
+		}
+	}
+	st->next_seq = s->seq + s->payload_len;
+	return start;
 }
 
 #define TLS_HANDSHAKE 0x16
@@ -217,7 +251,7 @@ static __always_inline void tc_parse(struct __sk_buff *skb, struct scratch *sc)
 	struct pcur *p = &sc->pc;
 	__builtin_memset(p, 0, sizeof(*p));
 	struct seg s = {};
-	if (parse_headers(skb, &p->t, &s))
+	if (parse_headers(skb, &p->t, &s, 0))
 		return;
 
 	struct http_state *st = bpf_map_lookup_elem(&ingress_conns, &p->t);
@@ -238,26 +272,9 @@ static __always_inline void tc_parse(struct __sk_buff *skb, struct scratch *sc)
 			return;
 	}
 	if (s.payload_len && st->phase != PH_LOST) {
-		__u32 start = 0;
-		if (!st->seq_valid) {
-			st->next_seq = s.seq;
-			st->seq_valid = 1;
-		}
-		__s32 d = (__s32)(s.seq - st->next_seq);
-		if (d < 0) {
-			/* (partly) retransmitted: parse only bytes not seen yet */
-			if ((__u32)(-d) >= s.payload_len)
-				goto out;
-			start = -d;
-		} else if (d > 0) {
-			/* bytes were missed: framing unknown until a segment starts a message */
-			count(OBI_CNT_SEQ_GAPS);
-			if (st->phase != PH_TLS) {
-				st->phase = PH_IDLE;
-				st->bits |= HS_RESYNC;
-			}
-		}
-		st->next_seq = s.seq + s.payload_len;
+		int start = seq_follow(st, &s);
+		if (start < 0)
+			goto out;
 		if (tls_segment(skb, sc, st, &s, start))
 			goto out;
 		p->pos = start;
@@ -271,6 +288,8 @@ out:
 	if (s.fin || s.rst) {
 		span_abandon(&p->t);
 		bpf_map_delete_elem(&ingress_conns, &p->t);
+		if (s.rst)
+			bpf_map_delete_elem(&server_out, &p->t);
 	}
 }
 
@@ -286,6 +305,134 @@ int obi_tc_ingress(struct __sk_buff *skb)
 	if (!sc)
 		return TC_ACT_OK; /* the connection's next segment sees a sequence gap: resync */
 	tc_parse(skb, sc);
+	scratch_put(sc);
+	return TC_ACT_OK;
+}
+
+/* --- egress: the responses of server connections ------------------------------------ */
+
+/* The response to the connection's current request is going out: close the server span
+ * (`resp` holds the status and the time of the status line) and end the serving thread's
+ * link, so that its next outgoing calls are not children of a finished request. */
+static __always_inline void server_resp(const struct obi_tuple *t, const struct http_state *resp,
+					struct http_state *in)
+{
+	__u64 tid = in ? in->server_tid : 0;
+
+	span_close(t, resp, in, OBI_EV_SERVER_SPAN, OBI_EV_SERVER_RESP, tid);
+	struct thread_ctx *tc = tid ? bpf_map_lookup_elem(&thread_ctx, &tid) : 0;
+	if (tc && tuple_eq(&tc->conn, t))
+		bpf_map_delete_elem(&thread_ctx, &tid);
+	if (in)
+		in->bits &= ~HS_READY;
+}
+
+/* A TLS server's first data segment after a request turn (see TLS turns, egress.bpf.c):
+ * the request's event (with ids sockops may have read from kind 25) and its end. */
+static __always_inline void tls_server_reply(const struct obi_tuple *t, struct http_state *in)
+{
+	struct obi_event *ev = event_reserve();
+
+	if (ev) {
+		event_fill(ev, OBI_EV_SERVER_REQ, in, t, 0);
+		ev->flags = OBI_EVF_TLS | (in->bits & HS_TCPOPT ? OBI_EVF_TCPOPT : 0);
+		bpf_ringbuf_submit(ev, 0);
+	}
+	ev = event_reserve();
+	if (ev) {
+		event_fill(ev, OBI_EV_SERVER_RESP, in, t, in->server_tid);
+		ev->flags = OBI_EVF_TLS;
+		ev->ts_ns = bpf_ktime_get_ns();
+		bpf_ringbuf_submit(ev, 0);
+	}
+	in->bits &= ~(HS_READY | HS_TCPOPT);
+	__u64 tid = in->server_tid;
+	struct thread_ctx *tc = tid ? bpf_map_lookup_elem(&thread_ctx, &tid) : 0;
+	if (tc && tuple_eq(&tc->conn, t))
+		bpf_map_delete_elem(&thread_ctx, &tid);
+}
+
+/* bpf_loop callback: one window or one action of a response. */
+static long out_round(__u32 i, void *arg)
+{
+	struct parse_ctx *c = arg;
+	struct http_state *st = c->st;
+	struct scratch *sc = c->sc;
+
+	int next = round_start(st, sc);
+	if (next == ROUND_END)
+		return 1;
+	if (next == ROUND_LOAD && in_load(c->prog_ctx, sc))
+		return 1; /* bytes unreadable: skip the rest of this segment */
+	struct pcur *p = &sc->pc;
+	__u32 act = round_parse(c, p);
+	if (act == ACT_MSG_START)
+		st->start_ns = bpf_ktime_get_ns();
+	else if (act == ACT_LINE0_END && st->status >= 200) /* 1xx: the final response follows */
+		server_resp(&p->t, st, bpf_map_lookup_elem(&ingress_conns, &p->t));
+	return 0;
+}
+
+/* The body of obi_tc_egress once it holds the scratch slot. */
+static __always_inline void tc_out(struct __sk_buff *skb, struct scratch *sc)
+{
+	struct pcur *p = &sc->pc;
+	__builtin_memset(p, 0, sizeof(*p));
+	struct seg s = {};
+	if (parse_headers(skb, &p->t, &s, 1))
+		return;
+	if (s.syn) { /* SYN-ACK: a new connection, maybe on a reused tuple */
+		bpf_map_delete_elem(&server_out, &p->t);
+		return;
+	}
+	struct http_state *in = bpf_map_lookup_elem(&ingress_conns, &p->t);
+	if (!s.payload_len || !in || in->role != OBI_ROLE_SERVER)
+		goto out;
+	if (in->phase == PH_TLS) {
+		if (in->bits & HS_READY)
+			tls_server_reply(&p->t, in);
+		goto out;
+	}
+	struct http_state *st = bpf_map_lookup_elem(&server_out, &p->t);
+	if (!st) {
+		struct http_state *init = &sc->init;
+		__builtin_memset(init, 0, sizeof(*init));
+		init->role = OBI_ROLE_SERVER;
+		init->bits = HS_RESP;
+		bpf_map_update_elem(&server_out, &p->t, init, BPF_NOEXIST);
+		st = bpf_map_lookup_elem(&server_out, &p->t);
+		if (!st)
+			goto out;
+	}
+	if (st->phase == PH_LOST)
+		goto out;
+	int start = seq_follow(st, &s);
+	if (start < 0)
+		goto out;
+	p->pos = start;
+	p->len = s.payload_len;
+	p->payload_off = s.payload_off;
+	p->win_len = 0;
+	struct parse_ctx c = { .st = st, .sc = sc, .prog_ctx = skb };
+	bpf_loop(MAX_ROUNDS, out_round, &c, 0);
+out:
+	if (s.fin || s.rst)
+		bpf_map_delete_elem(&server_out, &p->t);
+}
+
+/* Hook: tc egress (tcx link or clsact direct-action filter). Context: __sk_buff at the
+ * Ethernet header, in whatever context the kernel transmits (the writing thread, or a
+ * softirq clocked by ACKs). Maps: ingress_conns (read; clear READY), server_out (create,
+ * update, delete on SYN/FIN/RST), open_spans, thread_ctx (delete), scratch, events,
+ * counters. Returns TC_ACT_OK always. */
+SEC("tc")
+int obi_tc_egress(struct __sk_buff *skb)
+{
+	struct scratch *sc = scratch_get(SCRATCH_EGRESS);
+
+	if (!sc)
+		return TC_ACT_OK; /* the connection's next segment sees a sequence gap: resync */
+	tc_out(skb, sc);
 	scratch_put(sc);
 	return TC_ACT_OK;
 }

@@ -3,11 +3,14 @@
  * new ones). KernelDatapath.start() runs this iterator once, after attaching, from a
  * thread inside the watched netns (a TCP iterator walks the netns of its creator).
  *
- * Each established IPv4/IPv6 socket that sk_msg does not know yet (no egress_st) gets an
- * egress_st marked HS_RESYNC and goes into sock_hash, so that sk_msg runs on its sends:
- * - local port in server_ports: server role (its writes are responses);
- * - any other: client role. The owner cannot be told here, but sk_msg checks the sending
- *   tgid against selected_tgids on every send, as for sockets sockops adds.
+ * Each established IPv4/IPv6 socket that sk_msg does not know yet (no egress_st):
+ * - local port in server_ports: a server connection, counted only: tc follows its
+ *   requests and responses on the wire, and server sockets never go into sock_hash
+ *   (obi_maps.h says why);
+ * - any other, if its inode is in adopt_inodes (userspace lists the socket inodes of the
+ *   selected processes there before running this): client role, gets an egress_st marked
+ *   HS_RESYNC and goes into sock_hash, so that sk_msg runs on its sends. Sockets of other
+ *   processes are left alone, as sockops leaves them.
  * HS_RESYNC makes the parser skip whole writes until one starts with a valid start line
  * (the same wait tc uses after a sequence gap, obi_http.h parse_step): nothing is ever
  * inserted into the middle of a body. A client socket is adopted only at a clear message
@@ -16,8 +19,9 @@
  * be in flight (or half written): the socket is left alone, as before.
  * Not adopted: TLS option callbacks (sockops sets them at establishment only).
  *
- * Output (read by userspace to count): one byte per established socket, 'S' / 'C' adopted
- * as server / client, 'b' skipped (client not at a boundary), 'k' already known, 'e' the
+ * Output (read by userspace to count): one byte per established socket, 'S' a server
+ * connection (left to tc), 'C' a client socket adopted, 'o' a socket of a process that is
+ * not selected, 'b' skipped (client not at a boundary), 'k' already known, 'e' the
  * sock_hash update failed. */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -53,6 +57,23 @@ struct bpf_iter__tcp {
 	__u32 _pad0;
 } __attribute__((preserve_access_index));
 
+struct inode {
+	unsigned long i_ino;
+} __attribute__((preserve_access_index));
+
+struct file {
+	struct inode *f_inode;
+} __attribute__((preserve_access_index));
+
+struct socket {
+	struct file *file;
+} __attribute__((preserve_access_index));
+
+/* The start of every TCP socket (struct tcp_sock begins with it). */
+struct sock {
+	struct socket *sk_socket;
+} __attribute__((preserve_access_index));
+
 struct inet_connection_sock {
 	struct {
 		__u32 lrcvtime; /* jiffies of the last data received */
@@ -67,13 +88,22 @@ struct tcp_sock {
 	__u32 _pad0;
 } __attribute__((preserve_access_index));
 
+/* Socket inodes of the selected processes (as in /proc/<pid>/fd). Key: inode. Value: 1.
+ * Filled by userspace before the iterator runs; this object's own map. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __u32);
+} adopt_inodes SEC(".maps");
+
 static __always_inline void emit(struct bpf_iter_meta *meta, char what)
 {
 	bpf_seq_write(meta->seq, &what, 1);
 }
 
 /* Hook: iter/tcp, run once per start. Context: one socket of the netns (or NULL at the
- * end). Maps: server_ports (read), egress_st (create), sock_hash (insert). */
+ * end). Maps: server_ports, adopt_inodes (read), egress_st (create), sock_hash (insert). */
 SEC("iter/tcp")
 int obi_adopt(struct bpf_iter__tcp *ctx)
 {
@@ -90,9 +120,17 @@ int obi_adopt(struct bpf_iter__tcp *ctx)
 		emit(ctx->meta, 'k'); /* sk_msg already parses it (sockops added it since attach) */
 		return 0;
 	}
-	int server = port_selected(skc->skc_num);
-	if (!server && (tp->write_seq != tp->snd_una ||
-			(__s32)(tp->inet_conn.icsk_ack.lrcvtime - tp->lsndtime) < 0)) {
+	if (port_selected(skc->skc_num)) {
+		emit(ctx->meta, 'S');
+		return 0;
+	}
+	struct socket *sock = ((struct sock *)tp)->sk_socket;
+	__u64 ino = sock && sock->file && sock->file->f_inode ? sock->file->f_inode->i_ino : 0;
+	if (!ino || !bpf_map_lookup_elem(&adopt_inodes, &ino)) {
+		emit(ctx->meta, 'o');
+		return 0;
+	}
+	if (tp->write_seq != tp->snd_una || (__s32)(tp->inet_conn.icsk_ack.lrcvtime - tp->lsndtime) < 0) {
 		emit(ctx->meta, 'b');
 		return 0;
 	}
@@ -101,13 +139,13 @@ int obi_adopt(struct bpf_iter__tcp *ctx)
 		return 0;
 	/* Before the socket enters sock_hash: its first sk_msg run sees this state. */
 	st->phase = PH_IDLE;
-	st->role = server ? OBI_ROLE_SERVER : OBI_ROLE_CLIENT;
-	st->bits = HS_RESYNC | (server ? HS_RESP : 0);
+	st->role = OBI_ROLE_CLIENT;
+	st->bits = HS_RESYNC;
 	__u64 cookie = bpf_get_socket_cookie(tp);
 	if (bpf_map_update_elem(&sock_hash, &cookie, tp, BPF_NOEXIST)) {
 		emit(ctx->meta, 'e');
 		return 0;
 	}
-	emit(ctx->meta, server ? 'S' : 'C');
+	emit(ctx->meta, 'C');
 	return 0;
 }

@@ -135,6 +135,7 @@ static __always_inline void thread_link_sock(struct sock *sk)
 	__builtin_memcpy(tc.span_id, st->span_id, 8);
 	tc.trace_flags = st->trace_flags;
 	__u64 id = bpf_get_current_pid_tgid();
+	st->server_tid = id; /* tc egress: the server span's thread, unlinked at the response */
 	bpf_map_update_elem(&thread_ctx, &id, &tc, BPF_ANY);
 	count(OBI_CNT_THREAD_LINKS);
 }

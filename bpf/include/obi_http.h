@@ -66,6 +66,8 @@ struct http_state {
 	__u64 cl;        /* Content-Length value being read */
 	__u64 last8;     /* last 8 bytes of the start line (CR excluded): version check */
 	__u64 start_ns;  /* time the current message started */
+	__u64 server_tid; /* server connections: pid_tgid of the thread that read the current
+			   * request (thread hook), the thread of the server span */
 	__u32 phase;
 	__u32 role;      /* OBI_ROLE_* of the instrumented process on this connection */
 	__u32 bits;      /* HS_* */

@@ -28,8 +28,8 @@ struct {
 } selected_tgids SEC(".maps");
 
 /* Listening ports of instrumented processes. Key: port (host order) as u32. Value: 1.
- * Written by userspace, read by tc ingress (new server connections), sockops and sk_msg
- * (server or client role of a socket). */
+ * Written by userspace, read by tc ingress (new server connections), sockops (TCP option
+ * callbacks of server sockets) and the adoption iterator. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
@@ -37,8 +37,13 @@ struct {
 	__type(value, __u32);
 } server_ports SEC(".maps");
 
-/* TCP sockets of the watched cgroup, so that sk_msg runs on their sends. Key: socket
- * cookie. Written by sockops (established callbacks); entries leave when sockets close. */
+/* Client TCP sockets of the watched cgroup, so that sk_msg runs on their sends. Key:
+ * socket cookie. Written by sockops (active established callback) and the adoption
+ * iterator; entries leave when sockets close. Server (accepted) sockets are never put
+ * here: a socket in a sockmap reads through tcp_bpf_recvmsg, whose blocking wait returns
+ * EAGAIN when woken without data (the write-space wakeup after a large send does that), so
+ * a blocking server saw its keep-alive connection end after a big response. tc egress
+ * parses their responses instead (ingress.bpf.c). */
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
 	__uint(max_entries, 65536);
@@ -46,8 +51,10 @@ struct {
 	__type(value, __u64);
 } sock_hash SEC(".maps");
 
-/* Egress HTTP parse state of a socket (what the process writes). Socket-local storage,
- * freed with the socket. Written/read by sk_msg only. */
+/* Egress HTTP parse state of a client socket (what the process writes). Socket-local
+ * storage, freed with the socket. Created by sockops when a selected process connects
+ * (which is what admits the socket to sock_hash) or by the adoption iterator; then
+ * written/read by sk_msg. */
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -67,10 +74,20 @@ struct {
 	__type(value, struct http_state);
 } ingress_conns SEC(".maps");
 
+/* Egress HTTP parse state of a server connection (the responses a selected service
+ * writes), keyed by the tuple as in ingress_conns. Created and used by tc egress once
+ * ingress_conns holds the connection's server state; deleted on SYN/FIN/RST. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct obi_tuple);
+	__type(value, struct http_state);
+} server_out SEC(".maps");
+
 /* Which server request each thread is serving. Key: pid_tgid. Written by the
  * sock_recv_length tracepoint when a thread reads a server connection whose request was
  * parsed; read by sk_msg for outgoing requests (parent of the client span); deleted by
- * sk_msg when the thread writes that connection's response. */
+ * tc egress when that connection's response goes out. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
@@ -104,13 +121,15 @@ struct {
 	__type(value, __u64);
 } counters SEC(".maps");
 
-/* Scratch slots: one for programs in process context (sk_msg), one for softirq (tc).
- * Sharing one slot was a real bug: a timer interrupt ending in NET_RX softirq ran tc on
- * the CPU where sk_msg was mid-parse and overwrote its cursor (about 1 request in 3000
- * lost its header under 32 concurrent clients). */
+/* Scratch slots: one for programs in process context (sk_msg), one for tc ingress
+ * (softirq), one for tc egress (either: it runs where the kernel transmits). Sharing one
+ * slot was a real bug: a timer interrupt ending in NET_RX softirq ran tc on the CPU where
+ * sk_msg was mid-parse and overwrote its cursor (about 1 request in 3000 lost its header
+ * under 32 concurrent clients). */
 #define SCRATCH_PROC 0
 #define SCRATCH_SOFTIRQ 1
-#define SCRATCH_SLOTS 2
+#define SCRATCH_EGRESS 2
+#define SCRATCH_SLOTS 3
 
 /* Per-CPU window of bytes being parsed (too big for the 512-byte stack). Key: slot
  * (SCRATCH_PROC for sk_msg, SCRATCH_SOFTIRQ for tc), taken with scratch_get. */

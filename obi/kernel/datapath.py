@@ -3,9 +3,11 @@ buffer events into spans (obi.datapath.DatapathRunner).
 
 What gets attached (all through obi.kernel.attach, so `obi cleanup` knows about it):
 - egress.bpf.o: `obi_sockops` on cfg.cgroup_path (cgroup link) and `obi_sk_msg` on its
-  sock_hash;
-- ingress.bpf.o: `obi_tc_ingress` on every interface of the watched netns (tcx or clsact
-  per cfg.traffic_control_backend);
+  sock_hash (client sockets only: server sockets in a sockmap would break blocking reads,
+  obi_maps.h says how);
+- ingress.bpf.o: `obi_tc_ingress` and `obi_tc_egress` on every interface of the watched
+  netns (tcx or clsact per cfg.traffic_control_backend); egress reads the responses of
+  server connections;
 - the thread hook (which request a thread serves, DESIGN decision 5), one of:
   threads.bpf.o: `obi_recv_length` on the sock:sock_recv_length tracepoint (Linux >= 6.3);
   threads_syscalls.bpf.o: `obi_sys_enter` / `obi_sys_exit` on the syscalls:sys_enter_* /
@@ -26,7 +28,7 @@ Such spans have empty method/path, status 0 and extra {"tls": True, "tcp_option"
 
 Sockets established before start() are adopted once, right after attaching: iter.bpf.o's
 TCP iterator, run from a thread inside the watched netns (an iterator walks its creator's
-netns), puts the established sockets of that netns into sock_hash with an egress parse
+netns), puts the established client sockets of the selected processes into sock_hash with an egress parse
 state that waits for a write beginning with a start line (HS_RESYNC), so nothing is
 inserted into a body (iter.bpf.c says which sockets, and why adopting sockets of other
 processes is safe). `adopted` counts what it did. Client sockets with a request in flight
@@ -59,7 +61,8 @@ OBJECTS = ("egress", "ingress")  # egress first: it creates the shared maps; the
 # The iterator that adopts connections established before start(): object, program.
 ADOPT_ITER = ("iter", "obi_adopt")
 # Its output, one byte per established socket -> KernelDatapath.adopted key.
-ADOPT_CODES = {b"S": "server", b"C": "client", b"b": "in_flight", b"k": "known", b"e": "failed"}
+ADOPT_CODES = {b"S": "server", b"C": "client", b"b": "in_flight", b"k": "known", b"e": "failed",
+               b"o": "not_selected"}
 
 # Thread hooks (KernelDatapath thread_hook) -> their BPF object.
 THREAD_HOOKS = {"sock_recv_length": "threads", "syscalls": "threads_syscalls"}
@@ -228,6 +231,11 @@ class KernelDatapath:
             return
         try:
             obj.load()
+            inodes = obj.map("adopt_inodes")
+            one = struct.pack("=I", 1)
+            for pid in sorted(self._selected):
+                for ino in procs.socket_inodes(pid):
+                    inodes.update(struct.pack("=Q", ino), one)
             with attach.in_netns(self.netns):
                 out = obj.program(ADOPT_ITER[1]).run_iter()
         except BpfError as e:
@@ -249,16 +257,18 @@ class KernelDatapath:
             attach.SkMsgAttachment(eg.program("obi_sk_msg"), eg.map("sock_hash"), state_dir=sd).attach()
         )
         self._attach_thread_hook()
-        prog = self._objs["ingress"].program("obi_tc_ingress")
+        tc = self._objs["ingress"]
         backend = self.cfg.traffic_control_backend
         with attach.in_netns(self.netns):
             for ifindex, ifname in socket.if_nameindex():
-                a = attach.TcAttachment(prog, ifindex, "ingress", backend, state_dir=sd)
-                try:
-                    a.attach()
-                except (AttachError, BpfError) as e:
-                    raise AttachError(f"tc ingress on {ifname}: {e}") from e
-                self._attachments.append(a)
+                for direction in ("ingress", "egress"):
+                    a = attach.TcAttachment(tc.program(f"obi_tc_{direction}"), ifindex, direction, backend,
+                                            state_dir=sd)
+                    try:
+                        a.attach()
+                    except (AttachError, BpfError) as e:
+                        raise AttachError(f"tc {direction} on {ifname}: {e}") from e
+                    self._attachments.append(a)
 
     def _attach_thread_hook(self) -> None:
         obj = self._objs[THREAD_HOOKS[self.thread_hook]]

@@ -139,3 +139,65 @@ def _run_selected_client(b, c_addr: str, agent_b: Agent) -> dict:
         agent_b.dp.scan_now()
     out, _ = proc.communicate("go\n", timeout=60)
     return json.loads(out)
+
+
+# Runs in B. argv: listen port (0: none, so the process is not selected), then "connect
+# HOST PORT" or "serve PORT". Prints the socket cookie of its connection, then holds it
+# open until stdin closes.
+COOKIE_PROC = r"""
+import socket, struct, sys
+SO_COOKIE = 57
+if int(sys.argv[1]):
+    lst = socket.socket(); lst.bind(("0.0.0.0", int(sys.argv[1]))); lst.listen(1)
+sys.stdin.readline()  # the test says go once the agent has scanned
+if sys.argv[2] == "connect":
+    s = socket.create_connection((sys.argv[3], int(sys.argv[4])), timeout=10)
+else:
+    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", int(sys.argv[3]))); srv.listen(1)
+    print("listening", flush=True)
+    s = srv.accept()[0]
+s.sendall(b"ping"); s.recv(4)
+print(struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0], flush=True)
+sys.stdin.read()
+"""
+
+
+def test_only_selected_client_sockets_join_the_sockhash(tmp_path):
+    """A socket in a sockmap reads and writes through the kernel's tcp_bpf code (with its
+    own bugs: a blocking read may fail with EAGAIN), so the agent keeps its sock_hash to
+    what it must inject into: client sockets that a selected process connected. Server
+    sockets (followed by tc) and other processes' sockets are left alone."""
+    with Topology(["b", "c"], prefix="obis") as topo:
+        b, c = topo["b"], topo["c"]
+        echo = c.popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
+        assert echo.stdout.readline().strip() == "listening"
+        agent = Agent(b, tmp_path, ports=PORTS)
+        procs = {
+            "selected_client": b.popen([sys.executable, "-c", COOKIE_PROC, str(CLIENT_PORT), "connect", c.addr, "8082"],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True),
+            "other_client": b.popen([sys.executable, "-c", COOKIE_PROC, "0", "connect", c.addr, "8082"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True),
+            "server": b.popen([sys.executable, "-c", COOKIE_PROC, "0", "serve", str(HTTP_PORT)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True),
+        }
+        try:
+            time.sleep(0.3)  # the processes bound their listening sockets
+            agent.dp.scan_now()
+            for p in procs.values():
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            assert procs["server"].stdout.readline().strip() == "listening"
+            agent.dp.scan_now()  # the server's port is watched: its process is selected too
+            peer = c.popen([sys.executable, "-c", f"import socket;s=socket.create_connection(('{b.addr}',{HTTP_PORT}));"
+                            "s.recv(4);s.sendall(b'pong');s.recv(1)"])
+            cookies = {name: int(p.stdout.readline()) for name, p in procs.items()}
+            in_hash = {int.from_bytes(k, "little") for k in agent.dp._objs["egress"].map("sock_hash").keys()}
+            assert cookies["selected_client"] in in_hash
+            assert cookies["other_client"] not in in_hash
+            assert cookies["server"] not in in_hash
+        finally:
+            for p in procs.values():
+                p.kill()
+            agent.stop()
+            echo.kill()
