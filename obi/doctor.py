@@ -115,6 +115,11 @@ def run_checks(cfg: Config) -> list[Check]:
                             f"threads are linked with the syscall tracepoints instead: {sys_tp.detail}", True))
     else:
         checks.append(_feature(tp, kpath, f"the kernel path cannot link threads to requests ({sys_tp.detail})"))
+    tracefs = found["tracefs"]
+    if tracefs.ok is None:  # not mounted yet: the agent mounts it
+        checks.append(Check(tracefs.name, OK, tracefs.detail, None))
+    else:
+        checks.append(_feature(tracefs, kpath, "the kernel path cannot attach its tracepoints"))
     checks.append(_feature(found["sockops"], kpath, "no egress socket tracking on the kernel path"))
     checks.append(_feature(found["sk_msg"], kpath, "no header injection on the kernel path"))
     checks.append(_feature(found["tc"], kpath, "no ingress program on the kernel path (clsact)"))

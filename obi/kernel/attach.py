@@ -45,6 +45,30 @@ _libc.unshare.argtypes = [ctypes.c_int]
 T = TypeVar("T")
 
 
+# --- tracefs ---------------------------------------------------------------------------
+
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+
+
+def ensure_tracefs() -> str:
+    """Mount tracefs at /sys/kernel/tracing unless it is mounted already (minimal hosts
+    and containers often lack the mount; systemd makes it at boot elsewhere). Returns where
+    it is. It stays mounted at exit: a mount of the kernel's own tracing view, shared with
+    every other tracing tool, not an attachment of ours. Raises MissingFeature if it cannot
+    be mounted (no CAP_SYS_ADMIN, or a kernel without tracefs)."""
+    from .probes import TRACEFS_DIRS, tracefs_mounted  # probes imports this module
+
+    where = tracefs_mounted()
+    if where:
+        return where
+    target = TRACEFS_DIRS[0]
+    if _libc.mount(b"tracefs", target.encode(), b"tracefs", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise MissingFeature("tracefs", "4.1", f"not mounted and mounting it at {target} failed: {os.strerror(err)}")
+    log.info("mounted tracefs at %s (tracepoints are attached through it)", target)
+    return target
+
+
 # --- network namespaces ----------------------------------------------------------------
 
 

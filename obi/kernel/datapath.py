@@ -272,6 +272,7 @@ class KernelDatapath:
 
     def _attach_thread_hook(self) -> None:
         obj = self._objs[THREAD_HOOKS[self.thread_hook]]
+        attach.ensure_tracefs()
         if self.thread_hook == "sock_recv_length":
             try:
                 self._links.append(obj.program("obi_recv_length").attach_tracepoint("sock", "sock_recv_length"))

@@ -162,11 +162,30 @@ def probe_ringbuf() -> Probe:
 # --- files and system state ------------------------------------------------------------
 
 
+# libbpf attaches a tracepoint by name through tracefs (events/<category>/<name>/id);
+# where it may be mounted. The agent mounts it at the first when neither is
+# (obi.kernel.attach.ensure_tracefs).
+TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+
+
+def tracefs_mounted() -> str:
+    """Where tracefs is mounted (one of TRACEFS_DIRS), or ""."""
+    return next((d for d in TRACEFS_DIRS if os.path.isdir(os.path.join(d, "events"))), "")
+
+
+def probe_tracefs() -> Probe:
+    where = tracefs_mounted()
+    if where:
+        return Probe("tracefs", True, f"mounted at {where}")
+    if not os.path.isdir(TRACEFS_DIRS[0]):
+        return Probe("tracefs", False, f"not mounted, and {TRACEFS_DIRS[0]} does not exist")
+    return Probe("tracefs", None, f"not mounted; the agent mounts it at {TRACEFS_DIRS[0]} when it starts")
+
+
 # The kernel path links threads to requests with the sock:sock_recv_length tracepoint
 # (threads.bpf.c). Its event class is in the kernel's BTF as this type.
 SOCK_RECV_TP_BTF_TYPE = b"trace_event_raw_sock_msg_length"
-_TRACEFS_EVENT = ("/sys/kernel/tracing/events/sock/sock_recv_length",
-                  "/sys/kernel/debug/tracing/events/sock/sock_recv_length")
+_TRACEFS_EVENT = tuple(f"{d}/events/sock/sock_recv_length" for d in TRACEFS_DIRS)
 
 
 def probe_sock_recv_tracepoint() -> Probe:
@@ -189,7 +208,7 @@ def probe_sock_recv_tracepoint() -> Probe:
 # that option is also what puts these types (kernel/trace/trace_syscalls.c) in the BTF.
 SYSCALL_TP_BTF_TYPE = b"syscall_trace_exit"
 SYSCALL_TP_EVENTS = ("sys_enter_recvfrom", "sys_exit_recvfrom", "sys_enter_read", "sys_exit_read")
-_TRACEFS_SYSCALLS = ("/sys/kernel/tracing/events/syscalls", "/sys/kernel/debug/tracing/events/syscalls")
+_TRACEFS_SYSCALLS = tuple(f"{d}/events/syscalls" for d in TRACEFS_DIRS)
 
 
 def probe_syscall_tracepoints() -> Probe:
@@ -350,6 +369,7 @@ ALL_PROBES: tuple[Callable[[], Probe], ...] = (
     probe_bpf_loop,
     probe_sock_recv_tracepoint,
     probe_syscall_tracepoints,
+    probe_tracefs,
     probe_sockops,
     probe_sk_msg,
     probe_tc,

@@ -80,7 +80,8 @@ def test_lockdown_matches_the_kernel(report: dict) -> None:
 def test_every_check_present(report: dict) -> None:
     names = [c["name"] for c in report["checks"]]
     assert names == [
-        "kernel", "btf", "bpf_loop", "sock_recv_tracepoint", "sockops", "sk_msg", "tc", "tcx", "ringbuf", "cgroup_v2",
+        "kernel", "btf", "bpf_loop", "sock_recv_tracepoint", "tracefs", "sockops", "sk_msg", "tc", "tcx", "ringbuf",
+        "cgroup_v2",
         "lockdown", "bpf_probe_write_user", "capabilities", "iptables", "nfqueue", "datapath",
     ]
     assert report["kernel"] == os.uname().release
