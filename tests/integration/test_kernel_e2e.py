@@ -249,12 +249,15 @@ def worker(k):
     conn = http.client.HTTPConnection(host, 8080, timeout=30)
     for i in range(n_req):
         trace = secrets.token_hex(16)
+        raw = b""
         try:
             conn.request("GET", f"/w/{k}/{i}", headers={"traceparent": f"00-{trace}-{secrets.token_hex(8)}-01"})
-            body = json.loads(conn.getresponse().read())
+            raw = conn.getresponse().read()
+            body = json.loads(raw)
+            tps = [v for k2, v in body["downstream"]["body"]["headers"] if k2.lower() == "traceparent"]
         except Exception as e:
-            errors.append(repr(e)); conn.close(); conn = http.client.HTTPConnection(host, 8080, timeout=30); continue
-        tps = [v for k2, v in body["downstream"]["body"]["headers"] if k2.lower() == "traceparent"]
+            errors.append(f"{e!r}: {raw[:300]!r}")
+            conn.close(); conn = http.client.HTTPConnection(host, 8080, timeout=30); continue
         if len(tps) != 1 or tps[0].split("-")[1] != trace:
             bad.append((trace, tps))
         done.append(trace)
