@@ -14,9 +14,14 @@
  * HS_RESYNC makes the parser skip whole writes until one starts with a valid start line
  * (the same wait tc uses after a sequence gap, obi_http.h parse_step): nothing is ever
  * inserted into the middle of a body. A client socket is adopted only at a clear message
- * boundary: everything it wrote is acknowledged and the peer sent data at or after its last
- * send (the previous response came back, or nothing was sent yet). Otherwise a request may
- * be in flight (or half written): the socket is left alone, as before.
+ * boundary: everything it wrote is acknowledged, and the peer sent data after it got the
+ * last byte (the previous response came back), or nothing was sent yet. Otherwise a request
+ * may be in flight (or half written): the socket is left alone, as before.
+ * "Sent data after": snd_wl1 is the peer sequence number of the last segment that
+ * acknowledged new bytes of ours or brought new data (tcp_may_update_window). If that was a
+ * pure ACK of our last write, it equals rcv_nxt; if data came after it, it is the start of
+ * a data segment, before rcv_nxt. Exact, where timestamps in jiffies were not: a response
+ * and the next request within one jiffy (4 ms at HZ=250) looked like a finished exchange.
  * Not adopted: TLS option callbacks (sockops sets them at establishment only).
  *
  * Output (read by userspace to count): one byte per established socket, 'S' a server
@@ -74,18 +79,11 @@ struct sock {
 	struct socket *sk_socket;
 } __attribute__((preserve_access_index));
 
-struct inet_connection_sock {
-	struct {
-		__u32 lrcvtime; /* jiffies of the last data received */
-	} icsk_ack;
-} __attribute__((preserve_access_index));
-
 struct tcp_sock {
-	struct inet_connection_sock inet_conn;
 	__u32 snd_una;   /* first byte not acknowledged */
 	__u32 write_seq; /* next byte the process writes */
-	__u32 lsndtime;  /* jiffies of the last data sent */
-	__u32 _pad0;
+	__u32 snd_wl1;   /* peer sequence of the last window/ack update (see above) */
+	__u32 rcv_nxt;   /* next peer byte expected */
 } __attribute__((preserve_access_index));
 
 /* Socket inodes of the selected processes (as in /proc/<pid>/fd). Key: inode. Value: 1.
@@ -130,7 +128,7 @@ int obi_adopt(struct bpf_iter__tcp *ctx)
 		emit(ctx->meta, 'o');
 		return 0;
 	}
-	if (tp->write_seq != tp->snd_una || (__s32)(tp->inet_conn.icsk_ack.lrcvtime - tp->lsndtime) < 0) {
+	if (tp->write_seq != tp->snd_una || tp->snd_wl1 == tp->rcv_nxt) {
 		emit(ctx->meta, 'b');
 		return 0;
 	}

@@ -163,3 +163,96 @@ def test_connections_from_before_start_are_adopted(topo, tmp_path):
     finally:
         agent_b.stop()
         agent_c.stop()
+
+
+# In C: answers every request with its own head (so the test sees what arrived), after
+# three seconds for paths starting with /slow.
+HEAD_ECHO_SERVER = r"""
+import socket, threading, time
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("0.0.0.0", %d)); ls.listen(16)
+print("listening", flush=True)
+def serve(s):
+    buf = b""
+    while True:
+        d = s.recv(65536)
+        if not d:
+            return
+        buf += d
+        while b"\r\n\r\n" in buf:
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            if head.split(b" ")[1].startswith(b"/slow"):
+                time.sleep(3)
+            s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %%d\r\n\r\n" %% len(head) + head)
+while True:
+    threading.Thread(target=serve, args=(ls.accept()[0],), daemon=True).start()
+""" % PORT
+
+# In B, selected (listens on argv[2]): one connection to argv[1]:PORT; stdin lines
+# "send PATH" write a request, "recv" reads one response and prints its body (the head C
+# got) as JSON, "new" opens a new connection.
+HEAD_CLIENT = r"""
+import json, socket, sys
+lst = socket.socket(); lst.bind(("0.0.0.0", int(sys.argv[2]))); lst.listen(1)
+def connect():
+    return socket.create_connection((sys.argv[1], %d), timeout=20)
+s = connect(); f = s.makefile("rb")
+print("ready", flush=True)
+for line in sys.stdin:
+    cmd = line.split()
+    if cmd[0] == "new":
+        s.close(); s = connect(); f = s.makefile("rb")
+    elif cmd[0] == "send":
+        s.sendall(b"GET %%s HTTP/1.1\r\nHost: c\r\n\r\n" %% cmd[1].encode())
+    else:
+        assert f.readline().startswith(b"HTTP/1.1 200")
+        n = 0
+        while (h := f.readline()) != b"\r\n":
+            if h.lower().startswith(b"content-length:"):
+                n = int(h.split(b":")[1])
+        print(json.dumps(f.read(n).decode()), flush=True)
+""" % PORT
+
+
+def test_client_with_a_request_in_flight_at_start_is_left_alone(tmp_path):
+    """A client socket whose request is still unanswered when the agent starts could be
+    mid-body or mid-exchange: the adoption iterator skips it ('in_flight'). It keeps
+    working, untouched (no header on its later requests either), while a new connection
+    of the same process is instrumented."""
+    with Topology(["b", "c"], prefix="obip") as topo:
+        b, c = topo["b"], topo["c"]
+        server = c.popen([sys.executable, "-c", HEAD_ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+        assert server.stdout.readline().strip() == "listening"
+        client = b.popen([sys.executable, "-c", HEAD_CLIENT, c.addr, str(CLIENT_PORT)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert client.stdout.readline().strip() == "ready"
+
+        def say(cmd: str) -> str | None:
+            client.stdin.write(cmd + "\n")
+            client.stdin.flush()
+            return json.loads(client.stdout.readline()) if cmd == "recv" else None
+
+        agent = None
+        try:
+            say("send /before")
+            assert "traceparent" not in say("recv").lower()
+            say("send /slow")  # answered in 3 s: in flight while the agent starts
+            agent = Agent(b, tmp_path)
+            if not agent.dp.adopted:
+                pytest.skip("kernel feature missing: BPF TCP iterator (iter/tcp) with sock_hash updates")
+            assert agent.dp.adopted["in_flight"] == 1 and agent.dp.adopted["client"] == 0, agent.dp.adopted
+            assert say("recv").startswith("GET /slow HTTP/1.1\r\nHost: c")
+            say("send /after")
+            got = say("recv")
+            assert got == "GET /after HTTP/1.1\r\nHost: c", got  # byte for byte, no header
+            say("new")
+            say("send /fresh")
+            got = say("recv")
+            assert got.startswith("GET /fresh HTTP/1.1\r\nTraceparent: 00-"), got
+            spans = agent.wait(lambda s: s.kind == SpanKind.CLIENT)
+            assert [s.path for s in spans] == ["/fresh"]
+        finally:
+            if agent:
+                agent.stop()
+            client.kill()
+            server.kill()
