@@ -561,8 +561,8 @@ static __always_inline void sk_msg_parse(struct sk_msg_md *msg, struct http_stat
 
 /* Hook: sk_msg verdict on sock_hash. Context: sk_msg_md of one sendmsg (or part of it),
  * running in the sending thread. Maps: selected_tgids, thread_ctx (read), egress_st
- * (socket storage), ingress_conns (create for client connections), scratch, events,
- * counters.
+ * (socket storage), ingress_conns (create for client connections), sock_release (insert
+ * when the socket is given up), scratch, events, counters.
  * Returns SK_PASS always. */
 SEC("sk_msg")
 int obi_sk_msg(struct sk_msg_md *msg)
@@ -578,12 +578,19 @@ int obi_sk_msg(struct sk_msg_md *msg)
 	if (st->phase == PH_LOST)
 		return SK_PASS;
 	struct scratch *sc = scratch_get(SCRATCH_PROC);
-	if (!sc) {
+	if (sc) {
+		sk_msg_parse(msg, st, sc);
+		scratch_put(sc);
+	} else {
 		/* Cannot parse this message: never guess the framing of the next one. */
 		st->phase = PH_LOST;
-		return SK_PASS;
 	}
-	sk_msg_parse(msg, st, sc);
-	scratch_put(sc);
+	if (st->phase == PH_LOST) {
+		/* Nothing more to do for this socket: let tc take it out of sock_hash. */
+		struct obi_tuple t = {};
+		__u32 one = 1;
+		msg_tuple(msg, &t);
+		bpf_map_update_elem(&sock_release, &t, &one, BPF_ANY);
+	}
 	return SK_PASS;
 }

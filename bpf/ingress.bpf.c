@@ -9,7 +9,7 @@
  *    sk_msg): parses the responses and emits CLIENT_RESP with the status.
  * Egress, for TCP segments of those server connections: parses the responses the service
  * writes and closes the server span at each status line (SERVER_RESP), ending the serving
- * thread's link. (sk_msg could read them, but only on sockets in a sockmap, which breaks
+ * thread's link. It also takes client sockets that sk_msg gave up on out of sock_hash. (sk_msg could read them, but only on sockets in a sockmap, which breaks
  * blocking reads: obi_maps.h, sock_hash.)
  * Bytes are followed in TCP sequence order per connection and direction: retransmitted
  * bytes are not parsed twice, and after a gap the parser waits for a segment that starts a
@@ -381,6 +381,13 @@ static __always_inline void tc_out(struct __sk_buff *skb, struct scratch *sc)
 	struct seg s = {};
 	if (parse_headers(skb, &p->t, &s, 1))
 		return;
+	if (bpf_map_lookup_elem(&sock_release, &p->t)) {
+		__u64 cookie = bpf_get_socket_cookie(skb); /* of skb->sk, the sending socket */
+		if (cookie)
+			bpf_map_delete_elem(&sock_hash, &cookie);
+		bpf_map_delete_elem(&sock_release, &p->t);
+		count(OBI_CNT_SOCKS_RELEASED);
+	}
 	if (s.syn) { /* SYN-ACK: a new connection, maybe on a reused tuple */
 		bpf_map_delete_elem(&server_out, &p->t);
 		return;
@@ -422,9 +429,9 @@ out:
 
 /* Hook: tc egress (tcx link or clsact direct-action filter). Context: __sk_buff at the
  * Ethernet header, in whatever context the kernel transmits (the writing thread, or a
- * softirq clocked by ACKs). Maps: ingress_conns (read; clear READY), server_out (create,
- * update, delete on SYN/FIN/RST), open_spans, thread_ctx (delete), scratch, events,
- * counters. Returns TC_ACT_OK always. */
+ * softirq clocked by ACKs). Maps: sock_release, sock_hash (delete released sockets),
+ * ingress_conns (read; clear READY), server_out (create, update, delete on SYN/FIN/RST),
+ * open_spans, thread_ctx (delete), scratch, events, counters. Returns TC_ACT_OK always. */
 SEC("tc")
 int obi_tc_egress(struct __sk_buff *skb)
 {

@@ -113,6 +113,7 @@ enum obi_counter {
 	OBI_CNT_THREAD_LINKS,       /* recv by a thread linked it to a server request */
 	OBI_CNT_SCRATCH_BUSY,       /* scratch slot in use on this CPU (nesting): message not parsed */
 	OBI_CNT_UNSEEN_SENDS,       /* write_seq moved other than sk_msg saw (short send + resend) */
+	OBI_CNT_SOCKS_RELEASED,     /* client sockets sk_msg gave up on, taken out of sock_hash by tc */
 	OBI_CNT_MAX,
 };
 

@@ -51,6 +51,17 @@ struct {
 	__type(value, __u64);
 } sock_hash SEC(".maps");
 
+/* Client sockets sk_msg has given up on (not HTTP/1.x, or framing lost: it would only
+ * pass their writes on): tc egress takes each out of sock_hash at its next packet, so that
+ * it leaves the kernel's sockmap code (sk_msg can neither delete from a sockmap nor read a
+ * socket cookie; tc can do both). Key: the connection's tuple as in ingress_conns. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct obi_tuple);
+	__type(value, __u32);
+} sock_release SEC(".maps");
+
 /* Egress HTTP parse state of a client socket (what the process writes). Socket-local
  * storage, freed with the socket. Created by sockops when a selected process connects
  * (which is what admits the socket to sock_hash) or by the adoption iterator; then

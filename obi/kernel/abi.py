@@ -68,9 +68,10 @@ class Counter(enum.IntEnum):
     THREAD_LINKS = 10
     SCRATCH_BUSY = 11
     UNSEEN_SENDS = 12
+    SOCKS_RELEASED = 13
 
 
-COUNTER_MAX = 13
+COUNTER_MAX = 14
 
 # struct obi_tuple: local_addr[16] peer_addr[16] local_port peer_port family _pad0
 TUPLE_FMT = "=16s16sHHHH"

@@ -141,23 +141,29 @@ def _run_selected_client(b, c_addr: str, agent_b: Agent) -> dict:
     return json.loads(out)
 
 
-# Runs in B. argv: listen port (0: none, so the process is not selected), then "connect
-# HOST PORT" or "serve PORT". Prints the socket cookie of its connection, then holds it
-# open until stdin closes.
+# Runs in B. argv: listen port (0: none, so the process is not selected), the bytes to
+# send, then "connect HOST PORT" or "serve PORT". Sends the bytes twice, each time waiting
+# for their echo, prints the socket cookie of its connection, then holds it open until
+# stdin closes.
 COOKIE_PROC = r"""
 import socket, struct, sys
 SO_COOKIE = 57
 if int(sys.argv[1]):
     lst = socket.socket(); lst.bind(("0.0.0.0", int(sys.argv[1]))); lst.listen(1)
+first = sys.argv[2].encode().decode("unicode_escape").encode("latin-1")
 sys.stdin.readline()  # the test says go once the agent has scanned
-if sys.argv[2] == "connect":
-    s = socket.create_connection((sys.argv[3], int(sys.argv[4])), timeout=10)
+if sys.argv[3] == "connect":
+    s = socket.create_connection((sys.argv[4], int(sys.argv[5])), timeout=10)
 else:
     srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", int(sys.argv[3]))); srv.listen(1)
+    srv.bind(("0.0.0.0", int(sys.argv[4]))); srv.listen(1)
     print("listening", flush=True)
     s = srv.accept()[0]
-s.sendall(b"ping"); s.recv(4)
+for _ in range(2):  # after a given-up write, tc releases the socket at the next packet
+    s.sendall(first)
+    got = b""
+    while len(got) < len(first) or not got.endswith(first[-4:]):  # (a request: + header)
+        got += s.recv(65536)
 print(struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0], flush=True)
 sys.stdin.read()
 """
@@ -166,20 +172,23 @@ sys.stdin.read()
 def test_only_selected_client_sockets_join_the_sockhash(tmp_path):
     """A socket in a sockmap reads and writes through the kernel's tcp_bpf code (with its
     own bugs: a blocking read may fail with EAGAIN), so the agent keeps its sock_hash to
-    what it must inject into: client sockets that a selected process connected. Server
-    sockets (followed by tc) and other processes' sockets are left alone."""
+    what it must inject into: client sockets that a selected process connected, as long as
+    they carry HTTP/1.x. Server sockets (followed by tc) and other processes' sockets never
+    join it; a selected process's socket whose first write is not HTTP leaves it."""
     with Topology(["b", "c"], prefix="obis") as topo:
         b, c = topo["b"], topo["c"]
         echo = c.popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
         assert echo.stdout.readline().strip() == "listening"
         agent = Agent(b, tmp_path, ports=PORTS)
+        request = r"GET /x HTTP/1.1\r\nHost: c\r\n\r\n"
+        def proc(listen: int, first: str, *how: str) -> subprocess.Popen:
+            return b.popen([sys.executable, "-c", COOKIE_PROC, str(listen), first, *how],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         procs = {
-            "selected_client": b.popen([sys.executable, "-c", COOKIE_PROC, str(CLIENT_PORT), "connect", c.addr, "8082"],
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True),
-            "other_client": b.popen([sys.executable, "-c", COOKIE_PROC, "0", "connect", c.addr, "8082"],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True),
-            "server": b.popen([sys.executable, "-c", COOKIE_PROC, "0", "serve", str(HTTP_PORT)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True),
+            "selected_http_client": proc(CLIENT_PORT, request, "connect", c.addr, "8082"),
+            "selected_binary_client": proc(ECHO_PORT, r"\x00\x01binary", "connect", c.addr, "8082"),
+            "other_client": proc(0, request, "connect", c.addr, "8082"),
+            "server": proc(0, "ping", "serve", str(HTTP_PORT)),
         }
         try:
             time.sleep(0.3)  # the processes bound their listening sockets
@@ -190,10 +199,12 @@ def test_only_selected_client_sockets_join_the_sockhash(tmp_path):
             assert procs["server"].stdout.readline().strip() == "listening"
             agent.dp.scan_now()  # the server's port is watched: its process is selected too
             peer = c.popen([sys.executable, "-c", f"import socket;s=socket.create_connection(('{b.addr}',{HTTP_PORT}));"
-                            "s.recv(4);s.sendall(b'pong');s.recv(1)"])
+                            "[s.sendall(s.recv(4)) for _ in range(2)];s.recv(1)"])
             cookies = {name: int(p.stdout.readline()) for name, p in procs.items()}
             in_hash = {int.from_bytes(k, "little") for k in agent.dp._objs["egress"].map("sock_hash").keys()}
-            assert cookies["selected_client"] in in_hash
+            assert cookies["selected_http_client"] in in_hash
+            assert cookies["selected_binary_client"] not in in_hash
+            assert agent.dp.stats()["socks_released"] == 1
             assert cookies["other_client"] not in in_hash
             assert cookies["server"] not in in_hash
         finally:
