@@ -29,10 +29,13 @@ class ProcOwners:
         self.selected: set[int] = set()
         self._exe: dict[int, str] = {}
         self._refreshed = 0.0
+        self._listening: set[int] = set()  # listening socket inodes of this netns at the last walk
 
     def refresh(self) -> None:
         """Map listening ports to pids; cost is one /proc walk, at most every REFRESH_S."""
         self._refreshed = time.monotonic()
+        # Taken before the walk: a socket that starts listening during it counts as new later.
+        self._listening = set(procs.tcp_table(True).values())
         sel = procs.scan(self.cfg, self.netns, skip_pid=self.me)
         self.port_pid, self.selected = sel.port_pid, sel.pids
         self._exe.update(sel.exes)
@@ -61,12 +64,18 @@ class ProcOwners:
             for pid in self.selected:
                 if inode in procs.socket_inodes(pid):
                     return pid
-            # A process that started listening since the last walk: look again, rate-limited.
-            if attempt == 1 and time.monotonic() - self._refreshed > MISS_REFRESH_S:
+            # A process that started listening since the last walk may be selected now: look
+            # again at once. Otherwise (an unselected sender) walk /proc at most every
+            # MISS_REFRESH_S, which also catches processes selected by executable.
+            if attempt == 1 and (time.monotonic() - self._refreshed > MISS_REFRESH_S or self._new_listener()):
                 self.refresh()
             else:
                 break
         return None
+
+    def _new_listener(self) -> bool:
+        """Whether a socket started listening in this netns since the last walk."""
+        return not set(procs.tcp_table(True).values()) <= self._listening
 
     def exe(self, pid: int) -> str:
         exe = self._exe.get(pid)
