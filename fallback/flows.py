@@ -36,6 +36,8 @@ from .http import Message, Stream
 log = logging.getLogger("obi.fallback")
 
 _U32 = 0xFFFFFFFF
+_SYN, _ACK, _RST, _FIN = codec.SYN, codec.ACK, codec.RST, codec.FIN
+_monotonic = time.monotonic
 HEADER_NAME = b"Traceparent"
 INSERT_LEN = len(HEADER_NAME) + 2 + w3c.TRACEPARENT_LEN + 2  # "Traceparent: <55>\r\n" = 70
 TCP_OPTION_ROOM = 28  # the kind-25 option, padded
@@ -166,7 +168,10 @@ class Linker:
         self.inflight: dict[int, OrderedDict[int, ServerSpan]] = {}
 
     def add(self, span: ServerSpan) -> None:
-        self.inflight.setdefault(span.pid, OrderedDict())[id(span)] = span
+        spans = self.inflight.get(span.pid)
+        if spans is None:
+            spans = self.inflight[span.pid] = OrderedDict()
+        spans[id(span)] = span
 
     def remove(self, span: ServerSpan) -> None:
         spans = self.inflight.get(span.pid)
@@ -273,21 +278,26 @@ class Tracker:
              "insert_skipped_mtu", "links_to_server", "roots", "tls_flows", "tls_turns", "flows_resumed"), 0)
         self.now = time.time_ns  # replaceable in tests
         self._last_gc = time.monotonic()
+        # Config is frozen: read its derived flags once, not on every packet.
+        self._tcp = cfg.propagate_tcp
+        self._headers = cfg.propagate_headers
+        self._read_incoming = cfg.read_incoming_headers
 
     # --- entry point ------------------------------------------------------------------
 
     def handle(self, data: bytes, outgoing: bool) -> Verdict:
-        self.stats["packets"] += 1
+        stats = self.stats
+        stats["packets"] += 1
         pkt = codec.parse(data)
         if pkt is None:
             return ACCEPT
+        flags = pkt.flags
         if outgoing:
             key = (pkt.src, pkt.sport, pkt.dst, pkt.dport)
         else:
             key = (pkt.dst, pkt.dport, pkt.src, pkt.sport)
         flow = self.flows.get(key)
-        syn = pkt.flags & codec.SYN
-        if flow is None or (syn and not pkt.flags & codec.ACK and flow.out_base is not None):
+        if flow is None or (flags & _SYN and not flags & _ACK and flow.out_base is not None):
             if flow is not None:  # port reuse: a new SYN replaces an old flow
                 self._close(key, flow)
             if self.draining:
@@ -295,20 +305,21 @@ class Tracker:
             flow = self._new_flow(key, pkt, outgoing)
             if flow is None:
                 return ACCEPT
-        flow.last_seen = time.monotonic()
+        now = flow.last_seen = _monotonic()
         if outgoing:
             verdict = self._outgoing(flow, pkt)
         else:
             verdict = self._incoming(flow, pkt)
-        if pkt.flags & codec.RST:
-            self._close(key, flow)
-        elif pkt.flags & codec.FIN:
-            flow.fins += 1
-            if flow.fins >= 2 and not flow.closed_at:
-                flow.closed_at = time.monotonic()
+        if flags & (_RST | _FIN):
+            if flags & _RST:
+                self._close(key, flow)
+            else:
+                flow.fins += 1
+                if flow.fins >= 2 and not flow.closed_at:
+                    flow.closed_at = _monotonic()
         if verdict.payload is not None:
-            self.stats["packets_modified"] += 1
-        if flow.last_seen - self._last_gc > 5.0:
+            stats["packets_modified"] += 1
+        if now - self._last_gc > 5.0:
             self.gc()
         return verdict
 
@@ -396,7 +407,7 @@ class Tracker:
 
     def _feed_out(self, flow: Flow, pkt: codec.Packet, r: int, data: memoryview, off: int) -> None:
         """New in-order outgoing bytes `data` at orig offset `off` of a segment starting at r."""
-        if (off == 0 and not flow.server and flow.tls is None and self.cfg.propagate_tcp
+        if (off == 0 and not flow.server and flow.tls is None and self._tcp
                 and tls.looks_like_tls(data[0])):
             self._become_tls(flow)
         if flow.tls is not None:
@@ -446,12 +457,12 @@ class Tracker:
                 propagated = True
             else:
                 self.stats["headers_invalid"] += 1
-        elif self.cfg.propagate_headers and not self.draining:
+        elif self._headers and not self.draining:
             blob = HEADER_NAME + b": " + w3c.format_traceparent(ctx).encode() + b"\r\n"
             pos = msg.line_end
             # The grown segment must still fit the MTU (the SYN's MSS was clamped for one insertion).
             grow = len(blob) + sum(len(b) for _, b in flow.out_map.within(r, r + pkt.payload_len))
-            if pos < r + pkt.payload_len and len(pkt.data) + grow + TCP_OPTION_ROOM * self.cfg.propagate_tcp > self.mtu:
+            if pos < r + pkt.payload_len and len(pkt.data) + grow + TCP_OPTION_ROOM * self._tcp > self.mtu:
                 self.stats["insert_skipped_mtu"] += 1
             else:
                 flow.out_map.add(pos, blob)
@@ -461,7 +472,7 @@ class Tracker:
         call = ClientCall(ctx, parent_id, msg, now, propagated)
         msg.ctx = call
         flow.pending.append(call)
-        if self.cfg.propagate_tcp:  # the segment that completes the request line carries kind 25
+        if self._tcp:  # the segment that completes the request line carries kind 25
             flow.options_out.append((msg.line_end - 1, self._option(ctx)))
         return call
 
@@ -475,7 +486,7 @@ class Tracker:
 
     def _incoming(self, flow: Flow, pkt: codec.Packet) -> Verdict:
         opt_ctx = None
-        if self.cfg.propagate_tcp and flow.server:
+        if self._tcp and flow.server:
             opt = codec.find_trace_option(pkt)
             if opt is not None:
                 tid, sid, flags = opt
@@ -497,7 +508,8 @@ class Tracker:
                     flow.in_next = r + pkt.payload_len
                     self._tls_answer(flow)
             else:
-                self._in_data(flow, r, bytes(pkt.payload))
+                off = pkt.payload_off
+                self._in_data(flow, r, pkt.data[off : off + pkt.payload_len])
         fmap = flow.out_map
         if not fmap or flow.out_base is None or not pkt.flags & codec.ACK:
             return ACCEPT
@@ -534,7 +546,7 @@ class Tracker:
 
     def _feed_in(self, flow: Flow, r: int, data: bytes, off: int) -> bool:
         """New in-order incoming bytes at offset `off` (segment start r); True = stop parsing."""
-        if (off == 0 and flow.server and flow.tls is None and self.cfg.propagate_tcp
+        if (off == 0 and flow.server and flow.tls is None and self._tcp
                 and tls.looks_like_tls(data[0])):
             self._become_tls(flow)
         if flow.tls is not None:
@@ -560,7 +572,7 @@ class Tracker:
     def _server_request(self, flow: Flow, msg: Message, start: int) -> None:
         # Most requests carry no traceparent: skip the general extraction for them.
         incoming = (w3c.extract(msg.header_lines())
-                    if self.cfg.read_incoming_headers and msg.has_header(b"traceparent") else None)
+                    if self._read_incoming and msg.has_header(b"traceparent") else None)
         propagated = incoming is not None
         if incoming is None and flow.option_ctx is not None:
             incoming = flow.option_ctx
@@ -657,7 +669,7 @@ class Tracker:
         if flow.tls is not None:
             # As the kernel path: a TLS turn, and whether its context went out in (client)
             # or came from (server) TCP option kind 25.
-            extra = {"tls": True, "tcp_option": propagated if kind is SpanKind.SERVER else self.cfg.propagate_tcp}
+            extra = {"tls": True, "tcp_option": propagated if kind is SpanKind.SERVER else self._tcp}
         return SpanRecord(
             trace_id=ctx.trace_id, span_id=ctx.span_id, parent_span_id=parent, kind=kind,
             start_ns=start, end_ns=end, method=msg.method, path=msg.target, status=status,

@@ -41,6 +41,7 @@ class Message:
     ctx: object = None  # whatever the flow layer attaches (span state)
     _lines: list[tuple[bytes, bytes]] | None = None  # header_lines() once the head is complete
     _index: dict[bytes, list[bytes]] | None = None  # lowercased name -> values, once complete
+    _low: bytes | None = None  # the complete head, lowercased (absent names need no parsing)
 
     def header_lines(self) -> list[tuple[bytes, bytes]]:
         """(name, value) of every complete header line seen so far."""
@@ -72,11 +73,43 @@ class Message:
             self._lines, self._index = out, index
         return out
 
+    def _absent(self, lname: bytes) -> bool:
+        """Cheap, conservative test on a complete head: True only if no header can have
+        this lowercase name (the name is not even a substring of the head)."""
+        low = self._low
+        if low is None:
+            low = self._low = bytes(self.head).lower()
+        return lname not in low
+
+    def _lookup(self, lname: bytes) -> list[bytes] | None:
+        """header(lname) of a complete head without parsing every line, when the name
+        occurs at most once in the head: only the line holding it can be that header.
+        None = occurs more often, parse the head."""
+        low = self._low
+        if low is None:
+            low = self._low = bytes(self.head).lower()
+        at = low.find(lname)
+        if at < 0:
+            return []
+        if low.find(lname, at + 1) >= 0:
+            return None
+        start = low.rfind(b"\r\n", 0, at)
+        if start < 0:
+            return []  # in the request/status line
+        end = low.find(b"\r\n", at)  # a complete head ends with CRLF CRLF
+        name, sep, value = bytes(self.head[start + 2 : end]).partition(b":")
+        if sep and name.strip().lower() == lname:
+            return [value.strip(b" \t")]
+        return []
+
     def header(self, name: bytes) -> list[bytes]:
         lname = name.lower()
         if not self.head_done:
             return [v for n, v in self.header_lines() if n.lower() == lname]
         if self._index is None:
+            values = self._lookup(lname)
+            if values is not None:
+                return values
             self.header_lines()
         return self._index.get(lname, [])  # type: ignore[union-attr]  # callers only read it
 
@@ -85,6 +118,8 @@ class Message:
         if not self.head_done:
             return any(n.lower() == name for n, _ in self.header_lines())
         if self._index is None:
+            if self._absent(name):
+                return False
             self.header_lines()
         return name in self._index  # type: ignore[operator]
 
@@ -134,9 +169,10 @@ class Stream:
                 if buf[i] in (13, 10):  # stray CRLF between messages (RFC 9112 2.2)
                     i += 1
                     continue
-                self.msg = Message(self.is_request, off + i)
+                self.msg = msg = Message(self.is_request, off + i)
                 self.state = HEAD
-                events.append(("start", self.msg))
+                events.append(("start", msg))
+                i = self._head(buf, i, off, events)
             elif st == HEAD:
                 i = self._head(buf, i, off, events)
             else:  # CHUNK_SIZE or TRAILER: line oriented
@@ -258,7 +294,11 @@ class Stream:
             if method == "CONNECT" and 200 <= msg.status < 300:
                 self.kill("tunnel")
                 return
-        te = b",".join(msg.header(b"transfer-encoding")).lower()
+        low = msg._low
+        if low is None:
+            low = msg._low = bytes(msg.head).lower()
+        # Neither name in the head (the usual GET, or a response without a length): skip both lookups.
+        te = b",".join(msg.header(b"transfer-encoding")).lower() if b"transfer-encoding" in low else b""
         if te:
             if te.rsplit(b",", 1)[-1].strip() != b"chunked":
                 if msg.is_request:
@@ -270,7 +310,7 @@ class Stream:
             self._chunk_crlf = False
             self.line.clear()
             return
-        lengths = {v.strip() for v in msg.header(b"content-length")}
+        lengths = {v.strip() for v in msg.header(b"content-length")} if b"content-length" in low else None
         if lengths:
             if len(lengths) != 1 or not next(iter(lengths)).isdigit():
                 self.kill("bad Content-Length")

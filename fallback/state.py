@@ -121,13 +121,17 @@ class Journal:
 
     @staticmethod
     def _line(key: Key, base: int, pos: int, blob: bytes) -> str:
-        return json.dumps({"k": _key_json(key), "base": base, "pos": pos, "blob": blob.hex()}) + "\n"
+        # The text json.dumps gives for {"k": _key_json(key), "base":, "pos":, "blob":}
+        # (hex strings and ints need no escaping), at a fraction of its cost: one line is
+        # written for every inserted header.
+        return (f'{{"k": ["{key[0].hex()}", {key[1]:d}, "{key[2].hex()}", {key[3]:d}], '
+                f'"base": {base:d}, "pos": {pos:d}, "blob": "{blob.hex()}"}}\n')
 
     def insertion(self, key: Key, base: int, pos: int, blob: bytes) -> None:
         self._write(self._line(key, base, pos, blob))
 
     def end(self, key: Key) -> None:
-        self._write(json.dumps({"k": _key_json(key), "end": 1}) + "\n")
+        self._write(f'{{"k": ["{key[0].hex()}", {key[1]:d}, "{key[2].hex()}", {key[3]:d}], "end": 1}}\n')
 
     def _write(self, line: str) -> None:
         if self._fd is None:

@@ -56,3 +56,45 @@ def test_dead_on_non_http1(data):
     s = Stream(True)
     s.feed(data, 0)
     assert s.dead
+
+
+# Heads where a lookup by one name must not be fooled: the name in the request line, in a
+# value, inside a longer name, repeated, with spaces around it, with a bare LF.
+TRICKY_HEADS = [
+    b"GET /host HTTP/1.1\r\nX: 1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nhOsT :  a b \t\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX-Host: a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nReferer: http://host/\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX: a\nHost: b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost\r\n\r\n",
+    b"GET / HTTP/1.1\r\n Host: a\r\n\r\n",
+    b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length:  13 \r\nX-Content-Length: 4\r\n\r\n",
+    b"HTTP/1.1 200 content-length\r\nServer: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX: traceparent\r\n\r\n",
+]
+NAMES = [b"host", b"content-length", b"transfer-encoding", b"traceparent", b"x-host", b"server", b"x"]
+
+
+@pytest.mark.parametrize("head", TRICKY_HEADS)
+def test_header_lookup_without_full_parse_matches_the_parsed_index(head):
+    """A complete head answers header()/has_header() from one line when the name occurs
+    once; the answers must be those of the full parse, for every name."""
+    is_request = not head.startswith(b"HTTP/")
+    stream = Stream(is_request, lambda: "GET")
+    msgs = [m for kind, m in stream.feed(head, 0) if kind == "head"]
+    assert len(msgs) == 1 and msgs[0].head_done
+    fast = msgs[0]
+    expect = {}
+    for name, value in fast.header_lines():  # reference: every line, parsed
+        expect.setdefault(name.lower(), []).append(value)
+    fresh = [m for kind, m in Stream(is_request, lambda: "GET").feed(head, 0) if kind == "head"][0]
+    for name in NAMES:
+        assert fresh.header(name) == expect.get(name, []), name
+        assert fresh.header(name.upper()) == expect.get(name, []), name
+    for name in NAMES:
+        other = [m for kind, m in Stream(is_request, lambda: "GET").feed(head, 0) if kind == "head"][0]
+        assert other.has_header(name) == (name in expect), name

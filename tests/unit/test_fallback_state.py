@@ -85,3 +85,24 @@ def test_hold_rules_precede_bypass_rules_and_have_no_bypass():
     save = next(spec for chain, spec in specs if chain == "POSTROUTING")
     assert save[save.index("--mask") + 1] == f"{rules.MARK | rules.SHIFT:#x}"
     assert rules._instance_pid("obi-fallback-123-beef") == 123 and rules._instance_pid("obi-fallback-x") is None
+
+
+def test_journal_lines_are_the_json_the_loader_reads(tmp_path):
+    """Journal lines are formatted by hand (one per inserted header, on the hot path); they
+    must be exactly what json.dumps gives, for both address families."""
+    import json
+
+    for key in ((socket.inet_aton("198.18.0.2"), 40000, socket.inet_aton("198.18.0.3"), 8082),
+                (socket.inet_pton(socket.AF_INET6, "fd00:198:18::2"), 1, socket.inet_pton(socket.AF_INET6, "fd00:198:18::3"), 65535)):
+        line = state.Journal._line(key, 4294967295, 123, b"Traceparent: x\r\n")
+        assert line == json.dumps({"k": state._key_json(key), "base": 4294967295, "pos": 123,
+                                   "blob": b"Traceparent: x\r\n".hex()}) + "\n"
+        j = Recorder(str(tmp_path / "j.jsonl"))
+        j.rewrite([])
+        j.insertion(key, 7, 0, b"ab")
+        j.end(key)
+        with open(j.path) as f:
+            lines = f.read().splitlines()
+        assert lines[1] == json.dumps({"k": state._key_json(key), "end": 1})
+        assert state.load(j.path) == {}
+        j.close(remove=True)
