@@ -35,7 +35,12 @@ from .queue import QueueLoop
 log = logging.getLogger("obi.fallback")
 
 LIBERAL = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"
-IP_TCP_HEADERS = 60  # IPv6 (40) + TCP (20): the MSS headroom is computed for the larger family
+IP_TCP_HEADERS = 60
+# Finished spans are handed to the exporter in batches of this many (or when the queue
+# has been idle for queue.WAKE_S, or at stop): the exporter's thread then wakes once per
+# batch instead of competing with the packet thread for the GIL on every span.
+SPAN_BATCH = 128
+SPAN_DELAY_S = 0.05  # ...and at least this often while spans are waiting  # IPv6 (40) + TCP (20): the MSS headroom is computed for the larger family
 
 
 def path_mtu() -> int:
@@ -74,6 +79,8 @@ class UserspaceDatapath:
         self._journal: state.Journal | None = None
         self.drain_s = cfg.shutdown_timeout_s / 2  # the other half is for flushing spans
         self.drain_stats: dict[str, int] = {}
+        self._spans: list = []  # finished spans not yet handed to the sink
+        self._flushed_at = 0.0
 
     def start(self) -> None:
         if os.geteuid() != 0:
@@ -90,7 +97,7 @@ class UserspaceDatapath:
                 log.info("userspace datapath: %s (left by a killed agent)", line)
             self._journal = state.Journal()
             resumed = self._journal.open()
-            self.tracker = Tracker(self.cfg, self.sink, self.owners, mtu=mtu, mark=rules.MARK,
+            self.tracker = Tracker(self.cfg, self._spans.append, self.owners, mtu=mtu, mark=rules.MARK,
                                    shift_mark=rules.SHIFT, journal=self._journal)
             for key, (base, inserts) in resumed.items():
                 self.tracker.resume(key, base, inserts)
@@ -98,7 +105,7 @@ class UserspaceDatapath:
                 log.info("userspace datapath: resumed translation of %d connection(s) with inserted headers",
                          len(resumed))
             self._set_liberal()
-            self._queue = QueueLoop(self.queue_num, self._handle)
+            self._queue = QueueLoop(self.queue_num, self._handle, on_idle=self._idle)
             self._queue.start()  # read before the rules send us packets
             self._rules = rules.Rules(ports, self.queue_num, clamp_mss(mtu, self.cfg.propagate_tcp), self.instance)
             self._rules.__enter__()
@@ -117,7 +124,28 @@ class UserspaceDatapath:
             verdict = self.tracker.handle(data, outgoing)
             if self._journal is not None and self._journal.too_big:
                 self._journal.rewrite(self.tracker.shift_state())
+            spans = self._spans
+            if spans and (len(spans) >= SPAN_BATCH or time.monotonic() - self._flushed_at > SPAN_DELAY_S):
+                self._flush_spans()
             return verdict
+
+    def _idle(self) -> None:
+        with self._lock:
+            self._flush_spans()
+
+    def _flush_spans(self) -> None:
+        """Hand the finished spans to the sink (caller holds self._lock or the queue is stopped)."""
+        self._flushed_at = time.monotonic()
+        if not self._spans:
+            return
+        spans = self._spans[:]
+        del self._spans[:]  # in place: the tracker holds this list's append
+        sink = self.sink
+        for rec in spans:
+            try:
+                sink(rec)
+            except Exception:  # the sink must not break the datapath
+                log.exception("span sink failed")
 
     def _drain(self) -> None:
         """Keep translating connections with inserted bytes until they close (bounded), then
@@ -166,6 +194,7 @@ class UserspaceDatapath:
         if self.tracker is not None:
             with self._lock:
                 self.tracker.close_all()
+                self._flush_spans()
         if self._journal is not None:
             # Kept only if connections with inserted bytes remain (a failed start, a failed reset).
             keep = self.tracker is not None and bool(self.tracker.shifted(linger=0))

@@ -30,9 +30,11 @@ WAKE_S = 0.2  # idle receive timeout: how long stop() may wait for the reader th
 
 
 class QueueLoop:
-    def __init__(self, num: int, handler: Callable[[bytes, bool], Verdict]) -> None:
+    def __init__(self, num: int, handler: Callable[[bytes, bool], Verdict],
+                 on_idle: Callable[[], None] | None = None) -> None:
         self.num = num
         self.handler = handler
+        self.on_idle = on_idle  # called in the reader thread after WAKE_S without packets
         self.errors = 0
         self.packets = 0
         self._nfq: NetfilterQueue | None = None
@@ -74,6 +76,8 @@ class QueueLoop:
         while not self._stop.is_set():
             try:
                 nfq.run(block=True)
+                if self.on_idle is not None:
+                    self.on_idle()
             except Exception:
                 self.errors += 1
                 if self.errors <= 10:
