@@ -506,7 +506,9 @@ def _encode_resource(attrs: dict[str, str | int]) -> bytes:
 class WireEncoder:
     """`SpanRecord` -> one encoded OTLP `Span`, and batches of those -> one request body.
 
-    Used by one thread (the exporter's worker; `request` keeps no state). Attribute
+    Used by one thread (the exporter's worker; `request` keeps no state). A span's whole
+    attribute block is cached per combination of the record fields it comes from (the
+    spans of one connection and route share it); single attribute
     encodings are cached per (key, value) until a key shows more than `per_key` distinct
     values (client ports, paths with ids): such keys are encoded afresh each time rather
     than flushing the useful entries. Every cache is bounded (cleared when full).
@@ -519,8 +521,9 @@ class WireEncoder:
         self._attrs: dict[tuple[str, object, type], bytes] = {}
         self._seen: dict[str, int] = {}  # key -> distinct values cached so far
         self._keys: dict[str, bytes] = {}  # key -> encoded KeyValue.key field
-        self._heads: dict[tuple[str, SpanKind], bytes] = {}  # name + kind fields
+        self._heads: dict[tuple[str, SpanKind, bool], bytes] = {}  # name + kind fields
         self._states: dict[str, bytes] = {}  # raw tracestate -> trace_state field
+        self._blocks: dict[tuple, bytes] = {}  # attribute-relevant record fields -> attributes + status
 
     def resource(self, rec: SpanRecord) -> bytes:
         return self.resources.get(rec)
@@ -538,11 +541,33 @@ class WireEncoder:
             if len(parent) != 8:
                 raise ValueError(f"bad parent span id {rec.parent_span_id!r}")
             parts += (_T_PARENT_ID, parent)
-        head = self._heads.get((rec.method, rec.kind))
+        hk = (rec.method, rec.kind, is_tls(rec))  # what span_name() and the kind field read
+        head = self._heads.get(hk)
         if head is None:
-            head = self._cached(self._heads, (rec.method, rec.kind),
+            head = self._cached(self._heads, hk,
                                 _len_field(_T_NAME, span_name(rec).encode()) + _T_KIND + _varint(_PB_KIND[rec.kind]))
         parts += (head, _T_START, _U64(rec.start_ns), _T_END, _U64(max(rec.end_ns, rec.start_ns)))
+        # Everything span_attributes() reads: spans of one keep-alive connection and route
+        # repeat it, so their whole attribute block (and status) is encoded once.
+        bk = (rec.kind, rec.method, rec.path, rec.status, rec.scheme, rec.host, rec.local_addr, rec.local_port,
+              rec.peer_addr, rec.peer_port, rec.datapath, rec.tid, rec.pid,
+              tuple(rec.extra.items()) if rec.extra else ())
+        try:
+            block = self._blocks.get(bk)
+        except TypeError:  # an unhashable value in `extra`
+            bk, block = None, None
+        if block is None:
+            block = self._attribute_block(rec)
+            if bk is not None:
+                self._cached(self._blocks, bk, block)
+        parts.append(block)
+        parts.append(_FLAGS_REMOTE_PARENT if rec.parent_span_id else _FLAGS_ROOT)
+        body = b"".join(parts)
+        return _T_SPAN + _varint(len(body)) + body
+
+    def _attribute_block(self, rec: SpanRecord) -> bytes:
+        """The `Span.attributes` fields and the status of a record."""
+        parts = []
         cache = self._attrs
         for key, value in span_attributes(rec).items():
             ck = (key, value, value.__class__)  # the type too: True == 1 must not share an entry
@@ -554,9 +579,7 @@ class WireEncoder:
                 field = self._attribute(ck)
             parts.append(field)
         parts.append(_STATUS_ERROR if is_error(rec) else _STATUS_UNSET)
-        parts.append(_FLAGS_REMOTE_PARENT if rec.parent_span_id else _FLAGS_ROOT)
-        body = b"".join(parts)
-        return _T_SPAN + _varint(len(body)) + body
+        return b"".join(parts)
 
     def _attribute(self, ck: tuple[str, object, type]) -> bytes:
         """Encode one attribute; cache it unless its key has proved high-cardinality."""

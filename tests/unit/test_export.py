@@ -569,6 +569,19 @@ def test_wire_encoder_caches_are_bounded_and_stay_correct() -> None:
     assert sum(1 for key, *_ in enc._attrs if key == "client.port") <= 8
 
 
+def test_wire_encoder_attribute_blocks_follow_every_field() -> None:
+    """Spans of one connection share a cached attribute block: each field that changes an
+    attribute (status, path, method, kind, thread, extra) must give the SDK's encoding, also
+    when the same combination comes back, and an unhashable extra is encoded uncached."""
+    enc = WireEncoder(max_cached=16)
+    variants = [dict(), dict(status=500), dict(path="/other?q=1"), dict(method="POST"), dict(kind=SpanKind.CLIENT),
+                dict(tid=7), dict(pid=9), dict(host="h.example:81"), dict(extra={"tls": True}),
+                dict(extra={"tls": True, "tcp_option": False}), dict(extra={"list": [1, 2]}), dict(status=0)]
+    records = [rec(**v) for v in variants] * 3
+    assert wire_request(enc, records) == sdk_request(records)
+    assert 0 < len(enc._blocks) <= 16
+
+
 def test_wire_encoder_rejects_malformed_ids() -> None:
     enc = WireEncoder()
     for bad in (dict(trace_id="abcd"), dict(span_id="00" * 9), dict(parent_span_id="zz" * 8), dict(trace_id="x" * 32)):
