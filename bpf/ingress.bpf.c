@@ -311,18 +311,25 @@ int obi_tc_ingress(struct __sk_buff *skb)
 
 /* --- egress: the responses of server connections ------------------------------------ */
 
-/* The response to the connection's current request is going out: close the server span
- * (`resp` holds the status and the time of the status line) and end the serving thread's
+/* The thread `tid` served connection t's request, whose response is going out: end its
  * link, so that its next outgoing calls are not children of a finished request. */
+static __always_inline void thread_unlink(__u64 tid, const struct obi_tuple *t)
+{
+	struct thread_ctx *tc = tid ? bpf_map_lookup_elem(&thread_ctx, &tid) : 0;
+
+	if (tc && tuple_eq(&tc->conn, t))
+		bpf_map_delete_elem(&thread_ctx, &tid);
+}
+
+/* The response to the connection's current request is going out: close the server span
+ * (`resp` holds the status and the time of the status line), unlink the serving thread. */
 static __always_inline void server_resp(const struct obi_tuple *t, const struct http_state *resp,
 					struct http_state *in)
 {
 	__u64 tid = in ? in->server_tid : 0;
 
 	span_close(t, resp, in, OBI_EV_SERVER_SPAN, OBI_EV_SERVER_RESP, tid);
-	struct thread_ctx *tc = tid ? bpf_map_lookup_elem(&thread_ctx, &tid) : 0;
-	if (tc && tuple_eq(&tc->conn, t))
-		bpf_map_delete_elem(&thread_ctx, &tid);
+	thread_unlink(tid, t);
 	if (in)
 		in->bits &= ~HS_READY;
 }
@@ -346,10 +353,7 @@ static __always_inline void tls_server_reply(const struct obi_tuple *t, struct h
 		bpf_ringbuf_submit(ev, 0);
 	}
 	in->bits &= ~(HS_READY | HS_TCPOPT);
-	__u64 tid = in->server_tid;
-	struct thread_ctx *tc = tid ? bpf_map_lookup_elem(&thread_ctx, &tid) : 0;
-	if (tc && tuple_eq(&tc->conn, t))
-		bpf_map_delete_elem(&thread_ctx, &tid);
+	thread_unlink(in->server_tid, t);
 }
 
 /* bpf_loop callback: one window or one action of a response. */
