@@ -89,8 +89,8 @@ def _held_by(pid: int) -> tuple[set[int], set[int]]:
     return progs, maps
 
 
-def _tc_ingress(host) -> str:
-    return subprocess.run(["tc", "-n", host.netns, "filter", "show", "dev", host.ifname, "ingress"],
+def _tc_filters(host, direction: str = "ingress") -> str:
+    return subprocess.run(["tc", "-n", host.netns, "filter", "show", "dev", host.ifname, direction],
                           capture_output=True, text=True, check=True).stdout
 
 
@@ -122,10 +122,10 @@ def test_kill9_then_cleanup(tmp_path, backend):
                 assert agent.poll() is None and time.monotonic() < deadline, (tmp_path / "agent.out").read_text()
                 time.sleep(0.1)
             progs, maps = _held_by(agent.pid)
-            assert len(progs) >= 4 and maps  # sockops, sk_msg, tc, tracepoint
+            assert len(progs) >= 5 and maps  # sockops, sk_msg, tc ingress and egress, tracepoint
             assert "obi_sockops" in _cgroup_progs(b.cgroup)
             if backend == "tc":
-                assert "obi_tc_ingress" in _tc_ingress(b)
+                assert "obi_tc_ingress" in _tc_filters(b) and "obi_tc_egress" in _tc_filters(b, "egress")
             else:  # this bpftool lists tcx links only as "type 11" in `link show`
                 links = _bpftool_json("link", "show") or []
                 assert any(ln.get("prog_id") in progs and ln.get("type") in ("tcx", 11) for ln in links), links
@@ -141,7 +141,8 @@ def test_kill9_then_cleanup(tmp_path, backend):
             log.close()
 
         # A killed agent's clsact filter stays (what cleanup is for); a tcx link does not.
-        assert ("obi_tc_ingress" in _tc_ingress(b)) == (backend == "tc")
+        assert ("obi_tc_ingress" in _tc_filters(b)) == (backend == "tc")
+        assert ("obi_tc_egress" in _tc_filters(b, "egress")) == (backend == "tc")
         time.sleep(1.5)
         t_clean = time.time()
         argv, env = _nsenter(b, [sys.executable, "-m", "obi", "cleanup"])
@@ -157,8 +158,9 @@ def test_kill9_then_cleanup(tmp_path, backend):
             assert any(t < t_kill for t in ts) and any(t_kill < t < t_clean for t in ts) and any(t > t_clean for t in ts)
 
         # Nothing of the agent is left; the foreign filter is.
-        tc_now = _tc_ingress(b)
+        tc_now = _tc_filters(b)
         assert "obi_" not in tc_now and re.search(r"pref 7 bpf .*bytecode", tc_now), tc_now
+        assert "obi_" not in _tc_filters(b, "egress")
         assert "obi_" not in json.dumps(_bpftool_json("net", "show", netns=b.netns_path))
         assert "obi_" not in _cgroup_progs(b.cgroup)
         left_progs = {p["id"] for p in _bpftool_json("prog", "show") or []}
