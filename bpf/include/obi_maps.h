@@ -19,7 +19,7 @@ const volatile __u32 obi_cfg_flags = OBI_CFG_HDR_INSERT | OBI_CFG_HDR_READ;
 const volatile struct obi_event obi_abi_anchor_event;
 
 /* Instrumented processes. Key: tgid. Value: 1. Written by userspace (process scanner),
- * read by sk_msg (is the sender selected?) and the thread tracepoint. */
+ * read by sockops (connect), sk_msg (is the sender selected?) and the thread hook. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
@@ -143,7 +143,8 @@ struct {
 #define SCRATCH_SLOTS 3
 
 /* Per-CPU window of bytes being parsed (too big for the 512-byte stack). Key: slot
- * (SCRATCH_PROC for sk_msg, SCRATCH_SOFTIRQ for tc), taken with scratch_get. */
+ * (SCRATCH_PROC for sk_msg, SCRATCH_SOFTIRQ for tc ingress, SCRATCH_EGRESS for tc
+ * egress), taken with scratch_get. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, SCRATCH_SLOTS);
