@@ -199,6 +199,21 @@ static __always_inline int seq_follow(struct http_state *st, const struct seg *s
 	return start;
 }
 
+/* Parse segment s's payload from offset `start` with the bpf_loop callback `round`
+ * (in_round or out_round: one window or one action each). */
+static __always_inline void parse_payload(struct __sk_buff *skb, struct scratch *sc, struct http_state *st,
+					  const struct seg *s, __u32 start, long (*round)(__u32, void *))
+{
+	struct pcur *p = &sc->pc;
+	struct parse_ctx c = { .st = st, .sc = sc, .prog_ctx = skb };
+
+	p->pos = start;
+	p->len = s->payload_len;
+	p->payload_off = s->payload_off;
+	p->win_len = 0;
+	bpf_loop(MAX_ROUNDS, round, &c, 0);
+}
+
 #define TLS_HANDSHAKE 0x16
 #define TLS_APPDATA 0x17
 
@@ -277,12 +292,7 @@ static __always_inline void tc_parse(struct __sk_buff *skb, struct scratch *sc)
 			goto out;
 		if (tls_segment(skb, sc, st, &s, start))
 			goto out;
-		p->pos = start;
-		p->len = s.payload_len;
-		p->payload_off = s.payload_off;
-		p->win_len = 0;
-		struct parse_ctx c = { .st = st, .sc = sc, .prog_ctx = skb };
-		bpf_loop(MAX_ROUNDS, in_round, &c, 0);
+		parse_payload(skb, sc, st, &s, start, in_round);
 	}
 out:
 	if (s.fin || s.rst) {
@@ -420,12 +430,7 @@ static __always_inline void tc_out(struct __sk_buff *skb, struct scratch *sc)
 	int start = seq_follow(st, &s);
 	if (start < 0)
 		goto out;
-	p->pos = start;
-	p->len = s.payload_len;
-	p->payload_off = s.payload_off;
-	p->win_len = 0;
-	struct parse_ctx c = { .st = st, .sc = sc, .prog_ctx = skb };
-	bpf_loop(MAX_ROUNDS, out_round, &c, 0);
+	parse_payload(skb, sc, st, &s, start, out_round);
 out:
 	if (s.fin || s.rst)
 		bpf_map_delete_elem(&server_out, &p->t);
