@@ -28,13 +28,14 @@ Such spans have empty method/path, status 0 and extra {"tls": True, "tcp_option"
 
 Sockets established before start() are adopted once, right after attaching: iter.bpf.o's
 TCP iterator, run from a thread inside the watched netns (an iterator walks its creator's
-netns), puts the established client sockets of the selected processes into sock_hash with an egress parse
-state that waits for a write beginning with a start line (HS_RESYNC), so nothing is
-inserted into a body (iter.bpf.c says which sockets, and why adopting sockets of other
-processes is safe). `adopted` counts what it did. Client sockets with a request in flight
-at start, and adoption itself on kernels without TCP iterators, are left as before: their
-requests pass unchanged with no client span. Adopted sockets have no TCP-option callbacks
-(sockops sets them at establishment).
+netns), puts the established client sockets of the selected processes (their socket
+inodes, from /proc, in the iterator's adopt_inodes map) into sock_hash with an egress
+parse state that waits for a write beginning with a start line (HS_RESYNC), so nothing is
+inserted into a body (iter.bpf.c says which sockets). Server connections need no adoption:
+tc follows them from their next request. `adopted` counts what it did. Client sockets
+with a request in flight at start, and adoption itself on kernels without TCP iterators,
+are left as before: their requests pass unchanged with no client span. Adopted sockets
+have no TCP-option callbacks (sockops sets them at establishment).
 """
 
 from __future__ import annotations
