@@ -74,7 +74,33 @@ static __always_inline void server_req_done(struct scratch *sc, struct http_stat
 	span_open(sc, st, OBI_EV_SERVER_REQ);
 }
 
-static __always_inline void in_action(struct scratch *sc, struct http_state *st)
+/* The thread `tid` served connection t's request, whose response is going out: end its
+ * link, so that its next outgoing calls are not children of a finished request. */
+static __always_inline void thread_unlink(__u64 tid, const struct obi_tuple *t)
+{
+	struct thread_ctx *tc = tid ? bpf_map_lookup_elem(&thread_ctx, &tid) : 0;
+
+	if (tc && tuple_eq(&tc->conn, t))
+		bpf_map_delete_elem(&thread_ctx, &tid);
+}
+
+/* The response to the connection's current request is going out: close the server span
+ * (`resp` holds the status and the time of the status line), unlink the serving thread. */
+static __always_inline void server_resp(const struct obi_tuple *t, const struct http_state *resp,
+					struct http_state *in)
+{
+	__u64 tid = in ? in->server_tid : 0;
+
+	span_close(t, resp, in, OBI_EV_SERVER_SPAN, OBI_EV_SERVER_RESP, tid);
+	thread_unlink(tid, t);
+	if (in)
+		in->bits &= ~HS_READY;
+}
+
+/* What a parsed action means, for every parse state tc keeps: requests to a server
+ * (ingress_conns, role server), responses to a client (ingress_conns, role client, HS_RESP)
+ * and a server's responses (server_out, role server, HS_RESP). */
+static __always_inline void seg_action(struct scratch *sc, struct http_state *st)
 {
 	struct pcur *p = &sc->pc;
 
@@ -82,17 +108,21 @@ static __always_inline void in_action(struct scratch *sc, struct http_state *st)
 		st->start_ns = bpf_ktime_get_ns();
 		return;
 	}
-	if (st->role == OBI_ROLE_SERVER) {
+	if (!(st->bits & HS_RESP)) {
 		if (p->act == ACT_HDRS_END)
 			server_req_done(sc, st);
 		return;
 	}
-	if (p->act == ACT_LINE0_END && st->status >= 200)
+	if (p->act != ACT_LINE0_END || st->status < 200) /* 1xx: the final response follows */
+		return;
+	if (st->role == OBI_ROLE_SERVER)
+		server_resp(&p->t, st, bpf_map_lookup_elem(&ingress_conns, &p->t));
+	else
 		span_close(&p->t, st, st, OBI_EV_CLIENT_SPAN, OBI_EV_CLIENT_RESP, 0);
 }
 
-/* bpf_loop callback: one window or one action. */
-static long in_round(__u32 i, void *arg)
+/* bpf_loop callback, both directions: one window or one action. */
+static long seg_round(__u32 i, void *arg)
 {
 	struct parse_ctx *c = arg;
 	struct http_state *st = c->st;
@@ -104,7 +134,7 @@ static long in_round(__u32 i, void *arg)
 	if (next == ROUND_LOAD && in_load(c->prog_ctx, sc))
 		return 1; /* bytes unreadable: skip the rest of this segment */
 	if (round_parse(c, &sc->pc) != ACT_NONE)
-		in_action(sc, st);
+		seg_action(sc, st);
 	return 0;
 }
 
@@ -199,10 +229,9 @@ static __always_inline int seq_follow(struct http_state *st, const struct seg *s
 	return start;
 }
 
-/* Parse segment s's payload from offset `start` with the bpf_loop callback `round`
- * (in_round or out_round: one window or one action each). */
+/* Parse segment s's payload from offset `start` (bpf_loop of seg_round). */
 static __always_inline void parse_payload(struct __sk_buff *skb, struct scratch *sc, struct http_state *st,
-					  const struct seg *s, __u32 start, long (*round)(__u32, void *))
+					  const struct seg *s, __u32 start)
 {
 	struct pcur *p = &sc->pc;
 	struct parse_ctx c = { .st = st, .sc = sc, .prog_ctx = skb };
@@ -211,7 +240,7 @@ static __always_inline void parse_payload(struct __sk_buff *skb, struct scratch 
 	p->len = s->payload_len;
 	p->payload_off = s->payload_off;
 	p->win_len = 0;
-	bpf_loop(MAX_ROUNDS, round, &c, 0);
+	bpf_loop(MAX_ROUNDS, seg_round, &c, 0);
 }
 
 #define TLS_HANDSHAKE 0x16
@@ -292,7 +321,7 @@ static __always_inline void tc_parse(struct __sk_buff *skb, struct scratch *sc)
 			goto out;
 		if (tls_segment(skb, sc, st, &s, start))
 			goto out;
-		parse_payload(skb, sc, st, &s, start, in_round);
+		parse_payload(skb, sc, st, &s, start);
 	}
 out:
 	if (s.fin || s.rst) {
@@ -321,29 +350,6 @@ int obi_tc_ingress(struct __sk_buff *skb)
 
 /* --- egress: the responses of server connections ------------------------------------ */
 
-/* The thread `tid` served connection t's request, whose response is going out: end its
- * link, so that its next outgoing calls are not children of a finished request. */
-static __always_inline void thread_unlink(__u64 tid, const struct obi_tuple *t)
-{
-	struct thread_ctx *tc = tid ? bpf_map_lookup_elem(&thread_ctx, &tid) : 0;
-
-	if (tc && tuple_eq(&tc->conn, t))
-		bpf_map_delete_elem(&thread_ctx, &tid);
-}
-
-/* The response to the connection's current request is going out: close the server span
- * (`resp` holds the status and the time of the status line), unlink the serving thread. */
-static __always_inline void server_resp(const struct obi_tuple *t, const struct http_state *resp,
-					struct http_state *in)
-{
-	__u64 tid = in ? in->server_tid : 0;
-
-	span_close(t, resp, in, OBI_EV_SERVER_SPAN, OBI_EV_SERVER_RESP, tid);
-	thread_unlink(tid, t);
-	if (in)
-		in->bits &= ~HS_READY;
-}
-
 /* A TLS server's first data segment after a request turn (see TLS turns, egress.bpf.c):
  * the request's event (with ids sockops may have read from kind 25) and its end. */
 static __always_inline void tls_server_reply(const struct obi_tuple *t, struct http_state *in)
@@ -364,27 +370,6 @@ static __always_inline void tls_server_reply(const struct obi_tuple *t, struct h
 	}
 	in->bits &= ~(HS_READY | HS_TCPOPT);
 	thread_unlink(in->server_tid, t);
-}
-
-/* bpf_loop callback: one window or one action of a response. */
-static long out_round(__u32 i, void *arg)
-{
-	struct parse_ctx *c = arg;
-	struct http_state *st = c->st;
-	struct scratch *sc = c->sc;
-
-	int next = round_start(st, sc);
-	if (next == ROUND_END)
-		return 1;
-	if (next == ROUND_LOAD && in_load(c->prog_ctx, sc))
-		return 1; /* bytes unreadable: skip the rest of this segment */
-	struct pcur *p = &sc->pc;
-	__u32 act = round_parse(c, p);
-	if (act == ACT_MSG_START)
-		st->start_ns = bpf_ktime_get_ns();
-	else if (act == ACT_LINE0_END && st->status >= 200) /* 1xx: the final response follows */
-		server_resp(&p->t, st, bpf_map_lookup_elem(&ingress_conns, &p->t));
-	return 0;
 }
 
 /* The body of obi_tc_egress once it holds the scratch slot. */
@@ -430,7 +415,7 @@ static __always_inline void tc_out(struct __sk_buff *skb, struct scratch *sc)
 	int start = seq_follow(st, &s);
 	if (start < 0)
 		goto out;
-	parse_payload(skb, sc, st, &s, start, out_round);
+	parse_payload(skb, sc, st, &s, start);
 out:
 	if (s.fin || s.rst)
 		bpf_map_delete_elem(&server_out, &p->t);
