@@ -35,12 +35,12 @@ from .queue import QueueLoop
 log = logging.getLogger("obi.fallback")
 
 LIBERAL = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"
-IP_TCP_HEADERS = 60
+IP_TCP_HEADERS = 60  # IPv6 (40) + TCP (20): the MSS headroom is computed for the larger family
 # Finished spans are handed to the exporter in batches of this many (or when the queue
 # has been idle for queue.WAKE_S, or at stop): the exporter's thread then wakes once per
 # batch instead of competing with the packet thread for the GIL on every span.
 SPAN_BATCH = 128
-SPAN_DELAY_S = 0.05  # ...and at least this often while spans are waiting  # IPv6 (40) + TCP (20): the MSS headroom is computed for the larger family
+SPAN_DELAY_S = 0.05  # ...and at least this often while spans are waiting
 
 
 def path_mtu() -> int:

@@ -73,21 +73,23 @@ class Message:
             self._lines, self._index = out, index
         return out
 
-    def _absent(self, lname: bytes) -> bool:
-        """Cheap, conservative test on a complete head: True only if no header can have
-        this lowercase name (the name is not even a substring of the head)."""
+    def _lowered(self) -> bytes:
+        """The complete head, lowercased (computed once)."""
         low = self._low
         if low is None:
             low = self._low = bytes(self.head).lower()
-        return lname not in low
+        return low
+
+    def absent(self, lname: bytes) -> bool:
+        """Cheap, conservative test on a complete head: True only if no header can have
+        this lowercase name (the name is not even a substring of the head)."""
+        return lname not in self._lowered()
 
     def _lookup(self, lname: bytes) -> list[bytes] | None:
         """header(lname) of a complete head without parsing every line, when the name
         occurs at most once in the head: only the line holding it can be that header.
         None = occurs more often, parse the head."""
-        low = self._low
-        if low is None:
-            low = self._low = bytes(self.head).lower()
+        low = self._lowered()
         at = low.find(lname)
         if at < 0:
             return []
@@ -118,7 +120,7 @@ class Message:
         if not self.head_done:
             return any(n.lower() == name for n, _ in self.header_lines())
         if self._index is None:
-            if self._absent(name):
+            if self.absent(name):
                 return False
             self.header_lines()
         return name in self._index  # type: ignore[operator]
@@ -294,11 +296,8 @@ class Stream:
             if method == "CONNECT" and 200 <= msg.status < 300:
                 self.kill("tunnel")
                 return
-        low = msg._low
-        if low is None:
-            low = msg._low = bytes(msg.head).lower()
         # Neither name in the head (the usual GET, or a response without a length): skip both lookups.
-        te = b",".join(msg.header(b"transfer-encoding")).lower() if b"transfer-encoding" in low else b""
+        te = b",".join(msg.header(b"transfer-encoding")).lower() if not msg.absent(b"transfer-encoding") else b""
         if te:
             if te.rsplit(b",", 1)[-1].strip() != b"chunked":
                 if msg.is_request:
@@ -310,7 +309,7 @@ class Stream:
             self._chunk_crlf = False
             self.line.clear()
             return
-        lengths = {v.strip() for v in msg.header(b"content-length")} if b"content-length" in low else None
+        lengths = {v.strip() for v in msg.header(b"content-length")} if not msg.absent(b"content-length") else None
         if lengths:
             if len(lengths) != 1 or not next(iter(lengths)).isdigit():
                 self.kill("bad Content-Length")
