@@ -105,12 +105,14 @@ class UserspaceDatapath:
                 log.info("userspace datapath: resumed translation of %d connection(s) with inserted headers",
                          len(resumed))
             self._set_liberal()
-            self._queue = QueueLoop(self.queue_num, self._handle, on_idle=self._idle)
+            self._queue = QueueLoop(self.queue_num, rules.observe_queue(self.queue_num), self._handle,
+                                    on_idle=self._idle)
             self._queue.start()  # read before the rules send us packets
             self._rules = rules.Rules(ports, self.queue_num, clamp_mss(mtu, self.cfg.propagate_tcp), self.instance)
             self._rules.__enter__()
-            log.info("userspace datapath: queue %d, ports %s, mtu %d (links outgoing calls per process, "
-                     "not per thread)", self.queue_num, ports, mtu)
+            log.info("userspace datapath: queues %d (sync) and %d (observe), ports %s, mtu %d (links outgoing "
+                     "calls per process, not per thread)", self.queue_num, rules.observe_queue(self.queue_num),
+                     ports, mtu)
         except MissingFeature:
             self.stop()
             raise
@@ -118,10 +120,10 @@ class UserspaceDatapath:
             self.stop()
             raise AttachError(f"userspace datapath: {e}") from e
 
-    def _handle(self, data: bytes, outgoing: bool):
+    def _handle(self, data: bytes, outgoing: bool, ts_ns: int):
         assert self.tracker is not None
         with self._lock:
-            verdict = self.tracker.handle(data, outgoing)
+            verdict = self.tracker.handle(data, outgoing, ts_ns)
             if self._journal is not None and self._journal.too_big:
                 self._journal.rewrite(self.tracker.shift_state())
             spans = self._spans
@@ -189,7 +191,7 @@ class UserspaceDatapath:
             self._rules = None
         if self._queue is not None:
             self._queue.stop()
-            self._queue_counts = {"packets_queued": self._queue.packets, "handler_errors": self._queue.errors}
+            self._queue_counts = self._queue.stats()
             self._queue = None
         if self.tracker is not None:
             with self._lock:
@@ -213,8 +215,7 @@ class UserspaceDatapath:
         out.update(self._queue_counts)
         out.update(self.drain_stats)
         if self._queue is not None:
-            out["packets_queued"] = self._queue.packets
-            out["handler_errors"] = self._queue.errors
+            out.update(self._queue.stats())
         return out
 
 

@@ -1,94 +1,125 @@
-"""The NFQUEUE loop: one thread reads packets, asks the handler, always accepts.
+"""The NFQUEUE loop: the C reader (`_nfq.Reader`) takes packets off the kernel's queues, one
+Python thread runs the handler on them in order.
 
-The thread sits in netfilterqueue's blocking C receive loop (`run()`): no Python runs
-between packets. The netlink socket has a receive timeout (SO_RCVTIMEO), so when idle the
-loop returns every `WAKE_S` and the thread sees `stop()`: stopping is prompt without a
-select() and a Python loop turn per packet.
+Two queues (see `rules`): packets of the *sync* queue (client connections, which may get an
+inserted header, translated seq/ack or a mark) wait for the handler's verdict; packets of
+the *observe* queue (connections served by watched processes, only read) were accepted by
+the reader the moment it got them, and the handler sees a copy afterwards. So a served
+request is not held up by Python, and when Python falls behind, the reader drops copies
+(counted as `observe_dropped`) instead of holding traffic.
 
-Fail open: whatever the handler does (returns, raises), the packet gets NF_ACCEPT, with the
-new bytes/mark only when the handler produced them without error. When the process dies
-the queue has no reader and the rules' --queue-bypass lets packets through.
+Fail open: whatever the handler does (returns, raises), a sync packet gets NF_ACCEPT, with
+the new bytes/mark only when the handler produced them without error. When the process
+dies the queues have no reader and the rules' --queue-bypass lets packets through.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
-import struct
 import threading
 from typing import Callable
-
-from netfilterqueue import NetfilterQueue
 
 from .flows import Verdict
 
 log = logging.getLogger("obi.fallback")
 
-NF_INET_LOCAL_OUT = 3  # hook numbers as netfilterqueue reports them
-QUEUE_MAXLEN = 4096
-WAKE_S = 0.2  # idle receive timeout: how long stop() may wait for the reader thread
+QUEUE_MAXLEN = 4096  # packets the kernel keeps per queue awaiting a verdict
+OBSERVE_BACKLOG = 65536  # copies of observed packets waiting for the handler, at most...
+OBSERVE_BACKLOG_BYTES = 64 << 20  # ...and at most this many bytes of them
+WAKE_S = 0.2  # idle fetch timeout: how long stop() may wait for the loop thread
+
+Handler = Callable[[bytes, bool, int], Verdict]
 
 
 class QueueLoop:
-    def __init__(self, num: int, handler: Callable[[bytes, bool], Verdict],
-                 on_idle: Callable[[], None] | None = None) -> None:
-        self.num = num
+    """`handler(data, outgoing, ts_ns)`: ts_ns is when the reader got the packet."""
+
+    def __init__(self, sync_queue: int, observe_queue: int, handler: Handler,
+                 on_idle: Callable[[], None] | None = None, backlog: int = OBSERVE_BACKLOG) -> None:
+        self.sync_queue = sync_queue
+        self.observe_queue = observe_queue
         self.handler = handler
-        self.on_idle = on_idle  # called in the reader thread after WAKE_S without packets
+        self.on_idle = on_idle  # called in the loop thread after WAKE_S without packets
+        self.backlog = backlog
         self.errors = 0
         self.packets = 0
-        self._nfq: NetfilterQueue | None = None
+        self.observe_changed = 0  # verdicts with changes for packets already accepted (a bug)
+        self._reader = None
+        self._final_stats: dict[str, int] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def _callback(self, pkt) -> None:
-        self.packets += 1
-        try:
-            verdict = self.handler(pkt.get_payload(), pkt.hook == NF_INET_LOCAL_OUT)
-            if verdict.mark:
-                pkt.set_mark(verdict.mark)
-            if verdict.payload is not None:
-                pkt.set_payload(verdict.payload)
-        except Exception:
-            self.errors += 1
-            if self.errors <= 10:
-                log.exception("packet handler failed; packet accepted unchanged")
-        finally:
-            pkt.accept()
-
     def start(self) -> None:
-        nfq = NetfilterQueue()
-        nfq.bind(self.num, self._callback, max_len=QUEUE_MAXLEN)
-        self._nfq = nfq
-        self._thread = threading.Thread(target=self._loop, name=f"nfqueue-{self.num}", daemon=True)
+        from . import _nfq  # the C extension; its absence is reported by the capability probe
+
+        self._reader = _nfq.Reader(self.sync_queue, self.observe_queue, QUEUE_MAXLEN, self.backlog,
+                                   OBSERVE_BACKLOG_BYTES)
+        self._thread = threading.Thread(target=self._loop, name=f"nfqueue-{self.sync_queue}", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
-        nfq = self._nfq
-        assert nfq is not None
-        # A receive timeout on the queue's netlink socket makes the blocking run() return
-        # (EAGAIN) when no packet came for WAKE_S. fromfd() dups the descriptor; the
-        # option belongs to the socket both descriptors share.
-        with socket.fromfd(nfq.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW) as sock:
-            sec = int(WAKE_S)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                            struct.pack("ll", sec, int((WAKE_S - sec) * 1_000_000)))
+        reader = self._reader
+        assert reader is not None
+        handler = self.handler
         while not self._stop.is_set():
             try:
-                nfq.run(block=True)
-                if self.on_idle is not None:
-                    self.on_idle()
+                batch = reader.fetch(WAKE_S)
             except Exception:
-                self.errors += 1
-                if self.errors <= 10:
-                    log.exception("nfqueue loop error")
-                self._stop.wait(0.01)  # a persistent error must neither spin nor flood the log
+                log.exception("nfqueue reader failed")
+                return
+            if not batch:
+                if not reader.stats()["running"]:
+                    log.error("nfqueue reader thread ended; packets now pass by --queue-bypass")
+                    return
+                if self.on_idle is not None:
+                    self._guard(self.on_idle)
+                continue
+            self.packets += len(batch)
+            for data, outgoing, ts_ns, packet_id in batch:
+                verdict = None
+                try:
+                    verdict = handler(data, outgoing, ts_ns)
+                except Exception:
+                    self._count_error("packet handler failed; packet accepted unchanged")
+                if packet_id is None:  # observed: accepted long ago
+                    if verdict is not None and (verdict.payload is not None or verdict.mark):
+                        self.observe_changed += 1
+                    continue
+                try:
+                    if verdict is None:
+                        reader.verdict(packet_id, None, 0)
+                    else:
+                        reader.verdict(packet_id, verdict.payload, verdict.mark)
+                except Exception:
+                    self._count_error("verdict failed")
+
+    def _guard(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:
+            self._count_error("idle hook failed")
+
+    def _count_error(self, what: str) -> None:
+        self.errors += 1
+        if self.errors <= 10:
+            log.exception(what)
+
+    def stats(self) -> dict[str, int]:
+        """Loop and reader counters (the reader's are kept after stop())."""
+        out = dict(self._final_stats)
+        if self._reader is not None:
+            out = {k: int(v) for k, v in self._reader.stats().items() if k != "running"}
+        out.update(packets_queued=self.packets, handler_errors=self.errors)
+        if self.observe_changed:
+            out["observe_changed"] = self.observe_changed
+        return out
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-        if self._nfq is not None:
-            self._nfq.unbind()
-            self._nfq = None
+        if self._reader is not None:
+            self._final_stats = {k: int(v) for k, v in self._reader.stats().items() if k != "running"}
+            self._reader.close()  # accepts sync packets nobody fetched, unbinds both queues
+            self._reader = None

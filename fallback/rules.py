@@ -5,7 +5,10 @@ it added, `cleanup()` deletes every rule whose comment starts with `obi-fallback
 killed agent left) in the current network namespace, and nothing else. All rules are in
 the mangle table, for IPv4 (iptables) and IPv6 (ip6tables):
 
-- server side: TCP to/from the watched ports (INPUT --dports, OUTPUT --sports);
+- server side: TCP to/from the watched ports (INPUT --dports, OUTPUT --sports), to the
+  *observe* queue (`queue + 1`): those segments are only read, never changed, so the reader
+  accepts them at once and the agent parses copies (see `queue`); everything else below
+  goes to the *sync* queue (`queue`), whose packets wait for the agent's verdict;
 - client side: every outgoing SYN is queued once; the agent marks the SYN of a connection
   owned by a selected process, POSTROUTING saves the mark in the connmark, and from then
   on both directions of that connection are queued by connmark;
@@ -33,7 +36,7 @@ log = logging.getLogger("obi.fallback")
 TAG_PREFIX = "obi-fallback"
 MARK = 0x02000000  # one mark bit: "connection of a selected process"
 SHIFT = 0x04000000  # one more: "bytes were inserted into this connection"
-DEFAULT_QUEUE = 177
+DEFAULT_QUEUE = 177  # the sync queue; the observe queue is the next number
 TABLE = "mangle"
 TOOLS = ("iptables", "ip6tables")
 
@@ -53,10 +56,17 @@ def _multiport_chunks(ports: Sequence[tuple[int, int]]) -> list[str]:
     return chunks
 
 
+def observe_queue(queue: int) -> int:
+    return queue + 1
+
+
 def rule_specs(ports: Sequence[tuple[int, int]], queue: int, mss: int, tag: str,
                clients: bool = True) -> list[tuple[str, list[str]]]:
-    """(chain, rule arguments) in insertion order; the same list for both IP versions."""
+    """(chain, rule arguments) in insertion order; the same list for both IP versions.
+    Client-side rules come first: a connection of a selected process to a local watched
+    port is a client connection on both hooks, so it must not reach the observe queue."""
     q = ["-j", "NFQUEUE", "--queue-num", str(queue), "--queue-bypass"]
+    observe = ["-j", "NFQUEUE", "--queue-num", str(observe_queue(queue)), "--queue-bypass"]
     c = ["-m", "comment", "--comment", tag]
     conn = ["-m", "connmark", "--mark", f"{MARK:#x}/{MARK:#x}"]
     shifted = ["-m", "connmark", "--mark", f"{SHIFT:#x}/{SHIFT:#x}"]
@@ -75,8 +85,8 @@ def rule_specs(ports: Sequence[tuple[int, int]], queue: int, mss: int, tag: str,
         ]
     for chunk in _multiport_chunks(ports):
         specs += [
-            ("INPUT", ["-p", "tcp", "-m", "multiport", "--dports", chunk, *c, *q]),
-            ("OUTPUT", ["-p", "tcp", "-m", "multiport", "--sports", chunk, *c, *q]),
+            ("INPUT", ["-p", "tcp", "-m", "multiport", "--dports", chunk, *c, *observe]),
+            ("OUTPUT", ["-p", "tcp", "-m", "multiport", "--sports", chunk, *c, *observe]),
         ]
     return specs
 

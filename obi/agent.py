@@ -17,8 +17,8 @@ log = logging.getLogger("obi.agent")
 
 
 def make_datapath(kind: Datapath, cfg: Config, sink: SpanSink) -> DatapathRunner:
-    # Imported lazily: the userspace path must not need libbpf, nor the kernel path
-    # netfilterqueue.
+    # Imported lazily: the userspace path must not need libbpf, nor the kernel path the
+    # NFQUEUE reader extension.
     if kind is Datapath.KERNEL:
         from .kernel.datapath import KernelDatapath
 

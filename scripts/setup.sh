@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   clang llvm make gcc libc6-dev          # compile bpf/*.bpf.c (clang -target bpf)
   libbpf-dev libbpf1 bpftool             # libbpf headers at build time, libbpf.so.1 at run time
-  iptables libnetfilter-queue-dev        # userspace datapath (NFQUEUE, netfilterqueue build)
+  iptables                               # userspace datapath (NFQUEUE rules)
+  libnetfilter-queue-dev                 # builds netfilterqueue, for the benchmark's no-op NFQUEUE arm
   iproute2 iputils-ping                  # namespaces, veth, tc
   curl openssl wrk                       # demo, tests (TLS), benchmarks
   util-linux libcap2-bin                 # setpriv/capsh for least-privilege tests
@@ -36,9 +37,10 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-# Re-install only when the project metadata changed since the last install.
+# Re-install only when the project metadata or the C extension (fallback/_nfq.c, built by
+# pip through setup.py) changed since the last install.
 stamp=.venv/.obi-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] || [ fallback/_nfq.c -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   .venv/bin/python -m pip install -q -e '.[test,bench]'
   touch "$stamp"

@@ -9,7 +9,6 @@ is `ok=False` with the reason, `ok=None` means it could not be told (e.g. object
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import platform
 import re
@@ -343,9 +342,13 @@ def probe_iptables() -> Probe:
 
 
 def probe_nfqueue() -> Probe:
-    """netfilterqueue importable + iptables accepts an NFQUEUE rule (in a throw-away netns)."""
-    if importlib.util.find_spec("netfilterqueue") is None:
-        return Probe("nfqueue", False, "python module netfilterqueue not installed")
+    """The NFQUEUE reader extension is built + iptables accepts an NFQUEUE rule (in a
+    throw-away netns)."""
+    try:
+        from obi.fallback import _nfq  # noqa: F401
+    except ImportError as e:
+        return Probe("nfqueue", False, f"NFQUEUE reader extension obi.fallback._nfq not built ({e}); "
+                                       "reinstall obi-py with a C compiler")
     ns = f"{NETNS_PREFIX}-{os.getpid()}-{secrets.token_hex(3)}"
     try:
         res = subprocess.run(["ip", "netns", "add", ns], capture_output=True, text=True, timeout=10)
@@ -356,7 +359,7 @@ def probe_nfqueue() -> Probe:
         res = subprocess.run(["ip", "netns", "exec", ns, *rule], capture_output=True, text=True, timeout=10)
         if res.returncode != 0:
             return Probe("nfqueue", False, f"iptables refused an NFQUEUE rule: {res.stderr.strip()}")
-        return Probe("nfqueue", True, "netfilterqueue importable, iptables accepts NFQUEUE --queue-bypass")
+        return Probe("nfqueue", True, "NFQUEUE reader (obi.fallback._nfq) built, iptables accepts NFQUEUE --queue-bypass")
     except (OSError, subprocess.SubprocessError) as e:
         return Probe("nfqueue", False, f"{type(e).__name__}: {e}")
     finally:

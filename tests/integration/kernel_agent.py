@@ -48,14 +48,14 @@ def skip_module_unless_kernel_path(tools: dict[str, str] | None = None) -> None:
 
 def nfqueue_missing(iptables_use: str) -> str:
     """"" when the userspace (NFQUEUE) path can run here, else the reason: namespaces, the
-    netfilterqueue package, iptables. iptables_use: what the caller needs iptables for."""
+    NFQUEUE reader extension, iptables. iptables_use: what the caller needs iptables for."""
     why = have_netns_tools()
     if why:
         return why
     try:
-        import netfilterqueue  # noqa: F401
-    except ImportError:
-        return "needs the netfilterqueue Python package (NFQUEUE)"
+        from obi.fallback import _nfq  # noqa: F401
+    except ImportError as e:
+        return f"the NFQUEUE reader extension obi.fallback._nfq is not built ({e}; run scripts/setup.sh)"
     if subprocess.run(["which", "iptables"], capture_output=True).returncode:
         return f"needs iptables ({iptables_use})"
     return ""

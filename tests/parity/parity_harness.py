@@ -51,9 +51,9 @@ def skip_reason(datapath: str) -> str:
             return f"kernel datapath needs bpf_loop (kernel >= 5.17): {probe.detail}"
         return ""
     try:
-        import netfilterqueue  # noqa: F401
-    except ImportError:
-        return "userspace datapath needs the netfilterqueue Python package (NFQUEUE)"
+        from obi.fallback import _nfq  # noqa: F401
+    except ImportError as e:
+        return f"userspace datapath needs its NFQUEUE reader extension obi.fallback._nfq ({e}; run scripts/setup.sh)"
     if subprocess.run(["which", "iptables"], capture_output=True).returncode:
         return "userspace datapath needs iptables (NFQUEUE, connmark, TCPMSS targets)"
     return ""

@@ -1,0 +1,683 @@
+/*
+ * obi.fallback._nfq: the NFQUEUE reader of the userspace datapath, in C.
+ *
+ * Why C: a Python per-packet callback (netfilterqueue) makes every queued packet wait for
+ * the whole Python handler before the kernel gets its verdict, and pays for the GIL and a
+ * verdict syscall per packet. Most queued packets are never modified: the segments of
+ * connections *served* by watched processes (requests in, responses out) are only read,
+ * to make server spans. So the rules send those to a second queue, the "observe" queue,
+ * and this module's reader thread accepts them at once (one batched verdict per receive
+ * batch, no GIL involved) and hands copies to Python afterwards. Only the packets that may
+ * have to change (client connections: header insertion, seq/ack translation, the mark on
+ * the SYN) go through the "sync" queue and wait for Python's verdict.
+ *
+ * One netlink socket is bound to both queues, so packets reach Python in the order the
+ * kernel queued them (a served request is always seen before the outgoing call it causes).
+ *
+ * Overload: copies of observed packets wait in a bounded backlog; when Python falls behind,
+ * new copies are dropped and counted (the traffic is not held up; those spans are lost).
+ * The observe queue is bound with NFQA_CFG_F_FAIL_OPEN: if even this thread falls behind,
+ * the kernel accepts observed packets itself. The sync queue is not: its packets may need
+ * sequence translation, and one let through untranslated would corrupt its stream; the
+ * kernel drops those (TCP retransmits) when the queue is full, as before.
+ *
+ * Python API (see fallback/queue.py for the loop that uses it):
+ *   r = Reader(sync_queue, observe_queue, maxlen, backlog, backlog_bytes)   binds both queues, starts
+ *       the thread; backlog/backlog_bytes bound the copies of observed packets waiting for Python
+ *   r.fetch(timeout_s) -> [(data, outgoing, ts_ns, packet_id or None), ...]   (GIL released while waiting)
+ *   r.verdict(packet_id, payload or None, mark)   NF_ACCEPT for a sync packet (new bytes/mark optional)
+ *   r.stats() -> dict;  r.close()   (unfetched sync packets are accepted unchanged)
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <linux/netfilter.h>
+#include <linux/netfilter/nfnetlink.h>
+#include <linux/netfilter/nfnetlink_queue.h>
+#include <linux/netlink.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BATCH 32                      /* netlink messages per recvmmsg() */
+#define MSG_ROOM (65536 + 4096)       /* a whole 64 KiB packet (copy range 0xffff) plus attributes */
+#define RCVBUF_BYTES (8 << 20)        /* so a burst does not overflow the socket */
+#define COPY_RANGE 0xffff
+
+typedef struct pkt {
+    struct pkt *next;
+    uint32_t id;
+    uint8_t outgoing;
+    uint8_t sync;                     /* waits for Python's verdict */
+    int64_t ts_ns;                    /* CLOCK_REALTIME when read from the socket */
+    uint32_t len;
+    unsigned char data[];
+} pkt_t;
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    int wake_fd;                      /* eventfd: tells the reader thread to stop */
+    uint16_t sync_queue, observe_queue;
+    pthread_t thread;
+    int thread_started;
+    int closed;
+    volatile int stop;
+    pthread_mutex_t mu;               /* guards the list and the counters below */
+    pthread_cond_t cv;                /* signalled when packets are appended or the thread ends */
+    pkt_t *head, *tail;
+    uint64_t observe_waiting;         /* copies of observed packets in the list */
+    uint64_t observe_bytes;           /* and their size */
+    uint64_t backlog, backlog_bytes;  /* limits of the two */
+    int thread_done;
+    /* counters (under mu) */
+    uint64_t received, observed, observe_dropped, acks_skipped, sync, recv_errors, overruns, truncated, unparsed;
+    uint64_t verdicts, send_errors;   /* atomic: counted by whichever thread sent */
+    struct mmsghdr msgs[BATCH];
+    struct iovec iov[BATCH];
+    unsigned char *rbuf;
+} Reader;
+
+/* --- netlink plumbing ------------------------------------------------------------------ */
+
+static struct sockaddr_nl kernel_addr = {.nl_family = AF_NETLINK};
+
+static size_t put_attr(unsigned char *buf, size_t off, uint16_t type, const void *data, size_t len)
+{
+    struct nlattr *a = (struct nlattr *)(buf + off);
+    a->nla_type = type;
+    a->nla_len = (uint16_t)(NLA_HDRLEN + len);
+    if (len)
+        memcpy(buf + off + NLA_HDRLEN, data, len);
+    size_t end = off + NLA_ALIGN(NLA_HDRLEN + len);
+    memset(buf + off + NLA_HDRLEN + len, 0, end - off - NLA_HDRLEN - len);
+    return end;
+}
+
+/* Start a queue-subsystem message in buf; returns the offset where attributes go. */
+static size_t put_header(unsigned char *buf, uint8_t msg, uint16_t flags, uint16_t queue, uint32_t seq)
+{
+    struct nlmsghdr *nlh = (struct nlmsghdr *)buf;
+    nlh->nlmsg_type = (NFNL_SUBSYS_QUEUE << 8) | msg;
+    nlh->nlmsg_flags = NLM_F_REQUEST | flags;
+    nlh->nlmsg_seq = seq;
+    nlh->nlmsg_pid = 0;
+    struct nfgenmsg *g = (struct nfgenmsg *)(buf + NLMSG_HDRLEN);
+    g->nfgen_family = AF_UNSPEC;
+    g->version = NFNETLINK_V0;
+    g->res_id = htons(queue);
+    return NLMSG_HDRLEN + NLMSG_ALIGN(sizeof(struct nfgenmsg));
+}
+
+static void finish(unsigned char *buf, size_t len) { ((struct nlmsghdr *)buf)->nlmsg_len = (uint32_t)len; }
+
+static int send_all(int fd, const void *buf, size_t len)
+{
+    for (;;) {
+        ssize_t n = sendto(fd, buf, len, 0, (struct sockaddr *)&kernel_addr, sizeof kernel_addr);
+        if (n >= 0)
+            return 0;
+        if (errno != EINTR)
+            return -errno;
+    }
+}
+
+/* Accept a packet that arrived while we were configuring (a rule of ours already in place). */
+static void accept_stray(int fd, struct nlmsghdr *h)
+{
+    struct nfgenmsg *g = NLMSG_DATA(h);
+    struct nlattr *a = (struct nlattr *)((char *)g + NLMSG_ALIGN(sizeof *g));
+    int left = (int)h->nlmsg_len - (int)((char *)a - (char *)h);
+    for (; left >= NLA_HDRLEN && a->nla_len >= NLA_HDRLEN && a->nla_len <= left;
+         left -= NLA_ALIGN(a->nla_len), a = (struct nlattr *)((char *)a + NLA_ALIGN(a->nla_len))) {
+        if ((a->nla_type & NLA_TYPE_MASK) != NFQA_PACKET_HDR)
+            continue;
+        struct nfqnl_msg_packet_hdr *ph = (void *)((char *)a + NLA_HDRLEN);
+        unsigned char vb[64];
+        size_t vo = put_header(vb, NFQNL_MSG_VERDICT, 0, ntohs(g->res_id), 0);
+        struct nfqnl_msg_verdict_hdr vh = {htonl(NF_ACCEPT), ph->packet_id};
+        vo = put_attr(vb, vo, NFQA_VERDICT_HDR, &vh, sizeof vh);
+        finish(vb, vo);
+        send_all(fd, vb, vo);
+    }
+}
+
+/* Send a request built with NLM_F_ACK and wait for the kernel's answer: 0 or -errno. */
+static int request(int fd, unsigned char *msg, size_t len, uint32_t seq)
+{
+    int err = send_all(fd, msg, len);
+    if (err)
+        return err;
+    unsigned char *rb = malloc(MSG_ROOM);
+    if (!rb)
+        return -ENOMEM;
+    err = -ETIMEDOUT;
+    for (int tries = 0; tries < 10000 && err == -ETIMEDOUT; tries++) {
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        if (poll(&p, 1, 2000) <= 0)
+            break;
+        int n = (int)recv(fd, rb, MSG_ROOM, 0);
+        if (n < 0) {
+            if (errno == EINTR || errno == ENOBUFS)
+                continue;
+            err = -errno;
+            break;
+        }
+        for (struct nlmsghdr *h = (struct nlmsghdr *)rb; NLMSG_OK(h, n); h = NLMSG_NEXT(h, n)) {
+            if (h->nlmsg_type == NLMSG_ERROR && h->nlmsg_seq == seq) {
+                err = ((struct nlmsgerr *)NLMSG_DATA(h))->error;
+                break;
+            }
+            if (h->nlmsg_type == ((NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET))
+                accept_stray(fd, h);
+        }
+    }
+    free(rb);
+    return err;
+}
+
+static int config(int fd, uint16_t queue, uint16_t type, const void *data, size_t len, uint32_t seq)
+{
+    unsigned char buf[128];
+    size_t off = put_header(buf, NFQNL_MSG_CONFIG, NLM_F_ACK, queue, seq);
+    off = put_attr(buf, off, type, data, len);
+    finish(buf, off);
+    return request(fd, buf, off, seq);
+}
+
+static int bind_queue(int fd, uint16_t queue, uint32_t maxlen, uint32_t flags, uint32_t *seq)
+{
+    struct nfqnl_msg_config_cmd cmd = {.command = NFQNL_CFG_CMD_BIND, .pf = htons(AF_UNSPEC)};
+    int err = config(fd, queue, NFQA_CFG_CMD, &cmd, sizeof cmd, ++*seq);
+    if (err)
+        return err;
+    struct nfqnl_msg_config_params params = {.copy_range = htonl(COPY_RANGE), .copy_mode = NFQNL_COPY_PACKET};
+    if ((err = config(fd, queue, NFQA_CFG_PARAMS, &params, sizeof params, ++*seq)))
+        return err;
+    uint32_t ml = htonl(maxlen);
+    if ((err = config(fd, queue, NFQA_CFG_QUEUE_MAXLEN, &ml, sizeof ml, ++*seq)))
+        return err;
+    if (!flags)
+        return 0;
+    /* NFQA_CFG_FLAGS is only taken together with NFQA_CFG_MASK, in the same message. */
+    unsigned char buf[128];
+    size_t off = put_header(buf, NFQNL_MSG_CONFIG, NLM_F_ACK, queue, ++*seq);
+    uint32_t f = htonl(flags);
+    off = put_attr(buf, off, NFQA_CFG_MASK, &f, sizeof f);
+    off = put_attr(buf, off, NFQA_CFG_FLAGS, &f, sizeof f);
+    finish(buf, off);
+    return request(fd, buf, off, *seq);
+}
+
+/* --- the reader thread ------------------------------------------------------------------ */
+
+/* An observed segment Python has no use for: TCP with no payload and no SYN/FIN/RST (a bare
+ * ACK). Server connections are parsed from their data and their SYN/FIN/RST only. Anything
+ * this does not understand (IPv6 extension headers, fragments) is handed on. */
+static int bare_ack(const unsigned char *p, uint32_t len)
+{
+    uint32_t ip_len, total;
+    if (len >= 20 && p[0] >> 4 == 4) {
+        ip_len = (p[0] & 15) * 4u;
+        total = (uint32_t)p[2] << 8 | p[3];
+        if (p[9] != 6 || ip_len < 20 || (((p[6] & 0x3f) << 8) | p[7]) != 0)  /* not TCP, or a fragment */
+            return 0;
+    } else if (len >= 40 && p[0] >> 4 == 6) {
+        ip_len = 40;
+        total = 40 + ((uint32_t)p[4] << 8 | p[5]);
+        if (p[6] != 6)
+            return 0;
+    } else {
+        return 0;
+    }
+    if (total > len || ip_len + 20 > total)
+        return 0;
+    const unsigned char *tcp = p + ip_len;
+    uint32_t tcp_len = (tcp[12] >> 4) * 4u;
+    uint8_t flags = tcp[13];
+    return tcp_len >= 20 && ip_len + tcp_len == total && !(flags & 0x07);  /* FIN 1, SYN 2, RST 4 */
+}
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void send_verdict(Reader *r, uint8_t msg, uint16_t queue, uint32_t id_be)
+{
+    unsigned char vb[64];
+    size_t vo = put_header(vb, msg, 0, queue, 0);
+    struct nfqnl_msg_verdict_hdr vh = {htonl(NF_ACCEPT), id_be};
+    vo = put_attr(vb, vo, NFQA_VERDICT_HDR, &vh, sizeof vh);
+    finish(vb, vo);
+    if (send_all(r->fd, vb, vo))
+        __atomic_fetch_add(&r->send_errors, 1, __ATOMIC_RELAXED);
+}
+
+/* One packet message: returns a list node (NULL for a packet only accepted). *observe_id is
+ * set to the id of an observed packet, which the caller accepts in one batch verdict. */
+static pkt_t *take_packet(Reader *r, struct nlmsghdr *h, int truncated, uint32_t *observe_id, int *seen_observe)
+{
+    struct nfgenmsg *g = NLMSG_DATA(h);
+    uint16_t queue = ntohs(g->res_id);
+    struct nfqnl_msg_packet_hdr *ph = NULL;
+    unsigned char *payload = NULL;
+    uint32_t plen = 0;
+    struct nlattr *a = (struct nlattr *)((char *)g + NLMSG_ALIGN(sizeof *g));
+    int left = (int)h->nlmsg_len - (int)((char *)a - (char *)h);
+    for (; left >= NLA_HDRLEN && a->nla_len >= NLA_HDRLEN && a->nla_len <= left;
+         left -= NLA_ALIGN(a->nla_len), a = (struct nlattr *)((char *)a + NLA_ALIGN(a->nla_len))) {
+        int type = a->nla_type & NLA_TYPE_MASK;
+        if (type == NFQA_PACKET_HDR && a->nla_len >= NLA_HDRLEN + sizeof *ph)
+            ph = (void *)((char *)a + NLA_HDRLEN);
+        else if (type == NFQA_PAYLOAD) {
+            payload = (unsigned char *)a + NLA_HDRLEN;
+            plen = a->nla_len - NLA_HDRLEN;
+        }
+    }
+    if (!ph) {
+        r->unparsed++;
+        return NULL;
+    }
+    int observe = queue == r->observe_queue;
+    if (observe) {
+        *observe_id = ph->packet_id;
+        *seen_observe = 1;
+    }
+    if (truncated || !payload) {
+        /* Cannot hand it on whole: accept it as it is (fail open). */
+        r->truncated++;
+        if (!observe)
+            send_verdict(r, NFQNL_MSG_VERDICT, queue, ph->packet_id);
+        return NULL;
+    }
+    if (observe && bare_ack(payload, plen)) {
+        r->acks_skipped++;
+        return NULL;
+    }
+    if (observe && (r->observe_waiting >= r->backlog || r->observe_bytes + plen > r->backlog_bytes)) {
+        r->observe_dropped++;
+        return NULL;
+    }
+    pkt_t *p = malloc(sizeof *p + plen);
+    if (!p) {
+        r->overruns++;
+        if (!observe)
+            send_verdict(r, NFQNL_MSG_VERDICT, queue, ph->packet_id);
+        return NULL;
+    }
+    p->next = NULL;
+    p->id = ntohl(ph->packet_id);
+    p->outgoing = ph->hook == NF_INET_LOCAL_OUT;
+    p->sync = !observe;
+    p->ts_ns = now_ns();
+    p->len = plen;
+    memcpy(p->data, payload, plen);
+    if (observe) {
+        r->observed++;
+        r->observe_waiting++;
+        r->observe_bytes += plen;
+    } else {
+        r->sync++;
+    }
+    return p;
+}
+
+static void *reader_main(void *arg)
+{
+    Reader *r = arg;
+    for (int i = 0; i < BATCH; i++) {
+        r->iov[i].iov_base = r->rbuf + (size_t)i * MSG_ROOM;
+        r->iov[i].iov_len = MSG_ROOM;
+        memset(&r->msgs[i].msg_hdr, 0, sizeof r->msgs[i].msg_hdr);
+        r->msgs[i].msg_hdr.msg_iov = &r->iov[i];
+        r->msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    while (!r->stop) {
+        struct pollfd p[2] = {{.fd = r->fd, .events = POLLIN}, {.fd = r->wake_fd, .events = POLLIN}};
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        if (r->stop || p[1].revents)
+            break;
+        int n = recvmmsg(r->fd, r->msgs, BATCH, MSG_DONTWAIT, NULL);
+        if (n < 0) {
+            pthread_mutex_lock(&r->mu);
+            if (errno == ENOBUFS)
+                r->overruns++;  /* the socket overflowed: the kernel dropped or (observe) accepted packets */
+            else if (errno != EAGAIN && errno != EINTR)
+                r->recv_errors++;
+            pthread_mutex_unlock(&r->mu);
+            continue;
+        }
+        pkt_t *first = NULL, *last = NULL;
+        uint32_t observe_id = 0;
+        int seen_observe = 0;
+        pthread_mutex_lock(&r->mu);
+        for (int i = 0; i < n; i++) {
+            int len = (int)r->msgs[i].msg_len;
+            int truncated = (r->msgs[i].msg_hdr.msg_flags & MSG_TRUNC) != 0;
+            for (struct nlmsghdr *h = r->iov[i].iov_base; NLMSG_OK(h, len); h = NLMSG_NEXT(h, len)) {
+                if (h->nlmsg_type >> 8 != NFNL_SUBSYS_QUEUE || (h->nlmsg_type & 0xff) != NFQNL_MSG_PACKET) {
+                    if (h->nlmsg_type == NLMSG_ERROR && ((struct nlmsgerr *)NLMSG_DATA(h))->error)
+                        __atomic_fetch_add(&r->send_errors, 1, __ATOMIC_RELAXED);  /* a refused verdict */
+                    continue;
+                }
+                r->received++;
+                pkt_t *pk = take_packet(r, h, truncated, &observe_id, &seen_observe);
+                if (pk) {
+                    if (last)
+                        last->next = pk;
+                    else
+                        first = pk;
+                    last = pk;
+                }
+            }
+        }
+        if (first) {
+            if (r->tail)
+                r->tail->next = first;
+            else
+                r->head = first;
+            r->tail = last;
+            pthread_cond_broadcast(&r->cv);
+        }
+        pthread_mutex_unlock(&r->mu);
+        /* Observed packets are only read: accept all of them up to the last id at once. */
+        if (seen_observe)
+            send_verdict(r, NFQNL_MSG_VERDICT_BATCH, r->observe_queue, observe_id);
+    }
+    pthread_mutex_lock(&r->mu);
+    r->thread_done = 1;
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->mu);
+    return NULL;
+}
+
+/* --- Python type ------------------------------------------------------------------------ */
+
+static void release_all(Reader *r)
+{
+    /* Unfetched sync packets get NF_ACCEPT unchanged: their rules are gone by now. */
+    pkt_t *p = r->head;
+    r->head = r->tail = NULL;
+    r->observe_waiting = r->observe_bytes = 0;
+    while (p) {
+        pkt_t *next = p->next;
+        if (p->sync && r->fd >= 0)
+            send_verdict(r, NFQNL_MSG_VERDICT, r->sync_queue, htonl(p->id));
+        free(p);
+        p = next;
+    }
+}
+
+static void reader_close(Reader *r)
+{
+    if (r->closed)
+        return;
+    r->closed = 1;
+    if (r->thread_started) {
+        r->stop = 1;
+        uint64_t one = 1;
+        if (write(r->wake_fd, &one, sizeof one) < 0) { /* the flag alone ends it at the next packet */ }
+        Py_BEGIN_ALLOW_THREADS
+        pthread_join(r->thread, NULL);
+        Py_END_ALLOW_THREADS
+        r->thread_started = 0;
+    }
+    release_all(r);
+    if (r->fd >= 0) {
+        close(r->fd);  /* unbinds both queues; the kernel flushes what is still queued */
+        r->fd = -1;
+    }
+    if (r->wake_fd >= 0) {
+        close(r->wake_fd);
+        r->wake_fd = -1;
+    }
+    free(r->rbuf);
+    r->rbuf = NULL;
+}
+
+static void Reader_dealloc(Reader *r)
+{
+    reader_close(r);
+    pthread_mutex_destroy(&r->mu);
+    pthread_cond_destroy(&r->cv);
+    Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *names[] = {"sync_queue", "observe_queue", "maxlen", "backlog", "backlog_bytes", NULL};
+    int sq, oq;
+    unsigned int maxlen = 4096;
+    unsigned long long backlog = 65536, backlog_bytes = 64ULL << 20;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ii|IKK", names, &sq, &oq, &maxlen, &backlog, &backlog_bytes))
+        return NULL;
+    if (sq < 0 || sq > 65535 || oq < 0 || oq > 65535 || sq == oq) {
+        PyErr_SetString(PyExc_ValueError, "queue numbers must be two different values in 0..65535");
+        return NULL;
+    }
+    Reader *r = (Reader *)type->tp_alloc(type, 0);
+    if (!r)
+        return NULL;
+    r->fd = r->wake_fd = -1;
+    r->sync_queue = (uint16_t)sq;
+    r->observe_queue = (uint16_t)oq;
+    r->backlog = backlog;
+    r->backlog_bytes = backlog_bytes;
+    pthread_mutex_init(&r->mu, NULL);
+    pthread_cond_init(&r->cv, NULL);
+    r->rbuf = malloc((size_t)BATCH * MSG_ROOM);
+    r->fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_NETFILTER);
+    r->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (!r->rbuf || r->fd < 0 || r->wake_fd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(r);
+        return NULL;
+    }
+    struct sockaddr_nl local = {.nl_family = AF_NETLINK};
+    int size = RCVBUF_BYTES;
+    if (setsockopt(r->fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size) < 0)
+        setsockopt(r->fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
+    int err = 0;
+    uint32_t seq = (uint32_t)time(NULL);
+    const char *what = "bind the netlink socket";
+    if (bind(r->fd, (struct sockaddr *)&local, sizeof local) < 0)
+        err = -errno;
+    if (!err) {
+        what = "bind the sync queue";
+        err = bind_queue(r->fd, r->sync_queue, maxlen, 0, &seq);
+    }
+    if (!err) {
+        what = "bind the observe queue";
+        err = bind_queue(r->fd, r->observe_queue, maxlen, NFQA_CFG_F_FAIL_OPEN, &seq);
+    }
+    if (err) {
+        errno = -err;
+        PyErr_Format(PyExc_OSError, "NFQUEUE: cannot %s (queues %d/%d): %s%s", what, sq, oq, strerror(-err),
+                     err == -EBUSY ? " (another process reads this queue)" : "");
+        Py_DECREF(r);
+        return NULL;
+    }
+    if ((err = pthread_create(&r->thread, NULL, reader_main, r))) {
+        PyErr_Format(PyExc_OSError, "NFQUEUE: cannot start the reader thread: %s", strerror(err));
+        Py_DECREF(r);
+        return NULL;
+    }
+    r->thread_started = 1;
+    return (PyObject *)r;
+}
+
+static PyObject *Reader_fetch(Reader *r, PyObject *args)
+{
+    double timeout = 0.2;
+    if (!PyArg_ParseTuple(args, "|d", &timeout))
+        return NULL;
+    if (r->closed) {
+        PyErr_SetString(PyExc_ValueError, "reader is closed");
+        return NULL;
+    }
+    pkt_t *got = NULL;
+    uint64_t observed_taken = 0, observed_bytes = 0;
+    Py_BEGIN_ALLOW_THREADS
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    long long ns = until.tv_nsec + (long long)(timeout * 1e9);
+    until.tv_sec += ns / 1000000000LL;
+    until.tv_nsec = ns % 1000000000LL;
+    pthread_mutex_lock(&r->mu);
+    while (!r->head && !r->thread_done) {
+        if (pthread_cond_timedwait(&r->cv, &r->mu, &until) == ETIMEDOUT)
+            break;
+    }
+    got = r->head;
+    r->head = r->tail = NULL;
+    for (pkt_t *p = got; p; p = p->next) {
+        observed_taken += !p->sync;
+        observed_bytes += p->sync ? 0 : p->len;
+    }
+    r->observe_waiting -= observed_taken;
+    r->observe_bytes -= observed_bytes;
+    pthread_mutex_unlock(&r->mu);
+    Py_END_ALLOW_THREADS
+    PyObject *out = PyList_New(0);
+    while (got) {
+        pkt_t *p = got;
+        got = p->next;
+        if (out) {
+            PyObject *item = Py_BuildValue("(y#OLN)", (const char *)p->data, (Py_ssize_t)p->len,
+                                           p->outgoing ? Py_True : Py_False, (long long)p->ts_ns,
+                                           p->sync ? PyLong_FromUnsignedLong(p->id) : Py_NewRef(Py_None));
+            if (!item || PyList_Append(out, item) < 0) {
+                Py_XDECREF(item);
+                Py_CLEAR(out);
+            } else {
+                Py_DECREF(item);
+            }
+        }
+        if (!out && p->sync)  /* out of memory: the packet must still get a verdict */
+            send_verdict(r, NFQNL_MSG_VERDICT, r->sync_queue, htonl(p->id));
+        free(p);
+    }
+    return out;
+}
+
+static PyObject *Reader_verdict(Reader *r, PyObject *args)
+{
+    unsigned long id;
+    Py_buffer payload = {0};
+    PyObject *pobj;
+    unsigned long mark = 0;
+    if (!PyArg_ParseTuple(args, "kO|k", &id, &pobj, &mark))
+        return NULL;
+    if (r->closed || r->fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "reader is closed");
+        return NULL;
+    }
+    if (pobj != Py_None && PyObject_GetBuffer(pobj, &payload, PyBUF_SIMPLE) < 0)
+        return NULL;
+    size_t room = 128 + (size_t)NLA_ALIGN(payload.len);
+    unsigned char small[128];
+    unsigned char *buf = payload.buf ? malloc(room) : small;
+    if (!buf) {
+        PyBuffer_Release(&payload);
+        return PyErr_NoMemory();
+    }
+    size_t off = put_header(buf, NFQNL_MSG_VERDICT, 0, r->sync_queue, 0);
+    struct nfqnl_msg_verdict_hdr vh = {htonl(NF_ACCEPT), htonl((uint32_t)id)};
+    off = put_attr(buf, off, NFQA_VERDICT_HDR, &vh, sizeof vh);
+    if (mark) {
+        uint32_t m = htonl((uint32_t)mark);
+        off = put_attr(buf, off, NFQA_MARK, &m, sizeof m);
+    }
+    if (payload.buf)
+        off = put_attr(buf, off, NFQA_PAYLOAD, payload.buf, (size_t)payload.len);
+    finish(buf, off);
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = send_all(r->fd, buf, off);
+    Py_END_ALLOW_THREADS
+    if (buf != small)
+        free(buf);
+    PyBuffer_Release(&payload);
+    __atomic_fetch_add(err ? &r->send_errors : &r->verdicts, 1, __ATOMIC_RELAXED);
+    if (err) {
+        errno = -err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Reader_stats(Reader *r, PyObject *Py_UNUSED(ignored))
+{
+    pthread_mutex_lock(&r->mu);
+    uint64_t v[] = {r->received, r->observed, r->observe_dropped, r->acks_skipped, r->sync,
+                    __atomic_load_n(&r->verdicts, __ATOMIC_RELAXED), __atomic_load_n(&r->send_errors, __ATOMIC_RELAXED),
+                    r->recv_errors, r->overruns, r->truncated, r->unparsed, r->observe_waiting};
+    int running = r->thread_started && !r->thread_done;
+    pthread_mutex_unlock(&r->mu);
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsO}", "received", v[0], "observed", v[1],
+                         "observe_dropped", v[2], "acks_skipped", v[3], "sync", v[4], "verdicts", v[5],
+                         "send_errors", v[6], "recv_errors", v[7], "overruns", v[8], "truncated", v[9],
+                         "unparsed", v[10], "observe_waiting", v[11],
+                         "running", running ? Py_True : Py_False);
+}
+
+static PyObject *Reader_close(Reader *r, PyObject *Py_UNUSED(ignored))
+{
+    reader_close(r);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Reader_methods[] = {
+    {"fetch", (PyCFunction)Reader_fetch, METH_VARARGS,
+     "fetch(timeout_s=0.2) -> list of (data, outgoing, ts_ns, packet_id or None); [] after the timeout"},
+    {"verdict", (PyCFunction)Reader_verdict, METH_VARARGS,
+     "verdict(packet_id, payload or None, mark=0): accept a sync packet, with new bytes / mark if given"},
+    {"stats", (PyCFunction)Reader_stats, METH_NOARGS, "counters of the reader"},
+    {"close", (PyCFunction)Reader_close, METH_NOARGS, "stop the thread, accept unfetched sync packets, unbind"},
+    {NULL},
+};
+
+static PyTypeObject ReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "obi.fallback._nfq.Reader",
+    .tp_basicsize = sizeof(Reader),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "NFQUEUE reader bound to a sync queue (Python decides) and an observe queue (accepted at once)",
+    .tp_new = Reader_new,
+    .tp_dealloc = (destructor)Reader_dealloc,
+    .tp_methods = Reader_methods,
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "obi.fallback._nfq",
+                                    "NFQUEUE reader of the userspace datapath", -1, NULL};
+
+PyMODINIT_FUNC PyInit__nfq(void)
+{
+    if (PyType_Ready(&ReaderType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&ReaderType);
+    if (PyModule_AddObject(m, "Reader", (PyObject *)&ReaderType) < 0) {
+        Py_DECREF(&ReaderType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
