@@ -120,7 +120,7 @@ class UserspaceDatapath:
             self.stop()
             raise AttachError(f"userspace datapath: {e}") from e
 
-    def _handle(self, data: bytes, outgoing: bool, ts_ns: int):
+    def _handle(self, data: bytes, outgoing: bool, ts_ns: int | None = None):
         assert self.tracker is not None
         with self._lock:
             verdict = self.tracker.handle(data, outgoing, ts_ns)
