@@ -31,8 +31,9 @@ _TRACE_KIND = bytes((OPT_TRACE,))
 MAX_TCP_HEADER = 60
 
 _U32 = 0xFFFFFFFF
-_V4 = struct.Struct("!BBHHHBBH4s4s")
-_TCP = struct.Struct("!HHIIBBHHH")
+# Only the fields parse() uses (pad bytes skip the rest): fewer objects per packet.
+_V4 = struct.Struct("!BxHxxHxB2x4s4s")  # version/IHL, total length, frag, protocol, src, dst
+_TCP = struct.Struct("!HHIIBB")  # ports, seq, ack, data offset, flags
 
 
 @dataclass(slots=True)
@@ -72,11 +73,13 @@ class Packet:
 
 def parse(data: bytes) -> Packet | None:
     """Parse an IP packet carrying TCP; None for anything else (fragments, other protocols)."""
+    if data.__class__ is not bytes:
+        data = bytes(data)
     if len(data) < 20:
         return None
     version = data[0] >> 4
     if version == 4:
-        ver_ihl, _tos, total, _id, frag, _ttl, proto, _csum, src, dst = _V4.unpack_from(data)
+        ver_ihl, total, frag, proto, src, dst = _V4.unpack_from(data)
         ihl = (ver_ihl & 0x0F) * 4
         if proto != IPPROTO_TCP or ihl < 20 or frag & 0x3FFF or total > len(data):
             return None  # fragments (MF or offset) are not ours to touch
@@ -100,13 +103,13 @@ def parse(data: bytes) -> Packet | None:
         return None
     if tcp_off + 20 > end:
         return None
-    sport, dport, seq, ack, doff, flags, _win, _csum, _urg = _TCP.unpack_from(data, tcp_off)
+    sport, dport, seq, ack, doff, flags = _TCP.unpack_from(data, tcp_off)
     tcp_hlen = (doff >> 4) * 4
     if tcp_hlen < 20 or tcp_off + tcp_hlen > end:
         return None
     payload_off = tcp_off + tcp_hlen
-    return Packet(bytes(data), v6, tcp_off, bytes(src), bytes(dst), sport, dport, seq, ack, flags,
-                  tcp_hlen, payload_off, end - payload_off)
+    return Packet(data, v6, tcp_off, src, dst, sport, dport, seq, ack, flags, tcp_hlen, payload_off,
+                  end - payload_off)
 
 
 def iter_options(opts: bytes | memoryview):

@@ -277,6 +277,7 @@ class Tracker:
              "tcp_options_written", "tcp_options_read", "tcp_option_no_room", "spans", "flows", "errors",
              "insert_skipped_mtu", "links_to_server", "roots", "tls_flows", "tls_turns", "flows_resumed"), 0)
         self.now = time.time_ns  # replaceable in tests
+        self._ts_ns: int | None = None  # receive time of the packet being handled, if given
         self._last_gc = time.monotonic()
         # Config is frozen: read its derived flags once, not on every packet.
         self._tcp = cfg.propagate_tcp
@@ -285,7 +286,10 @@ class Tracker:
 
     # --- entry point ------------------------------------------------------------------
 
-    def handle(self, data: bytes, outgoing: bool) -> Verdict:
+    def handle(self, data: bytes, outgoing: bool, ts_ns: int | None = None) -> Verdict:
+        """What to do with one packet. `ts_ns`: wall-clock time (time.time_ns scale) at which
+        the kernel handed the packet over; span times taken from this packet use it, since
+        the packet may be handled a while later (None: now)."""
         stats = self.stats
         stats["packets"] += 1
         pkt = codec.parse(data)
@@ -297,31 +301,41 @@ class Tracker:
         else:
             key = (pkt.dst, pkt.dport, pkt.src, pkt.sport)
         flow = self.flows.get(key)
-        if flow is None or (flags & _SYN and not flags & _ACK and flow.out_base is not None):
-            if flow is not None:  # port reuse: a new SYN replaces an old flow
-                self._close(key, flow)
-            if self.draining:
-                return ACCEPT
-            flow = self._new_flow(key, pkt, outgoing)
-            if flow is None:
-                return ACCEPT
-        now = flow.last_seen = _monotonic()
-        if outgoing:
-            verdict = self._outgoing(flow, pkt)
-        else:
-            verdict = self._incoming(flow, pkt)
-        if flags & (_RST | _FIN):
-            if flags & _RST:
-                self._close(key, flow)
+        self._ts_ns = ts_ns
+        try:
+            if flow is None or (flags & _SYN and not flags & _ACK and flow.out_base is not None):
+                if flow is not None:  # port reuse: a new SYN replaces an old flow
+                    self._close(key, flow)
+                if self.draining:
+                    return ACCEPT
+                flow = self._new_flow(key, pkt, outgoing)
+                if flow is None:
+                    return ACCEPT
+            now = flow.last_seen = _monotonic()
+            if outgoing:
+                verdict = self._outgoing(flow, pkt)
             else:
-                flow.fins += 1
-                if flow.fins >= 2 and not flow.closed_at:
-                    flow.closed_at = _monotonic()
+                verdict = self._incoming(flow, pkt)
+            if flags & (_RST | _FIN):
+                if flags & _RST:
+                    self._close(key, flow)
+                else:
+                    flow.fins += 1
+                    if flow.fins >= 2 and not flow.closed_at:
+                        flow.closed_at = _monotonic()
+        finally:
+            self._ts_ns = None  # gc() and close_all() between packets end spans at now()
         if verdict.payload is not None:
             stats["packets_modified"] += 1
         if now - self._last_gc > 5.0:
             self.gc()
         return verdict
+
+    def _now(self) -> int:
+        """Time for spans taken from the packet being handled: when it was received, if
+        handle() was told, else now."""
+        ts = self._ts_ns
+        return self.now() if ts is None else ts
 
     def _new_flow(self, key: Key, pkt: codec.Packet, outgoing: bool) -> Flow | None:
         local_port, flags = key[1], pkt.flags
@@ -419,7 +433,7 @@ class Tracker:
             self._out_events(flow, flow.out_stream.feed(data, off), pkt, r)
 
     def _out_events(self, flow: Flow, events, pkt: codec.Packet, r: int) -> list[ClientCall]:
-        now = self.now()
+        now = self._now()
         calls: list[ClientCall] = []
         for kind, msg in events:
             if flow.server:
@@ -558,7 +572,7 @@ class Tracker:
         return False
 
     def _in_events(self, flow: Flow, events) -> None:
-        now = self.now()
+        now = self._now()
         for kind, msg in events:
             if flow.server:
                 if kind == "start":
@@ -603,7 +617,7 @@ class Tracker:
         if start is None:
             return
         self._end_tls_turn(flow)
-        now = self.now()
+        now = self._now()
         msg = Message(True, start)  # method and target unknown: encrypted
         self.stats["tls_turns"] += 1
         t.turn_at, t.answered_ns = start, 0
@@ -645,7 +659,7 @@ class Tracker:
         assert t is not None
         t.turns.answer()
         if t.turn is not None:
-            t.answered_ns = self.now()
+            t.answered_ns = self._now()
             if isinstance(t.turn, ServerSpan):
                 self.linker.remove(t.turn)  # responding: no longer a parent for outgoing calls
 
@@ -654,7 +668,7 @@ class Tracker:
         if t is None or t.turn is None:
             return
         turn, t.turn = t.turn, None
-        end = t.answered_ns or self.now()
+        end = t.answered_ns or self._now()
         if isinstance(turn, ServerSpan):
             self._finish_server(flow, turn, 0, end)
         else:
@@ -702,7 +716,7 @@ class Tracker:
         if ended and flow.out_map and self.journal is not None:
             self.journal.end(key)
         self._end_tls_turn(flow)
-        now = self.now()
+        now = self._now()
         while flow.pending:
             item = flow.pending.popleft()
             if isinstance(item, ServerSpan):

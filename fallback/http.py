@@ -11,7 +11,7 @@ stream `dead` and it is left alone for the rest of the connection.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 MAX_LINE = 8192  # request/status line
@@ -32,7 +32,8 @@ class Message:
     is_request: bool
     start: int  # stream offset of the first byte
     line_end: int = -1  # stream offset just after the first line's CRLF
-    head: bytearray = field(default_factory=bytearray)
+    # The head: bytes when it came whole in one buffer, a bytearray while it grows piecewise.
+    head: bytes | bytearray = b""
     head_done: bool = False
     method: str = ""
     target: str = ""
@@ -150,7 +151,7 @@ class Stream:
     def feed(self, data: bytes | memoryview, off: int) -> list[Event]:
         """Consume `data` that starts at stream offset `off` (must be the next in-order bytes)."""
         events: list[Event] = []
-        buf = bytes(data)
+        buf = data if data.__class__ is bytes else bytes(data)
         i, n = 0, len(buf)
         while i < n:
             st = self.state
@@ -219,33 +220,36 @@ class Stream:
             end = buf.find(b"\r\n\r\n", i)
             if end >= 0:
                 k = buf.find(b"\r\n", i)  # the first CRLF is at or before the end of the head
-                if not self._first_line(buf[i:k]):
+                if not self._first_line(buf, i, k):
                     return len(buf)
                 msg.line_end = msg.start + k - i + 2
                 events.append(("line", msg))
-                msg.head = bytearray(memoryview(buf)[i : end + 4])
+                msg.head = buf[i : end + 4]  # no copy when the buffer is exactly the head
                 msg.head_done = True
                 events.append(("head", msg))
                 self._body(msg, off + end + 4, events)
                 return end + 4
-        msg.head += buf[i:]
+        head = msg.head
+        if head.__class__ is not bytearray:
+            head = msg.head = bytearray(head)
+        head += buf[i:]
         if msg.line_end < 0:
-            k = msg.head.find(b"\r\n", max(0, prev - 1))
+            k = head.find(b"\r\n", max(0, prev - 1))
             if k < 0:
-                if not self._plausible_start(msg.head) or len(msg.head) > MAX_LINE:
+                if not self._plausible_start(head) or len(head) > MAX_LINE:
                     self.kill("not HTTP/1.x")
                 return len(buf)
-            if not self._first_line(bytes(msg.head[:k])):
+            if not self._first_line(bytes(head[:k]), 0, k):
                 return len(buf)
             msg.line_end = msg.start + k + 2
             events.append(("line", msg))
-        k = msg.head.find(b"\r\n\r\n", max(0, prev - 3))
+        k = head.find(b"\r\n\r\n", max(0, prev - 3))
         if k < 0:
-            if len(msg.head) > MAX_HEAD:
+            if len(head) > MAX_HEAD:
                 self.kill("head too long")
             return len(buf)
         used = k + 4 - prev  # bytes of buf that belong to the head
-        del msg.head[k + 4 :]
+        del head[k + 4 :]
         msg.head_done = True
         events.append(("head", msg))
         self._body(msg, off + i + used, events)
@@ -260,20 +264,22 @@ class Stream:
         start = bytes(head[:5])
         return b"HTTP/".startswith(start)
 
-    def _first_line(self, line: bytes) -> bool:
+    def _first_line(self, buf: bytes, i: int, k: int) -> bool:
+        """Parse the request/status line buf[i:k] (without slicing it out)."""
         msg = self.msg
         assert msg is not None
         if self.is_request:
-            if line.startswith(_H2_PREFACE):
+            if buf.startswith(_H2_PREFACE, i, k):
                 self.kill("HTTP/2 prior knowledge")
                 return False
-            m = _REQUEST_LINE.fullmatch(line)
+            m = _REQUEST_LINE.fullmatch(buf, i, k)
             if m is None:
                 self.kill("not an HTTP/1.x request line")
                 return False
-            msg.method, msg.target = m.group(1).decode(), m.group(2).decode("latin-1")
+            method, target = m.group(1, 2)
+            msg.method, msg.target = method.decode(), target.decode("latin-1")
         else:
-            m = _STATUS_LINE.fullmatch(line)
+            m = _STATUS_LINE.fullmatch(buf, i, k)
             if m is None:
                 self.kill("not an HTTP/1.x status line")
                 return False

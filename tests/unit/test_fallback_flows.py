@@ -295,3 +295,27 @@ def test_rst_ends_flow_and_random_payloads_never_raise():
         c2 = Conn(B, 41000 + i, C, 8080)
         handshake_client(t, c2)
         assert t.handle(c2.out(payload=junk or b"\x00"), True).payload is None
+
+
+def test_span_times_come_from_the_packet_receive_time_when_given():
+    t, spans = make_tracker()
+    t.now = lambda: 999  # the handling time: must not be used when ts_ns is given
+    s = Conn(B, 8080, A, 50003)
+    t.handle(s.inn("S", seq=8999, ack=0), False, ts_ns=100)
+    t.handle(s.inn(payload=b"GET /a HTTP/1.1\r\n", seq=9000), False, ts_ns=111)
+    t.handle(s.inn(payload=b"Host: b\r\n\r\n", seq=9017), False, ts_ns=115)
+    c = Conn(B, 40008, C, 8080)
+    t.handle(c.out("S", seq=999, ack=0), True, ts_ns=120)
+    t.handle(c.inn("SA", seq=8999), False, ts_ns=121)
+    t.handle(c.out(payload=b"GET /c HTTP/1.1\r\n\r\n"), True, ts_ns=130)
+    t.handle(c.inn(payload=b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"), False, ts_ns=140)
+    t.handle(c.inn(payload=b"ok", seq=9000 + 38), False, ts_ns=150)
+    t.handle(s.out(payload=b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", seq=1000), True, ts_ns=222)
+    client, server = spans
+    assert (server.start_ns, server.end_ns) == (111, 222)  # request start -> response end
+    assert (client.start_ns, client.end_ns) == (130, 150) and client.parent_span_id == server.span_id
+    # Without ts_ns (and between packets: a flow closed by close_all), now() is used.
+    t.handle(s.inn(payload=b"GET /b HTTP/1.1\r\n\r\n", seq=9028), False)
+    t.now = lambda: 1234
+    t.close_all()
+    assert (spans[2].start_ns, spans[2].end_ns) == (999, 1234) and spans[2].path == "/b"
