@@ -77,6 +77,8 @@ def aggregate(results: dict[str, Any]) -> None:
         agg["headers_inserted_total"] = _sum([r["counters"].get("headers_inserted") for r in ok])
         agg["seq_translated_total"] = _sum([r["counters"].get("seq_translated") for r in ok])
         agg["packets_queued_total"] = _sum([sum(p["queued"] for p in r["phases"].values()) for r in ok])
+        # Userspace path: copies of observed packets the agent could not keep up with.
+        agg["observe_dropped_total"] = _sum([r["counters"].get("observe_dropped") for r in ok])
         agg["leftovers"] = sorted({x for r in runs for x in r.get("leftovers", [])})
         arm["aggregate"] = agg
 
@@ -160,7 +162,8 @@ def markdown(results: dict[str, Any], charts: list[str]) -> str:
     for a in arms:
         agg = results["arms"][a]["aggregate"]
         extra.append(", ".join(f"{k}={agg.get(k)}" for k in ("headers_inserted_total", "seq_translated_total",
-                                                               "packets_queued_total") if agg.get(k) is not None) or "–")
+                                                               "packets_queued_total", "observe_dropped_total")
+                                if agg.get(k) is not None) or "–")
     lines.append("| counters (all reps) | " + " | ".join(extra) + " |")
     lines.append("| traceparent reached C | " + " | ".join(
         ("yes" if results["arms"][a]["aggregate"].get("traceparent_at_backend") else "no")
