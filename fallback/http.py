@@ -84,7 +84,9 @@ class Message:
     def absent(self, lname: bytes) -> bool:
         """Cheap, conservative test on a complete head: True only if no header can have
         this lowercase name (the name is not even a substring of the head)."""
-        return lname not in self._lowered()
+        # find(), not `in`: bytes.__contains__ first tries the needle as an int and builds a
+        # TypeError for every bytes needle.
+        return self._lowered().find(lname) < 0
 
     def _lookup(self, lname: bytes) -> list[bytes] | None:
         """header(lname) of a complete head without parsing every line, when the name
@@ -100,9 +102,9 @@ class Message:
         if start < 0:
             return []  # in the request/status line
         end = low.find(b"\r\n", at)  # a complete head ends with CRLF CRLF
-        name, sep, value = bytes(self.head[start + 2 : end]).partition(b":")
-        if sep and name.strip().lower() == lname:
-            return [value.strip(b" \t")]
+        name, sep, _ = low[start + 2 : end].partition(b":")
+        if sep and name.strip() == lname:
+            return [bytes(self.head[start + 3 + len(name) : end]).strip(b" \t")]  # value as sent
         return []
 
     def header(self, name: bytes) -> list[bytes]:
@@ -302,8 +304,10 @@ class Stream:
             if method == "CONNECT" and 200 <= msg.status < 300:
                 self.kill("tunnel")
                 return
-        # Neither name in the head (the usual GET, or a response without a length): skip both lookups.
-        te = b",".join(msg.header(b"transfer-encoding")).lower() if not msg.absent(b"transfer-encoding") else b""
+        # A name that is not in the head at all (the usual GET, a response without a length)
+        # needs no lookup.
+        low = msg._lowered()
+        te = b",".join(msg.header(b"transfer-encoding")).lower() if low.find(b"transfer-encoding") >= 0 else b""
         if te:
             if te.rsplit(b",", 1)[-1].strip() != b"chunked":
                 if msg.is_request:
@@ -315,12 +319,14 @@ class Stream:
             self._chunk_crlf = False
             self.line.clear()
             return
-        lengths = {v.strip() for v in msg.header(b"content-length")} if not msg.absent(b"content-length") else None
+        lengths = msg.header(b"content-length") if low.find(b"content-length") >= 0 else None
         if lengths:
-            if len(lengths) != 1 or not next(iter(lengths)).isdigit():
+            size_text = lengths[0].strip()
+            # Repeated Content-Length headers are fine only when they all agree.
+            if not size_text.isdigit() or (len(lengths) > 1 and {v.strip() for v in lengths} != {size_text}):
                 self.kill("bad Content-Length")
                 return
-            size = int(next(iter(lengths)))
+            size = int(size_text)
             if size:
                 self.state, self.remaining = BODY, size
                 return

@@ -3,6 +3,7 @@ translation, identical retransmissions, spans and their parent links, leave-alon
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -13,7 +14,7 @@ from obi import w3c
 from obi.config import Config, PortRange
 from obi.fallback import codec
 from obi.fallback.flows import INSERT_LEN, SeqMap, Tracker
-from obi.model import SpanKind
+from obi.model import SpanKind, SpanRecord
 
 B, C, A = "198.18.0.2", "198.18.0.3", "198.18.0.1"
 B6, C6 = "fd00:198:18:0::2", "fd00:198:18:0::3"
@@ -319,3 +320,10 @@ def test_span_times_come_from_the_packet_receive_time_when_given():
     t.now = lambda: 1234
     t.close_all()
     assert (spans[2].start_ns, spans[2].end_ns) == (999, 1234) and spans[2].path == "/b"
+
+
+def test_span_record_field_order_the_tracker_builds_positionally():
+    assert [f.name for f in dataclasses.fields(SpanRecord)] == [
+        "trace_id", "span_id", "parent_span_id", "kind", "start_ns", "end_ns", "method", "path", "status",
+        "scheme", "host", "local_addr", "local_port", "peer_addr", "peer_port", "pid", "tid", "exe", "flags",
+        "tracestate", "datapath", "propagated", "extra"]
