@@ -389,25 +389,28 @@ class Tracker:
     # --- outgoing ---------------------------------------------------------------------
 
     def _outgoing(self, flow: Flow, pkt: codec.Packet) -> Verdict:
-        mark = self.mark if (pkt.flags & codec.SYN and not flow.server) else 0
-        if pkt.flags & codec.SYN:
+        if pkt.flags & _SYN:
             flow.out_base = (pkt.seq + 1) & _U32
-            return Verdict(None, mark)
-        if flow.out_base is None:
-            flow.out_base = pkt.seq  # joined mid-connection
-        r = rel(pkt.seq, flow.out_base)
+            return Verdict(None, 0 if flow.server else self.mark)
+        base = flow.out_base
+        if base is None:
+            base = flow.out_base = pkt.seq  # joined mid-connection
+        r = ((pkt.seq - base + 0x80000000) & _U32) - 0x80000000  # rel(pkt.seq, base), inlined
         n = pkt.payload_len
-        if n and r <= flow.out_next < r + n:  # new bytes, in order
-            start = pkt.payload_off + flow.out_next - r
-            self._feed_out(flow, pkt, r, pkt.data[start : pkt.payload_off + n], flow.out_next)
-            flow.out_next = r + n
-        elif n and r > flow.out_next:  # a gap: framing is lost for this connection
-            if flow.out_stream is not None:
-                flow.out_stream.kill("gap in outgoing stream")
-            if flow.tls is not None:
-                flow.tls.records.dead = True
+        if n:
+            expected = flow.out_next
+            if r <= expected < r + n:  # new bytes, in order
+                start = pkt.payload_off + expected - r
+                self._feed_out(flow, pkt, r, pkt.data[start : pkt.payload_off + n], expected)
+                flow.out_next = r + n
+            elif r > expected:  # a gap: framing is lost for this connection
+                if flow.out_stream is not None:
+                    flow.out_stream.kill("gap in outgoing stream")
+                if flow.tls is not None:
+                    flow.tls.records.dead = True
         if flow.server:
             return ACCEPT
+        mark = 0
         option = b""
         if n and flow.options_out:
             for at, opt in flow.options_out:  # one segment per request, also when retransmitted
@@ -442,23 +445,27 @@ class Tracker:
                 self._tls_answer(flow)
             else:
                 self._tls_request_bytes(flow, r, data, off)
-        elif flow.out_stream is not None and not flow.out_stream.dead:
-            self._out_events(flow, flow.out_stream.feed(data, off), pkt, r)
+            return
+        stream = flow.out_stream
+        if stream is not None and not stream.dead:
+            events = stream.feed(data, off)
+            if events:
+                self._out_events(flow, events, pkt, r)
 
-    def _out_events(self, flow: Flow, events, pkt: codec.Packet, r: int) -> list[ClientCall]:
-        now = self._now()
-        calls: list[ClientCall] = []
-        for kind, msg in events:
-            if flow.server:
+    def _out_events(self, flow: Flow, events, pkt: codec.Packet, r: int) -> None:
+        now = self._ts_ns
+        if now is None:
+            now = self.now()
+        if flow.server:
+            for kind, msg in events:
                 if kind == "end" and flow.pending and not 100 <= msg.status < 200:
                     self._finish_server(flow, flow.pending.popleft(), msg.status, now)
-            elif kind == "line":
-                call = self._client_request(flow, msg, pkt, r, now)
-                if call is not None:
-                    calls.append(call)
-        return calls
+        else:
+            for kind, msg in events:
+                if kind == "line":
+                    self._client_request(flow, msg, pkt, r, now)
 
-    def _client_request(self, flow: Flow, msg: Message, pkt: codec.Packet, r: int, now: int) -> ClientCall | None:
+    def _client_request(self, flow: Flow, msg: Message, pkt: codec.Packet, r: int, now: int) -> ClientCall:
         parent = self.linker.parent_for(flow.pid)
         if parent is not None:
             parent.children += 1
@@ -521,22 +528,23 @@ class Tracker:
                     opt_ctx = TraceContext(tid.hex(), sid.hex(), FLAG_SAMPLED if flags is None else flags)
                     flow.option_ctx = opt_ctx
                     self.stats["tcp_options_read"] += 1
-        if pkt.flags & codec.SYN:
+        n = pkt.payload_len
+        if pkt.flags & _SYN:
             flow.in_base = (pkt.seq + 1) & _U32
-        elif pkt.payload_len and (flow.tls is not None
-                                  or (flow.in_stream is not None and not flow.in_stream.dead)):
-            if flow.in_base is None:
-                flow.in_base = pkt.seq
-            r = rel(pkt.seq, flow.in_base)
+        elif n and (flow.tls is not None or (flow.in_stream is not None and not flow.in_stream.dead)):
+            base = flow.in_base
+            if base is None:
+                base = flow.in_base = pkt.seq
+            r = ((pkt.seq - base + 0x80000000) & _U32) - 0x80000000  # rel(pkt.seq, base), inlined
             if flow.tls is not None and flow.server and opt_ctx is not None:
-                self._tls_option_in(flow, r, r + pkt.payload_len, opt_ctx)
+                self._tls_option_in(flow, r, r + n, opt_ctx)
             if flow.tls is not None and not flow.server:
-                if r + pkt.payload_len > flow.in_next:
-                    flow.in_next = r + pkt.payload_len
+                if r + n > flow.in_next:
+                    flow.in_next = r + n
                     self._tls_answer(flow)
             else:
                 off = pkt.payload_off
-                self._in_data(flow, r, pkt.data[off : off + pkt.payload_len])
+                self._in_data(flow, r, pkt.data[off : off + n])
         fmap = flow.out_map
         if not fmap or flow.out_base is None or not pkt.flags & codec.ACK:
             return ACCEPT
@@ -579,20 +587,26 @@ class Tracker:
         if flow.tls is not None:
             self._tls_request_bytes(flow, r, data, off)
             return flow.tls.records.dead
-        if flow.in_stream is None or flow.in_stream.dead:
+        stream = flow.in_stream
+        if stream is None or stream.dead:
             return True
-        self._in_events(flow, flow.in_stream.feed(data, off))
+        events = stream.feed(data, off)
+        if events:
+            self._in_events(flow, events)
         return False
 
     def _in_events(self, flow: Flow, events) -> None:
-        now = self._now()
-        for kind, msg in events:
-            if flow.server:
+        now = self._ts_ns
+        if now is None:
+            now = self.now()
+        if flow.server:
+            for kind, msg in events:
                 if kind == "start":
                     msg.ctx = now
                 elif kind == "head":
                     self._server_request(flow, msg, msg.ctx if isinstance(msg.ctx, int) else now)
-            else:
+        else:
+            for kind, msg in events:
                 if kind == "end" and flow.pending and not 100 <= msg.status < 200:
                     self._finish_client(flow, flow.pending.popleft(), msg.status, now)
 
