@@ -24,10 +24,12 @@
  * Python API (see fallback/queue.py for the loop that uses it):
  *   r = Reader(sync_queue, observe_queue, maxlen, backlog, backlog_bytes)   binds both queues, starts
  *       the thread; backlog/backlog_bytes bound the copies of observed packets waiting for Python
- *   r.fetch(timeout_s) -> [(data, outgoing, ts_ns, packet_id or None), ...]   (GIL released while waiting)
+ *   r.fetch(timeout_s) -> [(data, outgoing, ts_ns, packet_id or None, lost), ...]   (GIL released while
+ *       waiting); lost: observed packets Python will never see, lost just before this one
  *   r.verdict(packet_id, payload or None, mark)   NF_ACCEPT for a sync packet (new bytes/mark optional)
  *   r.stats() -> dict;  r.close()   (unfetched sync packets are accepted unchanged)
  */
+#define _GNU_SOURCE /* pthread_setname_np */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -59,6 +61,7 @@ typedef struct pkt {
     uint8_t sync;                     /* waits for Python's verdict */
     int64_t ts_ns;                    /* CLOCK_REALTIME when read from the socket */
     uint32_t len;
+    uint32_t lost;                    /* observed packets not handed on since the previous one */
     unsigned char data[];
 } pkt_t;
 
@@ -76,6 +79,7 @@ typedef struct {
     pkt_t *head, *tail;
     uint64_t observe_waiting;         /* copies of observed packets in the list */
     uint64_t observe_bytes;           /* and their size */
+    uint32_t lost_pending;            /* observed packets lost since the last one appended */
     uint64_t backlog, backlog_bytes;  /* limits of the two */
     int thread_done;
     /* counters (under mu) */
@@ -297,6 +301,7 @@ static pkt_t *take_packet(Reader *r, struct nlmsghdr *h, int truncated, uint32_t
     if (truncated || !payload) {
         /* Cannot hand it on whole: accept it as it is (fail open). */
         r->truncated++;
+        r->lost_pending += observe;
         if (!observe)
             send_verdict(r, NFQNL_MSG_VERDICT, queue, ph->packet_id);
         return NULL;
@@ -307,11 +312,13 @@ static pkt_t *take_packet(Reader *r, struct nlmsghdr *h, int truncated, uint32_t
     }
     if (observe && (r->observe_waiting >= r->backlog || r->observe_bytes + plen > r->backlog_bytes)) {
         r->observe_dropped++;
+        r->lost_pending++;
         return NULL;
     }
     pkt_t *p = malloc(sizeof *p + plen);
     if (!p) {
         r->overruns++;
+        r->lost_pending += observe;
         if (!observe)
             send_verdict(r, NFQNL_MSG_VERDICT, queue, ph->packet_id);
         return NULL;
@@ -322,6 +329,8 @@ static pkt_t *take_packet(Reader *r, struct nlmsghdr *h, int truncated, uint32_t
     p->sync = !observe;
     p->ts_ns = now_ns();
     p->len = plen;
+    p->lost = r->lost_pending;
+    r->lost_pending = 0;
     memcpy(p->data, payload, plen);
     if (observe) {
         r->observed++;
@@ -336,6 +345,7 @@ static pkt_t *take_packet(Reader *r, struct nlmsghdr *h, int truncated, uint32_t
 static void *reader_main(void *arg)
 {
     Reader *r = arg;
+    pthread_setname_np(pthread_self(), "obi-nfq-reader");  /* shows in top -H, /proc/<pid>/task */
     for (int i = 0; i < BATCH; i++) {
         r->iov[i].iov_base = r->rbuf + (size_t)i * MSG_ROOM;
         r->iov[i].iov_len = MSG_ROOM;
@@ -355,8 +365,12 @@ static void *reader_main(void *arg)
         int n = recvmmsg(r->fd, r->msgs, BATCH, MSG_DONTWAIT, NULL);
         if (n < 0) {
             pthread_mutex_lock(&r->mu);
-            if (errno == ENOBUFS)
-                r->overruns++;  /* the socket overflowed: the kernel dropped or (observe) accepted packets */
+            if (errno == ENOBUFS) {
+                /* The socket overflowed: the kernel dropped (sync) or accepted (observe)
+                 * packets we never saw; Python must not trust stream continuity. */
+                r->overruns++;
+                r->lost_pending++;
+            }
             else if (errno != EAGAIN && errno != EINTR)
                 r->recv_errors++;
             pthread_mutex_unlock(&r->mu);
@@ -558,9 +572,10 @@ static PyObject *Reader_fetch(Reader *r, PyObject *args)
         pkt_t *p = got;
         got = p->next;
         if (out) {
-            PyObject *item = Py_BuildValue("(y#OLN)", (const char *)p->data, (Py_ssize_t)p->len,
+            PyObject *item = Py_BuildValue("(y#OLNI)", (const char *)p->data, (Py_ssize_t)p->len,
                                            p->outgoing ? Py_True : Py_False, (long long)p->ts_ns,
-                                           p->sync ? PyLong_FromUnsignedLong(p->id) : Py_NewRef(Py_None));
+                                           p->sync ? PyLong_FromUnsignedLong(p->id) : Py_NewRef(Py_None),
+                                           (unsigned int)p->lost);
             if (!item || PyList_Append(out, item) < 0) {
                 Py_XDECREF(item);
                 Py_CLEAR(out);
@@ -644,7 +659,7 @@ static PyObject *Reader_close(Reader *r, PyObject *Py_UNUSED(ignored))
 
 static PyMethodDef Reader_methods[] = {
     {"fetch", (PyCFunction)Reader_fetch, METH_VARARGS,
-     "fetch(timeout_s=0.2) -> list of (data, outgoing, ts_ns, packet_id or None); [] after the timeout"},
+     "fetch(timeout_s=0.2) -> list of (data, outgoing, ts_ns, packet_id or None, lost); [] after the timeout"},
     {"verdict", (PyCFunction)Reader_verdict, METH_VARARGS,
      "verdict(packet_id, payload or None, mark=0): accept a sync packet, with new bytes / mark if given"},
     {"stats", (PyCFunction)Reader_stats, METH_NOARGS, "counters of the reader"},

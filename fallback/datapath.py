@@ -106,7 +106,7 @@ class UserspaceDatapath:
                          len(resumed))
             self._set_liberal()
             self._queue = QueueLoop(self.queue_num, rules.observe_queue(self.queue_num), self._handle,
-                                    on_idle=self._idle)
+                                    on_idle=self._idle, on_loss=self._lost)
             self._queue.start()  # read before the rules send us packets
             self._rules = rules.Rules(ports, self.queue_num, clamp_mss(mtu, self.cfg.propagate_tcp), self.instance)
             self._rules.__enter__()
@@ -130,6 +130,12 @@ class UserspaceDatapath:
             if spans and (len(spans) >= SPAN_BATCH or time.monotonic() - self._flushed_at > SPAN_DELAY_S):
                 self._flush_spans()
             return verdict
+
+    def _lost(self, n: int) -> None:
+        """Observed packets the tracker will never see (backlog overflow): streams have holes."""
+        assert self.tracker is not None
+        with self._lock:
+            self.tracker.copies_lost(n)
 
     def _idle(self) -> None:
         with self._lock:

@@ -6,7 +6,11 @@ inserted header, translated seq/ack or a mark) wait for the handler's verdict; p
 the *observe* queue (connections served by watched processes, only read) were accepted by
 the reader the moment it got them, and the handler sees a copy afterwards. So a served
 request is not held up by Python, and when Python falls behind, the reader drops copies
-(counted as `observe_dropped`) instead of holding traffic.
+(counted as `observe_dropped`) instead of holding traffic. Packets are handled in the order
+the kernel queued them, so a sync packet waits for the copies ahead of it; when those are
+older than SYNC_MAX_WAIT_S, they are skipped (`observe_shed`) so that a client connection
+is not held up by the backlog of served ones. Lost and skipped copies are reported to
+`on_loss(n)` before the next packet is handled: their connections' streams have holes.
 
 Fail open: whatever the handler does (returns, raises), a sync packet gets NF_ACCEPT, with
 the new bytes/mark only when the handler produced them without error. When the process
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
 from .flows import Verdict
@@ -27,6 +32,7 @@ QUEUE_MAXLEN = 4096  # packets the kernel keeps per queue awaiting a verdict
 OBSERVE_BACKLOG = 65536  # copies of observed packets waiting for the handler, at most...
 OBSERVE_BACKLOG_BYTES = 64 << 20  # ...and at most this many bytes of them
 WAKE_S = 0.2  # idle fetch timeout: how long stop() may wait for the loop thread
+SYNC_MAX_WAIT_S = 0.02  # how far behind the handler may be before a sync packet skips the backlog
 
 Handler = Callable[[bytes, bool, int], Verdict]
 
@@ -35,12 +41,15 @@ class QueueLoop:
     """`handler(data, outgoing, ts_ns)`: ts_ns is when the reader got the packet."""
 
     def __init__(self, sync_queue: int, observe_queue: int, handler: Handler,
-                 on_idle: Callable[[], None] | None = None, backlog: int = OBSERVE_BACKLOG) -> None:
+                 on_idle: Callable[[], None] | None = None, backlog: int = OBSERVE_BACKLOG,
+                 on_loss: Callable[[int], None] | None = None) -> None:
         self.sync_queue = sync_queue
         self.observe_queue = observe_queue
         self.handler = handler
         self.on_idle = on_idle  # called in the loop thread after WAKE_S without packets
         self.backlog = backlog
+        self.on_loss = on_loss  # called with the number of observed packets that will never be handled
+        self.shed = 0
         self.errors = 0
         self.packets = 0
         self.observe_changed = 0  # verdicts with changes for packets already accepted (a bug)
@@ -75,7 +84,17 @@ class QueueLoop:
                     self._guard(self.on_idle)
                 continue
             self.packets += len(batch)
-            for data, outgoing, ts_ns, packet_id in batch:
+            shed_until = self._shed_until(batch)
+            lost = 0
+            for i, (data, outgoing, ts_ns, packet_id, dropped) in enumerate(batch):
+                lost += dropped
+                if packet_id is None and i < shed_until:
+                    lost += 1
+                    self.shed += 1
+                    continue
+                if lost:
+                    self._report_loss(lost)
+                    lost = 0
                 verdict = None
                 try:
                     verdict = handler(data, outgoing, ts_ns)
@@ -92,12 +111,32 @@ class QueueLoop:
                         reader.verdict(packet_id, verdict.payload, verdict.mark)
                 except Exception:
                     self._count_error("verdict failed")
+            if lost:
+                self._report_loss(lost)
+
+    @staticmethod
+    def _shed_until(batch: list) -> int:
+        """Index of the last sync packet of the batch if the observed copies ahead of it are
+        older than SYNC_MAX_WAIT_S (they are then skipped), else 0."""
+        for i in range(len(batch) - 1, -1, -1):
+            if batch[i][3] is not None:
+                first_ts = batch[0][2]
+                return i if time.time_ns() - first_ts > SYNC_MAX_WAIT_S * 1e9 else 0
+        return 0
 
     def _guard(self, fn: Callable[[], None]) -> None:
         try:
             fn()
         except Exception:
             self._count_error("idle hook failed")
+
+    def _report_loss(self, n: int) -> None:
+        if self.on_loss is None:
+            return
+        try:
+            self.on_loss(n)
+        except Exception:
+            self._count_error("loss hook failed")
 
     def _count_error(self, what: str) -> None:
         self.errors += 1
@@ -109,7 +148,7 @@ class QueueLoop:
         out = dict(self._final_stats)
         if self._reader is not None:
             out = {k: int(v) for k, v in self._reader.stats().items() if k != "running"}
-        out.update(packets_queued=self.packets, handler_errors=self.errors)
+        out.update(packets_queued=self.packets, handler_errors=self.errors, observe_shed=self.shed)
         if self.observe_changed:
             out["observe_changed"] = self.observe_changed
         return out

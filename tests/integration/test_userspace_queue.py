@@ -68,7 +68,8 @@ OBSERVE_SCRIPT = COMMON + textwrap.dedent("""
         release.wait(30)
         seen.append((data, outgoing, ts_ns))
         return Verdict()
-    loop = QueueLoop(SYNC, OBSERVE, handler, backlog=backlog)
+    losses = []
+    loop = QueueLoop(SYNC, OBSERVE, handler, backlog=backlog, on_loss=losses.append)
     loop.start()
     rules = [("INPUT", "--dport"), ("OUTPUT", "--sport")]
     for chain, match in rules:
@@ -86,7 +87,7 @@ OBSERVE_SCRIPT = COMMON + textwrap.dedent("""
         iptables("-D", chain, "-p", "tcp", match, str(PORT), "-j", "NFQUEUE", "--queue-num", str(OBSERVE), "--queue-bypass")
     loop.stop()
     st = loop.stats()
-    print(json.dumps({"stuck": stuck, "stats": st, "n": len(seen), "t0": t0, "t1": time.time_ns(),
+    print(json.dumps({"stuck": stuck, "stats": st, "n": len(seen), "t0": t0, "t1": time.time_ns(), "lost": sum(losses),
                       "ts": [t for _, _, t in seen], "outgoing": [o for _, o, _ in seen],
                       "pings": [d.hex() for d, _, _ in seen]}))
 """)
@@ -140,7 +141,7 @@ def test_observed_packets_pass_while_the_handler_is_stuck_and_arrive_in_order() 
     st = out["stats"]
     assert out["stuck"] == 0  # 50 round trips done, the handler had not returned once
     assert st["handler_errors"] == 0 and st["send_errors"] == 0
-    assert st["observe_dropped"] == 0
+    assert st["observe_dropped"] == 0 and out["lost"] == 0
     assert st["sync"] == 0 and st["observed"] == out["n"]
     # Bare ACKs (no payload, no SYN/FIN/RST) are accepted but not handed on: server
     # connections are parsed from their data and their SYN/FIN/RST only.
@@ -174,6 +175,8 @@ def test_observed_copies_beyond_the_backlog_are_dropped_not_the_traffic() -> Non
     assert out["n"] <= 5 + 32  # the backlog, plus what one receive batch had already taken
     assert st["observe_dropped"] > 0
     assert st["observed"] + st["observe_dropped"] + st["acks_skipped"] == st["received"]
+    # The loop was told about every dropped copy (their streams have holes).
+    assert out["lost"] == st["observe_dropped"]
     assert st["handler_errors"] == 0
 
 

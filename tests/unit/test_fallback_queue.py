@@ -1,0 +1,88 @@
+"""QueueLoop's ordering rules on batches from a fake reader (no kernel): sync packets get
+exactly one verdict each, observed copies none; when the handler is more than
+SYNC_MAX_WAIT_S behind, the observed copies ahead of a sync packet are skipped and
+reported as lost, so a client connection is not held up by the backlog of served ones."""
+
+from __future__ import annotations
+
+import time
+
+from obi.fallback import queue
+from obi.fallback.flows import Verdict
+
+
+class FakeReader:
+    def __init__(self, batches):
+        self.batches = list(batches)
+        self.verdicts = []
+
+    def fetch(self, timeout):
+        return self.batches.pop(0) if self.batches else []
+
+    def verdict(self, packet_id, payload, mark):
+        self.verdicts.append((packet_id, payload, mark))
+
+    def stats(self):
+        return {"running": True}
+
+
+def run(batches, handler):
+    losses = []
+    loop = queue.QueueLoop(1, 2, handler, on_loss=losses.append)
+    loop._reader = reader = FakeReader(batches)
+    loop.on_idle = loop._stop.set  # stop once the batches are used up
+    loop._loop()
+    return loop, reader, losses
+
+
+def test_sync_packets_get_their_verdict_observed_copies_none():
+    seen = []
+
+    def handler(data, outgoing, ts_ns):
+        seen.append(data)
+        return Verdict(b"new" + data, 0x10) if data.startswith(b"s") else Verdict()
+
+    now = time.time_ns()
+    batch = [(b"o1", False, now, None, 0), (b"s1", True, now, 7, 0), (b"o2", True, now, None, 3)]
+    loop, reader, losses = run([batch], handler)
+    assert seen == [b"o1", b"s1", b"o2"]
+    assert reader.verdicts == [(7, b"news1", 0x10)]
+    assert losses == [3]  # reported before o2, the first packet after the reader's drops
+    assert loop.shed == 0 and loop.errors == 0
+
+
+def test_a_handler_error_still_accepts_the_sync_packet_unchanged():
+    def handler(data, outgoing, ts_ns):
+        raise RuntimeError("boom")
+
+    loop, reader, _ = run([[(b"s", True, time.time_ns(), 9, 0)]], handler)
+    assert reader.verdicts == [(9, None, 0)] and loop.errors == 1
+
+
+def test_a_late_sync_packet_skips_the_observed_backlog_ahead_of_it():
+    seen = []
+
+    def handler(data, outgoing, ts_ns):
+        seen.append(data)
+        return Verdict()
+
+    old = time.time_ns() - int(5 * queue.SYNC_MAX_WAIT_S * 1e9)
+    batch = [(b"o1", False, old, None, 0), (b"o2", False, old, None, 0), (b"s1", True, old, 4, 0),
+             (b"o3", False, old, None, 0)]
+    loop, reader, losses = run([batch], handler)
+    assert seen == [b"s1", b"o3"]  # the copies after the last sync packet are still handled
+    assert reader.verdicts == [(4, None, 0)]
+    assert losses == [2] and loop.shed == 2
+
+
+def test_a_fresh_backlog_is_handled_in_order():
+    seen = []
+
+    def handler(data, outgoing, ts_ns):
+        seen.append(data)
+        return Verdict()
+
+    now = time.time_ns()
+    batch = [(b"o1", False, now, None, 0), (b"s1", True, now, 4, 0)]
+    loop, reader, losses = run([batch], handler)
+    assert seen == [b"o1", b"s1"] and losses == [] and loop.shed == 0
