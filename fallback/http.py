@@ -22,6 +22,8 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (\S+) HTTP/1\.([01])")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: .*)?")
 _H2_PREFACE = b"PRI * HTTP/2.0"
+# In a lowercased head whose only "content-length" is here: CRLF, name, plain digits, CRLF.
+_CONTENT_LENGTH_LINE = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)[ \t]*\r\n")
 
 # States of the parser.
 IDLE, HEAD, BODY, CHUNK_SIZE, CHUNK_DATA, TRAILER, UNTIL_CLOSE, DEAD = range(8)
@@ -152,8 +154,12 @@ class Stream:
 
     def feed(self, data: bytes | memoryview, off: int) -> list[Event]:
         """Consume `data` that starts at stream offset `off` (must be the next in-order bytes)."""
-        events: list[Event] = []
         buf = data if data.__class__ is bytes else bytes(data)
+        if self.state == IDLE and buf:
+            events = self._whole(buf, off)
+            if events is not None:
+                return events
+        events = []
         i, n = 0, len(buf)
         while i < n:
             st = self.state
@@ -210,6 +216,59 @@ class Stream:
                         self.state, self.remaining = CHUNK_DATA, size
                 elif not line:  # TRAILER ends with an empty line
                     self._end(off + i, events)
+        return events
+
+    def _whole(self, buf: bytes, off: int) -> list[Event] | None:
+        """Fast path for the usual segment: it starts a message whose head it holds whole and
+        whose body, if any, has a plain Content-Length and ends exactly at the end of the
+        segment or in a later one. Same events, Message and state as the general loop below
+        would give; None, with nothing changed, for anything else (which that loop handles)."""
+        end = buf.find(b"\r\n\r\n")
+        if end < 0 or buf[0] in (13, 10):
+            return None
+        k = buf.find(b"\r\n")  # at or before `end`
+        if self.is_request:
+            m = _REQUEST_LINE.fullmatch(buf, 0, k)
+            if m is None:
+                return None
+        else:
+            m = _STATUS_LINE.fullmatch(buf, 0, k)
+            if m is None:
+                return None
+            status = int(m.group(2))
+            if status < 200 or status == 204 or status == 304 or self.request_method() in ("HEAD", "CONNECT"):
+                return None
+        head_end = end + 4
+        head = buf[:head_end]
+        low = head.lower()
+        if low.find(b"transfer-encoding") >= 0:
+            return None
+        at = low.find(b"content-length")
+        if at < 0:
+            if not self.is_request:
+                return None  # body until close
+            size = 0
+        else:
+            cl = _CONTENT_LENGTH_LINE.match(low, at - 2) if at >= 2 else None
+            if cl is None or low.find(b"content-length", at + 1) >= 0:
+                return None
+            size = int(cl.group(1))
+        body = len(buf) - head_end
+        if body > size:
+            return None  # another message follows in this segment
+        msg = Message(self.is_request, off, off + k + 2, head, True)
+        msg._low = low
+        if self.is_request:
+            method, target = m.group(1, 2)
+            msg.method, msg.target = method.decode(), target.decode("latin-1")
+        else:
+            msg.status = status
+        events: list[Event] = [("start", msg), ("line", msg), ("head", msg)]
+        if body < size:
+            self.msg, self.state, self.remaining = msg, BODY, size - body
+        else:
+            msg.end = off + head_end + size
+            events.append(("end", msg))
         return events
 
     def _head(self, buf: bytes, i: int, off: int, events: list[Event]) -> int:
