@@ -98,3 +98,43 @@ def test_header_lookup_without_full_parse_matches_the_parsed_index(head):
     for name in NAMES:
         other = [m for kind, m in Stream(is_request, lambda: "GET").feed(head, 0) if kind == "head"][0]
         assert other.has_header(name) == (name in expect), name
+
+
+# Segments that start a message: whole, with a body that continues, pipelined, and the
+# framings the whole-segment fast path leaves to the general loop.
+SEGMENTS = [
+    (True, "GET", b"GET /a?b HTTP/1.1\r\nHost: h\r\nUser-Agent: wrk\r\n\r\n"),
+    (True, "GET", b"POST /p HTTP/1.0\r\ncontent-length: 5\r\n\r\nhel"),
+    (True, "GET", b"POST /p HTTP/1.1\r\nContent-Length:\t5 \r\n\r\nhello"),
+    (True, "GET", b"POST /p HTTP/1.1\r\nContent-Length: 2\r\n\r\nokGET /q HTTP/1.1\r\n\r\n"),
+    (True, "GET", b"POST /p HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok"),
+    (True, "GET", b"POST /p HTTP/1.1\r\nX-Content-Length: 1\r\nContent-Length: 2\r\n\r\nok"),
+    (True, "GET", b"POST /p HTTP/1.1\r\nContent-Length: +2\r\n\r\nok"),
+    (True, "GET", b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"),
+    (True, "GET", b"\r\nGET / HTTP/1.1\r\n\r\n"),
+    (False, "GET", b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\nServer: b\r\n\r\nHello, world!"),
+    (False, "GET", b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\nHello"),
+    (False, "GET", b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"),
+    (False, "GET", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 204 No Content\r\n\r\n"),
+    (False, "HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n"),
+    (False, "CONNECT", b"HTTP/1.1 200 OK\r\n\r\n"),
+    (False, "GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n"),
+    (False, "GET", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"),
+    (False, "GET", b"HTTP/1.1 200 OK\r\nServer: b\r\n\r\nuntil close"),
+    (False, "GET", b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxy"),
+]
+
+
+@pytest.mark.parametrize("is_request, method, data", SEGMENTS)
+def test_whole_segment_gives_what_byte_by_byte_parsing_gives(is_request, method, data):
+    """A segment holding a whole head may take the fast path; fed one byte at a time the
+    same bytes take the general loop. Events, messages and the stream's state must agree."""
+    def run(step):
+        s = Stream(is_request, lambda: method)
+        seen = []
+        for i in range(0, len(data), step):
+            seen += [(kind, m) for kind, m in s.feed(data[i:i + step], 100 + i)]
+        msgs = [(kind, m.start, m.line_end, bytes(m.head), m.head_done, m.method, m.target, m.status, m.end,
+                 m.header(b"host"), m.header(b"content-length")) for kind, m in seen]
+        return msgs, s.state, s.dead, s.remaining, s.msg is not None
+    assert run(len(data)) == run(1)
