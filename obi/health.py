@@ -64,6 +64,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("obi_export_errors_total", ("export_errors",), "OTLP export requests (batches) that failed."),
     Metric("obi_ringbuf_events_lost_total", ("events_lost",), "Kernel datapath events lost because the ring buffer was full."),
     Metric("obi_packets_queued_total", ("packets_queued",), "Packets the userspace datapath received from NFQUEUE."),
+    Metric("obi_packets_unparsed_total", ("observe_dropped", "observe_shed"),
+           "Packets of served connections the userspace datapath let through unparsed because it was behind "
+           "(their requests get no span)."),
     Metric("obi_packets_accepted_total", ("packets_accepted",), "Packets the userspace datapath gave back to the kernel."),
     Metric("obi_packets_bypassed_total", ("packets_bypassed",), "Packets passed unchanged because of a parse miss or an error."),
     Metric("obi_headers_inserted_total", ("headers_inserted",), "Traceparent headers written into outgoing HTTP requests."),
