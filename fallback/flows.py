@@ -52,34 +52,37 @@ RECENT_OPTIONS = 8  # kind-25 options remembered per flow, for retransmissions /
 
 
 class _Ids:
-    """Random trace/span ids from os.urandom, read 4 KiB at a time: one syscall per ~170
-    root contexts instead of two per request (same CSPRNG, never all-zero, as obi.model)."""
+    """Random trace/span ids from os.urandom, read 4 KiB at a time and kept as hex text: one
+    syscall per ~170 root contexts instead of two per request, and no hex() per id (same
+    CSPRNG, never all-zero, as obi.model)."""
 
-    __slots__ = ("buf", "at")
+    __slots__ = ("text", "at")
     CHUNK = 4096
 
     def __init__(self) -> None:
-        self.buf = b""
+        self.text = ""
         self.at = 0
 
     def hex(self, n: int) -> str:
+        """n random bytes as 2n hex digits, not all zero."""
+        width = 2 * n
         while True:
             at = self.at
-            if at + n > len(self.buf):
-                self.buf, at = os.urandom(self.CHUNK), 0
-            self.at = at + n
-            value = self.buf[at : at + n].hex()
+            if at + width > len(self.text):
+                self.text, at = os.urandom(self.CHUNK).hex(), 0
+            self.at = at + width
+            value = self.text[at : at + width]
             if value.strip("0"):
                 return value
 
     def pair(self) -> tuple[str, str]:
-        """hex(16), hex(8) (the same ids from the same bytes), with one slice and one hex()."""
+        """hex(16), hex(8): the same ids from the same bytes, in one step when both fit."""
         at = self.at
-        if at + 24 <= len(self.buf):
-            both = self.buf[at : at + 24].hex()
-            trace, span = both[:32], both[32:]
+        if at + 48 <= len(self.text):
+            text = self.text
+            trace, span = text[at : at + 32], text[at + 32 : at + 48]
             if trace.strip("0") and span.strip("0"):
-                self.at = at + 24
+                self.at = at + 48
                 return trace, span
         return self.hex(16), self.hex(8)
 
