@@ -327,3 +327,15 @@ def test_span_record_field_order_the_tracker_builds_positionally():
         "trace_id", "span_id", "parent_span_id", "kind", "start_ns", "end_ns", "method", "path", "status",
         "scheme", "host", "local_addr", "local_port", "peer_addr", "peer_port", "pid", "tid", "exe", "flags",
         "tracestate", "datapath", "propagated", "extra"]
+
+
+def test_pooled_ids_skip_all_zero_ids(monkeypatch):
+    from obi.fallback import flows
+
+    chunk = bytes(16) + b"\x01" * 16 + bytes(8) + b"\x02" * 8 + b"\x03" * 4040  # 4096 bytes
+    monkeypatch.setattr(flows.os, "urandom", lambda n: chunk[:n])
+    monkeypatch.setattr(flows, "_ids", flows._Ids())
+    root = flows.new_root()
+    # The zero trace id (bytes 0-16) and the zero span id (32-40) are skipped.
+    assert (root.trace_id, root.span_id) == ("01" * 16, "02" * 8)
+    assert flows.new_root().trace_id == "03" * 16 and flows.child(root).span_id == "03" * 8
