@@ -331,11 +331,13 @@ def test_span_record_field_order_the_tracker_builds_positionally():
 
 def test_pooled_ids_skip_all_zero_ids(monkeypatch):
     from obi.fallback import flows
+    from obi.model import TraceContext
 
-    chunk = bytes(16) + b"\x01" * 16 + bytes(8) + b"\x02" * 8 + b"\x03" * 4040  # 4096 bytes
+    chunk = b"\x05" * 8 + bytes(16) + b"\x01" * 16 + bytes(8) + b"\x02" * 8 + b"\x03" * 4040  # 4096 bytes
     monkeypatch.setattr(flows.os, "urandom", lambda n: chunk[:n])
     monkeypatch.setattr(flows, "_ids", flows._Ids())
+    assert flows.child(TraceContext("ab" * 16, "cd" * 8)).span_id == "05" * 8
     root = flows.new_root()
-    # The zero trace id (bytes 0-16) and the zero span id (32-40) are skipped.
+    # The zero trace id (bytes 8-24) and the zero span id (40-48) are skipped.
     assert (root.trace_id, root.span_id) == ("01" * 16, "02" * 8)
     assert flows.new_root().trace_id == "03" * 16 and flows.child(root).span_id == "03" * 8
