@@ -37,6 +37,7 @@ log = logging.getLogger("obi.fallback")
 
 _U32 = 0xFFFFFFFF
 _SYN, _ACK, _RST, _FIN = codec.SYN, codec.ACK, codec.RST, codec.FIN
+_IN, _OUT = 1, 2  # directions of a flow, as bits
 _monotonic = time.monotonic
 _USERSPACE = Datapath.USERSPACE
 HEADER_NAME = b"Traceparent"
@@ -249,6 +250,10 @@ class Flow:
     fins: int = 0
     last_seen: float = 0.0
     closed_at: float = 0.0
+    # Tracker.loss_epoch when this flow's previous packet in each direction was handled
+    in_epoch: int = 0
+    out_epoch: int = 0
+    resync_gap: int = 0  # directions (_IN, _OUT) whose next gap is a lost copy, after a resync
 
     def pending_method(self) -> str:
         """Method of the oldest request awaiting a response (a response to HEAD has no body)."""
@@ -295,7 +300,11 @@ class Tracker:
         self.stats: dict[str, int] = dict.fromkeys(
             ("packets", "packets_modified", "headers_inserted", "headers_present", "headers_invalid",
              "tcp_options_written", "tcp_options_read", "tcp_option_no_room", "spans", "flows", "errors",
-             "insert_skipped_mtu", "links_to_server", "roots", "tls_flows", "tls_turns", "flows_resumed"), 0)
+             "insert_skipped_mtu", "links_to_server", "roots", "tls_flows", "tls_turns", "flows_resumed",
+             "copies_lost", "resyncs", "spans_lost"), 0)
+        # Bumped each time the queue reader reports lost copies of observed packets: a gap
+        # in a served connection after that is taken as loss, not reordering.
+        self.loss_epoch = 0
         self.now = time.time_ns  # replaceable in tests
         self._ts_ns: int | None = None  # receive time of the packet being handled, if given
         self._last_gc = time.monotonic()
@@ -331,11 +340,14 @@ class Tracker:
                 flow = self._new_flow(key, pkt, outgoing)
                 if flow is None:
                     return ACCEPT
+                flow.in_epoch = flow.out_epoch = self.loss_epoch
             now = flow.last_seen = _monotonic()
             if outgoing:
                 verdict = self._outgoing(flow, pkt)
+                flow.out_epoch = self.loss_epoch
             else:
                 verdict = self._incoming(flow, pkt)
+                flow.in_epoch = self.loss_epoch
             if flags & (_RST | _FIN):
                 if flags & _RST:
                     self._close(key, flow)
@@ -405,6 +417,9 @@ class Tracker:
             if r <= expected < r + n:  # new bytes, in order
                 start = pkt.payload_off + expected - r
                 self._feed_out(flow, pkt, r, pkt.data[start : pkt.payload_off + n], expected)
+                flow.out_next = r + n
+            elif r > expected and self._gap_is_loss(flow, _OUT):  # a copy was lost: pick up again here
+                self._feed_out(flow, pkt, r, pkt.data[pkt.payload_off : pkt.payload_off + n], r)
                 flow.out_next = r + n
             elif r > expected:  # a gap: framing is lost for this connection
                 if flow.out_stream is not None:
@@ -560,6 +575,8 @@ class Tracker:
 
     def _in_data(self, flow: Flow, r: int, data: bytes) -> None:
         """Feed incoming payload to the parser in order, keeping a little out-of-order data."""
+        if r > flow.in_next and self._gap_is_loss(flow, _IN):  # a copy was lost, not reordered
+            flow.in_next = r
         if r > flow.in_next:
             if sum(map(len, flow.in_ooo.values())) + len(data) > REASSEMBLY_LIMIT:
                 if flow.tls is not None:
@@ -581,6 +598,43 @@ class Tracker:
             if nxt > flow.in_next:
                 return
             r, data = nxt, flow.in_ooo.pop(nxt)
+
+    # --- copies lost by the queue reader -------------------------------------------------
+
+    def copies_lost(self, n: int) -> None:
+        """The queue reader lost n observed packets (it was behind): streams of served
+        connections may have holes from here on."""
+        self.loss_epoch += 1
+        self.stats["copies_lost"] += n
+
+    def _gap_is_loss(self, flow: Flow, direction: int) -> bool:
+        """Whether a gap in this direction is a lost copy (then the flow is resynchronised
+        and the caller goes on from the new segment): copies were lost since the flow's
+        previous packet in this direction, and it is a served HTTP connection (only observed
+        packets are ever lost); or a resync is waiting for this direction's first gap."""
+        if flow.resync_gap & direction:
+            flow.resync_gap &= ~direction
+            return True
+        epoch = flow.in_epoch if direction == _IN else flow.out_epoch
+        if flow.server and epoch != self.loss_epoch and flow.tls is None:
+            self._resync(flow)
+            flow.resync_gap &= ~direction
+            return True
+        return False
+
+    def _resync(self, flow: Flow) -> None:
+        """Requests in flight on this connection can no longer be paired with their responses:
+        drop them (counted), and let both directions start again at the next message."""
+        for span in flow.pending:
+            self.linker.remove(span)
+        self.stats["spans_lost"] += len(flow.pending)
+        self.stats["resyncs"] += 1
+        flow.pending.clear()
+        flow.in_ooo.clear()
+        flow.resync_gap = _IN | _OUT  # the other direction may have lost bytes too
+        for stream in (flow.in_stream, flow.out_stream):
+            if stream is not None:
+                stream.resync()
 
     def _feed_in(self, flow: Flow, r: int, data: bytes, off: int) -> bool:
         """New in-order incoming bytes at offset `off` (segment start r); True = stop parsing."""

@@ -26,7 +26,11 @@ _H2_PREFACE = b"PRI * HTTP/2.0"
 _CONTENT_LENGTH_LINE = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)[ \t]*\r\n")
 
 # States of the parser.
-IDLE, HEAD, BODY, CHUNK_SIZE, CHUNK_DATA, TRAILER, UNTIL_CLOSE, DEAD = range(8)
+IDLE, HEAD, BODY, CHUNK_SIZE, CHUNK_DATA, TRAILER, UNTIL_CLOSE, DEAD, RESYNC = range(9)
+# What a segment that starts a message begins with (RESYNC waits for one): a whole request
+# line, or a status line's start; a body that merely begins with a word does not qualify.
+_REQUEST_START = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/1\.[01]\r\n")
+_RESPONSE_START = re.compile(rb"HTTP/1\.[01] [0-9]{3}[ \r]")
 
 
 @dataclass(slots=True)
@@ -152,9 +156,21 @@ class Stream:
     def kill(self, why: str) -> None:
         self.state, self.dead, self.why_dead = DEAD, True, why
 
+    def resync(self) -> None:
+        """Bytes of this stream were lost: forget the message in progress and pick up again
+        at the next segment that starts a message. A dead stream stays dead."""
+        if self.dead:
+            return
+        self.state, self.msg, self.remaining, self._chunk_crlf = RESYNC, None, 0, False
+        self.line.clear()
+
     def feed(self, data: bytes | memoryview, off: int) -> list[Event]:
         """Consume `data` that starts at stream offset `off` (must be the next in-order bytes)."""
         buf = data if data.__class__ is bytes else bytes(data)
+        if self.state == RESYNC:
+            if not (_REQUEST_START if self.is_request else _RESPONSE_START).match(buf):
+                return []
+            self.state = IDLE
         if self.state == IDLE and buf:
             events = self._whole(buf, off)
             if events is not None:

@@ -32,7 +32,7 @@ QUEUE_MAXLEN = 4096  # packets the kernel keeps per queue awaiting a verdict
 OBSERVE_BACKLOG = 65536  # copies of observed packets waiting for the handler, at most...
 OBSERVE_BACKLOG_BYTES = 64 << 20  # ...and at most this many bytes of them
 WAKE_S = 0.2  # idle fetch timeout: how long stop() may wait for the loop thread
-SYNC_MAX_WAIT_S = 0.02  # how far behind the handler may be before a sync packet skips the backlog
+SYNC_MAX_WAIT_S = 0.25  # how far behind the handler may be before a sync packet skips the backlog
 
 Handler = Callable[[bytes, bool, int], Verdict]
 

@@ -341,3 +341,90 @@ def test_pooled_ids_skip_all_zero_ids(monkeypatch):
     # The zero trace id (bytes 8-24) and the zero span id (40-48) are skipped.
     assert (root.trace_id, root.span_id) == ("01" * 16, "02" * 8)
     assert flows.new_root().trace_id == "03" * 16 and flows.child(root).span_id == "03" * 8
+
+
+class Served:
+    """A keep-alive connection served on B:8080: numbered requests and responses, any of
+    which can be 'lost' (its copy never reaches the tracker, as when the queue reader drops
+    it), with the tracker told of the loss before the next packet it gets."""
+
+    def __init__(self, t):
+        self.t, self.c = t, Conn(B, 8080, A, 50000, lseq=1000, pseq=9000)
+        self.cseq, self.sseq, self.lost = 9000, 1000, 0
+        t.handle(self.c.inn("S", seq=8999, ack=0), False)
+        t.handle(self.c.out("SA", seq=999, ack=9000), True)
+
+    def _deliver(self, raw, outgoing):
+        if self.lost:
+            self.t.copies_lost(self.lost)
+            self.lost = 0
+        self.t.handle(raw, outgoing)
+
+    def request(self, i, lost=False):
+        req = f"GET /{i} HTTP/1.1\r\nHost: b\r\n\r\n".encode()
+        raw = self.c.inn(payload=req, seq=self.cseq, ack=self.sseq)
+        self.cseq += len(req)
+        if lost:
+            self.lost += 1
+        else:
+            self._deliver(raw, False)
+
+    def response(self, status, lost=False, body=b"ok"):
+        resp = f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        raw = self.c.out(payload=resp, seq=self.sseq, ack=self.cseq)
+        self.sseq += len(resp)
+        if lost:
+            self.lost += 1
+        else:
+            self._deliver(raw, True)
+
+
+def test_a_lost_request_copy_resyncs_the_served_connection_at_the_next_request():
+    t, spans = make_tracker()
+    s = Served(t)
+    s.request(1), s.response(201)
+    s.request(2, lost=True), s.response(202)  # the response answers nothing the tracker saw
+    s.request(3), s.response(203)  # incoming gap: picked up again at this request
+    s.request(4), s.response(204)
+    assert [(x.path, x.status) for x in spans] == [("/1", 201), ("/3", 203), ("/4", 204)]
+    assert t.stats["resyncs"] == 1 and t.stats["copies_lost"] == 1 and t.stats["spans_lost"] == 0
+
+
+def test_a_lost_response_copy_never_pairs_a_later_response_with_the_wrong_request():
+    t, spans = make_tracker()
+    s = Served(t)
+    s.request(1), s.response(201)
+    s.request(2), s.response(202, lost=True)
+    s.request(3), s.response(203)  # outgoing gap: /2 and /3 can no longer be paired
+    s.request(4), s.response(204)
+    assert [(x.path, x.status) for x in spans] == [("/1", 201), ("/4", 204)]
+    assert t.stats["resyncs"] == 1 and t.stats["spans_lost"] == 2
+
+
+def test_after_a_loss_the_stream_waits_for_a_segment_that_starts_a_message():
+    t, spans = make_tracker()
+    s = Served(t)
+    s.request(1), s.response(201)
+    # A request with a body: its head is lost, its body segment (not a message start)
+    # arrives, then the response to it, then the next request is parsed again.
+    head = b"POST /up HTTP/1.1\r\nHost: b\r\nContent-Length: 10\r\n\r\n"
+    s.cseq += len(head)
+    s.lost += 1
+    s._deliver(s.c.inn(payload=b"GET x body", seq=s.cseq, ack=s.sseq), False)  # looks like a start, is not at one
+    s.cseq += 10
+    s.response(202)
+    s.request(3), s.response(203)
+    paths = [(x.path, x.status) for x in spans]
+    assert paths[0] == ("/1", 201) and paths[-1] == ("/3", 203)
+    assert ("/up", 202) not in paths
+
+
+def test_a_gap_without_a_reported_loss_is_not_taken_as_one():
+    t, spans = make_tracker()
+    s = Served(t)
+    s.request(1), s.response(201)
+    s.sseq += 100  # outgoing bytes the tracker never saw, with no loss reported
+    s.request(2), s.response(202)
+    s.request(3), s.response(203)
+    assert [(x.path, x.status) for x in spans] == [("/1", 201)]  # framing lost: no guessing
+    assert t.stats["resyncs"] == 0
