@@ -1,8 +1,9 @@
 """The no-op NFQUEUE consumer: accepts every packet unchanged, counts them.
 
 Run inside the server's namespace as `python3 -m bench.nfq_noop --queue N`. It is the
-floor of any NFQUEUE design in Python: the kernel->userspace->kernel round trip plus the
-smallest possible Python callback, with no parsing. Prints "ready" once bound, and one
+floor of an NFQUEUE design that makes every packet wait for Python: the
+kernel->userspace->kernel round trip plus the smallest possible Python callback, with no
+parsing. (The agent's own reader does that only for client connections.) Prints "ready" once bound, and one
 JSON line {"packets": N} on SIGTERM/SIGINT.
 """
 
