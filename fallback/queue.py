@@ -78,7 +78,9 @@ class QueueLoop:
                 return
             if not batch:
                 if not reader.stats()["running"]:
+                    # Unbind, so that the rules' --queue-bypass lets packets through.
                     log.error("nfqueue reader thread ended; packets now pass by --queue-bypass")
+                    reader.close()
                     return
                 if self.on_idle is not None:
                     self._guard(self.on_idle)
