@@ -27,6 +27,7 @@
  *   r.fetch(timeout_s) -> [(data, outgoing, ts_ns, packet_id or None, lost), ...]   (GIL released while
  *       waiting); lost: observed packets Python will never see, lost just before this one
  *   r.verdict(packet_id, payload or None, mark)   NF_ACCEPT for a sync packet (new bytes/mark optional)
+ *   r.take_lost() -> observed packets lost after the last packet fetch() returned (when idle)
  *   r.stats() -> dict;  r.close()   (unfetched sync packets are accepted unchanged)
  */
 #define _GNU_SOURCE /* pthread_setname_np */
@@ -493,7 +494,11 @@ static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     r->backlog = backlog;
     r->backlog_bytes = backlog_bytes;
     pthread_mutex_init(&r->mu, NULL);
-    pthread_cond_init(&r->cv, NULL);
+    pthread_condattr_t ca;  /* fetch() timeouts on the monotonic clock: wall-clock steps do not stretch them */
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&r->cv, &ca);
+    pthread_condattr_destroy(&ca);
     r->rbuf = malloc((size_t)BATCH * MSG_ROOM);
     r->fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_NETFILTER);
     r->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -520,7 +525,6 @@ static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         err = bind_queue(r->fd, r->observe_queue, maxlen, NFQA_CFG_F_FAIL_OPEN, &seq);
     }
     if (err) {
-        errno = -err;
         PyErr_Format(PyExc_OSError, "NFQUEUE: cannot %s (queues %d/%d): %s%s", what, sq, oq, strerror(-err),
                      err == -EBUSY ? " (another process reads this queue)" : "");
         Py_DECREF(r);
@@ -548,7 +552,7 @@ static PyObject *Reader_fetch(Reader *r, PyObject *args)
     uint64_t observed_taken = 0, observed_bytes = 0;
     Py_BEGIN_ALLOW_THREADS
     struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
+    clock_gettime(CLOCK_MONOTONIC, &until);
     long long ns = until.tv_nsec + (long long)(timeout * 1e9);
     until.tv_sec += ns / 1000000000LL;
     until.tv_nsec = ns % 1000000000LL;
@@ -636,6 +640,15 @@ static PyObject *Reader_verdict(Reader *r, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *Reader_take_lost(Reader *r, PyObject *Py_UNUSED(ignored))
+{
+    pthread_mutex_lock(&r->mu);
+    uint32_t lost = r->lost_pending;
+    r->lost_pending = 0;
+    pthread_mutex_unlock(&r->mu);
+    return PyLong_FromUnsignedLong(lost);
+}
+
 static PyObject *Reader_stats(Reader *r, PyObject *Py_UNUSED(ignored))
 {
     pthread_mutex_lock(&r->mu);
@@ -662,6 +675,8 @@ static PyMethodDef Reader_methods[] = {
      "fetch(timeout_s=0.2) -> list of (data, outgoing, ts_ns, packet_id or None, lost); [] after the timeout"},
     {"verdict", (PyCFunction)Reader_verdict, METH_VARARGS,
      "verdict(packet_id, payload or None, mark=0): accept a sync packet, with new bytes / mark if given"},
+    {"take_lost", (PyCFunction)Reader_take_lost, METH_NOARGS,
+     "observed packets lost since the last one fetch() returned (no packet came after them to carry the count)"},
     {"stats", (PyCFunction)Reader_stats, METH_NOARGS, "counters of the reader"},
     {"close", (PyCFunction)Reader_close, METH_NOARGS, "stop the thread, accept unfetched sync packets, unbind"},
     {NULL},

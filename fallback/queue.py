@@ -82,6 +82,9 @@ class QueueLoop:
                     log.error("nfqueue reader thread ended; packets now pass by --queue-bypass")
                     reader.close()
                     return
+                lost = reader.take_lost()  # copies dropped with no packet after them
+                if lost:
+                    self._report_loss(lost)
                 if self.on_idle is not None:
                     self._guard(self.on_idle)
                 continue

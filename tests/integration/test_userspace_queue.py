@@ -80,8 +80,9 @@ OBSERVE_SCRIPT = COMMON + textwrap.dedent("""
     stuck = len(seen)
     release.set()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and loop.stats()["observe_waiting"]:
-        time.sleep(0.05)
+    while time.monotonic() < deadline and (loop.stats()["observe_waiting"]
+                                           or sum(losses) < loop.stats()["observe_dropped"]):
+        time.sleep(0.05)  # losses after the last packet are reported once the loop is idle
     time.sleep(0.2)
     for chain, match in rules:
         iptables("-D", chain, "-p", "tcp", match, str(PORT), "-j", "NFQUEUE", "--queue-num", str(OBSERVE), "--queue-bypass")

@@ -25,11 +25,16 @@ class FakeReader:
     def stats(self):
         return {"running": True}
 
+    def take_lost(self):
+        lost, self.lost_after = getattr(self, "lost_after", 0), 0
+        return lost
 
-def run(batches, handler):
+
+def run(batches, handler, lost_after=0):
     losses = []
     loop = queue.QueueLoop(1, 2, handler, on_loss=losses.append)
     loop._reader = reader = FakeReader(batches)
+    reader.lost_after = lost_after  # copies dropped after the last packet: reported when idle
     loop.on_idle = loop._stop.set  # stop once the batches are used up
     loop._loop()
     return loop, reader, losses
@@ -73,6 +78,12 @@ def test_a_late_sync_packet_skips_the_observed_backlog_ahead_of_it():
     assert seen == [b"s1", b"o3"]  # the copies after the last sync packet are still handled
     assert reader.verdicts == [(4, None, 0)]
     assert losses == [2] and loop.shed == 2
+
+
+def test_losses_after_the_last_packet_are_reported_when_idle():
+    now = time.time_ns()
+    loop, reader, losses = run([[(b"o1", False, now, None, 2)]], lambda *a: Verdict(), lost_after=5)
+    assert losses == [2, 5]
 
 
 def test_a_fresh_backlog_is_handled_in_order():
