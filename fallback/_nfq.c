@@ -135,24 +135,45 @@ static int send_all(int fd, const void *buf, size_t len)
     }
 }
 
-/* Accept a packet that arrived while we were configuring (a rule of ours already in place). */
-static void accept_stray(int fd, struct nlmsghdr *h)
+/* The parts of a queued-packet message this module uses. */
+struct packet_msg {
+    uint16_t queue;
+    const struct nfqnl_msg_packet_hdr *hdr;  /* NULL if the message had none */
+    unsigned char *payload;
+    uint32_t len;
+};
+
+static void read_packet_msg(struct nlmsghdr *h, struct packet_msg *m)
 {
     struct nfgenmsg *g = NLMSG_DATA(h);
+    m->queue = ntohs(g->res_id);
+    m->hdr = NULL;
+    m->payload = NULL;
+    m->len = 0;
     struct nlattr *a = (struct nlattr *)((char *)g + NLMSG_ALIGN(sizeof *g));
     int left = (int)h->nlmsg_len - (int)((char *)a - (char *)h);
     for (; left >= NLA_HDRLEN && a->nla_len >= NLA_HDRLEN && a->nla_len <= left;
          left -= NLA_ALIGN(a->nla_len), a = (struct nlattr *)((char *)a + NLA_ALIGN(a->nla_len))) {
-        if ((a->nla_type & NLA_TYPE_MASK) != NFQA_PACKET_HDR)
-            continue;
-        struct nfqnl_msg_packet_hdr *ph = (void *)((char *)a + NLA_HDRLEN);
-        unsigned char vb[64];
-        size_t vo = put_header(vb, NFQNL_MSG_VERDICT, 0, ntohs(g->res_id), 0);
-        struct nfqnl_msg_verdict_hdr vh = {htonl(NF_ACCEPT), ph->packet_id};
-        vo = put_attr(vb, vo, NFQA_VERDICT_HDR, &vh, sizeof vh);
-        finish(vb, vo);
-        send_all(fd, vb, vo);
+        int type = a->nla_type & NLA_TYPE_MASK;
+        if (type == NFQA_PACKET_HDR && a->nla_len >= NLA_HDRLEN + sizeof *m->hdr)
+            m->hdr = (void *)((char *)a + NLA_HDRLEN);
+        else if (type == NFQA_PAYLOAD) {
+            m->payload = (unsigned char *)a + NLA_HDRLEN;
+            m->len = a->nla_len - NLA_HDRLEN;
+        }
     }
+}
+
+/* NF_ACCEPT, unchanged: for one packet (NFQNL_MSG_VERDICT) or for every packet of the queue
+ * up to this id (NFQNL_MSG_VERDICT_BATCH). id_be as the kernel sent it. 0 or -errno. */
+static int send_accept(int fd, uint8_t msg, uint16_t queue, uint32_t id_be)
+{
+    unsigned char vb[64];
+    size_t vo = put_header(vb, msg, 0, queue, 0);
+    struct nfqnl_msg_verdict_hdr vh = {htonl(NF_ACCEPT), id_be};
+    vo = put_attr(vb, vo, NFQA_VERDICT_HDR, &vh, sizeof vh);
+    finish(vb, vo);
+    return send_all(fd, vb, vo);
 }
 
 /* Send a request built with NLM_F_ACK and wait for the kernel's answer: 0 or -errno. */
@@ -181,8 +202,13 @@ static int request(int fd, unsigned char *msg, size_t len, uint32_t seq)
                 err = ((struct nlmsgerr *)NLMSG_DATA(h))->error;
                 break;
             }
-            if (h->nlmsg_type == ((NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET))
-                accept_stray(fd, h);
+            if (h->nlmsg_type == ((NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET)) {
+                /* A packet queued while we were configuring (a rule of ours already in place). */
+                struct packet_msg m;
+                read_packet_msg(h, &m);
+                if (m.hdr)
+                    send_accept(fd, NFQNL_MSG_VERDICT, m.queue, m.hdr->packet_id);
+            }
         }
     }
     free(rb);
@@ -260,12 +286,7 @@ static int64_t now_ns(void)
 
 static void send_verdict(Reader *r, uint8_t msg, uint16_t queue, uint32_t id_be)
 {
-    unsigned char vb[64];
-    size_t vo = put_header(vb, msg, 0, queue, 0);
-    struct nfqnl_msg_verdict_hdr vh = {htonl(NF_ACCEPT), id_be};
-    vo = put_attr(vb, vo, NFQA_VERDICT_HDR, &vh, sizeof vh);
-    finish(vb, vo);
-    if (send_all(r->fd, vb, vo))
+    if (send_accept(r->fd, msg, queue, id_be))
         __atomic_fetch_add(&r->send_errors, 1, __ATOMIC_RELAXED);
 }
 
@@ -273,23 +294,12 @@ static void send_verdict(Reader *r, uint8_t msg, uint16_t queue, uint32_t id_be)
  * set to the id of an observed packet, which the caller accepts in one batch verdict. */
 static pkt_t *take_packet(Reader *r, struct nlmsghdr *h, int truncated, uint32_t *observe_id, int *seen_observe)
 {
-    struct nfgenmsg *g = NLMSG_DATA(h);
-    uint16_t queue = ntohs(g->res_id);
-    struct nfqnl_msg_packet_hdr *ph = NULL;
-    unsigned char *payload = NULL;
-    uint32_t plen = 0;
-    struct nlattr *a = (struct nlattr *)((char *)g + NLMSG_ALIGN(sizeof *g));
-    int left = (int)h->nlmsg_len - (int)((char *)a - (char *)h);
-    for (; left >= NLA_HDRLEN && a->nla_len >= NLA_HDRLEN && a->nla_len <= left;
-         left -= NLA_ALIGN(a->nla_len), a = (struct nlattr *)((char *)a + NLA_ALIGN(a->nla_len))) {
-        int type = a->nla_type & NLA_TYPE_MASK;
-        if (type == NFQA_PACKET_HDR && a->nla_len >= NLA_HDRLEN + sizeof *ph)
-            ph = (void *)((char *)a + NLA_HDRLEN);
-        else if (type == NFQA_PAYLOAD) {
-            payload = (unsigned char *)a + NLA_HDRLEN;
-            plen = a->nla_len - NLA_HDRLEN;
-        }
-    }
+    struct packet_msg m;
+    read_packet_msg(h, &m);
+    const struct nfqnl_msg_packet_hdr *ph = m.hdr;
+    uint16_t queue = m.queue;
+    unsigned char *payload = m.payload;
+    uint32_t plen = m.len;
     if (!ph) {
         r->unparsed++;
         return NULL;
