@@ -153,7 +153,9 @@ class QueueLoop:
         out = dict(self._final_stats)
         if self._reader is not None:
             out = {k: int(v) for k, v in self._reader.stats().items() if k != "running"}
-        out.update(packets_queued=self.packets, handler_errors=self.errors, observe_shed=self.shed)
+        # packets_queued: what the kernel queued to us; packets_handled: what the handler got.
+        out.update(packets_queued=out.get("received", 0), packets_handled=self.packets,
+                   handler_errors=self.errors, observe_shed=self.shed)
         if self.observe_changed:
             out["observe_changed"] = self.observe_changed
         return out

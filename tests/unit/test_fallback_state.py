@@ -82,6 +82,12 @@ def test_hold_rules_precede_bypass_rules_and_have_no_bypass():
     assert len(held) == 2 and held == [0, 1]
     assert all("--queue-bypass" not in queue_rules[i][1] for i in held)
     assert all("--queue-bypass" in spec for i, (_, spec) in enumerate(queue_rules) if i not in held)
+    # Only the watched-port (server side) rules feed the observe queue, after the client rules.
+    queues = [spec[spec.index("--queue-num") + 1] for _, spec in queue_rules]
+    ports = [i for i, (_, spec) in enumerate(queue_rules) if "multiport" in spec]
+    assert ports and ports == list(range(len(queue_rules) - len(ports), len(queue_rules)))
+    assert all(queues[i] == str(rules.observe_queue(177)) == "178" for i in ports)
+    assert all(q == "177" for i, q in enumerate(queues) if i not in ports)
     save = next(spec for chain, spec in specs if chain == "POSTROUTING")
     assert save[save.index("--mask") + 1] == f"{rules.MARK | rules.SHIFT:#x}"
     assert rules._instance_pid("obi-fallback-123-beef") == 123 and rules._instance_pid("obi-fallback-x") is None
