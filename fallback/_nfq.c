@@ -24,8 +24,10 @@
  * Python API (see fallback/queue.py for the loop that uses it):
  *   r = Reader(sync_queue, observe_queue, maxlen, backlog, backlog_bytes)   binds both queues, starts
  *       the thread; backlog/backlog_bytes bound the copies of observed packets waiting for Python
- *   r.fetch(timeout_s) -> [(data, outgoing, ts_ns, packet_id or None, lost), ...]   (GIL released while
- *       waiting); lost: observed packets Python will never see, lost just before this one
+ *   r.fetch(timeout_s, max_items, shed_after_s) -> [(data, outgoing, ts_ns, packet_id or None, lost), ...]
+ *       (GIL released while waiting); lost: observed packets Python will never see, lost just
+ *       before this one; copies older than shed_after_s ahead of a sync packet are dropped
+ *       (observe_shed) so that it does not wait for them
  *   r.verdict(packet_id, payload or None, mark)   NF_ACCEPT for a sync packet (new bytes/mark optional)
  *   r.take_lost() -> observed packets lost after the last packet fetch() returned (when idle)
  *   r.stats() -> dict;  r.close()   (unfetched sync packets are accepted unchanged)
@@ -81,10 +83,12 @@ typedef struct {
     uint64_t observe_waiting;         /* copies of observed packets in the list */
     uint64_t observe_bytes;           /* and their size */
     uint32_t lost_pending;            /* observed packets lost since the last one appended */
+    uint64_t sync_waiting;            /* sync packets in the list */
     uint64_t backlog, backlog_bytes;  /* limits of the two */
     int thread_done;
     /* counters (under mu) */
-    uint64_t received, observed, observe_dropped, acks_skipped, sync, recv_errors, overruns, truncated, unparsed;
+    uint64_t received, observed, observe_dropped, observe_shed, acks_skipped, sync, recv_errors, overruns, truncated,
+             unparsed;
     uint64_t verdicts, send_errors;   /* atomic: counted by whichever thread sent */
     struct mmsghdr msgs[BATCH];
     struct iovec iov[BATCH];
@@ -349,6 +353,7 @@ static pkt_t *take_packet(Reader *r, struct nlmsghdr *h, int truncated, uint32_t
         r->observe_bytes += plen;
     } else {
         r->sync++;
+        r->sync_waiting++;
     }
     return p;
 }
@@ -438,7 +443,7 @@ static void release_all(Reader *r)
     /* Unfetched sync packets get NF_ACCEPT unchanged: their rules are gone by now. */
     pkt_t *p = r->head;
     r->head = r->tail = NULL;
-    r->observe_waiting = r->observe_bytes = 0;
+    r->observe_waiting = r->observe_bytes = r->sync_waiting = 0;
     while (p) {
         pkt_t *next = p->next;
         if (p->sync && r->fd >= 0)
@@ -549,17 +554,51 @@ static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     return (PyObject *)r;
 }
 
+/* A sync packet waits behind the copies queued before it. When the oldest of those is older
+ * than shed_ns, drop the copies ahead of the last sync packet waiting (their count travels
+ * on as `lost`), so a client connection is not held up by the backlog of served ones.
+ * Called with mu held. */
+static void shed_ahead_of_sync(Reader *r, int64_t shed_ns)
+{
+    if (!r->sync_waiting || !r->head || r->head->sync || now_ns() - r->head->ts_ns <= shed_ns)
+        return;
+    pkt_t *last_sync = NULL;
+    for (pkt_t *p = r->head; p; p = p->next)
+        if (p->sync)
+            last_sync = p;
+    uint32_t carried = 0;
+    pkt_t **link = &r->head;
+    while (*link != last_sync) {
+        pkt_t *p = *link;
+        if (p->sync) {
+            p->lost += carried;
+            carried = 0;
+            link = &p->next;
+            continue;
+        }
+        *link = p->next;
+        carried += p->lost + 1;
+        r->observe_waiting--;
+        r->observe_bytes -= p->len;
+        r->observe_shed++;
+        free(p);
+    }
+    last_sync->lost += carried;  /* the tail is last_sync or after it: unchanged */
+}
+
 static PyObject *Reader_fetch(Reader *r, PyObject *args)
 {
-    double timeout = 0.2;
-    if (!PyArg_ParseTuple(args, "|d", &timeout))
+    double timeout = 0.2, shed_after = 0.25;
+    Py_ssize_t max_items = 1024;
+    if (!PyArg_ParseTuple(args, "|dnd", &timeout, &max_items, &shed_after))
         return NULL;
     if (r->closed) {
         PyErr_SetString(PyExc_ValueError, "reader is closed");
         return NULL;
     }
+    if (max_items < 1)
+        max_items = 1;
     pkt_t *got = NULL;
-    uint64_t observed_taken = 0, observed_bytes = 0;
     Py_BEGIN_ALLOW_THREADS
     struct timespec until;
     clock_gettime(CLOCK_MONOTONIC, &until);
@@ -571,14 +610,23 @@ static PyObject *Reader_fetch(Reader *r, PyObject *args)
         if (pthread_cond_timedwait(&r->cv, &r->mu, &until) == ETIMEDOUT)
             break;
     }
+    shed_ahead_of_sync(r, (int64_t)(shed_after * 1e9));
+    /* Take at most max_items, so that the caller comes back (and sheds) often. */
     got = r->head;
-    r->head = r->tail = NULL;
-    for (pkt_t *p = got; p; p = p->next) {
-        observed_taken += !p->sync;
-        observed_bytes += p->sync ? 0 : p->len;
+    pkt_t *last = NULL, *p = got;
+    for (Py_ssize_t n = 0; p && n < max_items; n++, last = p, p = p->next) {
+        if (p->sync) {
+            r->sync_waiting--;
+        } else {
+            r->observe_waiting--;
+            r->observe_bytes -= p->len;
+        }
     }
-    r->observe_waiting -= observed_taken;
-    r->observe_bytes -= observed_bytes;
+    if (last)
+        last->next = NULL;
+    r->head = p;
+    if (!p)
+        r->tail = NULL;
     pthread_mutex_unlock(&r->mu);
     Py_END_ALLOW_THREADS
     PyObject *out = PyList_New(0);
@@ -662,15 +710,15 @@ static PyObject *Reader_take_lost(Reader *r, PyObject *Py_UNUSED(ignored))
 static PyObject *Reader_stats(Reader *r, PyObject *Py_UNUSED(ignored))
 {
     pthread_mutex_lock(&r->mu);
-    uint64_t v[] = {r->received, r->observed, r->observe_dropped, r->acks_skipped, r->sync,
+    uint64_t v[] = {r->received, r->observed, r->observe_dropped, r->observe_shed, r->acks_skipped, r->sync,
                     __atomic_load_n(&r->verdicts, __ATOMIC_RELAXED), __atomic_load_n(&r->send_errors, __ATOMIC_RELAXED),
                     r->recv_errors, r->overruns, r->truncated, r->unparsed, r->observe_waiting};
     int running = r->thread_started && !r->thread_done;
     pthread_mutex_unlock(&r->mu);
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsO}", "received", v[0], "observed", v[1],
-                         "observe_dropped", v[2], "acks_skipped", v[3], "sync", v[4], "verdicts", v[5],
-                         "send_errors", v[6], "recv_errors", v[7], "overruns", v[8], "truncated", v[9],
-                         "unparsed", v[10], "observe_waiting", v[11],
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsO}", "received", v[0], "observed", v[1],
+                         "observe_dropped", v[2], "observe_shed", v[3], "acks_skipped", v[4], "sync", v[5],
+                         "verdicts", v[6], "send_errors", v[7], "recv_errors", v[8], "overruns", v[9],
+                         "truncated", v[10], "unparsed", v[11], "observe_waiting", v[12],
                          "running", running ? Py_True : Py_False);
 }
 
@@ -682,7 +730,8 @@ static PyObject *Reader_close(Reader *r, PyObject *Py_UNUSED(ignored))
 
 static PyMethodDef Reader_methods[] = {
     {"fetch", (PyCFunction)Reader_fetch, METH_VARARGS,
-     "fetch(timeout_s=0.2) -> list of (data, outgoing, ts_ns, packet_id or None, lost); [] after the timeout"},
+     "fetch(timeout_s=0.2, max_items=1024, shed_after_s=0.25) -> list of (data, outgoing, ts_ns, packet_id or None,"
+     " lost); [] after the timeout"},
     {"verdict", (PyCFunction)Reader_verdict, METH_VARARGS,
      "verdict(packet_id, payload or None, mark=0): accept a sync packet, with new bytes / mark if given"},
     {"take_lost", (PyCFunction)Reader_take_lost, METH_NOARGS,

@@ -8,8 +8,9 @@ the reader the moment it got them, and the handler sees a copy afterwards. So a 
 request is not held up by Python, and when Python falls behind, the reader drops copies
 (counted as `observe_dropped`) instead of holding traffic. Packets are handled in the order
 the kernel queued them, so a sync packet waits for the copies ahead of it; when those are
-older than SYNC_MAX_WAIT_S, they are skipped (`observe_shed`) so that a client connection
-is not held up by the backlog of served ones. Lost and skipped copies are reported to
+older than SYNC_MAX_WAIT_S, the reader drops them (`observe_shed`) so that a client
+connection is not held up by the backlog of served ones (fetches take at most FETCH_MAX
+packets, so it gets the chance often). Lost and dropped copies are reported to
 `on_loss(n)` before the next packet is handled: their connections' streams have holes.
 
 Fail open: whatever the handler does (returns, raises), a sync packet gets NF_ACCEPT, with
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Callable
 
 from .flows import Verdict
@@ -33,6 +33,7 @@ OBSERVE_BACKLOG = 65536  # copies of observed packets waiting for the handler, a
 OBSERVE_BACKLOG_BYTES = 64 << 20  # ...and at most this many bytes of them
 WAKE_S = 0.2  # idle fetch timeout: how long stop() may wait for the loop thread
 SYNC_MAX_WAIT_S = 0.25  # how far behind the handler may be before a sync packet skips the backlog
+FETCH_MAX = 1024  # packets per fetch: the reader sheds for a waiting sync packet between fetches
 
 Handler = Callable[[bytes, bool, int], Verdict]
 
@@ -49,7 +50,6 @@ class QueueLoop:
         self.on_idle = on_idle  # called in the loop thread after WAKE_S without packets
         self.backlog = backlog
         self.on_loss = on_loss  # called with the number of observed packets that will never be handled
-        self.shed = 0
         self.errors = 0
         self.packets = 0
         self.observe_changed = 0  # verdicts with changes for packets already accepted (a bug)
@@ -72,7 +72,7 @@ class QueueLoop:
         handler = self.handler
         while not self._stop.is_set():
             try:
-                batch = reader.fetch(WAKE_S)
+                batch = reader.fetch(WAKE_S, FETCH_MAX, SYNC_MAX_WAIT_S)
             except Exception:
                 log.exception("nfqueue reader failed")
                 return
@@ -89,17 +89,9 @@ class QueueLoop:
                     self._guard(self.on_idle)
                 continue
             self.packets += len(batch)
-            shed_until = self._shed_until(batch)
-            lost = 0
-            for i, (data, outgoing, ts_ns, packet_id, dropped) in enumerate(batch):
-                lost += dropped
-                if packet_id is None and i < shed_until:
-                    lost += 1
-                    self.shed += 1
-                    continue
+            for data, outgoing, ts_ns, packet_id, lost in batch:
                 if lost:
                     self._report_loss(lost)
-                    lost = 0
                 verdict = None
                 try:
                     verdict = handler(data, outgoing, ts_ns)
@@ -116,18 +108,6 @@ class QueueLoop:
                         reader.verdict(packet_id, verdict.payload, verdict.mark)
                 except Exception:
                     self._count_error("verdict failed")
-            if lost:
-                self._report_loss(lost)
-
-    @staticmethod
-    def _shed_until(batch: list) -> int:
-        """Index of the last sync packet of the batch if the observed copies ahead of it are
-        older than SYNC_MAX_WAIT_S (they are then skipped), else 0."""
-        for i in range(len(batch) - 1, -1, -1):
-            if batch[i][3] is not None:
-                first_ts = batch[0][2]
-                return i if time.time_ns() - first_ts > SYNC_MAX_WAIT_S * 1e9 else 0
-        return 0
 
     def _guard(self, fn: Callable[[], None]) -> None:
         try:
@@ -155,7 +135,7 @@ class QueueLoop:
             out = {k: int(v) for k, v in self._reader.stats().items() if k != "running"}
         # packets_queued: what the kernel queued to us; packets_handled: what the handler got.
         out.update(packets_queued=out.get("received", 0), packets_handled=self.packets,
-                   handler_errors=self.errors, observe_shed=self.shed)
+                   handler_errors=self.errors)
         if self.observe_changed:
             out["observe_changed"] = self.observe_changed
         return out

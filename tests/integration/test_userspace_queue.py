@@ -6,7 +6,8 @@ of its own: a TCP echo over 198.18.x.1 whose segments iptables queues to the loo
   with the time the reader took it; with a tiny backlog, copies are dropped and counted,
   traffic unharmed;
 - sync queue: the verdict carries the handler's new bytes (upper-cased payload, checksums
-  recomputed by scapy) and its mark (counted by a mark-matching rule);
+  recomputed by scapy) and its mark (counted by a mark-matching rule); a sync packet does
+  not wait behind an old backlog of observed copies (the reader drops them);
 - stop() is prompt while idle.
 """
 
@@ -38,8 +39,8 @@ COMMON = textwrap.dedent("""
     def iptables(*args):
         subprocess.run(["iptables", "-w", *args], check=True)
 
-    def echo_server():
-        srv = socket.create_server((ADDR, PORT))
+    def echo_server(port=PORT):
+        srv = socket.create_server((ADDR, port))
         def serve():
             conn, _ = srv.accept()
             with conn:
@@ -48,8 +49,8 @@ COMMON = textwrap.dedent("""
         threading.Thread(target=serve, daemon=True).start()
         return srv
 
-    def round_trips(n, expect=lambda m: m):
-        with socket.create_connection((ADDR, PORT), timeout=10) as c:
+    def round_trips(n, expect=lambda m: m, port=PORT):
+        with socket.create_connection((ADDR, port), timeout=10) as c:
             for i in range(n):
                 msg = f"ping {i}".encode()
                 c.sendall(msg)
@@ -128,6 +129,47 @@ SYNC_SCRIPT = COMMON + textwrap.dedent("""
 """)
 
 
+# A sync packet behind an old backlog of observed copies: the handler is stuck on its first
+# packet while 20 round trips go through the observe queue; then, past SYNC_MAX_WAIT_S, a
+# connection on the sync port starts; when the handler is released it gets the sync packet
+# next, the old copies having been dropped by the reader (observe_shed) and reported lost.
+SHED_SCRIPT = COMMON + textwrap.dedent("""
+    from obi.fallback.queue import SYNC_MAX_WAIT_S
+    SYNC_PORT = PORT + 1
+    release = threading.Event()
+    seen = []
+    def handler(data, outgoing, ts_ns):
+        release.wait(30)
+        seen.append((data, outgoing))
+        return Verdict()
+    losses = []
+    loop = QueueLoop(SYNC, OBSERVE, handler, on_loss=losses.append)
+    loop.start()
+    rules = [("INPUT", "--dport", PORT, OBSERVE), ("OUTPUT", "--sport", PORT, OBSERVE),
+             ("INPUT", "--dport", SYNC_PORT, SYNC), ("OUTPUT", "--sport", SYNC_PORT, SYNC)]
+    for chain, match, port, q in rules:
+        iptables("-A", chain, "-p", "tcp", match, str(port), "-j", "NFQUEUE", "--queue-num", str(q), "--queue-bypass")
+    echo_server(), echo_server(SYNC_PORT)
+    round_trips(20)
+    time.sleep(SYNC_MAX_WAIT_S + 0.15)
+    done = []
+    t = threading.Thread(target=lambda: (round_trips(1, port=SYNC_PORT), done.append(1)))
+    t.start()
+    time.sleep(0.1)
+    release.set()
+    t.join(15)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and sum(losses) < loop.stats()["observe_shed"] + loop.stats()["observe_dropped"]:
+        time.sleep(0.05)
+    for chain, match, port, q in rules:
+        iptables("-D", chain, "-p", "tcp", match, str(port), "-j", "NFQUEUE", "--queue-num", str(q), "--queue-bypass")
+    loop.stop()
+    sync_at = [i for i, (d, o) in enumerate(seen) if d[22:24] == SYNC_PORT.to_bytes(2, "big")]
+    print(json.dumps({"stats": loop.stats(), "lost": sum(losses), "sync_done": bool(done),
+                      "first_sync_at": sync_at[0] if sync_at else None, "seen": len(seen)}))
+""")
+
+
 def run_in_ns(script: str, backlog: int = 0) -> dict:
     with Topology(["h"], prefix="obiu", cgroups=False) as topo:
         host = topo["h"]
@@ -191,3 +233,15 @@ def test_sync_verdicts_carry_new_bytes_and_marks_and_stop_is_prompt() -> None:
     # carried the mark the handler set.
     assert out["marked"] and out["marked"][0] >= 30
     assert out["stop_s"] < out["wake_s"] + 1.0, out
+
+
+def test_a_sync_packet_does_not_wait_for_an_old_backlog_of_observed_copies() -> None:
+    out = run_in_ns(SHED_SCRIPT)
+    st = out["stats"]
+    assert out["sync_done"]  # the client round trip on the sync port completed
+    assert st["observe_shed"] > 0 and st["observe_dropped"] == 0
+    assert out["lost"] == st["observe_shed"]  # every dropped copy was reported lost
+    # The handler was stuck on its first packet; the next thing it got was the sync
+    # connection's SYN (destination port SYNC_PORT), not the 20 round trips' old copies.
+    assert out["first_sync_at"] is not None and out["first_sync_at"] <= 2, out
+    assert st["handler_errors"] == 0 and st["verdicts"] == st["sync"]
