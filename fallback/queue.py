@@ -74,7 +74,9 @@ class QueueLoop:
             try:
                 batch = reader.fetch(WAKE_S, FETCH_MAX, SYNC_MAX_WAIT_S)
             except Exception:
-                log.exception("nfqueue reader failed")
+                # Nobody would give sync packets their verdict: unbind, --queue-bypass takes over.
+                log.exception("nfqueue reader failed; packets now pass by --queue-bypass")
+                reader.close()
                 return
             if not batch:
                 if not reader.stats()["running"]:

@@ -25,6 +25,9 @@ class FakeReader:
     def stats(self):
         return {"running": True}
 
+    def close(self):
+        self.closed = True
+
     def take_lost(self):
         lost, self.lost_after = getattr(self, "lost_after", 0), 0
         return lost
@@ -81,3 +84,14 @@ def test_a_fresh_backlog_is_handled_in_order():
     batch = [(b"o1", False, now, None, 0), (b"s1", True, now, 4, 0)]
     loop, reader, losses = run([batch], handler)
     assert seen == [b"o1", b"s1"] and losses == []
+
+
+def test_a_failing_reader_is_closed_so_that_bypass_takes_over():
+    class Broken(FakeReader):
+        def fetch(self, timeout, max_items, shed_after):
+            raise OSError("netlink gone")
+
+    loop = queue.QueueLoop(1, 2, lambda *a: Verdict())
+    loop._reader = reader = Broken([])
+    loop._loop()  # returns instead of spinning
+    assert reader.closed
