@@ -168,16 +168,35 @@ static void read_packet_msg(struct nlmsghdr *h, struct packet_msg *m)
     }
 }
 
-/* NF_ACCEPT, unchanged: for one packet (NFQNL_MSG_VERDICT) or for every packet of the queue
- * up to this id (NFQNL_MSG_VERDICT_BATCH). id_be as the kernel sent it. 0 or -errno. */
+/* NF_ACCEPT for one packet (NFQNL_MSG_VERDICT) or for every packet of the queue up to this
+ * id (NFQNL_MSG_VERDICT_BATCH), id_be as the kernel sent it; with a new mark and/or new
+ * packet bytes when given (mark 0 / payload NULL: unchanged). 0 or -errno. */
+static int send_verdict_msg(int fd, uint8_t msg, uint16_t queue, uint32_t id_be, uint32_t mark,
+                            const void *payload, size_t len)
+{
+    unsigned char small[128];
+    unsigned char *buf = payload ? malloc(sizeof small + NLA_ALIGN(len)) : small;
+    if (!buf)
+        return -ENOMEM;
+    size_t off = put_header(buf, msg, 0, queue, 0);
+    struct nfqnl_msg_verdict_hdr vh = {htonl(NF_ACCEPT), id_be};
+    off = put_attr(buf, off, NFQA_VERDICT_HDR, &vh, sizeof vh);
+    if (mark) {
+        uint32_t m = htonl(mark);
+        off = put_attr(buf, off, NFQA_MARK, &m, sizeof m);
+    }
+    if (payload)
+        off = put_attr(buf, off, NFQA_PAYLOAD, payload, len);
+    finish(buf, off);
+    int err = send_all(fd, buf, off);
+    if (buf != small)
+        free(buf);
+    return err;
+}
+
 static int send_accept(int fd, uint8_t msg, uint16_t queue, uint32_t id_be)
 {
-    unsigned char vb[64];
-    size_t vo = put_header(vb, msg, 0, queue, 0);
-    struct nfqnl_msg_verdict_hdr vh = {htonl(NF_ACCEPT), id_be};
-    vo = put_attr(vb, vo, NFQA_VERDICT_HDR, &vh, sizeof vh);
-    finish(vb, vo);
-    return send_all(fd, vb, vo);
+    return send_verdict_msg(fd, msg, queue, id_be, 0, NULL, 0);
 }
 
 /* Send a request built with NLM_F_ACK and wait for the kernel's answer: 0 or -errno. */
@@ -666,30 +685,14 @@ static PyObject *Reader_verdict(Reader *r, PyObject *args)
     }
     if (pobj != Py_None && PyObject_GetBuffer(pobj, &payload, PyBUF_SIMPLE) < 0)
         return NULL;
-    size_t room = 128 + (size_t)NLA_ALIGN(payload.len);
-    unsigned char small[128];
-    unsigned char *buf = payload.buf ? malloc(room) : small;
-    if (!buf) {
-        PyBuffer_Release(&payload);
-        return PyErr_NoMemory();
-    }
-    size_t off = put_header(buf, NFQNL_MSG_VERDICT, 0, r->sync_queue, 0);
-    struct nfqnl_msg_verdict_hdr vh = {htonl(NF_ACCEPT), htonl((uint32_t)id)};
-    off = put_attr(buf, off, NFQA_VERDICT_HDR, &vh, sizeof vh);
-    if (mark) {
-        uint32_t m = htonl((uint32_t)mark);
-        off = put_attr(buf, off, NFQA_MARK, &m, sizeof m);
-    }
-    if (payload.buf)
-        off = put_attr(buf, off, NFQA_PAYLOAD, payload.buf, (size_t)payload.len);
-    finish(buf, off);
     int err;
     Py_BEGIN_ALLOW_THREADS
-    err = send_all(r->fd, buf, off);
+    err = send_verdict_msg(r->fd, NFQNL_MSG_VERDICT, r->sync_queue, htonl((uint32_t)id), (uint32_t)mark,
+                           payload.buf, (size_t)payload.len);
     Py_END_ALLOW_THREADS
-    if (buf != small)
-        free(buf);
     PyBuffer_Release(&payload);
+    if (err == -ENOMEM)
+        return PyErr_NoMemory();
     __atomic_fetch_add(err ? &r->send_errors : &r->verdicts, 1, __ATOMIC_RELAXED);
     if (err) {
         errno = -err;
