@@ -86,14 +86,13 @@ class QueueLoop:
                     return
                 lost = reader.take_lost()  # copies dropped with no packet after them
                 if lost:
-                    self._report_loss(lost)
-                if self.on_idle is not None:
-                    self._guard(self.on_idle)
+                    self._call_hook(self.on_loss, lost)
+                self._call_hook(self.on_idle)
                 continue
             self.packets += len(batch)
             for data, outgoing, ts_ns, packet_id, lost in batch:
                 if lost:
-                    self._report_loss(lost)
+                    self._call_hook(self.on_loss, lost)
                 verdict = None
                 try:
                     verdict = handler(data, outgoing, ts_ns)
@@ -111,19 +110,14 @@ class QueueLoop:
                 except Exception:
                     self._count_error("verdict failed")
 
-    def _guard(self, fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except Exception:
-            self._count_error("idle hook failed")
-
-    def _report_loss(self, n: int) -> None:
-        if self.on_loss is None:
+    def _call_hook(self, hook: Callable[..., None] | None, *args: int) -> None:
+        """on_idle / on_loss: a failing hook is counted, never stops the loop."""
+        if hook is None:
             return
         try:
-            self.on_loss(n)
+            hook(*args)
         except Exception:
-            self._count_error("loss hook failed")
+            self._count_error(f"{hook!r} failed")
 
     def _count_error(self, what: str) -> None:
         self.errors += 1
