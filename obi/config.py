@@ -63,6 +63,7 @@ class Config:
     log_format: str = "text"  # text | json
     shutdown_timeout_s: float = 10.0
     health_check_port: int = 0  # 0 = no health endpoint
+    health_check_listen_address: str = "127.0.0.1"  # also the metrics listener's (as OBI: loopback)
     internal_metrics_port: int = 0  # 0 = no Prometheus endpoint
     internal_metrics_path: str = "/internal/metrics"
     # Where each value came from, for `obi config show`.
@@ -203,6 +204,16 @@ def _port(value: Any, key: str) -> int:
     return port
 
 
+def _ip(value: Any, key: str) -> str:
+    import ipaddress
+
+    text = _text(value, key)
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ConfigError(key, value, "an IP address such as 127.0.0.1, 0.0.0.0 or ::") from None
+
+
 def _url_path(value: Any, key: str) -> str:
     text = _text(value, key)
     if not text.startswith("/"):
@@ -298,6 +309,7 @@ _KEYS: tuple[_Key, ...] = (
     _Key("log_format", "log_format", ("OTEL_EBPF_LOG_FORMAT",), _choice("text", "json")),
     _Key("shutdown_timeout_s", "shutdown_timeout", ("OTEL_EBPF_SHUTDOWN_TIMEOUT",), _seconds),
     _Key("health_check_port", "health_check.port", ("OTEL_EBPF_HEALTH_CHECK_PORT",), _port),
+    _Key("health_check_listen_address", "health_check.listen_address", ("OTEL_EBPF_HEALTH_CHECK_LISTEN_ADDRESS",), _ip),
     _Key("internal_metrics_port", "internal_metrics.prometheus.port", ("OTEL_EBPF_INTERNAL_METRICS_PROMETHEUS_PORT",), _port),
     _Key("internal_metrics_path", "internal_metrics.prometheus.path", ("OTEL_EBPF_INTERNAL_METRICS_PROMETHEUS_PATH",), _url_path),
 )
