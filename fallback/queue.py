@@ -14,8 +14,11 @@ packets, so it gets the chance often). Lost and dropped copies are reported to
 `on_loss(n)` before the next packet is handled: their connections' streams have holes.
 
 Fail open: whatever the handler does (returns, raises), a sync packet gets NF_ACCEPT, with
-the new bytes/mark only when the handler produced them without error. When the process
-dies the queues have no reader and the rules' --queue-bypass lets packets through.
+the new bytes/mark only when the handler produced them without error. If a verdict with new
+bytes/mark cannot be sent (the reader refuses it), the packet is dropped instead (the
+tracker already counts those bytes; TCP retransmits the segment, rebuilt the same way), never
+left without a verdict. When the process dies the queues have no reader and the rules'
+--queue-bypass lets packets through.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class QueueLoop:
         self.errors = 0
         self.packets = 0
         self.observe_changed = 0  # verdicts with changes for packets already accepted (a bug)
+        self.dropped = 0  # sync packets dropped because their changed bytes could not be sent
         self._reader = None
         self._final_stats: dict[str, int] = {}
         self._thread: threading.Thread | None = None
@@ -102,13 +106,30 @@ class QueueLoop:
                     if verdict is not None and (verdict.payload is not None or verdict.mark):
                         self.observe_changed += 1
                     continue
+                changed = verdict is not None and (verdict.payload is not None or verdict.mark)
                 try:
-                    if verdict is None:
-                        reader.verdict(packet_id, None, 0)
-                    else:
+                    if changed:
                         reader.verdict(packet_id, verdict.payload, verdict.mark)
+                    else:
+                        reader.verdict(packet_id, None, 0)
                 except Exception:
                     self._count_error("verdict failed")
+                    self._verdict_failed(reader, packet_id, changed)
+
+    def _verdict_failed(self, reader, packet_id: int, changed: bool) -> None:
+        """A verdict could not be sent. A packet never left without a verdict: it would hold
+        its queue slot for good. Unchanged ones get another plain accept. Changed ones are
+        dropped, not accepted unchanged: the tracker already counts their new bytes (an
+        inserted header, translated numbers), and the kernel retransmits the segment, which
+        is then rebuilt the same way."""
+        try:
+            if changed:
+                reader.drop(packet_id)
+                self.dropped += 1
+            else:
+                reader.verdict(packet_id, None, 0)
+        except Exception:
+            self._count_error("fallback verdict failed")
 
     def _call_hook(self, hook: Callable[..., None] | None, *args: int) -> None:
         """on_idle / on_loss: a failing hook is counted, never stops the loop."""
@@ -131,7 +152,7 @@ class QueueLoop:
             out = {k: int(v) for k, v in self._reader.stats().items() if k != "running"}
         # packets_queued: what the kernel queued to us; packets_handled: what the handler got.
         out.update(packets_queued=out.get("received", 0), packets_handled=self.packets,
-                   handler_errors=self.errors)
+                   handler_errors=self.errors, verdicts_dropped=self.dropped)
         if self.observe_changed:
             out["observe_changed"] = self.observe_changed
         return out
@@ -140,6 +161,10 @@ class QueueLoop:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+            if self._thread.is_alive():
+                # A handler stuck for 5 s. Closing is still safe: the reader waits for the
+                # thread's fetch()/verdict() in progress, which refuse from then on.
+                log.warning("nfqueue loop thread still busy after 5 s; closing the reader under it")
             self._thread = None
         if self._reader is not None:
             self._final_stats = {k: int(v) for k, v in self._reader.stats().items() if k != "running"}
