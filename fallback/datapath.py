@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import shutil
 import threading
 import time
@@ -68,7 +67,7 @@ class UserspaceDatapath:
         self.cfg = cfg
         self.sink = sink
         self.queue_num = queue_num
-        self.instance = f"{os.getpid()}-{secrets.token_hex(2)}"
+        self.instance = rules.instance()
         self.owners = ProcOwners(cfg)
         self.tracker: Tracker | None = None
         self._rules: rules.Rules | None = None
@@ -93,8 +92,6 @@ class UserspaceDatapath:
             if self.cfg.auto_target_exe:
                 ports += [(p, p) for p in self.owners.listening_ports()]
             self.owners.refresh()
-            for line in rules.remove_stale():
-                log.info("userspace datapath: %s (left by a killed agent)", line)
             self._journal = state.Journal()
             resumed = self._journal.open()
             self.tracker = Tracker(self.cfg, self._spans.append, self.owners, mtu=mtu, mark=rules.MARK,
@@ -110,6 +107,11 @@ class UserspaceDatapath:
             self._queue.start()  # read before the rules send us packets
             self._rules = rules.Rules(ports, self.queue_num, clamp_mss(mtu, self.cfg.propagate_tcp), self.instance)
             self._rules.__enter__()
+            # Only now, with the journal resumed, the queues read and our rules in place, the
+            # rules of a killed predecessor go: removing them first would let its connections
+            # with inserted headers pass untranslated in between (their stream corrupted).
+            for line in rules.remove_stale():
+                log.info("userspace datapath: %s (left by a killed agent)", line)
             log.info("userspace datapath: queues %d (sync) and %d (observe), ports %s, mtu %d (links outgoing "
                      "calls per process, not per thread)", self.queue_num, rules.observe_queue(self.queue_num),
                      ports, mtu)

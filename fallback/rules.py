@@ -1,8 +1,10 @@
 """iptables rules of the userspace path, as a context manager that removes only its own.
 
-Every rule carries the comment `obi-fallback-<instance>`; `Rules` deletes exactly the rules
-it added, `cleanup()` deletes every rule whose comment starts with `obi-fallback` (what a
-killed agent left) in the current network namespace, and nothing else. All rules are in
+Every rule carries the comment `obi-fallback-<pid>-<start>-<hex>` (the agent's pid, its
+start time in clock ticks, a random tag); `Rules` deletes exactly the rules it added, and
+`remove_stale()` / `cleanup()` delete the `obi-fallback` rules whose agent is gone (no such
+pid, or a pid reused by another process) in the current network namespace, and nothing
+else: a running agent's rules are left alone. All rules are in
 the mangle table, for IPv4 (iptables) and IPv6 (ip6tables):
 
 - server side: TCP to/from the watched ports (INPUT --dports, OUTPUT --sports), to the
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shlex
 import subprocess
 from typing import Sequence
@@ -145,19 +148,51 @@ def list_ours(prefix: str = TAG_PREFIX) -> list[tuple[str, list[str]]]:
     return found
 
 
-def _instance_pid(comment: str) -> int | None:
-    """pid part of `obi-fallback-<pid>-<hex>`, None for another shape."""
+def proc_start_time(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of `pid`, None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; fields[0] is field 3
+
+
+def instance(pid: int | None = None) -> str:
+    """The tag of this agent's rules: `<pid>-<start time>-<random hex>`."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}-{proc_start_time(pid) or 0}-{secrets.token_hex(2)}"
+
+
+def _instance_owner(comment: str) -> tuple[int, int | None] | None:
+    """(pid, start time) of `obi-fallback-<pid>-<start>-<hex>`; start None for the older
+    `obi-fallback-<pid>-<hex>`; None for another shape."""
     parts = comment[len(TAG_PREFIX) + 1 :].split("-")
-    return int(parts[0]) if len(parts) == 2 and parts[0].isdigit() else None
+    if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
+        return int(parts[0]), int(parts[1])
+    if len(parts) == 2 and parts[0].isdigit():
+        return int(parts[0]), None
+    return None
+
+
+def owner_alive(comment: str) -> bool:
+    """Whether the agent that tagged a rule with `comment` still runs. A rule of another
+    shape counts as alive (never deleted by guesswork)."""
+    owner = _instance_owner(comment)
+    if owner is None:
+        return True
+    pid, start = owner
+    now = proc_start_time(pid)
+    return now is not None and (start is None or now == start)
 
 
 def remove_stale() -> list[str]:
-    """Delete the rules of agents whose process is gone (a kill -9 left them); live agents'
-    rules stay. Called at start, so a restarted agent does not run behind stale rules."""
+    """Delete the rules of agents that are gone (a kill -9 left them); live agents' rules
+    stay. Called by a starting agent once its own rules are in place (see `datapath`)."""
     done = []
     for tool, args in list_ours():
-        pid = _instance_pid(args[args.index("--comment") + 1])
-        if pid is None or os.path.exists(f"/proc/{pid}"):
+        comment = args[args.index("--comment") + 1]
+        if owner_alive(comment):
             continue
         if _run([tool, "-w", "-t", TABLE, "-D", *args[1:]]).returncode == 0:
             done.append(f"removed {tool} -t {TABLE} {shlex.join(args)}")
@@ -165,12 +200,12 @@ def remove_stale() -> list[str]:
 
 
 def cleanup() -> list[str]:
-    """Delete the rules of any userspace-path agent in this netns; returns what was removed.
-    Connections that carried inserted headers are reset first: without an agent they could
-    only stall (held by the rules) or, once the rules are gone, be corrupted."""
+    """Remove what userspace-path agents that are gone left in this netns; returns what was
+    done. Connections that carried inserted headers are reset first (without an agent they
+    could only stall, held by the rules, or, once the rules are gone, be corrupted), unless
+    a running agent owns the journal (it translates them). A running agent's rules stay."""
     done = state.abort_journaled()
-    for tool, args in list_ours():
-        r = _run([tool, "-w", "-t", TABLE, "-D", *args[1:]])
-        if r.returncode == 0:
-            done.append(f"removed {tool} -t {TABLE} {shlex.join(args)}")
+    done += remove_stale()
+    live = sorted({args[args.index("--comment") + 1] for _, args in list_ours()})
+    done += [f"left the rules of running agent {tag} alone" for tag in live]
     return done

@@ -36,10 +36,10 @@ skip_module_unless_nfqueue("NFQUEUE, connmark, TCPMSS targets")
 class Agent:
     """`python3 -m obi.fallback` inside a host; collects its span lines."""
 
-    def __init__(self, host, ports: str = f"{PORT},{CLIENT_PORT}", propagation: str = "headers"):
+    def __init__(self, host, ports: str = f"{PORT},{CLIENT_PORT}", propagation: str = "headers", env=None):
         self.host = host
         self.proc = host.popen([sys.executable, "-m", "obi.fallback", "--ports", ports, "--propagation", propagation],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         self.lines: queue.Queue[str] = queue.Queue()
         self.stderr: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -596,3 +596,81 @@ def test_cleanup_after_kill_9_resets_connections_with_inserted_headers(topo):
     finally:
         if client.proc.poll() is None:
             client.proc.kill()
+
+
+def _slow_iptables(tmp_path, delay: float) -> dict:
+    """An environment whose iptables/ip6tables take `delay` seconds more for each rule they
+    add or delete: what a busy node's iptables lock does. Makes the gap a restarting agent
+    leaves between the old rules and its own seconds long instead of milliseconds."""
+    import shutil as sh
+
+    bindir = tmp_path / "slowbin"
+    bindir.mkdir()
+    for tool in ("iptables", "ip6tables"):
+        real = sh.which(tool)
+        script = bindir / tool
+        script.write_text(f'#!/bin/sh\ncase " $* " in *" -A "*|*" -D "*|*" -I "*) sleep {delay};; esac\n'
+                          f'exec {real} "$@"\n')
+        script.chmod(0o755)
+    return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+
+
+def test_restarted_agent_never_lets_a_shifted_connection_pass_untranslated(topo, tmp_path):
+    """Issue 12, finding 2. kill -9 (an OOM kill, say) with a keep-alive connection that
+    carries inserted headers, then a new agent starts while requests keep going on it. The
+    new agent must bind the queues and add its rules before it removes the dead one's:
+    in between, the connection's packets would pass untranslated and C would read requests
+    at the wrong stream offset. Every request must come back intact."""
+    agent = Agent(topo["b"])
+    client = KeepAliveClient(topo, timeout=60)
+    answers, stop = [], threading.Event()
+    try:
+        assert _has_traceparent(client.request())
+        agent.proc.kill()
+        agent.proc.wait()
+
+        def keep_asking():
+            while not stop.is_set():
+                try:
+                    answers.append(client.request())
+                except (AssertionError, ValueError) as e:  # a changed request, or the client died
+                    answers.append({"error": repr(e)})
+                    return
+
+        asker = threading.Thread(target=keep_asking, daemon=True)
+        asker.start()
+        agent = Agent(topo["b"], env=_slow_iptables(tmp_path, 0.25))
+        time.sleep(1.0)
+        stop.set()
+        asker.join(90)
+        client.close()
+    finally:
+        stats = agent.stop()
+        if client.proc.poll() is None:
+            client.proc.kill()
+    failed = [a for a in answers if a.get("status") != 200]
+    assert answers and not failed, failed[:3]
+    assert stats["flows_resumed"] == 1 and stats["handler_errors"] == 0
+
+
+def test_cleanup_leaves_a_running_agent_and_its_connections_alone(topo):
+    """Issue 12, finding 11. `obi cleanup` (here `python -m obi.fallback --cleanup`) while an
+    agent runs: its rules stay, and its connection with inserted headers is neither reset nor
+    left untranslated (it keeps working)."""
+    agent = Agent(topo["b"])
+    client = KeepAliveClient(topo, timeout=20)
+    try:
+        assert _has_traceparent(client.request())
+        before = rules_of(topo["b"])
+        out = topo["b"].run([sys.executable, "-m", "obi.fallback", "--cleanup"]).stdout
+        assert "reset connection" not in out and "removed" not in out, out
+        assert rules_of(topo["b"]) == before
+        later = [client.request() for _ in range(3)]
+        assert all(a.get("status") == 200 for a in later), later
+        client.close()
+    finally:
+        stats = agent.stop()
+        if client.proc.poll() is None:
+            client.proc.kill()
+    assert stats["handler_errors"] == 0
+    assert "obi-fallback" not in rules_of(topo["b"])

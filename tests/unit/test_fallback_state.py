@@ -3,6 +3,7 @@ one to translate the same connection identically; the hold rules come first, unb
 
 from __future__ import annotations
 
+import os
 import socket
 
 from scapy.layers.inet import IP, TCP
@@ -90,7 +91,65 @@ def test_hold_rules_precede_bypass_rules_and_have_no_bypass():
     assert all(q == "177" for i, q in enumerate(queues) if i not in ports)
     save = next(spec for chain, spec in specs if chain == "POSTROUTING")
     assert save[save.index("--mask") + 1] == f"{rules.MARK | rules.SHIFT:#x}"
-    assert rules._instance_pid("obi-fallback-123-beef") == 123 and rules._instance_pid("obi-fallback-x") is None
+    assert rules._instance_owner("obi-fallback-123-beef") == (123, None)
+    assert rules._instance_owner("obi-fallback-123-4567-beef") == (123, 4567)
+    assert rules._instance_owner("obi-fallback-x") is None
+
+
+def test_rule_owners_are_told_by_pid_and_start_time():
+    """A rule's agent is alive only if its pid runs *and* started when the agent did: a pid
+    reused by another process (a restarted container's agent is often pid 1 again) does
+    not keep a dead agent's rules alive."""
+    import os
+
+    me = rules.instance()
+    pid, start, _ = me.split("-")
+    assert int(pid) == os.getpid() and int(start) == rules.proc_start_time(os.getpid())
+    assert rules.owner_alive(f"obi-fallback-{me}")
+    assert not rules.owner_alive(f"obi-fallback-{pid}-{int(start) + 1}-beef")  # same pid, other process
+    assert rules.owner_alive(f"obi-fallback-{pid}-beef")  # older tags: by pid only
+    assert not rules.owner_alive("obi-fallback-999999999-1-beef")  # no such pid
+    assert rules.owner_alive("obi-fallback-someone-elses")  # unknown shape: never guessed dead
+
+
+def test_journal_is_owned_by_one_running_agent(tmp_path):
+    """The journal's lock tells a running agent's journal from a dead one's: a second
+    opener is refused, and cleanup's abort_journaled() leaves it (and the connections it
+    lists) alone, instead of resetting the connections a running agent translates."""
+    key = (socket.inet_aton(B), 40000, socket.inet_aton(C), 8080)
+    path = str(tmp_path / "j.jsonl")
+    owner = state.Journal(path)
+    owner.open()
+    owner.insertion(key, 1000, 17, b"x" * 70)
+    try:
+        import pytest
+
+        with pytest.raises(state.JournalBusy):
+            state.Journal(path).open()
+        aborted = []
+        real_abort, state.abort = state.abort, lambda k: aborted.append(k) or True
+        try:
+            out = state.abort_journaled(path)
+        finally:
+            state.abort = real_abort
+        assert aborted == [] and "running agent" in out[0]
+        assert state.load(path) == {key: (1000, [(17, b"x" * 70)])}
+        # A refused opener's close never removes the owner's journal.
+        other = state.Journal(path)
+        with pytest.raises(state.JournalBusy):
+            other.open()
+        other.close(remove=True)
+        assert os.path.exists(path)
+    finally:
+        owner.close(remove=False)
+    # The owner is gone (its lock with it): now cleanup resets what the journal lists.
+    aborted = []
+    real_abort, state.abort = state.abort, lambda k: aborted.append(k) or True
+    try:
+        out = state.abort_journaled(path)
+    finally:
+        state.abort = real_abort
+    assert aborted == [key] and not os.path.exists(path)
 
 
 def test_journal_lines_are_the_json_the_loader_reads(tmp_path):
