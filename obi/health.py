@@ -358,6 +358,11 @@ class HealthServer:
         for w in list(self._conns):
             w.transport.abort()
         self._conns.clear()
+        me = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not me]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for s in self._servers:
             await s.wait_closed()
 
