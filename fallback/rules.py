@@ -7,10 +7,11 @@ pid, or a pid reused by another process) in the current network namespace, and n
 else: a running agent's rules are left alone. All rules are in
 the mangle table, for IPv4 (iptables) and IPv6 (ip6tables):
 
-- server side: TCP to/from the watched ports (INPUT --dports, OUTPUT --sports), to the
-  *observe* queue (`queue + 1`): those segments are only read, never changed, so the reader
-  accepts them at once and the agent parses copies (see `queue`); everything else below
-  goes to the *sync* queue (`queue`), whose packets wait for the agent's verdict;
+- server side: TCP to/from the watched ports (INPUT --dports of connections conntrack sees
+  as ESTABLISHED, OUTPUT --sports), to the *observe* queue (`queue + 1`): those segments
+  are only read, never changed, so the reader accepts them at once and the agent parses
+  copies (see `queue`); everything else below goes to the *sync* queue (`queue`), whose
+  packets wait for the agent's verdict;
 - client side: every outgoing SYN is queued once; the agent marks the SYN of a connection
   owned by a selected process, POSTROUTING saves the mark in the connmark, and from then
   on both directions of that connection are queued by connmark;
@@ -88,7 +89,10 @@ def rule_specs(ports: Sequence[tuple[int, int]], queue: int, mss: int, tag: str,
         ]
     for chunk in _multiport_chunks(ports):
         specs += [
-            ("INPUT", ["-p", "tcp", "-m", "multiport", "--dports", chunk, *c, *observe]),
+            # Incoming: only connections the kernel has seen both ways (never a SYN, nor a
+            # segment from a forged source the stack did not answer).
+            ("INPUT", ["-p", "tcp", "-m", "multiport", "--dports", chunk, "-m", "conntrack", "--ctstate",
+                       "ESTABLISHED", *c, *observe]),
             ("OUTPUT", ["-p", "tcp", "-m", "multiport", "--sports", chunk, *c, *observe]),
         ]
     return specs
@@ -149,13 +153,17 @@ def list_ours(prefix: str = TAG_PREFIX) -> list[tuple[str, list[str]]]:
 
 
 def proc_start_time(pid: int) -> int | None:
-    """Start time (clock ticks since boot) of `pid`, None if it does not exist."""
+    """Start time (clock ticks since boot) of `pid`, None if it does not run (no such
+    process, or a zombie that exited and was not reaped yet)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; fields[0] is field 3
+    fields = stat.rsplit(")", 1)[1].split()  # fields[0] is field 3, the state
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])  # field 22
 
 
 def instance(pid: int | None = None) -> str:

@@ -89,6 +89,10 @@ def test_hold_rules_precede_bypass_rules_and_have_no_bypass():
     assert ports and ports == list(range(len(queue_rules) - len(ports), len(queue_rules)))
     assert all(queues[i] == str(rules.observe_queue(177)) == "178" for i in ports)
     assert all(q == "177" for i, q in enumerate(queues) if i not in ports)
+    # Incoming observed segments only of connections the kernel saw both ways: no SYN, no
+    # segment from a forged source the stack never answered, reaches the agent.
+    observed_in = [spec for chain, spec in queue_rules if chain == "INPUT" and "multiport" in spec]
+    assert observed_in and all(spec[spec.index("--ctstate") + 1] == "ESTABLISHED" for spec in observed_in)
     save = next(spec for chain, spec in specs if chain == "POSTROUTING")
     assert save[save.index("--mask") + 1] == f"{rules.MARK | rules.SHIFT:#x}"
     assert rules._instance_owner("obi-fallback-123-beef") == (123, None)
@@ -171,3 +175,23 @@ def test_journal_lines_are_the_json_the_loader_reads(tmp_path):
         assert lines[1] == json.dumps({"k": state._key_json(key), "end": 1})
         assert state.load(j.path) == {}
         j.close(remove=True)
+
+
+def test_a_zombie_agent_counts_as_gone():
+    """An agent killed but not yet reaped by its parent (a zombie) holds nothing any more:
+    its rules are stale."""
+    import subprocess
+    import time
+
+    p = subprocess.Popen(["sleep", "0"])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with open(f"/proc/{p.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.01)
+    try:
+        assert rules.proc_start_time(p.pid) is None
+        assert not rules.owner_alive(f"obi-fallback-{p.pid}-1-beef")
+    finally:
+        p.wait()
