@@ -103,7 +103,7 @@ class UserspaceDatapath:
                          len(resumed))
             self._set_liberal()
             self._queue = QueueLoop(self.queue_num, rules.observe_queue(self.queue_num), self._handle,
-                                    on_idle=self._idle, on_loss=self._lost)
+                                    on_idle=self._idle, on_loss=self._lost, release=self._release)
             self._queue.start()  # read before the rules send us packets
             self._rules = rules.Rules(ports, self.queue_num, clamp_mss(mtu, self.cfg.propagate_tcp), self.instance)
             self._rules.__enter__()
@@ -132,6 +132,20 @@ class UserspaceDatapath:
             if spans and (len(spans) >= SPAN_BATCH or time.monotonic() - self._flushed_at > SPAN_DELAY_S):
                 self._flush_spans()
             return verdict
+
+    def _release(self, overdue: bool) -> list:
+        """Verdicts of held packets (segments of request heads) decided since the last call;
+        `overdue`: decide first those that waited their time."""
+        tracker = self.tracker
+        assert tracker is not None
+        if overdue:
+            with self._lock:
+                tracker.tick()
+                return tracker.take_released()
+        if not tracker.released:  # the usual case: no lock needed to see that
+            return []
+        with self._lock:
+            return tracker.take_released()
 
     def _lost(self, n: int) -> None:
         """Observed packets the tracker will never see (backlog overflow): streams have holes."""
@@ -165,6 +179,7 @@ class UserspaceDatapath:
             return
         with self._lock:
             tracker.draining = True
+            tracker.tick()  # held heads go now, with nothing inserted
         deadline = time.monotonic() + self.drain_s
         while True:
             with self._lock:

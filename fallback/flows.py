@@ -13,6 +13,25 @@ are kept as positions in orig space relative to the first payload byte (`SeqMap`
 outgoing segment [s, e) maps to wire seq s + (bytes inserted before s) and carries every
 insertion whose position is in [s, e) (a retransmission gets the identical bytes, however
 the stack re-segments); each incoming ack/SACK edge maps back.
+
+Hostile and unlucky input (what the kernel's own checks would reject must not change the
+agent's state either):
+- Served connections are created from the local stack's SYN-ACK (a handshake record) or from
+  its first outgoing data, never from incoming packets alone: a segment from a forged source
+  is not a request. Incoming segments are parsed only when their ack number acknowledges
+  data the local side sent (within ACK_SLACK of what it acknowledged before) and their
+  sequence number lies within REASSEMBLY_LIMIT of the stream position; a gap is taken as
+  lost copies only near what the local stack has acknowledged (`in_acked`).
+- An RST is believed only when its sequence number is within what the local stack may
+  accept, and a connection with inserted bytes keeps its translation until its socket is
+  gone (asked from `Owners.socket_exists`), however it seemed to end (RST, both FINs, idle).
+- FINs count once per direction.
+- The table holds at most MAX_FLOWS connections (handshakes first out, then the least
+  recently seen; never one with inserted bytes), out-of-order bytes kept for parsing are
+  capped at BUFFER_LIMIT in all, and expiry runs a slice of the table at a time.
+- An outgoing request whose head spans several segments has its segments held (at most
+  HOLD_MAX_S) until the head is complete, so that the header goes right after the request
+  line only when the application wrote none in a later segment.
 """
 
 from __future__ import annotations
@@ -44,6 +63,18 @@ HEADER_NAME = b"Traceparent"
 INSERT_LEN = len(HEADER_NAME) + 2 + w3c.TRACEPARENT_LEN + 2  # "Traceparent: <55>\r\n" = 70
 TCP_OPTION_ROOM = 28  # the kind-25 option, padded
 REASSEMBLY_LIMIT = 256 * 1024  # out-of-order bytes kept per incoming direction for parsing
+BUFFER_LIMIT = 32 << 20  # ...and for all flows together
+MAX_FLOWS = 16384  # connections tracked (handshake records included)
+ACK_SLACK = 1 << 20  # how far an incoming ack may lag the highest one seen (reordering)
+HANDSHAKE_TIMEOUT_S = 75.0  # a handshake record unused this long goes (SYN-ACK retries last ~63 s)
+HOLD_MAX_S = 0.05  # how long segments of an incomplete request head are held
+HOLD_BYTES_LIMIT = 4 << 20  # bytes of held segments, all flows together
+GC_INTERVAL_S = 0.25  # expiry runs this often...
+GC_SWEEP_S = 60.0  # ...over a slice of the table, so that the whole table is seen this often
+GC_MIN_BATCH = 256
+EVICT_SCAN = 32  # at most this many flows with inserted bytes are stepped over to find one to evict
+SEQMAP_COMPACT_AT = 64  # insertions kept per connection before acknowledged ones are forgotten
+SEQMAP_KEEP = 16  # ...always keeping the most recent ones
 IDLE_TIMEOUT_S = 300.0
 # A connection with inserted bytes breaks without translation, so its state is kept for as
 # long as a pooled keep-alive connection may idle (the TCP keepalive default).
@@ -108,9 +139,13 @@ def rel(seq: int, base: int) -> int:
 
 
 class SeqMap:
-    """Bytes inserted into one direction, by position in orig space (relative offsets)."""
+    """Bytes inserted into one direction, by position in orig space (relative offsets).
 
-    __slots__ = ("pos", "blobs", "cum", "wire", "total")
+    Insertions the peer acknowledged can never be sent again: `compact()` forgets them,
+    keeping their total (`base`, as if inserted at `base_pos`), so that a long keep-alive
+    connection does not grow its map without bound."""
+
+    __slots__ = ("pos", "blobs", "cum", "wire", "total", "base", "base_pos")
 
     def __init__(self) -> None:
         self.pos: list[int] = []
@@ -118,9 +153,11 @@ class SeqMap:
         self.cum: list[int] = []  # bytes inserted before insertion i
         self.wire: list[int] = []  # wire position of insertion i: pos + cum
         self.total = 0
+        self.base = 0  # bytes of the insertions compact() forgot
+        self.base_pos = 0  # position of the last of them
 
     def __bool__(self) -> bool:
-        return bool(self.pos)
+        return self.total > 0
 
     def add(self, pos: int, blob: bytes) -> None:
         if self.pos and pos < self.pos[-1]:
@@ -146,11 +183,28 @@ class SeqMap:
         """Orig offset for wire offset w; inside inserted bytes it maps to the insertion point."""
         k = bisect.bisect_right(self.wire, w) - 1
         if k < 0:
-            return w
+            # Before every kept insertion: at most `base` too low inside forgotten ones, which
+            # were acknowledged long ago (the stack ignores acks that old).
+            return w - self.base
         inside = w - self.wire[k]
         if inside < len(self.blobs[k]):
             return self.pos[k]
         return w - self.cum[k] - len(self.blobs[k])
+
+    def compact(self, below: int) -> None:
+        """Forget insertions at positions below `below` (the peer acknowledged the bytes after
+        them), always keeping the SEQMAP_KEEP most recent ones."""
+        k = min(bisect.bisect_left(self.pos, below), len(self.pos) - SEQMAP_KEEP)
+        if k <= 0:
+            return
+        self.base, self.base_pos = self.cum[k], self.pos[k - 1]
+        del self.pos[:k], self.blobs[:k], self.cum[:k], self.wire[:k]
+
+    def entries(self) -> list[tuple[int, bytes]]:
+        """(position, bytes) of every insertion, forgotten ones as one of their total length
+        (what the journal keeps and `add` takes back)."""
+        out = [(self.base_pos, bytes(self.base))] if self.base else []
+        return out + list(zip(self.pos, self.blobs))
 
 
 class Owners(Protocol):
@@ -161,6 +215,9 @@ class Owners(Protocol):
         """pid of the selected process owning the socket that sends this SYN, else None."""
 
     def exe(self, pid: int) -> str: ...
+
+    def socket_exists(self, key: "Key") -> bool:
+        """Whether a TCP socket with this 4-tuple still exists (TIME_WAIT included)."""
 
 
 @dataclass(slots=True)
@@ -215,12 +272,15 @@ class ClientCall:
     start_ns: int
     propagated: bool
     status: int = 0
+    parent_trace: str = ""  # trace id of the server span it was linked to
+    decided: bool = False  # whether to insert a header was decided (the head was complete)
 
 
 @dataclass(slots=True)
 class Verdict:
     payload: bytes | None = None  # new packet bytes, None = unchanged
     mark: int = 0  # packet mark to set (0 = leave)
+    hold: int = 0  # nonzero: no verdict yet; it comes later from Tracker.take_released() under this token
 
 
 ACCEPT = Verdict()
@@ -247,9 +307,20 @@ class Flow:
     # such a segment carries the identical option, however the stack re-segments.
     options_out: deque = field(default_factory=lambda: deque(maxlen=RECENT_OPTIONS))
     tls: "TlsFlow | None" = None
-    fins: int = 0
+    fin: int = 0  # directions (_IN, _OUT) that sent a FIN
     last_seen: float = 0.0
-    closed_at: float = 0.0
+    closed_at: float = 0.0  # when it seemed to end (both FINs, or an RST)
+    ended: bool = False  # its journal entry was ended
+    # What the local stack sent and acknowledged, to tell in-window incoming segments:
+    verified: bool = False  # both sequence spaces known: incoming segments may be parsed
+    out_hi: int = 0  # orig offset just past the last byte (or FIN) the local side sent
+    ack_hi: int = 0  # highest wire offset an accepted incoming segment acknowledged
+    in_hi: int = 0  # offset just past the last byte (or FIN) of accepted incoming segments
+    in_acked: int = 0  # highest incoming offset the local side acknowledged
+    # An outgoing request whose head is not complete yet, and the segments held for it
+    undecided: "ClientCall | None" = None
+    held: list = field(default_factory=list)  # (token, packet, r, n)
+    hold_until: float = 0.0
     # Tracker.loss_epoch when this flow's previous packet in each direction was handled
     in_epoch: int = 0
     out_epoch: int = 0
@@ -284,6 +355,9 @@ class Journal(Protocol):
     def end(self, key: Key) -> None: ...
 
 
+Handshake = tuple[int, int, int, float]  # out_base, in_base, pid, when: a served connection's SYN-ACK
+
+
 class Tracker:
     def __init__(self, cfg: Config, sink: Callable[[SpanRecord], None], owners: Owners,
                  mtu: int = 1500, mark: int = 0, shift_mark: int = 0, journal: Journal | None = None) -> None:
@@ -296,18 +370,27 @@ class Tracker:
         self.journal = journal
         self.draining = False  # stopping: no new flows, no new insertions, keep translating
         self.flows: dict[Key, Flow] = {}
+        # Served connections between our SYN-ACK and their first data (oldest first).
+        self.handshakes: OrderedDict[Key, Handshake] = OrderedDict()
+        self._ring: deque = deque()  # (key, flow) in creation order: expiry and eviction walk it
+        self.buffered = 0  # out-of-order bytes kept for parsing, all flows
+        self.held_bytes = 0  # bytes of held segments, all flows
+        self._holding: dict[Key, Flow] = {}  # flows with held segments
+        self._hold_token = 0
+        self.released: list[tuple[int, Verdict]] = []  # verdicts of held packets, for the queue loop
         self.linker = Linker()
         self.stats: dict[str, int] = dict.fromkeys(
             ("packets", "packets_modified", "headers_inserted", "headers_present", "headers_invalid",
              "tcp_options_written", "tcp_options_read", "tcp_option_no_room", "spans", "flows", "errors",
              "insert_skipped_mtu", "links_to_server", "roots", "tls_flows", "tls_turns", "flows_resumed",
-             "copies_lost", "resyncs", "spans_lost"), 0)
+             "copies_lost", "resyncs", "spans_lost", "flows_evicted", "flows_refused", "segments_ignored",
+             "rst_ignored", "buffer_full", "segments_held"), 0)
         # Bumped each time the queue reader reports lost copies of observed packets: a gap
         # in a served connection after that is taken as loss, not reordering.
         self.loss_epoch = 0
         self.now = time.time_ns  # replaceable in tests
         self._ts_ns: int | None = None  # receive time of the packet being handled, if given
-        self._last_gc = time.monotonic()
+        self._last_gc = _monotonic()
         # Config is frozen: read its derived flags once, not on every packet.
         self._tcp = cfg.propagate_tcp
         self._headers = cfg.propagate_headers
@@ -318,9 +401,13 @@ class Tracker:
     def handle(self, data: bytes, outgoing: bool, ts_ns: int | None = None) -> Verdict:
         """What to do with one packet. `ts_ns`: wall-clock time (time.time_ns scale) at which
         the kernel handed the packet over; span times taken from this packet use it, since
-        the packet may be handled a while later (None: now)."""
+        the packet may be handled a while later (None: now). A verdict with `hold` set is
+        given later, through take_released()."""
         stats = self.stats
         stats["packets"] += 1
+        now = _monotonic()
+        if now - self._last_gc > GC_INTERVAL_S:
+            self.gc_step(now)
         pkt = codec.parse(data)
         if pkt is None:
             return ACCEPT
@@ -332,35 +419,26 @@ class Tracker:
         flow = self.flows.get(key)
         self._ts_ns = ts_ns
         try:
-            if flow is None or (flags & _SYN and not flags & _ACK and flow.out_base is not None):
-                if flow is not None:  # port reuse: a new SYN replaces an old flow
-                    self._close(key, flow)
-                if self.draining:
-                    return ACCEPT
+            if flow is not None and outgoing and flags & _SYN and (flow.server or not flags & _ACK):
+                # Our SYN or SYN-ACK on a known 4-tuple: the old connection is gone (the stack
+                # would not reuse the tuple of a socket that exists), a new one starts.
+                self._close(key, flow)
+                flow = None
+            if flow is None:
                 flow = self._new_flow(key, pkt, outgoing)
                 if flow is None:
                     return ACCEPT
                 flow.in_epoch = flow.out_epoch = self.loss_epoch
-            now = flow.last_seen = _monotonic()
+            flow.last_seen = now
             if outgoing:
                 verdict = self._outgoing(flow, pkt)
                 flow.out_epoch = self.loss_epoch
             else:
                 verdict = self._incoming(flow, pkt)
-                flow.in_epoch = self.loss_epoch
-            if flags & (_RST | _FIN):
-                if flags & _RST:
-                    self._close(key, flow)
-                else:
-                    flow.fins += 1
-                    if flow.fins >= 2 and not flow.closed_at:
-                        flow.closed_at = _monotonic()
         finally:
             self._ts_ns = None  # gc() and close_all() between packets end spans at now()
         if verdict.payload is not None:
             stats["packets_modified"] += 1
-        if now - self._last_gc > 5.0:
-            self.gc()
         return verdict
 
     def _now(self) -> int:
@@ -370,41 +448,104 @@ class Tracker:
         return self.now() if ts is None else ts
 
     def _new_flow(self, key: Key, pkt: codec.Packet, outgoing: bool) -> Flow | None:
+        """A flow for the first packet of a 4-tuple, or None. Client connections start at our
+        SYN; served ones at our SYN-ACK (a handshake record, made a flow by the first data)
+        or, opened before we started, at our first data. Incoming packets alone never make
+        one: a forged source would make requests."""
+        if self.draining:
+            return None
         local_port, flags = key[1], pkt.flags
-        is_syn = bool(flags & codec.SYN) and not flags & codec.ACK
-        if outgoing and is_syn:
-            pid = self.owners.client_pid(pkt)
-            server = False
-        elif not outgoing and (is_syn or not flags & (codec.SYN | codec.RST | codec.FIN)):
-            # Server side: a SYN, or payload of a connection opened before we started.
-            pid = self.owners.server_pid(local_port)
-            server = True
-            if pid is None or (not is_syn and not pkt.payload_len):
+        if outgoing:
+            if flags & _SYN:
+                if flags & _ACK:
+                    pid = self.owners.server_pid(local_port)
+                    if pid is not None and self._make_room():
+                        self.handshakes[key] = ((pkt.seq + 1) & _U32, pkt.ack, pid, _monotonic())
+                    return None
+                pid = self.owners.client_pid(pkt)
+                if pid is None or not self._make_room():
+                    return None
+                return self._add(Flow(key, False, pid, (pkt.addr(key[0]), key[1]), (pkt.addr(key[2]), key[3])))
+            if flags & (_RST | _FIN) or not pkt.payload_len:
                 return None
-        elif outgoing and not flags & (codec.SYN | codec.RST | codec.FIN) and pkt.payload_len:
-            pid = self.owners.server_pid(local_port)  # a response on a pre-existing connection
-            server = True
-            if pid is None:
+            hs = self.handshakes.pop(key, None)
+            if hs is not None:  # a served connection whose server speaks first
+                return self._served(key, pkt, hs)
+            pid = self.owners.server_pid(local_port)  # a response on a connection older than us
+            if pid is None or not self._make_room():
                 return None
-        else:
+            flow = self._served(key, pkt, ((pkt.seq & _U32), pkt.ack, pid, 0.0))
+            for stream in (flow.in_stream, flow.out_stream):
+                stream.resync()  # joined mid-stream: wait for a message start
+            return flow
+        hs = self.handshakes.get(key)
+        if hs is None:
+            if pkt.payload_len or flags & _RST:
+                self.stats["segments_ignored"] += 1
             return None
-        if pid is None:
+        if flags & _RST:
+            if pkt.seq == hs[1]:  # the client aborted its handshake
+                del self.handshakes[key]
+            else:
+                self.stats["rst_ignored"] += 1
             return None
-        flow = Flow(key, server, pid, (pkt.addr(key[0]), key[1]), (pkt.addr(key[2]), key[3]))
-        if server:
-            flow.in_stream = Stream(True)
-            flow.out_stream = Stream(False, flow.pending_method)
-        else:
+        if not pkt.payload_len and not flags & _FIN:
+            return None  # the handshake's last ACK: the record waits for data
+        del self.handshakes[key]
+        return self._served(key, pkt, hs)
+
+    def _served(self, key: Key, pkt: codec.Packet, hs: Handshake) -> Flow:
+        """A served connection whose sequence spaces start at out_base and in_base (the
+        local stack acknowledged everything before in_base)."""
+        out_base, in_base, pid, _ = hs
+        flow = Flow(key, True, pid, (pkt.addr(key[0]), key[1]), (pkt.addr(key[2]), key[3]))
+        flow.out_base, flow.in_base, flow.in_acked, flow.verified = out_base, in_base, 0, True
+        flow.in_stream = Stream(True)
+        flow.out_stream = Stream(False, flow.pending_method)
+        return self._add(flow)
+
+    def _add(self, flow: Flow) -> Flow:
+        if not flow.server:
             flow.out_stream = Stream(True)
             flow.in_stream = Stream(False, flow.pending_method)
-        self.flows[key] = flow
+        self.flows[flow.key] = flow
+        self._ring.append((flow.key, flow))
         self.stats["flows"] += 1
         return flow
+
+    def _make_room(self) -> bool:
+        """Room for one more connection: evict the oldest handshake record, else the oldest
+        flow without inserted bytes (those are never evicted: their packets would pass
+        untranslated); False if the table holds nothing else."""
+        stats = self.stats
+        while len(self.flows) + len(self.handshakes) >= MAX_FLOWS:
+            if self.handshakes:
+                self.handshakes.popitem(last=False)
+                stats["flows_evicted"] += 1
+                continue
+            ring, flows = self._ring, self.flows
+            victim = None
+            for _ in range(min(EVICT_SCAN, len(ring))):
+                key, flow = ring.popleft()
+                if flows.get(key) is not flow:
+                    continue  # an entry of a flow already gone
+                if flow.out_map or flow.held:
+                    ring.append((key, flow))
+                    continue
+                victim = flow
+                break
+            if victim is None:
+                stats["flows_refused"] += 1
+                return False
+            self._close(victim.key, victim, ended=False)
+            stats["flows_evicted"] += 1
+        return True
 
     # --- outgoing ---------------------------------------------------------------------
 
     def _outgoing(self, flow: Flow, pkt: codec.Packet) -> Verdict:
-        if pkt.flags & _SYN:
+        flags = pkt.flags
+        if flags & _SYN:
             flow.out_base = (pkt.seq + 1) & _U32
             return Verdict(None, 0 if flow.server else self.mark)
         base = flow.out_base
@@ -412,6 +553,14 @@ class Tracker:
             base = flow.out_base = pkt.seq  # joined mid-connection
         r = ((pkt.seq - base + 0x80000000) & _U32) - 0x80000000  # rel(pkt.seq, base), inlined
         n = pkt.payload_len
+        end = r + n + (flags & _FIN)  # FIN is 1
+        if end > flow.out_hi:
+            flow.out_hi = end
+        in_base = flow.in_base
+        if in_base is not None and flags & _ACK:
+            a = ((pkt.ack - in_base + 0x80000000) & _U32) - 0x80000000
+            if a > flow.in_acked:
+                flow.in_acked = a
         if n:
             expected = flow.out_next
             if r <= expected < r + n:  # new bytes, in order
@@ -426,9 +575,21 @@ class Tracker:
                     flow.out_stream.kill("gap in outgoing stream")
                 if flow.tls is not None:
                     flow.tls.records.dead = True
+        if flags & (_RST | _FIN):
+            self._end_out(flow, flags)
         if flow.server:
             return ACCEPT
-        mark = 0
+        call = flow.undecided
+        if call is not None:
+            if flags & (_RST | _FIN) or (flow.out_stream is not None and flow.out_stream.dead):
+                self._decide(flow, call, pkt, r, insert=False)  # the head cannot complete: pass it
+            elif r + n > call.msg.line_end:
+                return self._hold(flow, pkt, r, n)
+        return self._out_verdict(flow, pkt, r, n)
+
+    def _out_verdict(self, flow: Flow, pkt: codec.Packet, r: int, n: int) -> Verdict:
+        """A client segment [r, r+n) with the insertions and kind-25 option it carries and its
+        sequence number translated."""
         option = b""
         if n and flow.options_out:
             for at, opt in flow.options_out:  # one segment per request, also when retransmitted
@@ -449,9 +610,70 @@ class Tracker:
             self.stats["tcp_options_written"] += 1
         if new is None:
             new = codec.rebuild(pkt, seq=seq, inserts=inserts) if fmap else None
-        if fmap:
-            mark = self.mark | self.shift_mark
-        return Verdict(new, mark)
+        return Verdict(new, self.mark | self.shift_mark if fmap else 0)
+
+    def _end_out(self, flow: Flow, flags: int) -> None:
+        """Our FIN or RST (the local stack's own: believed)."""
+        if flags & _RST:
+            if not flow.out_map:
+                self._close(flow.key, flow)
+                return
+            # The socket is gone; keep translating what is still in flight for a while.
+            if self.journal is not None and not flow.ended:
+                self.journal.end(flow.key)
+            flow.ended = True
+            flow.closed_at = flow.closed_at or _monotonic()
+            return
+        flow.fin |= _OUT
+        if flow.fin == _IN | _OUT and not flow.closed_at:
+            flow.closed_at = _monotonic()
+
+    def _hold(self, flow: Flow, pkt: codec.Packet, r: int, n: int) -> Verdict:
+        """Keep a segment of an incomplete request head until the head is complete (or
+        HOLD_MAX_S passed): whether the header goes in depends on what follows."""
+        self._hold_token += 1
+        token = self._hold_token
+        if not flow.held:
+            flow.hold_until = _monotonic() + HOLD_MAX_S
+            self._holding[flow.key] = flow
+        flow.held.append((token, pkt, r, n))
+        self.held_bytes += len(pkt.data)
+        self.stats["segments_held"] += 1
+        if self.held_bytes > HOLD_BYTES_LIMIT and flow.undecided is not None:
+            self._decide(flow, flow.undecided, pkt, r)  # no room to wait: decide with what we have
+        return Verdict(hold=token)
+
+    def _release(self, flow: Flow) -> None:
+        """The held segments of this flow get their verdicts (in order), now that the
+        decision is taken."""
+        for token, pkt, r, n in flow.held:
+            self.held_bytes -= len(pkt.data)
+            try:
+                verdict = self._out_verdict(flow, pkt, r, n)
+            except Exception:  # never leave a packet without a verdict
+                log.exception("held segment")
+                verdict = ACCEPT
+            self.released.append((token, verdict))
+        flow.held.clear()
+        self._holding.pop(flow.key, None)
+
+    def take_released(self) -> list[tuple[int, Verdict]]:
+        """(hold token, verdict) of held packets decided since the last call, in order."""
+        out, self.released = self.released, []
+        return out
+
+    def tick(self, now: float | None = None) -> None:
+        """Decide the heads that waited HOLD_MAX_S (between packets, from the queue loop)."""
+        if not self._holding:
+            return
+        now = _monotonic() if now is None else now
+        for flow in list(self._holding.values()):
+            if now >= flow.hold_until or self.draining:
+                call = flow.undecided
+                if call is not None:
+                    self._decide(flow, call, None, 0)
+                else:
+                    self._release(flow)
 
     def _feed_out(self, flow: Flow, pkt: codec.Packet, r: int, data: bytes, off: int) -> None:
         """New in-order outgoing bytes `data` at orig offset `off` of a segment starting at r."""
@@ -481,9 +703,13 @@ class Tracker:
         else:
             for kind, msg in events:
                 if kind == "line":
-                    self._client_request(flow, msg, pkt, r, now)
+                    self._client_request(flow, msg, now)
+                elif kind == "head" and isinstance(msg.ctx, ClientCall) and not msg.ctx.decided:
+                    self._decide(flow, msg.ctx, pkt, r)
 
-    def _client_request(self, flow: Flow, msg: Message, pkt: codec.Packet, r: int, now: int) -> ClientCall:
+    def _client_request(self, flow: Flow, msg: Message, now: int) -> ClientCall:
+        """A request line: the client span starts, linked to the request being served. Whether
+        a header goes in is decided once the head is complete (`_decide`)."""
         parent = self.linker.parent_for(flow.pid)
         if parent is not None:
             parent.children += 1
@@ -494,7 +720,22 @@ class Tracker:
             ctx = new_root()
             parent_id = ""
             self.stats["roots"] += 1
-        propagated = False
+        call = ClientCall(ctx, parent_id, msg, now, False, 0, parent.ctx.trace_id if parent is not None else "")
+        msg.ctx = call
+        flow.pending.append(call)
+        if self._headers and not self.draining:
+            flow.undecided = call  # segments past the request line wait for the decision
+        return call
+
+    def _decide(self, flow: Flow, call: ClientCall, pkt: codec.Packet | None, r: int, insert: bool = True) -> None:
+        """The request's head is complete (or waited long enough): adopt the application's
+        own traceparent, or insert ours right after the request line, once; `insert` False:
+        the head will not complete (FIN, RST, not HTTP), pass it as it is. `pkt` is the
+        segment being handled (starting at r), None from tick()."""
+        if flow.undecided is call:
+            flow.undecided = None
+        call.decided = True
+        msg = call.msg
         head = bytes(msg.head[msg.line_end - msg.start :])  # header lines only, not the target
         present = head.lower().count(b"traceparent")
         if present:
@@ -503,30 +744,34 @@ class Tracker:
             if found is not None:
                 # The app propagates itself: adopt its context, insert nothing.
                 self.stats["headers_present"] += 1
-                same_trace = parent is not None and found.trace_id == parent.ctx.trace_id
-                ctx = TraceContext(found.trace_id, found.span_id, found.flags, ctx.tracestate)
-                parent_id = parent_id if same_trace else ""
-                propagated = True
+                call.ctx = TraceContext(found.trace_id, found.span_id, found.flags, call.ctx.tracestate)
+                call.parent = call.parent if call.parent_trace == found.trace_id else ""
+                call.propagated = True
             else:
                 self.stats["headers_invalid"] += 1
-        elif self._headers and not self.draining:
-            blob = HEADER_NAME + b": " + w3c.format_traceparent(ctx).encode() + b"\r\n"
+        elif insert and self._headers and not self.draining and flow.out_base is not None:
+            blob = HEADER_NAME + b": " + w3c.format_traceparent(call.ctx).encode() + b"\r\n"
             pos = msg.line_end
-            # The grown segment must still fit the MTU (the SYN's MSS was clamped for one insertion).
-            grow = len(blob) + sum(len(b) for _, b in flow.out_map.within(r, r + pkt.payload_len))
-            if pos < r + pkt.payload_len and len(pkt.data) + grow + TCP_OPTION_ROOM * self._tcp > self.mtu:
+            # The segment that carries it must still fit the MTU (the SYN's MSS was clamped for
+            # one insertion).
+            carrier = next(((p, pr, pn) for _, p, pr, pn in flow.held if pr <= pos < pr + pn), None)
+            if carrier is None and pkt is not None and r <= pos < r + pkt.payload_len:
+                carrier = (pkt, r, pkt.payload_len)
+            grow = len(blob)
+            if carrier is not None:
+                cp, cr, cn = carrier
+                grow += sum(len(b) for _, b in flow.out_map.within(cr, cr + cn))
+            if carrier is not None and len(carrier[0].data) + grow + TCP_OPTION_ROOM * self._tcp > self.mtu:
                 self.stats["insert_skipped_mtu"] += 1
             else:
                 flow.out_map.add(pos, blob)
                 self.stats["headers_inserted"] += 1
                 if self.journal is not None:
                     self.journal.insertion(flow.key, flow.out_base, pos, blob)
-        call = ClientCall(ctx, parent_id, msg, now, propagated)
-        msg.ctx = call
-        flow.pending.append(call)
-        if self._tcp:  # the segment that completes the request line carries kind 25
-            flow.options_out.append((msg.line_end - 1, self._option(ctx)))
-        return call
+        if self._tcp:  # the segment where the header goes (or would) carries kind 25
+            flow.options_out.append((msg.line_end, self._option(call.ctx)))
+        if flow.held:
+            self._release(flow)
 
     @staticmethod
     def _option(ctx: TraceContext) -> bytes:
@@ -537,54 +782,140 @@ class Tracker:
     # --- incoming ---------------------------------------------------------------------
 
     def _incoming(self, flow: Flow, pkt: codec.Packet) -> Verdict:
-        opt_ctx = None
-        if self._tcp and flow.server:
-            opt = codec.find_trace_option(pkt)
-            if opt is not None:
-                tid, sid, flags = opt
-                if any(tid) and any(sid):
-                    opt_ctx = TraceContext(tid.hex(), sid.hex(), FLAG_SAMPLED if flags is None else flags)
-                    flow.option_ctx = opt_ctx
-                    self.stats["tcp_options_read"] += 1
-        n = pkt.payload_len
-        if pkt.flags & _SYN:
-            flow.in_base = (pkt.seq + 1) & _U32
-        elif n and (flow.tls is not None or (flow.in_stream is not None and not flow.in_stream.dead)):
-            base = flow.in_base
-            if base is None:
-                base = flow.in_base = pkt.seq
-            r = ((pkt.seq - base + 0x80000000) & _U32) - 0x80000000  # rel(pkt.seq, base), inlined
-            if flow.tls is not None and flow.server and opt_ctx is not None:
-                self._tls_option_in(flow, r, r + n, opt_ctx)
-            if flow.tls is not None and not flow.server:
-                if r + n > flow.in_next:
-                    flow.in_next = r + n
-                    self._tls_answer(flow)
-            else:
-                off = pkt.payload_off
-                self._in_data(flow, r, pkt.data[off : off + n])
+        flags = pkt.flags
+        if flags & _SYN:
+            if not flow.server and flags & _ACK and pkt.ack == flow.out_base:
+                if not flow.verified:  # the SYN-ACK that answers our SYN
+                    flow.in_base = (pkt.seq + 1) & _U32
+                    flow.in_acked, flow.verified = 0, True
+            elif not flow.server:
+                self.stats["segments_ignored"] += 1
+            return ACCEPT
         fmap = flow.out_map
-        if not fmap or flow.out_base is None or not pkt.flags & codec.ACK:
+        # Whether the segment acknowledges what the local side sent: no more than it sent
+        # (plus ACK_SLACK when copies of a served connection's outgoing packets may have been
+        # lost since), no less than ACK_SLACK below what was acknowledged before. A segment
+        # forged by a host that does not see the connection passes with a chance of about
+        # 2 * ACK_SLACK / 2**32; only segments that pass are parsed. (Inline: every packet.)
+        ok = False
+        if flow.verified and flags & _ACK:
+            a = ((pkt.ack - flow.out_base + 0x80000000) & _U32) - 0x80000000
+            hi = flow.out_hi + fmap.total
+            if flow.server and flow.out_epoch != self.loss_epoch:
+                hi += ACK_SLACK
+            ack_hi = flow.ack_hi
+            if ack_hi - ACK_SLACK <= a <= hi:
+                ok = True
+                if a > ack_hi:
+                    flow.ack_hi = a
+        if flags & _RST:
+            self._rst_in(flow, pkt, ok)
+        elif ok:
+            # An accepted segment: options, data (within REASSEMBLY_LIMIT of the stream
+            # position, or near what the stack acknowledged after lost copies), FIN.
+            opt_ctx = None
+            if self._tcp and flow.server:
+                opt_ctx = self._option_in(flow, pkt)
+            n = pkt.payload_len
+            r = ((pkt.seq - flow.in_base + 0x80000000) & _U32) - 0x80000000  # rel(pkt.seq, in_base)
+            if r > flow.in_next + REASSEMBLY_LIMIT and not self._resync_in_window(flow, r):
+                self.stats["segments_ignored"] += 1  # far beyond what the stack would take
+            else:
+                end = r + n + (flags & _FIN)
+                if end > flow.in_hi:
+                    flow.in_hi = end
+                if n:
+                    if flow.tls is not None:
+                        self._tls_in(flow, pkt, r, n, opt_ctx)
+                    elif flow.in_stream is not None and not flow.in_stream.dead:
+                        off = pkt.payload_off
+                        self._in_data(flow, r, pkt.data[off : off + n])
+                if flags & _FIN:
+                    flow.fin |= _IN
+                    if flow.fin == _IN | _OUT and not flow.closed_at:
+                        flow.closed_at = _monotonic()
+                flow.in_epoch = self.loss_epoch  # copies lost before this one are behind us
+        elif pkt.payload_len or flags & _FIN:
+            self.stats["segments_ignored"] += 1
+        if not fmap or not flags & _ACK:
             return ACCEPT
         base = flow.out_base
 
         def back(seq: int) -> int:
             return base + fmap.to_orig(rel(seq, base))
 
+        if ok and len(fmap.pos) > SEQMAP_COMPACT_AT:
+            fmap.compact(fmap.to_orig(rel(pkt.ack, base)) - 1)
         return Verdict(codec.rebuild(pkt, ack=back(pkt.ack), map_sack=back))
+
+    def _option_in(self, flow: Flow, pkt: codec.Packet) -> TraceContext | None:
+        """The context of a kind-25 option on an accepted incoming segment of a served connection."""
+        opt = codec.find_trace_option(pkt)
+        if opt is None:
+            return None
+        tid, sid, oflags = opt
+        if not any(tid) or not any(sid):
+            return None
+        ctx = TraceContext(tid.hex(), sid.hex(), FLAG_SAMPLED if oflags is None else oflags)
+        flow.option_ctx = ctx
+        self.stats["tcp_options_read"] += 1
+        return ctx
+
+    def _tls_in(self, flow: Flow, pkt: codec.Packet, r: int, n: int, opt_ctx: TraceContext | None) -> None:
+        """Accepted incoming bytes [r, r+n) of a TLS connection."""
+        if flow.server:
+            if opt_ctx is not None:
+                self._tls_option_in(flow, r, r + n, opt_ctx)
+            off = pkt.payload_off
+            self._in_data(flow, r, pkt.data[off : off + n])
+        elif r + n > flow.in_next:
+            flow.in_next = r + n
+            self._tls_answer(flow)
+
+    def _rst_in(self, flow: Flow, pkt: codec.Packet, ok: bool) -> None:
+        """An incoming RST, believed only if the local stack could take it: in SYN-SENT, one
+        that acknowledges our SYN; later, one whose sequence number lies between what the
+        local side acknowledged and the end of what the peer sent (the kernel resets only on
+        the exact next sequence number; anything else it ignores or answers with an ACK).
+        Even then a connection with inserted bytes keeps its translation until its socket is
+        gone (gc)."""
+        if not flow.verified:
+            believed = not flow.server and bool(pkt.flags & _ACK) and pkt.ack == flow.out_base
+        else:
+            r = rel(pkt.seq, flow.in_base)
+            believed = flow.in_acked <= r <= flow.in_hi
+        if not believed:
+            self.stats["rst_ignored"] += 1
+            return
+        if not flow.out_map:
+            self._close(flow.key, flow)
+        elif not flow.closed_at:
+            flow.closed_at = _monotonic()
+
+    def _resync_in_window(self, flow: Flow, r: int) -> bool:
+        """Whether incoming offset r may start the stream again after lost copies: near what
+        the local stack has acknowledged (a lost request's response acknowledges it)."""
+        return flow.verified and 0 <= r - flow.in_acked <= REASSEMBLY_LIMIT
 
     def _in_data(self, flow: Flow, r: int, data: bytes) -> None:
         """Feed incoming payload to the parser in order, keeping a little out-of-order data."""
-        if r > flow.in_next and self._gap_is_loss(flow, _IN):  # a copy was lost, not reordered
-            flow.in_next = r
+        if r > flow.in_next and self._resync_in_window(flow, r) and self._gap_is_loss(flow, _IN):
+            flow.in_next = r  # a copy was lost, not reordered
         if r > flow.in_next:
+            if r - flow.in_next > REASSEMBLY_LIMIT:
+                self.stats["segments_ignored"] += 1
+                return
             if sum(map(len, flow.in_ooo.values())) + len(data) > REASSEMBLY_LIMIT:
-                if flow.tls is not None:
-                    flow.tls.records.dead = True
-                if flow.in_stream is not None:
-                    flow.in_stream.kill("reassembly limit")
+                self._stop_parsing_in(flow, "reassembly limit")
+            elif self.buffered + len(data) > BUFFER_LIMIT:
+                self.stats["buffer_full"] += 1
+                self._stop_parsing_in(flow, "buffer limit")
             else:
+                old = flow.in_ooo.get(r)
+                if old is not None:
+                    self.buffered -= len(old)
                 flow.in_ooo[r] = data
+                self.buffered += len(data)
             return
         while True:
             if r + len(data) > flow.in_next:
@@ -598,6 +929,19 @@ class Tracker:
             if nxt > flow.in_next:
                 return
             r, data = nxt, flow.in_ooo.pop(nxt)
+            self.buffered -= len(data)
+
+    def _stop_parsing_in(self, flow: Flow, why: str) -> None:
+        if flow.tls is not None:
+            flow.tls.records.dead = True
+        if flow.in_stream is not None:
+            flow.in_stream.kill(why)
+        self._drop_ooo(flow)
+
+    def _drop_ooo(self, flow: Flow) -> None:
+        if flow.in_ooo:
+            self.buffered -= sum(map(len, flow.in_ooo.values()))
+            flow.in_ooo.clear()
 
     # --- copies lost by the queue reader -------------------------------------------------
 
@@ -630,7 +974,7 @@ class Tracker:
         self.stats["spans_lost"] += len(flow.pending)
         self.stats["resyncs"] += 1
         flow.pending.clear()
-        flow.in_ooo.clear()
+        self._drop_ooo(flow)
         flow.resync_gap = _IN | _OUT  # the other direction may have lost bytes too
         for stream in (flow.in_stream, flow.out_stream):
             if stream is not None:
@@ -800,8 +1144,12 @@ class Tracker:
     def _close(self, key: Key, flow: Flow, ended: bool = True) -> None:
         """End a flow: unanswered requests become spans without a status. `ended`: the
         connection itself ended (not just our interest in it), so its journal entry goes."""
-        if ended and flow.out_map and self.journal is not None:
+        if flow.held:
+            flow.undecided = None
+            self._release(flow)  # as they are: nothing was inserted for that head
+        if ended and flow.out_map and self.journal is not None and not flow.ended:
             self.journal.end(key)
+            flow.ended = True
         self._end_tls_turn(flow)
         now = self._now()
         while flow.pending:
@@ -810,34 +1158,84 @@ class Tracker:
                 self._finish_server(flow, item, 0, now)
             else:
                 self._finish_client(flow, item, 0, now)
+        self._drop_ooo(flow)
         if self.flows.get(key) is flow:
             del self.flows[key]
 
-    def gc(self) -> None:
-        now = time.monotonic()
+    def _expired(self, flow: Flow, now: float) -> bool:
+        closed = flow.closed_at and now - flow.closed_at > CLOSE_LINGER_S
+        if not flow.out_map:
+            return bool(closed) or now - flow.last_seen > IDLE_TIMEOUT_S
+        if not closed and now - flow.last_seen <= SHIFTED_IDLE_TIMEOUT_S:
+            return False
+        # Inserted bytes: its packets are wrong without us for as long as the socket lives
+        # (TIME_WAIT included: a retransmitted FIN gets our ACK), however it seemed to end.
+        return not self._socket_alive(flow.key)
+
+    def _socket_alive(self, key: Key) -> bool:
+        exists = getattr(self.owners, "socket_exists", None)
+        if exists is None:
+            return False
+        try:
+            return bool(exists(key))
+        except Exception:
+            log.exception("socket lookup failed")
+            return True
+
+    def gc_step(self, now: float | None = None) -> None:
+        """Expire handshake records and one slice of the flows (every flow is seen at least
+        every GC_SWEEP_S), so that no packet waits for a sweep of the whole table."""
+        now = _monotonic() if now is None else now
         self._last_gc = now
-        for key, flow in list(self.flows.items()):
-            idle = SHIFTED_IDLE_TIMEOUT_S if flow.out_map else IDLE_TIMEOUT_S
-            if (flow.closed_at and now - flow.closed_at > CLOSE_LINGER_S) or now - flow.last_seen > idle:
+        hs = self.handshakes
+        while hs:
+            key, rec = next(iter(hs.items()))
+            if now - rec[3] <= HANDSHAKE_TIMEOUT_S:
+                break
+            del hs[key]
+        ring, flows = self._ring, self.flows
+        budget = min(len(ring), max(GC_MIN_BATCH, int(len(ring) * GC_INTERVAL_S / GC_SWEEP_S) + 1))
+        for _ in range(budget):
+            key, flow = ring.popleft()
+            if flows.get(key) is not flow:
+                continue
+            if self._expired(flow, now):
                 self._close(key, flow)
+            else:
+                ring.append((key, flow))
+
+    def gc(self) -> None:
+        """Expire everything that is due, in one go (tests, and stop)."""
+        now = _monotonic()
+        self._last_gc = now
+        for key, rec in list(self.handshakes.items()):
+            if now - rec[3] > HANDSHAKE_TIMEOUT_S:
+                del self.handshakes[key]
+        for key, flow in list(self.flows.items()):
+            if self._expired(flow, now):
+                self._close(key, flow)
+        self._ring = deque((k, f) for k, f in self._ring if self.flows.get(k) is f)
 
     def close_all(self) -> None:
         """Emit what is pending; the journal keeps connections that are still open."""
         for key, flow in list(self.flows.items()):
             self._close(key, flow, ended=bool(flow.closed_at))
+        self._ring.clear()
+        self.handshakes.clear()
 
     # --- connections with inserted bytes ----------------------------------------------------
 
     def shifted(self, linger: float = 0.3) -> list[Flow]:
         """Open connections carrying inserted bytes (closed ones count for `linger` seconds
-        more, for their last ACK)."""
-        now = time.monotonic()
-        return [f for f in self.flows.values() if f.out_map and not (f.closed_at and now - f.closed_at > linger)]
+        more, for their last ACK, and as long as their socket exists)."""
+        now = _monotonic()
+        return [f for f in self.flows.values()
+                if f.out_map and not (f.closed_at and now - f.closed_at > linger and not self._socket_alive(f.key))]
 
     def shift_state(self) -> list[tuple[Key, tuple[int, list[tuple[int, bytes]]]]]:
         """(key, (out_base, insertions)) of every connection with inserted bytes (journal compaction)."""
-        return [(f.key, (f.out_base, list(zip(f.out_map.pos, f.out_map.blobs)))) for f in self.flows.values()
-                if f.out_map and f.out_base is not None]
+        return [(f.key, (f.out_base, f.out_map.entries())) for f in self.flows.values()
+                if f.out_map and f.out_base is not None and not f.ended]
 
     def resume(self, key: Key, base: int, inserts: list[tuple[int, bytes]]) -> None:
         """Translate a connection a previous agent inserted into. Its HTTP framing is unknown,
@@ -849,6 +1247,7 @@ class Tracker:
         flow.out_base = base
         for pos, blob in sorted(inserts, key=lambda pb: pb[0]):
             flow.out_map.add(pos, blob)
-        flow.last_seen = time.monotonic()
+        flow.last_seen = _monotonic()
         self.flows[key] = flow
+        self._ring.append((key, flow))
         self.stats["flows_resumed"] += 1

@@ -75,6 +75,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("obi_headers_inserted_total", ("headers_inserted",), "Traceparent headers written into outgoing HTTP requests."),
     Metric("obi_tcp_options_written_total", ("tcp_options_written", "tcpopt_written"),
            "TCP segments tagged with the trace context option (kind 25)."),
+    Metric("obi_flows_evicted_total", ("flows_evicted", "flows_refused"),
+           "Connections the userspace datapath stopped tracing, or never traced, because its flow table was full "
+           "(no span for them; their traffic is not touched)."),
+    Metric("obi_segments_ignored_total", ("segments_ignored", "rst_ignored"),
+           "Incoming segments (RSTs included) the userspace datapath did not parse or act on: not part of a "
+           "connection it knows, or outside what the local stack sent and acknowledged (forged, or far out of window)."),
     Metric("obi_health_connections_dropped_total", ("health_connections_dropped",),
            "Connections to the health/metrics listener cut off: no complete request within the deadline, "
            "or closed to make room (at most 64 open)."),

@@ -152,3 +152,33 @@ def test_stop_closes_the_reader_even_when_the_loop_thread_is_stuck(monkeypatch):
     loop.stop()
     assert reader.closed
     release.set()
+
+
+def test_held_packets_get_their_verdicts_later_in_order():
+    """The handler holds s1 (a segment of an incomplete request head); s2 completes the
+    head: s1's verdict (released) goes out before s2's, and a packet still held when the
+    loop stops is accepted, never left without a verdict."""
+    now = time.time_ns()
+    released = []
+
+    def handler(data, outgoing, ts_ns):
+        if data == b"s1":
+            return Verdict(hold=1)
+        if data == b"s2":
+            released.append((1, Verdict(b"S1+header", 0x10)))
+            return Verdict(b"S2", 0x10)
+        return Verdict(hold=2)  # s3: never released
+
+    def release(overdue):
+        out = released[:]
+        del released[:]
+        return out
+
+    loop = queue.QueueLoop(1, 2, handler, release=release)
+    batch = [(b"s1", True, now, 21, 0), (b"s2", True, now, 22, 0), (b"s3", True, now, 23, 0)]
+    loop._reader = reader = FakeReader([batch])
+    loop.on_idle = loop._stop.set
+    loop._loop()
+    assert reader.verdicts == [(21, b"S1+header", 0x10), (22, b"S2", 0x10)]
+    loop.stop()
+    assert reader.verdicts[-1] == (23, None, 0) and reader.closed
