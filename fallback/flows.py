@@ -1226,11 +1226,14 @@ class Tracker:
     # --- connections with inserted bytes ----------------------------------------------------
 
     def shifted(self, linger: float = 0.3) -> list[Flow]:
-        """Open connections carrying inserted bytes (closed ones count for `linger` seconds
-        more, for their last ACK, and as long as their socket exists)."""
+        """Open connections carrying inserted bytes. One that closed counts for `linger`
+        seconds more (its last ACK); after FINs both ways it is done (TIME_WAIT carries no
+        data), after an RST only once its socket is gone too (the RST may have been one the
+        stack answered with a challenge ACK)."""
         now = _monotonic()
         return [f for f in self.flows.values()
-                if f.out_map and not (f.closed_at and now - f.closed_at > linger and not self._socket_alive(f.key))]
+                if f.out_map and not (f.closed_at and now - f.closed_at > linger
+                                      and (f.fin == _IN | _OUT or not self._socket_alive(f.key)))]
 
     def shift_state(self) -> list[tuple[Key, tuple[int, list[tuple[int, bytes]]]]]:
         """(key, (out_base, insertions)) of every connection with inserted bytes (journal compaction)."""
