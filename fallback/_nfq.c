@@ -22,8 +22,11 @@
  * kernel drops those (TCP retransmits) when the queue is full, as before.
  *
  * Python API (see fallback/queue.py for the loop that uses it):
- *   r = Reader(sync_queue, observe_queue, maxlen, backlog, backlog_bytes)   binds both queues, starts
- *       the thread; backlog/backlog_bytes bound the copies of observed packets waiting for Python
+ *   r = Reader(sync_queue, observe_queue, maxlen, backlog, backlog_bytes, syn_queue=-1)   binds the
+ *       queues, starts the thread; backlog/backlog_bytes bound the copies of observed packets
+ *       waiting for Python; syn_queue: a second queue whose packets (the SYNs of selected
+ *       processes) also wait for Python's verdict, bound fail-open
+ *   Packet ids are tickets: the kernel's id, bit 32 set for a packet of the SYN queue.
  *   r.fetch(timeout_s, max_items, shed_after_s) -> [(data, outgoing, ts_ns, packet_id or None, lost), ...]
  *       (GIL released while waiting); lost: observed packets Python will never see, lost just
  *       before this one; copies older than shed_after_s ahead of a sync packet are dropped
@@ -73,6 +76,7 @@ typedef struct pkt {
     uint32_t id;
     uint8_t outgoing;
     uint8_t sync;                     /* waits for Python's verdict */
+    uint16_t queue;                   /* the queue it came from (its verdict goes there) */
     int64_t ts_ns;                    /* CLOCK_REALTIME when read from the socket */
     uint32_t len;
     uint32_t lost;                    /* observed packets not handed on since the previous one */
@@ -84,6 +88,7 @@ typedef struct {
     int fd;
     int wake_fd;                      /* eventfd: tells the reader thread to stop */
     uint16_t sync_queue, observe_queue;
+    int syn_queue;                    /* a second sync queue, bound fail-open (SYNs), or -1 */
     pthread_t thread;
     int thread_started;
     int closed;                       /* close() ran (GIL held when read or written) */
@@ -389,6 +394,7 @@ static pkt_t *take_packet(Reader *r, struct nlmsghdr *h, int truncated, uint32_t
     p->id = ntohl(ph->packet_id);
     p->outgoing = ph->hook == NF_INET_LOCAL_OUT;
     p->sync = !observe;
+    p->queue = queue;
     p->ts_ns = now_ns();
     p->len = plen;
     p->lost = r->lost_pending;
@@ -503,7 +509,7 @@ static void release_all(Reader *r)
     while (p) {
         pkt_t *next = p->next;
         if (p->sync && r->fd >= 0)
-            send_verdict(r, NFQNL_MSG_VERDICT, r->sync_queue, htonl(p->id));
+            send_verdict(r, NFQNL_MSG_VERDICT, p->queue, htonl(p->id));
         free(p);
         p = next;
     }
@@ -557,14 +563,15 @@ static void Reader_dealloc(Reader *r)
 
 static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-    static char *names[] = {"sync_queue", "observe_queue", "maxlen", "backlog", "backlog_bytes", NULL};
-    int sq, oq;
+    static char *names[] = {"sync_queue", "observe_queue", "maxlen", "backlog", "backlog_bytes", "syn_queue", NULL};
+    int sq, oq, synq = -1;
     unsigned int maxlen = 4096;
     unsigned long long backlog = 65536, backlog_bytes = 64ULL << 20;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "ii|IKK", names, &sq, &oq, &maxlen, &backlog, &backlog_bytes))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ii|IKKi", names, &sq, &oq, &maxlen, &backlog, &backlog_bytes, &synq))
         return NULL;
-    if (sq < 0 || sq > 65535 || oq < 0 || oq > 65535 || sq == oq) {
-        PyErr_SetString(PyExc_ValueError, "queue numbers must be two different values in 0..65535");
+    if (sq < 0 || sq > 65535 || oq < 0 || oq > 65535 || sq == oq || synq < -1 || synq > 65535 || synq == sq ||
+        synq == oq) {
+        PyErr_SetString(PyExc_ValueError, "queue numbers must be different values in 0..65535 (syn_queue: -1 for none)");
         return NULL;
     }
     Reader *r = (Reader *)type->tp_alloc(type, 0);
@@ -573,6 +580,7 @@ static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     r->fd = r->wake_fd = -1;
     r->sync_queue = (uint16_t)sq;
     r->observe_queue = (uint16_t)oq;
+    r->syn_queue = synq;
     r->backlog = backlog;
     r->backlog_bytes = backlog_bytes;
     pthread_mutex_init(&r->mu, NULL);
@@ -605,6 +613,12 @@ static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     if (!err) {
         what = "bind the observe queue";
         err = bind_queue(r->fd, r->observe_queue, maxlen, NFQA_CFG_F_FAIL_OPEN, &seq);
+    }
+    if (!err && synq >= 0) {
+        what = "bind the SYN queue";
+        /* Fail-open: when Python is behind and the queue is full, a SYN passes unmarked (its
+         * connection is not traced) instead of being dropped. */
+        err = bind_queue(r->fd, (uint16_t)synq, maxlen, NFQA_CFG_F_FAIL_OPEN, &seq);
     }
     if (err) {
         PyErr_Format(PyExc_OSError, "NFQUEUE: cannot %s (queues %d/%d): %s%s", what, sq, oq, strerror(-err),
@@ -653,6 +667,23 @@ static void shed_ahead_of_sync(Reader *r, int64_t shed_ns)
         free(p);
     }
     last_sync->lost += carried;  /* the tail is last_sync or after it: unchanged */
+}
+
+/* The packet id Python sees: the kernel's id, plus bit 32 for the SYN queue (verdict() and
+ * drop() send to the queue the packet came from). */
+static unsigned long long ticket(Reader *r, const pkt_t *p)
+{
+    return p->id | ((unsigned long long)(r->syn_queue >= 0 && p->queue == r->syn_queue) << 32);
+}
+
+/* The queue of a ticket, or -1 if it names none of ours. */
+static int ticket_queue(Reader *r, unsigned long long t)
+{
+    if (t >> 33)
+        return -1;
+    if (t >> 32)
+        return r->syn_queue;
+    return r->sync_queue;
 }
 
 /* fetch()/verdict() enter (GIL released) before using the list or the socket, and leave
@@ -744,7 +775,7 @@ static PyObject *Reader_fetch(Reader *r, PyObject *args)
         if (out) {
             PyObject *item = Py_BuildValue("(y#OLNI)", (const char *)p->data, (Py_ssize_t)p->len,
                                            p->outgoing ? Py_True : Py_False, (long long)p->ts_ns,
-                                           p->sync ? PyLong_FromUnsignedLong(p->id) : Py_NewRef(Py_None),
+                                           p->sync ? PyLong_FromUnsignedLongLong(ticket(r, p)) : Py_NewRef(Py_None),
                                            (unsigned int)p->lost);
             if (!item || PyList_Append(out, item) < 0) {
                 Py_XDECREF(item);
@@ -754,23 +785,32 @@ static PyObject *Reader_fetch(Reader *r, PyObject *args)
             }
         }
         if (!out && p->sync)  /* out of memory: the packet must still get a verdict */
-            send_verdict(r, NFQNL_MSG_VERDICT, r->sync_queue, htonl(p->id));
+            send_verdict(r, NFQNL_MSG_VERDICT, p->queue, htonl(p->id));
         free(p);
     }
     leave(r);                         /* after the last use of the socket */
     return out;
 }
 
+static PyObject *bad_ticket(void)
+{
+    PyErr_SetString(PyExc_ValueError, "not a packet id fetch() gave");
+    return NULL;
+}
+
 static PyObject *Reader_verdict(Reader *r, PyObject *args)
 {
-    unsigned long id;
+    unsigned long long id;
     Py_buffer payload = {0};
     PyObject *pobj;
     unsigned long mark = 0;
-    if (!PyArg_ParseTuple(args, "kO|k", &id, &pobj, &mark))
+    if (!PyArg_ParseTuple(args, "KO|k", &id, &pobj, &mark))
         return NULL;
     if (r->closed)
         return closed_error();
+    int queue = ticket_queue(r, id);
+    if (queue < 0)
+        return bad_ticket();
     if (pobj != Py_None && PyObject_GetBuffer(pobj, &payload, PyBUF_SIMPLE) < 0)
         return NULL;
     if (pobj != Py_None && payload.len > MAX_PAYLOAD) {
@@ -780,7 +820,7 @@ static PyObject *Reader_verdict(Reader *r, PyObject *args)
     }
     int err;
     Py_BEGIN_ALLOW_THREADS
-    err = enter(r) ? -EBADF : send_verdict_msg(r->fd, NFQNL_MSG_VERDICT, r->sync_queue, htonl((uint32_t)id),
+    err = enter(r) ? -EBADF : send_verdict_msg(r->fd, NFQNL_MSG_VERDICT, (uint16_t)queue, htonl((uint32_t)id),
                                                 NF_ACCEPT, (uint32_t)mark, payload.buf, (size_t)payload.len);
     if (err != -EBADF)
         leave(r);
@@ -800,14 +840,17 @@ static PyObject *Reader_verdict(Reader *r, PyObject *args)
 
 static PyObject *Reader_drop(Reader *r, PyObject *args)
 {
-    unsigned long id;
-    if (!PyArg_ParseTuple(args, "k", &id))
+    unsigned long long id;
+    if (!PyArg_ParseTuple(args, "K", &id))
         return NULL;
     if (r->closed)
         return closed_error();
+    int queue = ticket_queue(r, id);
+    if (queue < 0)
+        return bad_ticket();
     int err;
     Py_BEGIN_ALLOW_THREADS
-    err = enter(r) ? -EBADF : send_verdict_msg(r->fd, NFQNL_MSG_VERDICT, r->sync_queue, htonl((uint32_t)id),
+    err = enter(r) ? -EBADF : send_verdict_msg(r->fd, NFQNL_MSG_VERDICT, (uint16_t)queue, htonl((uint32_t)id),
                                                 NF_DROP, 0, NULL, 0);
     if (err != -EBADF)
         leave(r);

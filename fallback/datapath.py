@@ -40,6 +40,7 @@ IP_TCP_HEADERS = 60  # IPv6 (40) + TCP (20): the MSS headroom is computed for th
 # batch instead of competing with the packet thread for the GIL on every span.
 SPAN_BATCH = 128
 SPAN_DELAY_S = 0.05  # ...and at least this often while spans are waiting
+SELECT_INTERVAL_S = 1.0  # processes are rescanned this often (their cgroups choose the SYNs queued)
 
 
 def path_mtu() -> int:
@@ -80,6 +81,8 @@ class UserspaceDatapath:
         self.drain_stats: dict[str, int] = {}
         self._spans: list = []  # finished spans not yet handed to the sink
         self._flushed_at = 0.0
+        self._rescan_stop = threading.Event()
+        self._rescanner: threading.Thread | None = None
 
     def start(self) -> None:
         if os.geteuid() != 0:
@@ -103,24 +106,44 @@ class UserspaceDatapath:
                          len(resumed))
             self._set_liberal()
             self._queue = QueueLoop(self.queue_num, rules.observe_queue(self.queue_num), self._handle,
-                                    on_idle=self._idle, on_loss=self._lost, release=self._release)
+                                    on_idle=self._idle, on_loss=self._lost, release=self._release,
+                                    syn_queue=rules.syn_queue(self.queue_num))
             self._queue.start()  # read before the rules send us packets
             self._rules = rules.Rules(ports, self.queue_num, clamp_mss(mtu, self.cfg.propagate_tcp), self.instance)
             self._rules.__enter__()
+            self._rules.set_syn_cgroups(self.owners.cgroups())
+            self._rescan_stop.clear()
+            self._rescanner = threading.Thread(target=self._rescan, name="obi-fallback-rescan", daemon=True)
+            self._rescanner.start()
             # Only now, with the journal resumed, the queues read and our rules in place, the
             # rules of a killed predecessor go: removing them first would let its connections
             # with inserted headers pass untranslated in between (their stream corrupted).
             for line in rules.remove_stale():
                 log.info("userspace datapath: %s (left by a killed agent)", line)
-            log.info("userspace datapath: queues %d (sync) and %d (observe), ports %s, mtu %d (links outgoing "
-                     "calls per process, not per thread)", self.queue_num, rules.observe_queue(self.queue_num),
-                     ports, mtu)
+            log.info("userspace datapath: queues %d (sync), %d (observe) and %d (SYNs of %s), ports %s, mtu %d "
+                     "(links outgoing calls per process, not per thread)", self.queue_num,
+                     rules.observe_queue(self.queue_num), rules.syn_queue(self.queue_num),
+                     "the selected processes' cgroups" if self._rules.cgroup_match else "every process", ports, mtu)
         except MissingFeature:
             self.stop()
             raise
         except Exception as e:
             self.stop()
             raise AttachError(f"userspace datapath: {e}") from e
+
+    def _rescan(self) -> None:
+        """Every SELECT_INTERVAL_S: walk /proc for the selected processes (outside the packet
+        thread's lock), hand the result over, and queue the SYNs of their cgroups only."""
+        while not self._rescan_stop.wait(SELECT_INTERVAL_S):
+            try:
+                scanned = self.owners.scan()
+                with self._lock:
+                    self.owners.apply(scanned)
+                    cgroups = self.owners.cgroups()
+                if self._rules is not None:
+                    self._rules.set_syn_cgroups(cgroups)
+            except Exception:
+                log.exception("userspace datapath: rescanning processes failed")
 
     def _handle(self, data: bytes, outgoing: bool, ts_ns: int | None = None):
         assert self.tracker is not None
@@ -205,6 +228,10 @@ class UserspaceDatapath:
             log.warning("cannot relax conntrack TCP window checks (%s); inserted headers may stall", e)
 
     def stop(self) -> None:
+        self._rescan_stop.set()
+        if self._rescanner is not None:
+            self._rescanner.join(10)
+            self._rescanner = None
         if self._rules is not None:
             try:
                 self._drain()

@@ -54,8 +54,9 @@ class QueueLoop:
     def __init__(self, sync_queue: int, observe_queue: int, handler: Handler,
                  on_idle: Callable[[], None] | None = None, backlog: int = OBSERVE_BACKLOG,
                  on_loss: Callable[[int], None] | None = None,
-                 release: Callable[[bool], list[tuple[int, Verdict]]] | None = None) -> None:
+                 release: Callable[[bool], list[tuple[int, Verdict]]] | None = None, syn_queue: int = -1) -> None:
         self.sync_queue = sync_queue
+        self.syn_queue = syn_queue  # SYNs of selected processes: wait for the handler too, bound fail-open
         self.observe_queue = observe_queue
         self.handler = handler
         self.on_idle = on_idle  # called in the loop thread after WAKE_S without packets
@@ -76,7 +77,7 @@ class QueueLoop:
         from . import _nfq  # the C extension; its absence is reported by the capability probe
 
         self._reader = _nfq.Reader(self.sync_queue, self.observe_queue, QUEUE_MAXLEN, self.backlog,
-                                   OBSERVE_BACKLOG_BYTES)
+                                   OBSERVE_BACKLOG_BYTES, self.syn_queue)
         self._thread = threading.Thread(target=self._loop, name=f"nfqueue-{self.sync_queue}", daemon=True)
         self._thread.start()
 

@@ -12,9 +12,14 @@ the mangle table, for IPv4 (iptables) and IPv6 (ip6tables):
   are only read, never changed, so the reader accepts them at once and the agent parses
   copies (see `queue`); everything else below goes to the *sync* queue (`queue`), whose
   packets wait for the agent's verdict;
-- client side: every outgoing SYN is queued once; the agent marks the SYN of a connection
-  owned by a selected process, POSTROUTING saves the mark in the connmark, and from then
-  on both directions of that connection are queued by connmark;
+- client side: outgoing SYNs jump to a chain of this agent (`obi-syn-<hex>`) that queues
+  those of the cgroups the selected processes are in (`-m cgroup --path`, kept up to date
+  by `Rules.set_syn_cgroups`; every SYN where the kernel lacks that match) to the *SYN*
+  queue (`queue + 2`), bound fail-open: when the agent is behind and the queue is full, a
+  SYN passes unmarked (that connection is not traced) rather than being dropped. The
+  agent marks the SYN of a connection owned by a selected process, POSTROUTING saves the
+  mark in the connmark, and from then on both directions of that connection are queued
+  by connmark;
 - the SYN-ACK of those connections gets its MSS clamped (TCPMSS, before the queue rule)
   so a segment that grows by an inserted header still fits the path MTU;
 - once a header was inserted into a connection the agent also sets the SHIFT bit (saved
@@ -64,6 +69,18 @@ def observe_queue(queue: int) -> int:
     return queue + 1
 
 
+def syn_queue(queue: int) -> int:
+    return queue + 2
+
+
+SYN_CHAIN_PREFIX = "obi-syn-"
+
+
+def syn_chain(tag: str) -> str:
+    """The SYN chain of the agent tagged `tag` (its random part: chain names are short)."""
+    return SYN_CHAIN_PREFIX + tag.rsplit("-", 1)[-1]
+
+
 def rule_specs(ports: Sequence[tuple[int, int]], queue: int, mss: int, tag: str,
                clients: bool = True) -> list[tuple[str, list[str]]]:
     """(chain, rule arguments) in insertion order; the same list for both IP versions.
@@ -83,7 +100,7 @@ def rule_specs(ports: Sequence[tuple[int, int]], queue: int, mss: int, tag: str,
             ("OUTPUT", ["-p", "tcp", *shifted, *c, *hold]),
             ("INPUT", ["-p", "tcp", *conn, *c, *q]),
             ("OUTPUT", ["-p", "tcp", *conn, *c, *q]),
-            ("OUTPUT", ["-p", "tcp", "--syn", *c, *q]),
+            ("OUTPUT", ["-p", "tcp", "--syn", *c, "-j", syn_chain(tag)]),
             ("POSTROUTING", ["-m", "mark", "--mark", f"{MARK:#x}/{MARK:#x}", *c,
                              "-j", "CONNMARK", "--save-mark", "--mask", f"{MARK | SHIFT:#x}"]),
         ]
@@ -110,10 +127,21 @@ class Rules:
         self.tag = f"{TAG_PREFIX}-{instance}"
         self.specs = rule_specs(ports, queue, mss, self.tag, clients)
         self.added: list[tuple[str, str, list[str]]] = []
+        self.chain = syn_chain(self.tag) if clients else ""
+        self.syn_queue = syn_queue(queue)
+        self.chains: list[str] = []  # tools whose SYN chain we created
+        self.syn_rules: dict[tuple[str, str | None], list[str]] = {}  # (tool, cgroup or None) -> spec
+        self.cgroup_match = True  # False once the kernel refused -m cgroup: every SYN is queued
 
     def __enter__(self) -> "Rules":
         try:
             for tool in TOOLS:
+                if self.chain:
+                    r = _run([tool, "-w", "-t", TABLE, "-N", self.chain])
+                    if r.returncode != 0 and "exists" not in r.stderr:
+                        raise OSError(f"{tool} -N {self.chain}: {r.stderr.strip()}")
+                    _run([tool, "-w", "-t", TABLE, "-F", self.chain])  # a stale one of the same name
+                    self.chains.append(tool)
                 for chain, spec in self.specs:
                     r = _run([tool, "-w", "-t", TABLE, "-A", chain, *spec])
                     if r.returncode != 0:
@@ -127,12 +155,47 @@ class Rules:
     def __exit__(self, *exc) -> None:
         self.remove()
 
+    def _syn_spec(self, cgroup: str | None) -> list[str]:
+        match = ["-m", "cgroup", "--path", cgroup] if cgroup is not None else []
+        return [*match, "-m", "comment", "--comment", self.tag, "-j", "NFQUEUE", "--queue-num", str(self.syn_queue),
+                "--queue-bypass"]
+
+    def set_syn_cgroups(self, cgroups: set[str]) -> None:
+        """Queue the SYNs of processes in these cgroups (v2 paths) from now on, and no others
+        (every SYN if the kernel has no cgroup match)."""
+        if not self.chain:
+            return
+        wanted: set[str | None] = set(cgroups) if self.cgroup_match else {None}
+        for tool in self.chains:
+            have = {cg for t, cg in self.syn_rules if t == tool}
+            for cg in sorted(wanted - have, key=str):
+                spec = self._syn_spec(cg)
+                r = _run([tool, "-w", "-t", TABLE, "-A", self.chain, *spec])
+                if r.returncode == 0:
+                    self.syn_rules[(tool, cg)] = spec
+                elif cg is not None and self.cgroup_match and "cgroup" in r.stderr.lower():
+                    log.warning("%s has no cgroup match (%s): every outgoing SYN is queued", tool, r.stderr.strip())
+                    self.cgroup_match = False
+                    return self.set_syn_cgroups(cgroups)
+                else:
+                    log.warning("could not queue the SYNs of cgroup %s (%s): %s", cg, tool, r.stderr.strip())
+            for cg in have - wanted:
+                spec = self.syn_rules.pop((tool, cg))
+                _run([tool, "-w", "-t", TABLE, "-D", self.chain, *spec])
+
     def remove(self) -> None:
         while self.added:
             tool, chain, spec = self.added.pop()
             r = _run([tool, "-w", "-t", TABLE, "-D", chain, *spec])
             if r.returncode != 0:
                 log.warning("could not delete %s rule %s %s: %s", tool, chain, shlex.join(spec), r.stderr.strip())
+        while self.chains:  # no rule jumps to it any more
+            tool = self.chains.pop()
+            _run([tool, "-w", "-t", TABLE, "-F", self.chain])
+            r = _run([tool, "-w", "-t", TABLE, "-X", self.chain])
+            if r.returncode != 0:
+                log.warning("could not delete %s chain %s: %s", tool, self.chain, r.stderr.strip())
+        self.syn_rules.clear()
 
 
 def list_ours(prefix: str = TAG_PREFIX) -> list[tuple[str, list[str]]]:
@@ -204,6 +267,24 @@ def remove_stale() -> list[str]:
             continue
         if _run([tool, "-w", "-t", TABLE, "-D", *args[1:]]).returncode == 0:
             done.append(f"removed {tool} -t {TABLE} {shlex.join(args)}")
+    done += _remove_orphan_chains()
+    return done
+
+
+def _remove_orphan_chains() -> list[str]:
+    """Delete `obi-syn-*` chains that no rule jumps to (their agent is gone)."""
+    done = []
+    for tool in TOOLS:
+        r = _run([tool, "-w", "-t", TABLE, "-S"])
+        if r.returncode != 0:
+            continue
+        lines = [shlex.split(line) for line in r.stdout.splitlines()]
+        chains = {a[1] for a in lines if a[:1] == ["-N"] and len(a) > 1 and a[1].startswith(SYN_CHAIN_PREFIX)}
+        used = {a[a.index("-j") + 1] for a in lines if a[:1] == ["-A"] and "-j" in a}
+        for chain in sorted(chains - used):
+            _run([tool, "-w", "-t", TABLE, "-F", chain])
+            if _run([tool, "-w", "-t", TABLE, "-X", chain]).returncode == 0:
+                done.append(f"removed {tool} -t {TABLE} chain {chain}")
     return done
 
 

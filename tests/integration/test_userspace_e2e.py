@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -674,3 +675,95 @@ def test_cleanup_leaves_a_running_agent_and_its_connections_alone(topo):
             client.proc.kill()
     assert stats["handler_errors"] == 0
     assert "obi-fallback" not in rules_of(topo["b"])
+
+
+CONNECT = """
+import socket, sys, time, json
+t0 = time.monotonic()
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
+    print(json.dumps({"ok": True, "s": time.monotonic() - t0}))
+except OSError as e:
+    print(json.dumps({"ok": False, "s": time.monotonic() - t0, "error": str(e)}))
+"""
+
+
+def test_syns_of_processes_nobody_selected_do_not_wait_for_the_agent(topo):
+    """Issue 12, finding 5. With the agent stopped (SIGSTOP, as when it is stuck), a process
+    in B's network namespace but outside the cgroups of the selected processes connects at
+    once: its SYN is not queued. Before, every outgoing SYN of the namespace waited for the
+    agent's verdict."""
+    agent = Agent(topo["b"])
+    try:
+        os.kill(agent.proc.pid, signal.SIGSTOP)
+        # `ip netns exec` directly, not topo["b"].run: this process stays in the test's cgroup.
+        r = subprocess.run(["ip", "netns", "exec", topo["b"].netns, sys.executable, "-c", CONNECT, topo["c"].addr,
+                            str(PORT), "5"], capture_output=True, text=True, timeout=30)
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+    finally:
+        os.kill(agent.proc.pid, signal.SIGCONT)
+        agent.stop()
+    assert out["ok"] and out["s"] < 1.0, out
+
+
+MANY_SYNS = """
+import json, resource, select, socket, sys, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 16384), hard))
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", {client_port})); srv.listen()  # selected: listens on a watched port
+print("ready", flush=True)
+sys.stdin.readline()  # the agent is stopped now
+socks = []
+for _ in range({n}):
+    s = socket.socket(); s.setblocking(False)
+    s.connect_ex(({c!r}, {port}))
+    socks.append(s)
+poller = select.poll()
+for s in socks:
+    poller.register(s, select.POLLOUT)
+deadline = time.monotonic() + 5
+done = set()
+while time.monotonic() < deadline and len(done) < len(socks):
+    for fd, _ in poller.poll(200):
+        poller.unregister(fd)
+        s = socket.socket(fileno=fd)
+        if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+            done.add(fd)
+        s.detach()
+print(json.dumps({{"connected": len(done)}}), flush=True)
+"""
+
+SINK = """
+import socket, threading
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", {port})); srv.listen(8192)
+conns = []
+while True:
+    conns.append(srv.accept()[0])
+"""
+
+
+def test_syns_of_selected_processes_pass_when_the_agent_is_behind(topo):
+    """Issue 12, finding 5: fail open. The agent is stopped while a selected process opens
+    more connections than the queue holds (4,096): the SYNs beyond it pass untraced
+    instead of being dropped (the sync queue they used to go to is not fail-open)."""
+    sink_port = 9097
+    topo["c"].popen([sys.executable, "-c", SINK.format(port=sink_port)], stdout=subprocess.DEVNULL)
+    wait_port(topo["a"], topo["c"].addr, sink_port)
+    agent = Agent(topo["b"])
+    client = topo["b"].popen([sys.executable, "-c", MANY_SYNS.format(client_port=CLIENT_PORT, n=4400,
+                                                                     c=topo["c"].addr, port=sink_port)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "ready"
+        time.sleep(1.5)  # the rescan has seen it
+        os.kill(agent.proc.pid, signal.SIGSTOP)
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        out = json.loads(client.stdout.readline())
+    finally:
+        os.kill(agent.proc.pid, signal.SIGCONT)
+        client.kill()
+        agent.stop()
+    assert out["connected"] >= 200, out
