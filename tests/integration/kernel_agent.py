@@ -87,6 +87,31 @@ def read_response(f):
 """
 
 
+# The probes (obi doctor's) of what the kernel path needs from the kernel.
+KERNEL_PATH_PROBES = ("bpf_loop", "sockops", "sk_msg", "tc", "ringbuf", "cgroup_v2")
+
+
+def kernel_path_missing() -> str:
+    """What doctor's probes report missing for the kernel path ("" if nothing)."""
+    from obi.kernel import probes
+
+    found = probes.run_all()
+    missing = [f"{n}: {found[n].detail}" for n in KERNEL_PATH_PROBES if found[n].ok is False]
+    if found["sock_recv_tracepoint"].ok is False and found["syscall_tracepoints"].ok is False:
+        missing.append("no thread tracepoint (sock:sock_recv_length or syscalls)")
+    return "; ".join(missing)
+
+
+def skip_or_fail(e: MissingFeature) -> None:
+    """A test skips when the kernel lacks what the kernel path needs, as doctor's probes
+    tell; a MissingFeature on a kernel whose probes say it has everything is our defect
+    (a program the verifier rejects, a wrong classification): the test fails."""
+    missing = kernel_path_missing()
+    if missing:
+        pytest.skip(f"kernel feature missing: {e} (doctor: {missing})")
+    pytest.fail(f"the kernel path reported a missing feature, but doctor's probes find every one: {e}")
+
+
 class Agent:
     """A KernelDatapath watching one host; spans land in .spans."""
 
@@ -109,7 +134,7 @@ class Agent:
         try:
             self.dp.start()
         except MissingFeature as e:
-            pytest.skip(f"kernel feature missing: {e}")
+            skip_or_fail(e)
 
     def wait(self, pred, timeout: float = 10.0) -> list[SpanRecord]:
         deadline = time.monotonic() + timeout
