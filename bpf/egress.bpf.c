@@ -273,7 +273,37 @@ static __always_inline void expect_responses(struct scratch *sc)
 	bpf_map_update_elem(&ingress_conns, &sc->pc.t, init, BPF_NOEXIST);
 }
 
-static __always_inline void client_action(struct scratch *sc, struct http_state *st)
+/* Insert the pending header (sc->ins) into the message now. The cursor moves with the
+ * bytes after it, and the window is reloaded. Returns 0 if it went in. */
+static __always_inline int insert_pending(struct sk_msg_md *msg, struct scratch *sc)
+{
+	struct pcur *p = &sc->pc;
+	__u32 off = sc->ins.off;
+
+	p->cur = 0;
+	if (bpf_msg_push_data(msg, off, OBI_TP_HDR_LEN, 0) || bpf_msg_pull_data(msg, off, off + OBI_TP_HDR_LEN, 0)) {
+		count(OBI_CNT_INSERT_FAILED);
+		return -1;
+	}
+	char *d = (void *)(long)msg->data;
+	char *e = (void *)(long)msg->data_end;
+	if (d + OBI_TP_HDR_LEN > e) {
+		/* pushed but not writable: the room would carry zero bytes; cannot happen after
+		 * a successful pull of that range, but never leave it silently */
+		count(OBI_CNT_INSERT_FAILED);
+		return -1;
+	}
+	__builtin_memcpy(d, sc->ins.hdr, OBI_TP_HDR_LEN);
+	p->pushed += OBI_TP_HDR_LEN;
+	if (p->pos > off)
+		p->pos += OBI_TP_HDR_LEN;
+	p->len += OBI_TP_HDR_LEN;
+	p->win_len = 0; /* the window holds the bytes as they were */
+	count(OBI_CNT_HEADERS_INSERTED);
+	return 0;
+}
+
+static __always_inline void client_action(struct sk_msg_md *msg, struct scratch *sc, struct http_state *st)
 {
 	struct pcur *p = &sc->pc;
 
@@ -296,13 +326,11 @@ static __always_inline void client_action(struct scratch *sc, struct http_state 
 		break;
 	}
 	case ACT_LINE0_END:
-		if ((obi_cfg_flags & OBI_CFG_HDR_INSERT) && p->nins < MAX_INS) {
-			struct ins *in = &sc->ins[p->nins & (MAX_INS - 1)];
-			in->off = p->act_pos;
-			in->ok = 1;
-			tp_format(in->hdr, st->trace_id, st->span_id, st->trace_flags);
-			p->nins++;
-			p->cur = p->nins;
+		/* The insertion point: the line's LF, which is in this message (tp_format). */
+		if (obi_cfg_flags & OBI_CFG_HDR_INSERT) {
+			sc->ins.off = p->act_pos - 1;
+			tp_format(sc->ins.hdr, st->trace_id, st->span_id, st->trace_flags);
+			p->cur = 1;
 		}
 		break;
 	case ACT_HDRS_END: {
@@ -310,18 +338,22 @@ static __always_inline void client_action(struct scratch *sc, struct http_state 
 		if (st->tp_count) {
 			/* The app wrote its own traceparent: leave the request as it is. */
 			count(OBI_CNT_APP_TRACEPARENT);
-			if (p->cur)
-				sc->ins[(p->cur - 1) & (MAX_INS - 1)].ok = 0;
-			else if (st->bits & HS_INJECTED)
+			if (st->bits & HS_INJECTED)
 				flags |= OBI_EVF_INJECTED; /* too late: inserted with an earlier write */
-		} else if (p->cur || (st->bits & HS_INJECTED)) {
+			p->cur = 0;
+		} else if (p->cur) {
+			if (insert_pending(msg, sc) == 0)
+				flags |= OBI_EVF_INJECTED;
+		} else if (st->bits & HS_INJECTED) {
 			flags |= OBI_EVF_INJECTED;
 		}
-		p->cur = 0;
 		expect_responses(sc);
+		struct http_state *in = bpf_map_lookup_elem(&ingress_conns, &p->t);
+		if (in)
+			head_push(in, st);
 		event_fill(&sc->ev, OBI_EV_CLIENT_SPAN, st, &p->t, p->pid_tgid);
 		sc->ev.flags = flags;
-		span_open(sc, bpf_map_lookup_elem(&ingress_conns, &p->t), OBI_EV_CLIENT_REQ);
+		span_open(sc, in, OBI_EV_CLIENT_REQ);
 		break;
 	}
 	}
@@ -343,24 +375,7 @@ static long eg_round(__u32 i, void *arg)
 		return 1;
 	}
 	if (round_parse(c, &sc->pc) != ACT_NONE)
-		client_action(sc, st);
-	return 0;
-}
-
-/* Insert one prepared header at ins->off. */
-static __always_inline int insert_header(struct sk_msg_md *msg, struct ins *in)
-{
-	__u32 off = in->off;
-
-	if (bpf_msg_push_data(msg, off, OBI_TP_HDR_LEN, 0))
-		return -1;
-	if (bpf_msg_pull_data(msg, off, off + OBI_TP_HDR_LEN, 0))
-		return -1;
-	char *d = (void *)(long)msg->data;
-	char *e = (void *)(long)msg->data_end;
-	if (d + OBI_TP_HDR_LEN > e)
-		return -1;
-	__builtin_memcpy(d, in->hdr, OBI_TP_HDR_LEN);
+		client_action(c->prog_ctx, sc, st);
 	return 0;
 }
 
@@ -542,19 +557,10 @@ static __always_inline void sk_msg_parse(struct sk_msg_md *msg, struct http_stat
 		st->phase = PH_LOST; /* out of rounds: stop rather than guess */
 		count(OBI_CNT_PARSE_LOST);
 	}
-	if (p->cur)
-		st->bits |= HS_INJECTED; /* headers continue in a later write */
-
-	/* Last insertion first, so that earlier offsets stay valid. */
-#pragma unroll
-	for (int k = MAX_INS - 1; k >= 0; k--) {
-		if ((__u32)k >= p->nins || !sc->ins[k].ok)
-			continue;
-		if (insert_header(msg, &sc->ins[k]))
-			count(OBI_CNT_INSERT_FAILED);
-		else
-			count(OBI_CNT_HEADERS_INSERTED);
-	}
+	/* The headers continue in a later write: insert now (an application's own traceparent
+	 * in that later write would make two; README, Limitations). */
+	if (p->cur && st->phase != PH_LOST && insert_pending(msg, sc) == 0)
+		st->bits |= HS_INJECTED;
 	if (have_seq)
 		send_note(msg, st, seq);
 }

@@ -68,6 +68,7 @@ static __always_inline void server_req_done(struct scratch *sc, struct http_stat
 	new_span_id(st->span_id);
 	st->bits |= HS_READY;
 	st->serial++;
+	head_push(st, st);
 	count(OBI_CNT_SERVER_REQS);
 	event_fill(&sc->ev, OBI_EV_SERVER_SPAN, st, &sc->pc.t, 0);
 	sc->ev.flags = flags;
@@ -115,10 +116,16 @@ static __always_inline void seg_action(struct scratch *sc, struct http_state *st
 	}
 	if (p->act != ACT_LINE0_END || st->status < 200) /* 1xx: the final response follows */
 		return;
-	if (st->role == OBI_ROLE_SERVER)
-		server_resp(&p->t, st, bpf_map_lookup_elem(&ingress_conns, &p->t));
-	else
+	if (st->role == OBI_ROLE_SERVER) {
+		struct http_state *in = bpf_map_lookup_elem(&ingress_conns, &p->t);
+		if (in && head_pop(in))
+			st->bits |= HS_NOBODY;
+		server_resp(&p->t, st, in);
+	} else {
+		if (head_pop(st))
+			st->bits |= HS_NOBODY;
 		span_close(&p->t, st, st, OBI_EV_CLIENT_SPAN, OBI_EV_CLIENT_RESP, 0);
+	}
 }
 
 /* bpf_loop callback, both directions: one window or one action. */

@@ -72,6 +72,11 @@ METRICS: tuple[Metric, ...] = (
     Metric("obi_headers_inserted_total", ("headers_inserted",), "Traceparent headers written into outgoing HTTP requests."),
     Metric("obi_tcp_options_written_total", ("tcp_options_written", "tcpopt_written"),
            "TCP segments tagged with the trace context option (kind 25)."),
+    Metric("obi_requests_evicted_total", ("requests_evicted",),
+           "Requests dropped while waiting for their response (too many open, or none for 5 minutes): no span."),
+    Metric("obi_selection_map_full_total", ("selection_map_full",),
+           "Processes or ports left uninstrumented at a process scan because the kernel path's "
+           "selected_tgids or server_ports map was full (counted at every scan while it lasts)."),
 )
 
 

@@ -17,7 +17,6 @@
 #include "obi_abi.h"
 
 #define WIN 1024 /* window size; a power of two (index masking) */
-#define MAX_INS 4 /* header insertions per sk_msg message (pipelined requests) */
 #define MAX_ROUNDS 256 /* windows + actions per message; beyond: give the connection up */
 
 /* http_state.phase */
@@ -51,6 +50,8 @@ enum { ACT_NONE = 0, ACT_MSG_START, ACT_LINE0_END, ACT_HDRS_END, ACT_LOST };
 #define HS_TP_VALID (1u << 8)
 #define HS_OPT_PENDING (1u << 9) /* egress TLS: the next data segment carries TCP option kind 25 */
 #define HS_TCPOPT (1u << 10)     /* ingress TLS: the open request's ids came from kind 25 */
+#define HS_NOBODY (1u << 11)     /* response to a HEAD request: no body, whatever the headers say */
+#define HS_HAS_TE (1u << 12)     /* a Transfer-Encoding header was seen */
 
 /* candidate header names (bit k of hmask) */
 #define H_CL 1
@@ -68,6 +69,9 @@ struct http_state {
 	__u64 start_ns;  /* time the current message started */
 	__u64 server_tid; /* server connections: pid_tgid of the thread that read the current
 			   * request (thread hook), the thread of the server span */
+	__u64 head_ring;  /* requests of this connection whose response is still to come:
+			   * bit (n & 63) of request n is set if it was HEAD (its response has
+			   * no body). Kept in the ingress_conns entry (see head_push) */
 	__u32 phase;
 	__u32 role;      /* OBI_ROLE_* of the instrumented process on this connection */
 	__u32 bits;      /* HS_* */
@@ -83,7 +87,10 @@ struct http_state {
 	__u32 serial;    /* requests seen on this connection */
 	__u32 queued;    /* requests of this connection sent as *_REQ events whose response is
 			  * not seen yet (kept in the connection's ingress_conns state) */
-	__u32 _pad2;
+	__u8 head_w;     /* head_ring: requests recorded */
+	__u8 head_r;     /* head_ring: final responses seen */
+	__u8 last_h;     /* H_* of the previous header line (an obs-fold continues it) */
+	__u8 _pad2;
 	__u16 tp_count;
 	__u16 ts_count;
 	__u16 tp_len;    /* significant length of the first traceparent value */
@@ -119,11 +126,13 @@ struct thread_ctx {
 	__u8 _pad0[7];
 };
 
-/* One pending header insertion of an sk_msg message. */
+/* The header insertion pending for the request being written (sk_msg): decided at the end
+ * of its headers (none if the application wrote its own traceparent), or at the end of the
+ * message when the headers continue in a later write. */
 struct ins {
-	__u32 off; /* message offset (before any insertion) right after the request line */
-	__u32 ok;  /* still wanted (no traceparent found in the same request) */
-	char hdr[72]; /* "Traceparent: 00-...-..-..\r\n", OBI_TP_HDR_LEN bytes used */
+	__u32 off; /* message offset of the request line's LF (see tp_format) */
+	__u32 _pad0;
+	char hdr[72]; /* OBI_TP_HDR_LEN bytes used (tp_format) */
 };
 
 /* Cursor of the message being parsed. Kept in the per-CPU scratch map, not on the stack:
@@ -136,8 +145,8 @@ struct pcur {
 	__u32 win_len; /* bytes valid in buf */
 	__u32 act;     /* ACT_* to handle */
 	__u32 act_pos; /* message offset right after the byte that raised act */
-	__u32 nins;    /* sk_msg: insertions recorded in ins[] */
-	__u32 cur;     /* sk_msg: 1 + index in ins[] of the request whose headers are open */
+	__u32 pushed;  /* sk_msg: bytes inserted into this message so far */
+	__u32 cur;     /* sk_msg: 1 while an insertion (ins) is pending */
 	__u64 pid_tgid;
 	struct obi_tuple t; /* the connection, seen from this host */
 };
@@ -147,7 +156,7 @@ struct scratch {
 	struct pcur pc;
 	__u8 buf[2 * WIN]; /* WIN used; sized so that a 0x7ff-masked length is in bounds */
 	struct http_state init; /* zeroed template for new map entries */
-	struct ins ins[MAX_INS];
+	struct ins ins;
 	struct obi_event ev; /* a request's event being built for open_spans */
 };
 
@@ -172,6 +181,70 @@ const volatile char name_ts[32] = "tracestate";
 const volatile char name_host[32] = "host";
 const volatile char word_chunked[8] = "chunked";
 
+/* Is the method token a registered HTTP method (IANA HTTP Method Registry, without PRI, the
+ * HTTP/2 preface)? `m`: its last 8 characters packed big-endian (all of it when it has 8 or
+ * fewer), `len`: its length. A text protocol whose first line happens to end in " HTTP/1.1"
+ * ("USER bob HTTP/1.1" on an FTP control connection) is then not taken for HTTP. The same
+ * list is fallback/http.py's HTTP_METHODS (a unit test compares them). */
+static __always_inline int http_method(__u64 m, __u32 len)
+{
+	switch (len) {
+	case 3:
+		return m == 0x41434cULL /* ACL */ ||
+		       m == 0x474554ULL /* GET */ ||
+		       m == 0x505554ULL /* PUT */;
+	case 4:
+		return m == 0x42494e44ULL /* BIND */ ||
+		       m == 0x434f5059ULL /* COPY */ ||
+		       m == 0x48454144ULL /* HEAD */ ||
+		       m == 0x4c494e4bULL /* LINK */ ||
+		       m == 0x4c4f434bULL /* LOCK */ ||
+		       m == 0x4d4f5645ULL /* MOVE */ ||
+		       m == 0x504f5354ULL /* POST */;
+	case 5:
+		return m == 0x4c4142454cULL /* LABEL */ ||
+		       m == 0x4d45524745ULL /* MERGE */ ||
+		       m == 0x4d4b434f4cULL /* MKCOL */ ||
+		       m == 0x5041544348ULL /* PATCH */ ||
+		       m == 0x5155455259ULL /* QUERY */ ||
+		       m == 0x5452414345ULL /* TRACE */;
+	case 6:
+		return m == 0x44454c455445ULL /* DELETE */ ||
+		       m == 0x524542494e44ULL /* REBIND */ ||
+		       m == 0x5245504f5254ULL /* REPORT */ ||
+		       m == 0x534541524348ULL /* SEARCH */ ||
+		       m == 0x554e42494e44ULL /* UNBIND */ ||
+		       m == 0x554e4c494e4bULL /* UNLINK */ ||
+		       m == 0x554e4c4f434bULL /* UNLOCK */ ||
+		       m == 0x555044415445ULL /* UPDATE */;
+	case 7:
+		return m == 0x434845434b494eULL /* CHECKIN */ ||
+		       m == 0x434f4e4e454354ULL /* CONNECT */ ||
+		       m == 0x4f5054494f4e53ULL /* OPTIONS */;
+	case 8:
+		return m == 0x434845434b4f5554ULL /* CHECKOUT */ ||
+		       m == 0x50524f5046494e44ULL /* PROPFIND */;
+	case 9:
+		return m == 0x524f505041544348ULL /* PROPPATCH */;
+	case 10:
+		return m == 0x4143544956495459ULL /* MKACTIVITY */ ||
+		       m == 0x43414c454e444152ULL /* MKCALENDAR */ ||
+		       m == 0x4445525041544348ULL /* ORDERPATCH */ ||
+		       m == 0x434845434b4f5554ULL /* UNCHECKOUT */;
+	case 11:
+		return m == 0x4f524b5350414345ULL /* MKWORKSPACE */;
+	case 13:
+		return m == 0x4952454354524546ULL /* MKREDIRECTREF */;
+	case 15:
+		return m == 0x2d434f4e54524f4cULL /* VERSION-CONTROL */;
+	case 16:
+		return m == 0x2d434f4e54524f4cULL /* BASELINE-CONTROL */;
+	case 17:
+		return m == 0x4952454354524546ULL /* UPDATEREDIRECTREF */;
+	}
+	return 0;
+}
+
 /* Clear the per-message fields before a message starts. */
 static __always_inline void msg_reset(struct http_state *st)
 {
@@ -193,6 +266,7 @@ static __always_inline void msg_reset(struct http_state *st)
 	st->host_count = 0;
 	st->host_len = 0;
 	st->status = 0;
+	st->last_h = 0;
 }
 
 static __always_inline void line_reset(struct http_state *st)
@@ -232,10 +306,14 @@ static __always_inline void headers_end(struct http_state *st)
 			st->phase = PH_LOST;
 			return;
 		}
-		if ((status >= 100 && status < 200) || status == 204 || status == 304) {
+		if ((status >= 100 && status < 200) || status == 204 || status == 304 || (st->bits & HS_NOBODY)) {
 			st->phase = PH_IDLE;
 			return;
 		}
+	}
+	if ((st->bits & (HS_HAS_TE | HS_CHUNKED)) == HS_HAS_TE) {
+		st->phase = PH_LOST; /* a transfer coding we do not frame (RFC 9112 6.3) */
+		return;
 	}
 	if (st->bits & HS_CHUNKED) {
 		st->phase = PH_CHUNK_SZ;
@@ -285,16 +363,17 @@ static __always_inline __u32 byte_line0(struct http_state *st, __u8 ch)
 		st->line[st->line_cap & 127] = ch; /* mask for the verifier; line_cap < 96 */
 		st->line_cap++;
 	}
-	st->last8 = (st->last8 << 8) | ch;
 	if (!(st->bits & (HS_RESP | HS_METHOD_DONE))) {
+		/* last8 holds the method so far */
 		if (ch == ' ') {
-			if (st->line_len == 0)
+			if (!http_method(st->last8, st->line_len))
 				return set_lost(st);
 			st->bits |= HS_METHOD_DONE;
-		} else if (!((ch >= 'A' && ch <= 'Z') || ch == '-' || ch == '_') || st->line_len > 24) {
+		} else if (!((ch >= 'A' && ch <= 'Z') || ch == '-') || st->line_len >= 17) {
 			return set_lost(st);
 		}
 	}
+	st->last8 = (st->last8 << 8) | ch;
 	if (st->line_len < 0xffff)
 		st->line_len++;
 	return ACT_NONE;
@@ -307,17 +386,27 @@ static __always_inline __u32 byte_hdrs(struct http_state *st, __u8 ch)
 			headers_end(st);
 			return ACT_HDRS_END;
 		}
+		if (st->hcur == H_CL && st->vlen == 0)
+			return set_lost(st); /* Content-Length with no value */
 		if (st->hcur == H_TP && st->tp_count == 1)
 			st->tp_len = st->vend > 0xffff ? 0xffff : st->vend;
 		if (st->hcur == H_TS && st->ts_count == 1)
 			st->ts_len = st->vend > OBI_TRACESTATE_MAX ? OBI_TRACESTATE_MAX : st->vend;
 		if (st->hcur == H_HOST && st->host_count == 1)
 			st->host_len = st->vend > OBI_HOST_MAX ? 0 : st->vend; /* cut would be wrong: drop */
+		st->last_h = st->hcur;
 		line_reset(st);
 		return ACT_NONE;
 	}
 	if (ch == '\r')
 		return ACT_NONE;
+	if (st->line_len == 0 && (ch == ' ' || ch == '\t')) {
+		/* obs-fold: this line continues the previous header's value. A framing header
+		 * whose value we cannot read whole makes the stream unframeable: give it up. */
+		if (st->last_h & (H_CL | H_TE))
+			return set_lost(st);
+		st->hmask = 0; /* not a header name: ignore the line */
+	}
 	__u8 lc = lower(ch);
 	if (!st->hcur && st->hmask) {
 		/* in the name (hcur==0 after ':' means another header: nothing to do) */
@@ -344,6 +433,8 @@ static __always_inline __u32 byte_hdrs(struct http_state *st, __u8 ch)
 				st->bits |= HS_HAS_CL; /* a repeated Content-Length restarts the value */
 				st->cl = 0;
 			}
+			if (st->hcur == H_TE)
+				st->bits |= HS_HAS_TE;
 		} else {
 			__u32 idx = st->line_len;
 			name_match(st, H_CL, name_cl, NAME_CL_LEN, idx, lc);
@@ -360,7 +451,8 @@ static __always_inline __u32 byte_hdrs(struct http_state *st, __u8 ch)
 		switch (st->hcur) {
 		case H_CL:
 			if (ch >= '0' && ch <= '9') {
-				if (st->cl > (1ULL << 50))
+				/* digits after OWS inside the value ("1 2"), or too many */
+				if (st->vend != v || st->cl > (1ULL << 50))
 					return set_lost(st);
 				st->cl = st->cl * 10 + (ch - '0');
 			} else if (!ows) {
@@ -647,26 +739,60 @@ __attribute__((noinline)) int tp_parse(struct http_state *st)
 
 const volatile char hexdigits[16] = "0123456789abcdef";
 
-/* "Traceparent: 00-<trace>-<span>-<flags>\r\n" (OBI_TP_HDR_LEN bytes) into out. */
+/* The inserted header, OBI_TP_HDR_LEN bytes, written to go in front of the request line's
+ * LF: "\nTraceparent: 00-<trace>-<span>-<flags>\r". With the LF that follows, the stream
+ * reads "<request line>\r\nTraceparent: ...\r\n" (or, after a bare-LF request line,
+ * "<request line>\nTraceparent: ...\r\n"): the same bytes as a header inserted after the
+ * line, but the insertion point is inside the message even when the request line is all
+ * the application wrote so far (bpf_msg_push_data at the very end of a message fails with
+ * -EINVAL on kernels before late 2024). */
 static __always_inline void tp_format(char *out, const __u8 *trace_id, const __u8 *span_id, __u8 flags)
 {
-	__builtin_memcpy(out, "Traceparent: 00-", 16);
+	__builtin_memcpy(out, "\nTraceparent: 00-", 17);
 #pragma unroll
 	for (int i = 0; i < 16; i++) {
-		out[16 + 2 * i] = hexdigits[trace_id[i] >> 4];
-		out[17 + 2 * i] = hexdigits[trace_id[i] & 0xf];
+		out[17 + 2 * i] = hexdigits[trace_id[i] >> 4];
+		out[18 + 2 * i] = hexdigits[trace_id[i] & 0xf];
 	}
-	out[48] = '-';
+	out[49] = '-';
 #pragma unroll
 	for (int i = 0; i < 8; i++) {
-		out[49 + 2 * i] = hexdigits[span_id[i] >> 4];
-		out[50 + 2 * i] = hexdigits[span_id[i] & 0xf];
+		out[50 + 2 * i] = hexdigits[span_id[i] >> 4];
+		out[51 + 2 * i] = hexdigits[span_id[i] & 0xf];
 	}
-	out[65] = '-';
-	out[66] = hexdigits[flags >> 4];
-	out[67] = hexdigits[flags & 0xf];
-	out[68] = '\r';
-	out[69] = '\n';
+	out[66] = '-';
+	out[67] = hexdigits[flags >> 4];
+	out[68] = hexdigits[flags & 0xf];
+	out[69] = '\r';
+}
+
+/* --- HEAD requests: their responses have no body ----------------------------------------
+ * The request direction records, per request, whether it was HEAD in head_ring of the
+ * connection's ingress_conns entry (client connections: sk_msg, at the end of the request's
+ * headers; server connections: tc ingress); the response direction takes the next bit at
+ * each final status line (tc ingress / tc egress) and, for HEAD, frames no body. */
+
+static __always_inline void head_push(struct http_state *conn, const struct http_state *req)
+{
+	__u64 bit = 1ULL << (conn->head_w & 63);
+
+	if (req->line_cap >= 5 && req->line[0] == 'H' && req->line[1] == 'E' && req->line[2] == 'A' &&
+	    req->line[3] == 'D' && req->line[4] == ' ')
+		conn->head_ring |= bit;
+	else
+		conn->head_ring &= ~bit;
+	conn->head_w++;
+}
+
+/* At a final response's status line: was its request HEAD? (0 when no request was
+ * recorded, e.g. a connection joined mid-stream.) */
+static __always_inline int head_pop(struct http_state *conn)
+{
+	if (conn->head_r == conn->head_w)
+		return 0;
+	int head = (conn->head_ring >> (conn->head_r & 63)) & 1;
+	conn->head_r++;
+	return head;
 }
 
 #endif

@@ -40,6 +40,7 @@ have no TCP-option callbacks (sockops sets them at establishment).
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import struct
@@ -115,6 +116,8 @@ class KernelDatapath:
         self._selected: set[int] = set()
         self._ports: set[int] = set()
         self._scan_lock = threading.Lock()
+        self._map_full: dict[str, int] = {}  # what -> entries that did not fit at the last scan
+        self.selection_map_full = 0
         self.correlator = Correlator(sink, exe_of=lambda pid: self._exes.get(pid, ""))
         self.started = False
         # What _adopt did with the connections that existed at start (ADOPT_CODES values).
@@ -267,18 +270,38 @@ class KernelDatapath:
             eg = self._objs.get("egress")
             if eg is None:
                 return
-            self._sync(eg.map("selected_tgids"), self._selected, tgids)
-            self._sync(eg.map("server_ports"), self._ports, ports)
-            self._selected, self._ports = tgids, ports
+            self._selected = self._sync(eg.map("selected_tgids"), self._selected, tgids, "processes")
+            self._ports = self._sync(eg.map("server_ports"), self._ports, ports, "ports")
             self._exes = exes
 
-    @staticmethod
-    def _sync(m: libbpf.Map, old: Iterable[int], new: set[int]) -> None:
+    def _sync(self, m: libbpf.Map, old: Iterable[int], new: set[int], what: str) -> set[int]:
+        """Make map `m` hold `new` (it holds `old`); returns what it holds after. A full map
+        (E2BIG) keeps what fits: the rest stays uninstrumented, counted in
+        selection_map_full at every scan, logged when it starts and when it ends."""
         one = struct.pack("=I", 1)
-        for k in set(old) - new:
+        held = set(old)
+        for k in held - new:
             m.delete(struct.pack("=I", k))
-        for k in new - set(old):
-            m.update(struct.pack("=I", k), one)
+            held.discard(k)
+        refused = 0
+        for k in sorted(new - held):
+            try:
+                m.update(struct.pack("=I", k), one)
+            except BpfError as e:
+                if e.errno != errno.E2BIG:
+                    raise
+                refused = len(new - held)
+                break
+            held.add(k)
+        was = self._map_full.get(what, 0)
+        if refused and not was:
+            log.warning("%s map full (%d entries): %d %s not instrumented until some go away",
+                        m.name, m.max_entries, refused, what)
+        elif was and not refused:
+            log.info("%s map has room again: every selected %s instrumented", m.name, what)
+        self._map_full[what] = refused
+        self.selection_map_full += refused
+        return held
 
     @property
     def selected_pids(self) -> set[int]:
@@ -306,6 +329,7 @@ class KernelDatapath:
                 time.sleep(0.1)
             if time.monotonic() - last_sync > 60:
                 self.correlator.resync_clock()
+                self.correlator.expire()
                 last_sync = time.monotonic()
 
     # -- stats
@@ -325,6 +349,8 @@ class KernelDatapath:
         out = self.counters()
         out["spans"] = self.correlator.spans
         out["unmatched_responses"] = self.correlator.unmatched_responses
+        out["requests_evicted"] = self.correlator.evicted + self.correlator.dropped_requests
+        out["selection_map_full"] = self.selection_map_full
         out["selected_processes"] = len(self._selected)
         out["ring_callback_errors"] = self._ring.errors if self._ring else 0
         return out

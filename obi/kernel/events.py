@@ -41,8 +41,13 @@ from .abi import (
 log = logging.getLogger("obi.kernel.events")
 
 SpanSink = Callable[[SpanRecord], None]
-MAX_OPEN_PER_CONN = 64
-_SERVER_SPAN, _CLIENT_SPAN = int(EventKind.SERVER_SPAN), int(EventKind.CLIENT_SPAN)  # plain ints: hot path  # open requests kept per connection (pipelining depth)
+MAX_OPEN_PER_CONN = 64  # open requests kept per connection (pipelining depth)
+# Requests whose response has not come (all connections), and how long one is kept: a
+# connection that ended without a response (or a spoofed request and FIN) must not hold
+# memory until the agent stops. Beyond either bound the oldest go, counted in `evicted`.
+MAX_OPEN_REQUESTS = 16384
+MAX_OPEN_AGE_S = 300.0
+_SERVER_SPAN, _CLIENT_SPAN = int(EventKind.SERVER_SPAN), int(EventKind.CLIENT_SPAN)  # plain ints: hot path
 
 
 def monotonic_to_epoch_offset() -> int:
@@ -68,16 +73,24 @@ def split_request_line(line: bytes) -> tuple[str, str]:
 class Correlator:
     """Pairs request and response events per connection and emits finished spans."""
 
-    def __init__(self, sink: SpanSink, exe_of: Callable[[int], str] | None = None):
+    def __init__(self, sink: SpanSink, exe_of: Callable[[int], str] | None = None,
+                 max_open: int = MAX_OPEN_REQUESTS, max_age_s: float = MAX_OPEN_AGE_S,
+                 clock: Callable[[], float] = time.monotonic):
         self._sink = sink
         self._exe_of = exe_of or (lambda pid: "")
         self._offset = monotonic_to_epoch_offset()
         self._lock = threading.Lock()
         self._server: dict[Tuple, collections.deque[Event]] = collections.defaultdict(collections.deque)
         self._client: dict[Tuple, collections.deque[Event]] = collections.defaultdict(collections.deque)
+        # (table, tuple) of every connection with open requests, least recently added to
+        # first, with the time of its last request: what eviction takes first.
+        self._recent: collections.OrderedDict[tuple[int, Tuple], float] = collections.OrderedDict()
+        self._open = 0
+        self._max_open, self._max_age_s, self._clock = max_open, max_age_s, clock
         self.spans = 0
         self.unmatched_responses = 0
         self.dropped_requests = 0
+        self.evicted = 0  # open requests dropped by the bounds above (no span)
 
     def resync_clock(self) -> None:
         self._offset = monotonic_to_epoch_offset()
@@ -98,25 +111,60 @@ class Correlator:
             return
         with self._lock:
             if ev.kind in (EventKind.SERVER_REQ, EventKind.CLIENT_REQ):
-                table = self._server if ev.kind == EventKind.SERVER_REQ else self._client
+                server = ev.kind == EventKind.SERVER_REQ
+                table = self._server if server else self._client
                 q = table[ev.tuple]
                 if len(q) >= MAX_OPEN_PER_CONN:
                     q.popleft()
                     self.dropped_requests += 1
+                    self._open -= 1
                 q.append(ev)
+                self._open += 1
+                key = (int(server), ev.tuple)
+                self._recent[key] = self._clock()
+                self._recent.move_to_end(key)
+                if self._open > self._max_open:
+                    self._evict_oldest()
                 return
-            table = self._server if ev.kind == EventKind.SERVER_RESP else self._client
+            server = ev.kind == EventKind.SERVER_RESP
+            table = self._server if server else self._client
             q = table.get(ev.tuple)
             if not q:
                 self.unmatched_responses += 1
                 return
             req = q.popleft()
+            self._open -= 1
             if not q:
                 del table[ev.tuple]
+                self._recent.pop((int(server), ev.tuple), None)
         if ev.kind == EventKind.SERVER_RESP:
             self._emit(self.server_span(req, ev.ts_ns, ev.status, ev.pid_tgid))
         else:
             self._emit(self.client_span(req, ev.ts_ns, ev.status))
+
+    def _evict_oldest(self) -> None:
+        """Drop the open requests of the connection least recently added to (lock held)."""
+        (server, t), _ = self._recent.popitem(last=False)
+        q = (self._server if server else self._client).pop(t, None) or ()
+        self._open -= len(q)
+        self.evicted += len(q)
+
+    def expire(self) -> int:
+        """Drop the open requests of connections with no new request for max_age_s (called
+        periodically by the datapath). Returns how many went."""
+        before = self.evicted
+        limit = self._clock() - self._max_age_s
+        with self._lock:
+            while self._recent:
+                key, last = next(iter(self._recent.items()))
+                if last > limit:
+                    break
+                self._evict_oldest()
+        return self.evicted - before
+
+    @property
+    def open_requests(self) -> int:
+        return self._open
 
     def flush(self) -> None:
         """Emit spans for requests still open (status 0, zero duration): at stop."""
@@ -125,6 +173,8 @@ class Correlator:
             pending += [(SpanKind.CLIENT, e) for q in self._client.values() for e in q]
             self._server.clear()
             self._client.clear()
+            self._recent.clear()
+            self._open = 0
         for kind, req in pending:
             if kind == SpanKind.SERVER:
                 self._emit(self.server_span(req, req.ts_ns, 0, 0))

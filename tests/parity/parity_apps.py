@@ -1,9 +1,11 @@
 """Helper programs the parity suite runs inside its namespaces (`python3 parity_apps.py CMD`).
 
 - `recorder --port P`: the wire witness on C. A connection whose first line is an HTTP/1.x
-  request line is answered, request by request (keep-alive), with `200` and a body that is
-  exactly the bytes of that request as C's socket received them (head and body). Anything
-  else (random bytes, an HTTP/2 preface) is read to EOF and echoed back unchanged.
+  request line (a registered method) is answered, request by request (keep-alive), with
+  `200` and a body that is exactly the bytes of that request as C's socket received them
+  (head and body); a HEAD request gets the same head with its Content-Length and no body.
+  Anything else (random bytes, an HTTP/2 preface, a text protocol) is read to EOF and
+  echoed back unchanged.
 - `driver --listen P`: a client inside B. It listens on a watched port, which makes it a
   selected process, so the agent instruments the requests it sends. It reads one JSON job
   per stdin line and prints one JSON answer per line (see `Driver.run_job`).
@@ -21,7 +23,9 @@ import socket
 import socketserver
 import sys
 
-REQUEST_LINE = re.compile(rb"^[A-Z]{3,10} \S+ HTTP/1\.[01]\r\n")
+from obi.fallback.http import HTTP_METHODS  # noqa: E402
+
+REQUEST_LINE = re.compile(rb"^(?:" + b"|".join(m.encode() for m in HTTP_METHODS) + rb") \S+ HTTP/1\.[01]\r\n")
 
 
 def pattern(n: int) -> bytes:
@@ -64,18 +68,23 @@ class _Conn:
 
 
 def _header(head: bytes, name: bytes) -> bytes | None:
-    for line in head.split(b"\r\n")[1:]:
+    # obs-fold lines (starting with SP or HTAB) continue the previous value (RFC 9112 5.2)
+    unfolded = re.sub(rb"\r\n[ \t]+", b" ", head)
+    for line in unfolded.split(b"\r\n")[1:]:
         k, _, v = line.partition(b":")
         if k.strip().lower() == name:
             return v.strip()
     return None
 
 
-def read_message(conn: _Conn) -> bytes | None:
-    """One HTTP/1.x message (request or response) exactly as received, or None at EOF."""
+def read_message(conn: _Conn, no_body: bool = False) -> bytes | None:
+    """One HTTP/1.x message (request or response) exactly as received, or None at EOF.
+    no_body: a response to HEAD (its Content-Length describes a body that is not sent)."""
     head = conn.until(b"\r\n\r\n")
     if head is None:
         return None
+    if no_body:
+        return head
     if (_header(head, b"transfer-encoding") or b"").lower() == b"chunked":
         body = b""
         while True:
@@ -115,7 +124,7 @@ class _Recorder(socketserver.BaseRequestHandler):
                 return
             head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
                     b"Content-Length: %d\r\n\r\n" % len(raw))
-            self.request.sendall(head + raw)
+            self.request.sendall(head if raw.startswith(b"HEAD ") else head + raw)
 
 
 class _ThreadingServer(socketserver.ThreadingTCPServer):
@@ -152,11 +161,13 @@ class Driver:
             for piece in job["pieces_b64"]:  # several writes when asked to
                 conn.sock.sendall(base64.b64decode(piece))
             answers = []
+            head_req = base64.b64decode(job["pieces_b64"][0]).startswith(b"HEAD ")
             for _ in range(job.get("responses", 1)):  # several when the requests were pipelined
-                resp = read_message(conn)
+                resp = read_message(conn, no_body=head_req)
                 assert resp is not None, "connection closed before a response"
                 head, _, body = resp.partition(b"\r\n\r\n")
-                answers.append({"status": int(head.split(b" ")[1]), "body_b64": base64.b64encode(body).decode()})
+                answers.append({"status": int(head.split(b" ")[1]), "body_b64": base64.b64encode(body).decode(),
+                                "head_b64": base64.b64encode(head).decode()})
             return answers[0] if len(answers) == 1 else {"answers": answers}
         if op == "raw":
             # Fresh connection, send, half-close, read to EOF.

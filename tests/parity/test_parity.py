@@ -225,6 +225,70 @@ def test_pipelined_requests_each_get_a_header(env: Env):
     assert len(ids) == 2, "both pipelined requests got the same trace id"
 
 
+def test_request_line_written_alone_gets_its_header(env: Env):
+    """The application writes the request line by itself, then the rest: the header goes
+    right after the line all the same (the kernel path inserts in front of the line's LF,
+    inside that first write: a push at the very end of a message fails on older kernels)."""
+    tag = secrets.token_hex(4)
+    sent = request_bytes(f"/alone/{tag}", [("X-A", "1")], body=b"z" * 50, method="POST")
+    line_end = sent.index(b"\r\n") + 2
+    mark_b = env.agents["b"].mark()
+    out = env.driver.run({"op": "raw_http", "addr": env.hosts[2].addr, "port": RAW_PORT, "new_conn": True,
+                          "pieces_b64": [base64.b64encode(sent[:line_end]).decode(),
+                                         base64.b64encode(sent[line_end:]).decode()]})
+    assert out["status"] == 200
+    inserted = split_inserted(sent, base64.b64decode(out["body_b64"]))
+    ctx = parse_traceparent(inserted[13:-2])
+    client = env.agents["b"].wait(lambda s: s["kind"] == "CLIENT" and s["span_id"] == ctx.span_id, since=mark_b)
+    assert len(client) == 1 and client[0]["attributes"]["url.path"] == f"/alone/{tag}", env.logs()
+
+
+def test_head_response_with_a_length_has_no_body(env: Env):
+    """A HEAD response carries Content-Length: N but no body; the next response on the
+    connection must not be taken for that body (client side on B, server side on C)."""
+    tag = secrets.token_hex(4)
+    mark_b, mark_c = env.agents["b"].mark(), env.agents["c"].mark()
+    head_req = request_bytes(f"/head/{tag}")
+    head_req = b"HEAD" + head_req[3:]
+    out = env.driver.run({"op": "raw_http", "addr": env.hosts[2].addr, "port": RAW_PORT, "new_conn": True,
+                          "pieces_b64": [base64.b64encode(head_req).decode()]})
+    assert out["status"] == 200 and b"Content-Length: " in base64.b64decode(out["head_b64"])
+    after = request_bytes(f"/after-head/{tag}")
+    split_inserted(after, raw_request(env, after, new_conn=False))  # same connection
+    paths = {f"/head/{tag}", f"/after-head/{tag}"}
+    b = env.agents["b"].wait(lambda s: s["kind"] == "CLIENT" and _path(s) in paths, n=2, since=mark_b)
+    c = env.agents["c"].wait(lambda s: s["kind"] == "SERVER" and _path(s) in paths, n=2, since=mark_c)
+    for side, spans in (("B CLIENT", b), ("C SERVER", c)):
+        assert {_path(s): s["attributes"].get("http.response.status_code") for s in spans} == \
+            {p: 200 for p in paths}, f"{side}: {spans}\n{env.logs()}"
+
+
+def test_folded_content_length_never_gets_a_header_into_the_body(env: Env):
+    """Content-Length on an obs-fold line: a parser that reads it as 0 takes the body for
+    the next request and writes a header into it. Both datapaths give the connection up:
+    the body, and the requests after it, arrive byte for byte."""
+    tag = secrets.token_hex(4)
+    body = f"GET /inner/{tag} HTTP/1.1\r\nHost: c\r\n\r\n".encode()
+    sent = (f"POST /fold/{tag} HTTP/1.1\r\nHost: c\r\nContent-Length:\r\n {len(body)}\r\n\r\n").encode() + body
+    got = raw_request(env, sent)
+    line_end = sent.index(b"\r\n") + 2
+    if got != sent:  # the header may go after the request line, never anywhere else
+        assert got[:line_end] + got[line_end + HEADER_LEN:] == sent, got
+        assert got[line_end:line_end + HEADER_LEN].startswith(b"Traceparent: ")
+    assert got.endswith(body)
+    nxt = request_bytes(f"/after-fold/{tag}", [("X-N", "1")])
+    assert raw_request(env, nxt, new_conn=False) == nxt  # the connection was given up: untouched
+
+
+def test_text_protocol_line_ending_in_http_version_is_left_alone(env: Env):
+    """A first line that ends in " HTTP/1.1" but starts with no HTTP method (an FTP-like
+    control connection) is not HTTP: nothing inserted, no span."""
+    data = b"USER bob HTTP/1.1\r\nPASS secret HTTP/1.1\r\nRETR file HTTP/1.1\r\n\r\nQUIT\r\n"
+    mark_b, mark_c = env.agents["b"].mark(), env.agents["c"].mark()
+    assert raw_roundtrip(env, data) == data
+    assert _spans_on_raw_port(env, mark_b, mark_c) == []
+
+
 NOT_SELECTED = """
 import base64, socket, sys
 sock = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)

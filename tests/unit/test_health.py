@@ -60,7 +60,7 @@ def parse_exposition(text: str) -> dict[str, dict[str, Any]]:
 COUNTERS = {
     "exported": 12, "dropped": 3, "export_errors": 2, "events_lost": 5, "packets_queued": 100,
     "packets_accepted": 98, "packets_bypassed": 2, "headers_inserted": 7, "tcp_options_written": 4,
-    "observe_dropped": 6, "observe_shed": 1,
+    "observe_dropped": 6, "observe_shed": 1, "requests_evicted": 9, "selection_map_full": 3,
 }
 
 
@@ -72,6 +72,7 @@ def test_exposition_is_valid_and_complete() -> None:
         "obi_packets_accepted_total": 98, "obi_packets_bypassed_total": 2,
         "obi_headers_inserted_total": 7, "obi_tcp_options_written_total": 4,
         "obi_packets_unparsed_total": 7,  # both userspace counters of copies not parsed
+        "obi_requests_evicted_total": 9, "obi_selection_map_full_total": 3,
     }
     for name, value in expected.items():
         assert fams[name]["type"] == "counter"
