@@ -277,7 +277,7 @@ Key = tuple[bytes, int, bytes, int]  # local addr, local port, peer addr, peer p
 
 
 class Journal(Protocol):
-    """Where insertions are recorded so they outlive the process (`state.Journal`)."""
+    """Where insertions are recorded so they outlive the process (`shift_journal.Journal`)."""
 
     def insertion(self, key: Key, base: int, pos: int, blob: bytes) -> None: ...
 

@@ -16,7 +16,7 @@ the mangle table, for IPv4 (iptables) and IPv6 (ip6tables):
   so a segment that grows by an inserted header still fits the path MTU;
 - once a header was inserted into a connection the agent also sets the SHIFT bit (saved
   in the connmark the same way): its packets are queued *without* --queue-bypass, because
-  untranslated they would be taken at the wrong stream offset (see `state`). With no agent
+  untranslated they would be taken at the wrong stream offset (see `shift_journal`). With no agent
   those connections stall until an agent resumes them or `cleanup` resets them.
 Every other NFQUEUE rule has --queue-bypass: with no agent reading, packets pass untouched.
 """
@@ -29,7 +29,7 @@ import shlex
 import subprocess
 from typing import Sequence
 
-from . import state
+from . import shift_journal
 
 log = logging.getLogger("obi.fallback")
 
@@ -168,7 +168,7 @@ def cleanup() -> list[str]:
     """Delete the rules of any userspace-path agent in this netns; returns what was removed.
     Connections that carried inserted headers are reset first: without an agent they could
     only stall (held by the rules) or, once the rules are gone, be corrupted."""
-    done = state.abort_journaled()
+    done = shift_journal.abort_journaled()
     for tool, args in list_ours():
         r = _run([tool, "-w", "-t", TABLE, "-D", *args[1:]])
         if r.returncode == 0:
