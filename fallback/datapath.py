@@ -29,7 +29,7 @@ from obi.errors import AttachError, MissingFeature
 
 from . import rules, shift_journal
 from .flows import INSERT_LEN, TCP_OPTION_ROOM, Tracker
-from .procs import ProcOwners
+from .socket_owners import ProcOwners
 from .queue import QueueLoop
 
 log = logging.getLogger("obi.fallback")

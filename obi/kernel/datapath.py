@@ -47,7 +47,7 @@ import threading
 import time
 from typing import Iterable
 
-from .. import procs
+from .. import discovery
 from ..config import Config
 from ..datapath import SpanSink
 from ..errors import AttachError, BpfError, MissingFeature
@@ -235,7 +235,7 @@ class KernelDatapath:
             inodes = obj.map("adopt_inodes")
             one = struct.pack("=I", 1)
             for pid in sorted(self._selected):
-                for ino in procs.socket_inodes(pid):
+                for ino in discovery.socket_inodes(pid):
                     inodes.update(struct.pack("=Q", ino), one)
             with attach.in_netns(self.netns):
                 out = obj.program(ADOPT_ITER[1]).run_iter()
@@ -295,8 +295,8 @@ class KernelDatapath:
     def scan_now(self) -> None:
         """Refresh selected_tgids / server_ports from /proc (also run periodically)."""
         with self._scan_lock:
-            ino = procs.netns_inode(self.netns or "/proc/thread-self/ns/net")
-            sel = procs.scan(self.cfg, ino)
+            ino = discovery.netns_inode(self.netns or "/proc/thread-self/ns/net")
+            sel = discovery.scan(self.cfg, ino)
             tgids, ports, exes = sel.pids, sel.ports, sel.exes
             eg = self._objs.get("egress")
             if eg is None:

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from obi.fallback.procs import MISS_REFRESH_S
+from obi.fallback.socket_owners import MISS_REFRESH_S
 from obi.netns import Topology
 
 pytestmark = pytest.mark.root
