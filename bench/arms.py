@@ -20,7 +20,7 @@ from typing import Any
 
 from obi.netns import Host
 
-from .procs import Proc, child_env
+from .child_process import Proc, child_env
 
 ARM_NAMES = ("baseline", "kernel", "userspace", "noop_nfqueue")
 ARM_TITLES = {

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from .procs import Proc
+from .child_process import Proc
 
 TRACEPARENT = b"Traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n"
 REQUEST = b"GET /api/items?id=42 HTTP/1.1\r\nHost: 198.18.0.2:8080\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"

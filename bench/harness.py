@@ -40,7 +40,7 @@ from typing import Any, Iterator
 from obi.netns import Host, Topology, have_netns_tools
 
 from .arms import ARM_NAMES, ARM_TITLES, ArmContext, ArmUnavailable, make_arm
-from .procs import REPO_ROOT, Proc, child_env
+from .child_process import REPO_ROOT, Proc, child_env
 
 PORT_SERVE = 8080  # bench.httpserver on the server
 PORT_CHAIN = 8081  # demoapp B on the server, calls C
