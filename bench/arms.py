@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from obi.netns import Host
+from obi.demo.topology import Host
 
 from .child_process import Proc, child_env
 

@@ -1,12 +1,12 @@
 """The benchmark run: topology, servers, arms interleaved over repetitions, load phases,
 measurements, then the report (bench.report) and micro-benchmarks (bench.codec_micro).
 
-Topology (obi.netns, addresses 198.18.0.0/24, MTU 1500, each host its own cgroup):
+Topology (obi.demo.topology, addresses 198.18.0.0/24, MTU 1500, each host its own cgroup):
 
     client ──▶ server :8080  bench.httpserver (asyncio, fixed 13-byte answer)
-                      :8081  obi.demoapp "B", calls backend for each request
+                      :8081  obi.demo.app "B", calls backend for each request
                       127.0.0.1:4318  bench.otlp_sink (counts the agent's spans)
-    client ──▶ server :8081 ──▶ backend :8082  obi.demoapp "C" (answers /headers)
+    client ──▶ server :8081 ──▶ backend :8082  obi.demo.app "C" (answers /headers)
 
 Per arm and repetition: start the arm in the server namespace, warm up, then the phases
   closed  wrk -c32 (closed loop)          -> requests/s, p50/p99
@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from obi.netns import Host, Topology, have_netns_tools
+from obi.demo.topology import Host, Topology, have_netns_tools
 
 from .arms import ARM_NAMES, ARM_TITLES, ArmContext, ArmUnavailable, make_arm
 from .child_process import REPO_ROOT, Proc, child_env
@@ -340,8 +340,8 @@ class Bench:
         backend_url = f"http://{self.backend.addr}:{PORT_BACKEND}"
         procs = [
             (self.server, [py, "-m", "bench.httpserver", "--port", str(PORT_SERVE)], PORT_SERVE),
-            (self.server, [py, "-m", "obi.demoapp", "serve", "--port", str(PORT_CHAIN), "--downstream", backend_url], PORT_CHAIN),
-            (self.backend, [py, "-m", "obi.demoapp", "serve", "--port", str(PORT_BACKEND)], PORT_BACKEND),
+            (self.server, [py, "-m", "obi.demo.app", "serve", "--port", str(PORT_CHAIN), "--downstream", backend_url], PORT_CHAIN),
+            (self.backend, [py, "-m", "obi.demo.app", "serve", "--port", str(PORT_BACKEND)], PORT_BACKEND),
         ]
         for host, argv, port in procs:
             Proc(argv, popen=host.popen)  # killed with the topology
@@ -609,7 +609,7 @@ def run(s: Settings) -> dict[str, Any]:
             results["topology"] = {
                 "client": bench.client.addr, "server": bench.server.addr, "backend": bench.backend.addr, "mtu": topo.mtu,
                 "serve": f"bench.httpserver (asyncio) on {bench.server.addr}:{PORT_SERVE}",
-                "chain": f"obi.demoapp B on :{PORT_CHAIN} -> obi.demoapp C on {bench.backend.addr}:{PORT_BACKEND}",
+                "chain": f"obi.demo.app B on :{PORT_CHAIN} -> obi.demo.app C on {bench.backend.addr}:{PORT_BACKEND}",
                 "otlp_sink": f"bench.otlp_sink on 127.0.0.1:{OTLP_PORT} in the server namespace",
                 "fixed_rate_generator": "bench.loadgen (open loop, Python asyncio)",
             }

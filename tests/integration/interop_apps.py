@@ -6,7 +6,7 @@ Run inside a test namespace as `python3 interop_apps.py CMD ...`:
   and one GET of URL made inside a started SDK span. Prints one JSON line:
   {"response": <the JSON answer>, "spans": [<finished SDK spans>]}.
 - `server --port P --spans FILE`: a WSGI app behind `OpenTelemetryMiddleware` on wsgiref.
-  `GET /headers` answers {"headers": [[name, value], ...]} (what obi.demoapp's /headers
+  `GET /headers` answers {"headers": [[name, value], ...]} (what obi.demo.app's /headers
   answers, so the demoapp can call it); every finished SDK span is appended to FILE as one
   JSON line.
 """

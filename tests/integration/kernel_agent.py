@@ -22,7 +22,7 @@ import pytest
 from obi import config
 from obi.errors import MissingFeature
 from obi.model import SpanKind, SpanRecord
-from obi.netns import have_netns_tools
+from obi.demo.topology import have_netns_tools
 
 # The BPF objects the kernel datapath loads (built by `make -C bpf`).
 KERNEL_OBJECTS = ("egress", "ingress", "threads", "threads_syscalls", "iter")

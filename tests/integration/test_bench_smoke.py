@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from obi.netns import have_netns_tools
+from obi.demo.topology import have_netns_tools
 
 REPO = Path(__file__).resolve().parents[2]
 ARMS = ("baseline", "kernel", "userspace", "noop_nfqueue")

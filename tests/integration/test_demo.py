@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from obi.netns import have_netns_tools
+from obi.demo.topology import have_netns_tools
 from obi.w3c import parse_traceparent
 
 pytestmark = pytest.mark.skipif(bool(have_netns_tools()), reason=have_netns_tools() or "ok")

@@ -285,8 +285,8 @@ def _run_agent_and_scrape() -> None:
     /healthz and the metrics from inside that namespace while requests flow through."""
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces and BPF")
-    from obi import demoapp
-    from obi.netns import Topology, have_netns_tools
+    from obi.demo import app as demoapp
+    from obi.demo.topology import Topology, have_netns_tools
 
     missing = have_netns_tools()
     if missing:

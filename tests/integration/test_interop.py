@@ -1,6 +1,6 @@
 """Interop with the real OpenTelemetry Python SDK, both ways, on both datapaths.
 
-    A: SDK client (requests + RequestsInstrumentor)  ──▶  B: obi.demoapp, traced by the agent
+    A: SDK client (requests + RequestsInstrumentor)  ──▶  B: obi.demo.app, traced by the agent
                                                           ──▶  C: SDK WSGI server (OpenTelemetryMiddleware)
 
 (a) the agent continues the SDK client's header: B's SERVER span has the SDK trace id and

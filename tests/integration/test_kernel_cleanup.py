@@ -21,8 +21,8 @@ import time
 
 import pytest
 
-from obi import demoapp
-from obi.netns import Topology
+from obi.demo import app as demoapp
+from obi.demo.topology import Topology
 
 pytestmark = pytest.mark.root
 

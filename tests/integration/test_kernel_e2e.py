@@ -19,8 +19,8 @@ import time
 import pytest
 
 from obi.model import SpanKind
-from obi import demoapp
-from obi.netns import Topology
+from obi.demo import app as demoapp
+from obi.demo.topology import Topology
 
 pytestmark = pytest.mark.root
 
@@ -320,7 +320,7 @@ def test_large_headers_and_large_responses(abc):
     t0 = time.monotonic()
     r = client.run({"method": "GET", "path": f"/bytes?n={big}"}, timeout=30)
     assert r["status"] == 200 and r["len"] == big
-    import obi.demoapp as demo
+    import obi.demo.app as demo
     assert r["body_sha"] == hashlib.sha256(demo.pattern_bytes(big)).hexdigest()
     assert time.monotonic() - t0 < 20
     # And B's server socket writing 10 MiB to A.

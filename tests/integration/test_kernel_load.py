@@ -21,7 +21,7 @@ import time
 import pytest
 
 from obi.model import SpanKind
-from obi.netns import Topology
+from obi.demo.topology import Topology
 
 pytestmark = pytest.mark.root
 

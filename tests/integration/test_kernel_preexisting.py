@@ -19,7 +19,7 @@ import threading
 import pytest
 
 from obi.model import SpanKind
-from obi.netns import Topology
+from obi.demo.topology import Topology
 
 pytestmark = pytest.mark.root
 

@@ -14,7 +14,7 @@ import pytest
 
 from obi import config
 from obi.model import SpanKind
-from obi.netns import Topology
+from obi.demo.topology import Topology
 
 pytestmark = pytest.mark.root
 

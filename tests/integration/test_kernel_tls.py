@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from obi.model import SpanKind
-from obi.netns import Topology
+from obi.demo.topology import Topology
 
 pytestmark = pytest.mark.root
 

@@ -27,7 +27,7 @@ import json, subprocess
 from obi import config, doctor
 from obi.kernel import probes
 from obi.kernel.datapath import KernelDatapath
-from obi.netns import Topology
+from obi.demo.topology import Topology
 for d in probes.TRACEFS_DIRS:
     subprocess.run(["umount", d], capture_output=True)
 out = {"before": probes.tracefs_mounted()}

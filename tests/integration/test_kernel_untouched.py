@@ -21,7 +21,7 @@ import time
 import pytest
 
 from obi.model import SpanKind
-from obi.netns import Topology
+from obi.demo.topology import Topology
 
 pytestmark = pytest.mark.root
 
@@ -96,7 +96,7 @@ print(json.dumps(out), flush=True)
 def test_untouched_and_pipelined(tmp_path):
     with Topology(["b", "c"], prefix="obik") as topo:
         b, c = topo["b"], topo["c"]
-        for argv in ([sys.executable, "-m", "obi.demoapp", "serve", "--port", str(HTTP_PORT)],
+        for argv in ([sys.executable, "-m", "obi.demo.app", "serve", "--port", str(HTTP_PORT)],
                      [sys.executable, "-c", ECHO]):
             p = c.popen(argv, stdout=subprocess.PIPE, text=True)
             assert "listening" in p.stdout.readline()

@@ -132,8 +132,8 @@ def test_doctor_names_a_missing_capability(dropped: str) -> None:
 
 def test_kernel_datapath_runs_without_sys_admin() -> None:
     pytest.importorskip("obi.kernel.datapath", reason="kernel datapath (obi.kernel.datapath) not written yet")
-    from obi import demoapp
-    from obi.netns import Topology, have_netns_tools
+    from obi.demo import app as demoapp
+    from obi.demo.topology import Topology, have_netns_tools
     from obi.w3c import parse_traceparent
 
     reason = have_netns_tools()

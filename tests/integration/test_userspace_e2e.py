@@ -18,7 +18,7 @@ import time
 import pytest
 
 from obi.fallback.socket_owners import MISS_REFRESH_S
-from obi.netns import Topology
+from obi.demo.topology import Topology
 
 pytestmark = pytest.mark.root
 
@@ -105,7 +105,7 @@ while True:
 DUAL_STACK_SERVER = f"""
 import socket
 from http.server import ThreadingHTTPServer
-from obi.demoapp import _Handler
+from obi.demo.app import _Handler
 class Server(ThreadingHTTPServer):
     address_family = socket.AF_INET6
     daemon_threads = True
@@ -118,7 +118,7 @@ def topo():
     with Topology(["a", "b", "c"], prefix="obiu") as t:
         c, b = t["c"], t["b"]
         c.popen([sys.executable, "-c", DUAL_STACK_SERVER], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        b.popen([sys.executable, "-m", "obi.demoapp", "serve", "--port", str(PORT),
+        b.popen([sys.executable, "-m", "obi.demo.app", "serve", "--port", str(PORT),
                  "--downstream", f"http://{c.addr}:{PORT}"], stdout=subprocess.DEVNULL)
         wait_port(t["a"], c.addr, PORT)
         wait_port(t["a"], b.addr, PORT)

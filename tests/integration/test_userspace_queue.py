@@ -20,7 +20,7 @@ import textwrap
 
 import pytest
 
-from obi.netns import Topology
+from obi.demo.topology import Topology
 
 pytestmark = pytest.mark.root
 

@@ -5,7 +5,7 @@
         answers {"path": ...}.
     python3 tls_app.py front --port 8080 --backend 198.18.0.3:8443 --ca c.pem
         Plain HTTP service, thread per connection: each request /<n> POSTs n bytes of
-        obi.demoapp.pattern_bytes to the backend's /echo over one keep-alive TLS
+        obi.demo.app.pattern_bytes to the backend's /echo over one keep-alive TLS
         connection per serving thread, and answers JSON {status, sent_sha, got_sha,
         echo_sha, conn_reused}.
 
@@ -26,7 +26,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from obi.demoapp import pattern_bytes  # noqa: E402
+from obi.demo.app import pattern_bytes  # noqa: E402
 
 
 def make_cert(directory: str, ip: str) -> tuple[str, str]:

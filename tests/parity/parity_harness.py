@@ -19,9 +19,9 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
-from obi import demoapp as demo_service
-from obi.demo import AgentProcess as DemoAgent
-from obi.netns import Host, Topology, have_netns_tools
+from obi.demo import app as demo_service
+from obi.demo.scenario import AgentProcess as DemoAgent
+from obi.demo.topology import Host, Topology, have_netns_tools
 
 PORT = 8080  # demo services on B and C
 DRIVER_PORT = 8081  # the driver in B listens here: that selects it, so its requests are instrumented

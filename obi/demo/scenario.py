@@ -4,7 +4,7 @@ Three hosts in network namespaces on one bridge (198.18.0.0/24):
 
     client ──HTTP──▶ service :8080 ──HTTP──▶ backend :8080
 
-`service` and `backend` are the uninstrumented demo services of `obi.demoapp`. One agent
+`service` and `backend` are the uninstrumented demo services of `obi.demo.app`. One agent
 runs per instrumented host (as a per-node agent would), in that host's namespace, watching
 port 8080 with context propagation `all` and printing spans as JSON. The client sends
 requests without a trace context and with one (as an OpenTelemetry SDK would send). The
@@ -23,10 +23,10 @@ import threading
 import time
 from collections import defaultdict
 
-from . import demoapp
-from .model import new_span_id, new_trace_id
-from .netns import Topology, have_netns_tools
-from .w3c import parse_traceparent
+from . import app as demoapp
+from ..model import new_span_id, new_trace_id
+from .topology import Topology, have_netns_tools
+from ..w3c import parse_traceparent
 
 PORT = 8080
 
