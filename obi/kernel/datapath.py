@@ -51,7 +51,7 @@ from .. import discovery
 from ..config import Config
 from ..datapath import SpanSink
 from ..errors import AttachError, BpfError, MissingFeature
-from . import attach, libbpf
+from . import attach, libbpf, ringbuf
 from .abi import CFG_HDR_INSERT, CFG_HDR_READ, CFG_TCP, COUNTER_MAX, Counter
 from .events import Correlator
 
@@ -124,7 +124,7 @@ class KernelDatapath:
         self._objs: dict[str, libbpf.BpfObject] = {}
         self._attachments: list = []  # detached in reverse order
         self._links: list[libbpf.Link] = []
-        self._ring: libbpf.RingReader | None = None
+        self._ring: ringbuf.RingReader | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._exes: dict[int, str] = {}
@@ -146,7 +146,7 @@ class KernelDatapath:
             self.scan_now()
             self._attach()
             self._adopt()
-            self._ring = libbpf.RingReader(self._objs["egress"].map("events"), self.correlator.on_raw)
+            self._ring = ringbuf.RingReader(self._objs["egress"].map("events"), self.correlator.on_raw)
         except BaseException:
             self.stop()
             raise
