@@ -1,9 +1,10 @@
 """The one ctypes binding to libbpf (libbpf.so.1, API of libbpf 1.1).
 
 Everything BPF in obi goes through this module: open/load objects, find programs and maps,
-attach, run programs with BPF_PROG_TEST_RUN, read ring buffers. Only functions present in
-libbpf 1.1 are used; newer kernel features (tcx links) go through the bpf(2) syscall with
-an attr laid out here (`link_create`).
+attach, run programs with BPF_PROG_TEST_RUN (the ring buffer is read without libbpf, by
+`obi.kernel.ringbuf`). Only functions present in libbpf 1.1 are used; newer kernel
+features (tcx links) go through the bpf(2) syscall with an attr laid out here
+(`link_create`).
 
 Error convention of libbpf 1.x: int functions return -errno, pointer functions return NULL
 and set errno. Both become `BpfError(what, errno, log)`; `log` holds what libbpf printed
@@ -235,14 +236,6 @@ _num_possible_cpus = _fn("libbpf_num_possible_cpus", c_int)
 _btf_find_by_name_kind = _fn("btf__find_by_name_kind", c_int, c_void_p, c_char_p, c_uint32)
 _btf_type_by_id = _fn("btf__type_by_id", c_void_p, c_void_p, c_uint32)
 _btf_name_by_offset = _fn("btf__name_by_offset", c_char_p, c_void_p, c_uint32)
-
-_RB_SAMPLE_FN = CFUNCTYPE(c_int, c_void_p, c_void_p, c_size_t)
-_rb_new = _fn("ring_buffer__new", c_void_p, c_int, _RB_SAMPLE_FN, c_void_p, c_void_p)
-_rb_add = _fn("ring_buffer__add", c_int, c_void_p, c_int, _RB_SAMPLE_FN, c_void_p)
-_rb_poll = _fn("ring_buffer__poll", c_int, c_void_p, c_int)
-_rb_consume = _fn("ring_buffer__consume", c_int, c_void_p)
-_rb_free = _fn("ring_buffer__free", None, c_void_p)
-_rb_epoll_fd = _fn("ring_buffer__epoll_fd", c_int, c_void_p)
 
 
 class TcHook(Structure):
@@ -890,67 +883,6 @@ def attach_sk_msg(prog: Program, sockmap: Map) -> Attachment:
     it lasts until detached or until the map is freed with its last reference)."""
     prog_attach(prog.fd, sockmap.fd, BPF_SK_MSG_VERDICT)
     return Attachment(prog.fd, sockmap.fd, BPF_SK_MSG_VERDICT, f"sk_msg {prog.name} on {sockmap.name}")
-
-
-# --- ring buffer -----------------------------------------------------------------------
-
-
-class RingBuffer(_Closing):
-    """Consume a BPF_MAP_TYPE_RINGBUF map. `callback(data: bytes)` gets a copy of each
-    record; exceptions in it are logged and counted in `.errors`, never raised into C."""
-
-    def __init__(self, map: Map, callback: Callable[[bytes], None]):
-        self.errors = 0
-        self.events = 0
-        self._cbs: list = []
-        self._ptr: int | None = None
-        cb = self._wrap(callback)
-        with _Capture() as cap:
-            ptr = _rb_new(map.fd, cb, None, None)
-            self._ptr = _check_ptr(ptr, f"ring_buffer__new({map.name})", cap)
-
-    def _wrap(self, callback: Callable[[bytes], None]):
-        def sample(_ctx: int, data: int, size: int) -> int:
-            try:
-                self.events += 1
-                callback(ctypes.string_at(data, size))
-            except Exception:
-                self.errors += 1
-                log.exception("ring buffer callback failed")
-            return 0  # non-zero would stop the consume loop
-
-        cb = _RB_SAMPLE_FN(sample)
-        self._cbs.append(cb)  # keep alive
-        return cb
-
-    def add(self, map: Map, callback: Callable[[bytes], None]) -> None:
-        """Consume another ringbuf map through the same poll."""
-        cb = self._wrap(callback)
-        _check(_rb_add(self._require(), map.fd, cb, None), f"ring_buffer__add({map.name})")
-
-    def _require(self) -> int:
-        if not self._ptr:
-            raise BpfError("ring buffer closed", _errno.EBADF)
-        return self._ptr
-
-    def poll(self, timeout_ms: int) -> int:
-        """Wait up to timeout_ms for records, run callbacks; returns records consumed."""
-        ret = _rb_poll(self._require(), timeout_ms)
-        if ret == -_errno.EINTR:
-            return 0
-        return _check(ret, "ring_buffer__poll")
-
-    def consume(self) -> int:
-        return _check(_rb_consume(self._require()), "ring_buffer__consume")
-
-    @property
-    def epoll_fd(self) -> int:
-        return _rb_epoll_fd(self._require())
-
-    def close(self) -> None:
-        if self._ptr:
-            ptr, self._ptr = self._ptr, None
-            _rb_free(ptr)
 
 
 # --- where the built objects are -------------------------------------------------------
