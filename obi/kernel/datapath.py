@@ -51,9 +51,10 @@ from .. import discovery
 from ..config import Config
 from ..datapath import SpanSink
 from ..errors import AttachError, BpfError, MissingFeature
-from . import attach, libbpf, ringbuf
+from . import attach, libbpf, ringbuf, tracefs
 from .abi import CFG_HDR_INSERT, CFG_HDR_READ, CFG_TCP, COUNTER_MAX, Counter
 from .events import Correlator
+from .netns import in_netns
 
 log = logging.getLogger("obi.kernel.datapath")
 
@@ -237,7 +238,7 @@ class KernelDatapath:
             for pid in sorted(self._selected):
                 for ino in discovery.socket_inodes(pid):
                     inodes.update(struct.pack("=Q", ino), one)
-            with attach.in_netns(self.netns):
+            with in_netns(self.netns):
                 out = obj.program(ADOPT_ITER[1]).run_iter()
         except BpfError as e:
             log.warning("pre-existing connections not adopted: %s", str(e).splitlines()[0])
@@ -260,7 +261,7 @@ class KernelDatapath:
         self._attach_thread_hook()
         tc = self._objs["ingress"]
         backend = self.cfg.traffic_control_backend
-        with attach.in_netns(self.netns):
+        with in_netns(self.netns):
             for ifindex, ifname in socket.if_nameindex():
                 for direction in ("ingress", "egress"):
                     a = attach.TcAttachment(tc.program(f"obi_tc_{direction}"), ifindex, direction, backend,
@@ -273,7 +274,7 @@ class KernelDatapath:
 
     def _attach_thread_hook(self) -> None:
         obj = self._objs[THREAD_HOOKS[self.thread_hook]]
-        attach.ensure_tracefs()
+        tracefs.ensure_tracefs()
         if self.thread_hook == "sock_recv_length":
             try:
                 self._links.append(obj.program("obi_recv_length").attach_tracepoint("sock", "sock_recv_length"))

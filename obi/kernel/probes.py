@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import BpfError
+from .netns import in_new_netns
+from .tracefs import TRACEFS_DIRS, tracefs_mounted
 
 try:  # doctor must still report (not crash) where libbpf.so.1 is missing
     from . import libbpf
-    from .attach import in_new_netns
 
     LIBBPF_ERROR = ""
 except OSError as e:
@@ -159,17 +160,6 @@ def probe_ringbuf() -> Probe:
 
 
 # --- files and system state ------------------------------------------------------------
-
-
-# libbpf attaches a tracepoint by name through tracefs (events/<category>/<name>/id);
-# where it may be mounted. The agent mounts it at the first when neither is
-# (obi.kernel.attach.ensure_tracefs).
-TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-
-
-def tracefs_mounted() -> str:
-    """Where tracefs is mounted (one of TRACEFS_DIRS), or ""."""
-    return next((d for d in TRACEFS_DIRS if os.path.isdir(os.path.join(d, "events"))), "")
 
 
 def probe_tracefs() -> Probe:

@@ -25,12 +25,12 @@ skip_module_unless_kernel_path({"unshare": "needs unshare (util-linux) for a pri
 SCRIPT = r"""
 import json, subprocess
 from obi import config, doctor
-from obi.kernel import probes
+from obi.kernel import tracefs
 from obi.kernel.datapath import KernelDatapath
 from obi.demo.topology import Topology
-for d in probes.TRACEFS_DIRS:
+for d in tracefs.TRACEFS_DIRS:
     subprocess.run(["umount", d], capture_output=True)
-out = {"before": probes.tracefs_mounted()}
+out = {"before": tracefs.tracefs_mounted()}
 out["doctor"] = [c.detail for c in doctor.run_checks(config.load(env={})) if c.name == "tracefs"]
 with Topology(["h"], prefix="obitf") as t:
     h = t["h"]
@@ -39,7 +39,7 @@ with Topology(["h"], prefix="obitf") as t:
                         thread_hook="sock_recv_length")
     dp.start()
     try:
-        out["after"] = probes.tracefs_mounted()
+        out["after"] = tracefs.tracefs_mounted()
         out["links"] = len(dp._links)
     finally:
         dp.stop()

@@ -22,6 +22,7 @@ import pytest
 from obi.errors import BpfError
 from obi.kernel import attach, libbpf
 from obi.kernel.libbpf import BpfObject
+from obi.kernel.netns import in_netns, in_new_netns
 from obi.kernel.ringbuf import RingReader
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (BPF, netns)")
@@ -195,7 +196,7 @@ def test_tc_attach_sees_traffic_and_leaves_nothing(
     prog = obj.program("obi_test_ringbuf")
     state_dir = str(tmp_path / "state")
     with RingReader(obj.map("test_events"), lambda v: got.append(bytes(v))) as rb:
-        with attach.in_netns(f"/run/netns/{ns_b}"):
+        with in_netns(f"/run/netns/{ns_b}"):
             ifindex = socket.if_nametoindex(dev_b)
             try:
                 att = attach.TcAttachment(prog, ifindex, "ingress", backend, state_dir=state_dir)
@@ -233,7 +234,7 @@ def test_tc_keeps_existing_qdisc_and_foreign_filter(obj: BpfObject, netpair: dic
     _sh("ip", "netns", "exec", ns_b, "tc", "qdisc", "add", "dev", dev_b, "clsact")
     _sh("ip", "netns", "exec", ns_b, "tc", "filter", "add", "dev", dev_b, "ingress", "prio", "7",
         "protocol", "all", "u32", "match", "u32", "0", "0")
-    with attach.in_netns(f"/run/netns/{ns_b}"):
+    with in_netns(f"/run/netns/{ns_b}"):
         ifindex = socket.if_nametoindex(dev_b)
         with attach.TcAttachment(obj.program("obi_test_ringbuf"), ifindex, "ingress", "tc", state_dir=None) as att:
             assert att.created_qdisc is False
@@ -268,7 +269,7 @@ def test_cleanup_removes_only_our_filter(obj: BpfObject, netpair: dict[str, str]
         for p in foreign_obj.programs():
             p.set_autoload(p.name == "probe_tc")
         foreign_obj.load()
-        with attach.in_netns(netns):
+        with in_netns(netns):
             ifindex = socket.if_nametoindex(dev_b)
             hook = libbpf.tc_hook(ifindex, libbpf.BPF_TC_INGRESS)
             created = libbpf.tc_hook_create(hook)
@@ -308,7 +309,7 @@ def test_cleanup_removes_only_our_filter(obj: BpfObject, netpair: dict[str, str]
 def test_cleanup_removes_qdisc_it_created_when_empty(obj: BpfObject, netpair: dict[str, str], tmp_path) -> None:
     ns_b, dev_b = netpair["ns_b"], netpair["dev_b"]
     netns = f"/run/netns/{ns_b}"
-    with attach.in_netns(netns):
+    with in_netns(netns):
         ifindex = socket.if_nametoindex(dev_b)
         hook = libbpf.tc_hook(ifindex, libbpf.BPF_TC_EGRESS)
         assert libbpf.tc_hook_create(hook)
@@ -410,18 +411,18 @@ def test_in_new_netns_is_isolated() -> None:
     def inside() -> tuple[int, list[str]]:
         return os.stat("/proc/thread-self/ns/net").st_ino, [n for _, n in socket.if_nameindex()]
 
-    ino, names = attach.in_new_netns(inside)
+    ino, names = in_new_netns(inside)
     assert ino != os.stat("/proc/thread-self/ns/net").st_ino
     assert names == ["lo"]
 
 
 _AGENT = """
 import socket, sys, time
-from obi.kernel import attach, libbpf
+from obi.kernel import attach, libbpf, netns
 obj = libbpf.BpfObject.open(libbpf.object_path("testprogs"))
 obj.load()
 prog = obj.program("obi_test_ringbuf")
-with attach.in_netns(sys.argv[1]):
+with netns.in_netns(sys.argv[1]):
     idx = socket.if_nametoindex(sys.argv[2])
     attach.TcAttachment(prog, idx, "ingress", "tc", state_dir=sys.argv[3]).attach()
     attach.TcAttachment(prog, idx, "egress", "tcx", state_dir=sys.argv[3]).attach()
