@@ -1,6 +1,7 @@
 """`obi doctor`: what this kernel and machine can do, and which datapath `auto` picks.
 
-`run_checks(cfg)` turns the feature probes of `obi.kernel.probes` into ok/warn/fail checks;
+`run_checks(cfg)` turns the feature probes of `obi.kernel.probes` and the machine-wide
+probes of `obi.machine_probes` into ok/warn/fail checks;
 `choose_datapath(cfg)` is the capability switch (the agent calls it too), and
 `report_text` / `report_json` render the checks for the CLI.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import machine_probes
 from .config import Config
 from .kernel import probes
 from .kernel.probes import Probe
@@ -76,7 +78,7 @@ def choose_datapath(
     else:
         missing = "no bpf_loop (needs Linux >= 5.17)"
     if nfqueue_ok is None:
-        nfqueue_ok = bool(probes.probe_nfqueue().ok)
+        nfqueue_ok = bool(machine_probes.probe_nfqueue().ok)
     if nfqueue_ok:
         return DatapathChoice(
             Datapath.USERSPACE,
@@ -97,7 +99,7 @@ def _feature(p: Probe, missing_status: str, missing_effect: str) -> Check:
 
 def run_checks(cfg: Config) -> list[Check]:
     """Every doctor check, in a stable order; the last one is the datapath decision."""
-    found = probes.run_all()
+    found = {**probes.run_all(), **machine_probes.run_all()}
     kernel_forced = cfg.datapath == Datapath.KERNEL.value
     kpath = FAIL if kernel_forced else WARN  # a missing kernel-path feature
     checks = [Check("kernel", OK, probes.kernel_release(), probes.kernel_release())]
@@ -176,13 +178,13 @@ def run_checks(cfg: Config) -> list[Check]:
 
 def _capabilities_check() -> Check:
     try:
-        caps = probes.parse_capeff(probes.read_capeff())
+        caps = machine_probes.parse_capeff(machine_probes.read_capeff())
     except OSError as e:
         return Check("capabilities", WARN, f"cannot read /proc/self/status: {e}", {})
     missing = [n for n, have in caps.items() if not have]
     if not missing:
         return Check("capabilities", OK, "all needed capabilities present", caps)
-    lines = [f"missing {n}: {probes.CAPABILITIES[n][1]}" for n in missing]
+    lines = [f"missing {n}: {machine_probes.CAPABILITIES[n][1]}" for n in missing]
     bpf_ok = caps["CAP_BPF"] or caps["CAP_SYS_ADMIN"]
     status = FAIL if not (bpf_ok and caps["CAP_NET_ADMIN"]) else WARN
     return Check("capabilities", status, "; ".join(lines), caps)

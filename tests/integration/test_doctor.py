@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from obi import doctor
+from obi import doctor, machine_probes
 from obi.config import Config
 from obi.kernel import probes
 from obi.model import Datapath
@@ -35,7 +35,7 @@ def _lockdown_independently() -> str:
     res = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=10)
     if res.returncode != 0:
         pytest.skip(f"lockdown LSM not readable here: {res.stderr.strip()}")
-    return probes.parse_lockdown(res.stdout)
+    return machine_probes.parse_lockdown(res.stdout)
 
 
 def _netns_names() -> set[str]:
@@ -43,7 +43,7 @@ def _netns_names() -> set[str]:
 
 
 def _securityfs_mounted() -> bool:
-    return os.path.ismount(probes.SECURITYFS)
+    return os.path.ismount(machine_probes.SECURITYFS)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def report() -> dict:
     before_ns, before_sec = _netns_names(), _securityfs_mounted()
     checks = doctor.run_checks(Config())
     # Probing leaves nothing behind: no namespace, no change to the securityfs mount.
-    assert {n for n in _netns_names() - before_ns if n.startswith(probes.NETNS_PREFIX)} == set()
+    assert {n for n in _netns_names() - before_ns if n.startswith(machine_probes.NETNS_PREFIX)} == set()
     assert _securityfs_mounted() == before_sec
     return doctor.report_json(checks)
 
@@ -99,7 +99,7 @@ def test_choose_datapath_with_the_real_probes() -> None:
     else:
         assert real.datapath in (Datapath.USERSPACE, None)
     # The same kernel with the bpf_loop probe faked as failed: NFQUEUE is probed for real.
-    nfq = probes.probe_nfqueue()
+    nfq = machine_probes.probe_nfqueue()
     fallback = doctor.choose_datapath(Config(), bpf_loop_ok=False)
     assert fallback.datapath is (Datapath.USERSPACE if nfq.ok else None)
     if nfq.ok:

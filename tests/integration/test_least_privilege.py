@@ -38,7 +38,7 @@ def shipped_caps() -> list[str]:
 
 
 def cap_numbers() -> dict[str, int]:
-    from obi.kernel.probes import CAPABILITIES
+    from obi.machine_probes import CAPABILITIES
 
     return {name: bit for name, (bit, _) in CAPABILITIES.items()}
 
@@ -107,7 +107,7 @@ def test_doctor_with_the_shipped_set() -> None:
 
 @pytest.mark.parametrize("dropped", shipped_caps())
 def test_doctor_names_a_missing_capability(dropped: str) -> None:
-    from obi.kernel.probes import CAPABILITIES
+    from obi.machine_probes import CAPABILITIES
 
     caps = [c for c in shipped_caps() if c != dropped]
     report = doctor(caps)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from obi import doctor
+from obi import doctor, machine_probes
 from obi.config import Config
 from obi.doctor import Check, choose_datapath
 from obi.kernel import probes
@@ -19,7 +19,7 @@ def no_probing(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("probe must not run")
 
     monkeypatch.setattr(probes, "probe_bpf_loop", boom)
-    monkeypatch.setattr(probes, "probe_nfqueue", boom)
+    monkeypatch.setattr(machine_probes, "probe_nfqueue", boom)
     # Not faked by a test: the tracepoint is there (as on every kernel >= 6.3).
     monkeypatch.setattr(probes, "probe_sock_recv_tracepoint", lambda: probes.Probe("sock_recv_tracepoint", True, "", "6.3"))
     monkeypatch.setattr(probes, "probe_syscall_tracepoints", lambda: probes.Probe("syscall_tracepoints", True, ""))
@@ -104,7 +104,7 @@ def test_auto_probes_when_not_told(monkeypatch: pytest.MonkeyPatch) -> None:
         return probes.Probe("nfqueue", True, "ok")
 
     monkeypatch.setattr(probes, "probe_bpf_loop", fake_loop)
-    monkeypatch.setattr(probes, "probe_nfqueue", fake_nfq)
+    monkeypatch.setattr(machine_probes, "probe_nfqueue", fake_nfq)
     assert choose_datapath(Config()).datapath is Datapath.USERSPACE
     assert calls == ["bpf_loop", "nfqueue"]
 
@@ -120,11 +120,11 @@ def test_auto_probes_when_not_told(monkeypatch: pytest.MonkeyPatch) -> None:
     ],
 )
 def test_parse_lockdown(text: str, mode: str) -> None:
-    assert probes.parse_lockdown(text) == mode
+    assert machine_probes.parse_lockdown(text) == mode
 
 
 def test_parse_capeff_full_root() -> None:
-    caps = probes.parse_capeff("000001ffffffffff")
+    caps = machine_probes.parse_capeff("000001ffffffffff")
     assert set(caps) == {
         "CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN",
         "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH", "CAP_CHECKPOINT_RESTORE",
@@ -135,24 +135,24 @@ def test_parse_capeff_full_root() -> None:
 def test_parse_capeff_partial() -> None:
     # CAP_NET_ADMIN (12) + CAP_NET_RAW (13) + CAP_BPF (39)
     mask = (1 << 12) | (1 << 13) | (1 << 39)
-    caps = probes.parse_capeff(f"{mask:016x}")
+    caps = machine_probes.parse_capeff(f"{mask:016x}")
     assert {n for n, have in caps.items() if have} == {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_BPF"}
-    assert probes.parse_capeff("0000000000000000") == {n: False for n in caps}
+    assert machine_probes.parse_capeff("0000000000000000") == {n: False for n in caps}
 
 
 def test_read_capeff_from_status_file(tmp_path) -> None:
     status = tmp_path / "status"
     status.write_text("Name:\tpython3\nCapInh:\t0000000000000000\nCapEff:\t0000000000003000\nCapBnd:\t000001ffffffffff\n")
-    caps = probes.parse_capeff(probes.read_capeff(str(status)))
+    caps = machine_probes.parse_capeff(machine_probes.read_capeff(str(status)))
     assert caps["CAP_NET_ADMIN"] and caps["CAP_NET_RAW"] and not caps["CAP_BPF"]
 
 
 def test_capabilities_check_names_what_stops(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(probes, "read_capeff", lambda: f"{(1 << 39) | (1 << 12):016x}")
+    monkeypatch.setattr(machine_probes, "read_capeff", lambda: f"{(1 << 39) | (1 << 12):016x}")
     check = doctor._capabilities_check()
     assert check.status == "warn"  # BPF and NET_ADMIN present: the agent can work
     assert "missing CAP_SYS_PTRACE" in check.detail and "discovery" in check.detail
-    monkeypatch.setattr(probes, "read_capeff", lambda: "0")
+    monkeypatch.setattr(machine_probes, "read_capeff", lambda: "0")
     assert doctor._capabilities_check().status == "fail"
 
 
