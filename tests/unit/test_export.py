@@ -15,20 +15,12 @@ from opentelemetry.trace import StatusCode
 from obi import __version__
 from obi.config import Config
 from obi.errors import ConfigError
-from obi.export import (
-    Exporter,
-    ResourceCache,
-    Sampler,
-    SpanPrinter,
-    make_otlp_exporter,
-    resource_attributes,
-    span_attributes,
-    span_name,
-    span_status,
-    span_to_dict,
-    split_host,
-    to_readable_span,
-)
+from obi.export import Exporter
+from obi.export.otlp_transport import make_otlp_exporter
+from obi.export.printer import SpanPrinter, span_to_dict
+from obi.export.sampling import Sampler
+from obi.export.sdk_span import to_readable_span
+from obi.export.semconv import ResourceCache, resource_attributes, span_attributes, span_name, span_status, split_host
 from obi.model import FLAG_RANDOM, FLAG_SAMPLED, Datapath, SpanKind, SpanRecord, TraceContext
 
 T0 = 1_700_000_000_000_000_000
@@ -506,7 +498,8 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
 from opentelemetry.sdk.trace.export import SpanExportResult  # noqa: E402
 
-from obi.export import Payload, SdkInternalsChanged, WireEncoder, _payload_exporter_classes  # noqa: E402
+from obi.export.otlp_transport import Payload, SdkInternalsChanged, _payload_exporter_classes  # noqa: E402
+from obi.export.otlp_wire import WireEncoder  # noqa: E402
 
 
 def varied_records() -> list[SpanRecord]:
