@@ -34,7 +34,7 @@ from ctypes import (
     c_uint64,
     c_void_p,
 )
-from typing import Callable, Iterator, Self
+from typing import Iterator, Self
 
 from ..errors import BpfError
 
