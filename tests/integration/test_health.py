@@ -29,9 +29,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from otlp_receiver import HttpReceiver, free_port  # noqa: E402
-
+from bench.otlp_receiver import HttpReceiver, free_port  # noqa: E402
 from obi.config import Config  # noqa: E402
 from obi.export import Exporter  # noqa: E402
 from obi.health import HealthServer  # noqa: E402

@@ -23,11 +23,10 @@ import pytest
 
 from obi.demo import app as demoapp
 from obi.demo.topology import Topology
+from tests.helpers.skips import skip_module_unless_kernel_path
 
 pytestmark = pytest.mark.root
 
-sys.path.insert(0, os.path.dirname(__file__))
-from kernel_agent import skip_module_unless_kernel_path  # noqa: E402
 
 skip_module_unless_kernel_path({tool: f"needs {tool}" for tool in ("bpftool", "nsenter", "tc")})
 

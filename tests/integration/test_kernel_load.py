@@ -20,13 +20,13 @@ import time
 
 import pytest
 
-from obi.model import SpanKind
 from obi.demo.topology import Topology
+from obi.model import SpanKind
+from tests.helpers.kernel_agent import Agent
+from tests.helpers.skips import skip_module_unless_kernel_path
 
 pytestmark = pytest.mark.root
 
-sys.path.insert(0, os.path.dirname(__file__))
-from kernel_agent import Agent, skip_module_unless_kernel_path  # noqa: E402
 
 skip_module_unless_kernel_path({"wrk": "needs wrk (scripts/setup.sh installs it)"})
 

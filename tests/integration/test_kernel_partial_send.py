@@ -16,20 +16,20 @@ received), and on the counters (unseen sends happened, nothing was given up).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 
 import pytest
 
-from obi.model import SpanKind
 from obi.demo.topology import Topology
+from obi.model import SpanKind
+from tests.helpers.kernel_agent import Agent
+from tests.helpers.skips import skip_module_unless_kernel_path
+from tests.helpers.traffic import READ_RESPONSE_SRC
 
 pytestmark = pytest.mark.root
 
-sys.path.insert(0, os.path.dirname(__file__))
-from kernel_agent import READ_RESPONSE_SRC, Agent, skip_module_unless_kernel_path  # noqa: E402
 
 skip_module_unless_kernel_path()
 

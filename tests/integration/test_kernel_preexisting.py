@@ -11,24 +11,23 @@ test_kernel_e2e.py, and bodies on adopted connections arrive unchanged (SHA-256)
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
 
 import pytest
 
-from obi.model import SpanKind
 from obi.demo.topology import Topology
+from obi.model import SpanKind
+from tests.helpers.kernel_agent import Agent
+from tests.helpers.skips import skip_module_unless_kernel_path
+from tests.helpers.traffic import CLIENT_PORT, PORT, serve, traceparent_values
 
 pytestmark = pytest.mark.root
 
-sys.path.insert(0, os.path.dirname(__file__))
-from kernel_agent import Agent, skip_module_unless_kernel_path  # noqa: E402
 
 skip_module_unless_kernel_path()
 
-from test_kernel_e2e import CLIENT_PORT, PORT, serve  # noqa: E402
 
 # A keep-alive client: one JSON job per stdin line ({"method","path","body_len"}) over one
 # connection to argv[1]:PORT; prints {"status","sha","sent_sha","body_sha","json"} per job.
@@ -82,18 +81,8 @@ def peer_ports(host, server_addr: str) -> set[int]:
     return {int(line.split()[-2].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
 
 
-def _tp_of(headers: list[list[str]]) -> list[str]:
-    return [v for k, v in headers if k.lower() == "traceparent"]
-
-
-@pytest.fixture
-def topo():
-    with Topology(["a", "b", "c"], prefix="obik") as t:
-        yield t
-
-
-def test_connections_from_before_start_are_adopted(topo, tmp_path):
-    a, b, c = topo["a"], topo["b"], topo["c"]
+def test_connections_from_before_start_are_adopted(three_hosts, tmp_path):
+    a, b, c = three_hosts["a"], three_hosts["b"], three_hosts["c"]
     serve(c)
     serve(b, downstream=f"http://{c.addr}:{PORT}")
     client_a = KeepAlive(a, b.addr)
@@ -101,9 +90,9 @@ def test_connections_from_before_start_are_adopted(topo, tmp_path):
 
     # Before the agents: one request over each connection, nothing inserted.
     out = client_a.run("GET", "/work")
-    assert out["status"] == 200 and _tp_of(out["json"]["downstream"]["body"]["headers"]) == []
+    assert out["status"] == 200 and traceparent_values(out["json"]["downstream"]["body"]["headers"]) == []
     out = client_b.run("GET", "/headers")
-    assert out["status"] == 200 and _tp_of(out["json"]["headers"]) == []
+    assert out["status"] == 200 and traceparent_values(out["json"]["headers"]) == []
     a_ports, b_ports = peer_ports(a, b.addr), peer_ports(b, c.addr)
     assert len(a_ports) == 1 and len(b_ports) == 2, (a_ports, b_ports)
 
@@ -124,7 +113,7 @@ def test_connections_from_before_start_are_adopted(topo, tmp_path):
         for _ in range(n):
             out = client_a.run("GET", "/work")
             assert out["status"] == 200
-            tps = _tp_of(out["json"]["downstream"]["body"]["headers"])
+            tps = traceparent_values(out["json"]["downstream"]["body"]["headers"])
             assert len(tps) == 1, out
             received.append(tps[0].split("-"))
         b_server = agent_b.wait_count(SpanKind.SERVER, n)

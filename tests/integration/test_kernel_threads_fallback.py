@@ -13,15 +13,14 @@ import sys
 import pytest
 
 from obi import config
-from obi.model import SpanKind
 from obi.demo.topology import Topology
+from obi.model import SpanKind
+from tests.helpers.kernel_agent import Agent
+from tests.helpers.traffic import CONCURRENT_CODE, PORT, TP_SPAN, TP_TRACE, http_get, serve
 
 pytestmark = pytest.mark.root
 
-sys.path.insert(0, os.path.dirname(__file__))
 # test_kernel_e2e skips itself (and so this module) where the kernel path cannot run.
-from test_kernel_e2e import CONCURRENT_CODE, PORT, TP_SPAN, TP_TRACE, http_get, serve  # noqa: E402
-from kernel_agent import Agent  # noqa: E402
 
 from obi.kernel import libbpf  # noqa: E402  (loadable: checked by the skip above)
 

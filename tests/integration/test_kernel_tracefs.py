@@ -6,17 +6,16 @@ there leaves the machine's own mounts alone."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 
+from tests.helpers.skips import skip_module_unless_kernel_path
+
 pytestmark = pytest.mark.root
 
-sys.path.insert(0, os.path.dirname(__file__))
-from kernel_agent import skip_module_unless_kernel_path  # noqa: E402
 
 skip_module_unless_kernel_path({"unshare": "needs unshare (util-linux) for a private mount namespace"})
 

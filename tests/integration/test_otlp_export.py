@@ -6,17 +6,13 @@ check the wire, not the SDK objects.
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
 
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-sys.path.insert(0, os.path.dirname(__file__))
-from otlp_receiver import GrpcReceiver, HttpReceiver, free_port  # noqa: E402
-
+from bench.otlp_receiver import GrpcReceiver, HttpReceiver, free_port  # noqa: E402
 from obi import __version__  # noqa: E402
 from obi.config import Config  # noqa: E402
 from obi.export import Exporter  # noqa: E402

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import queue
 import subprocess
 import sys
@@ -17,8 +16,9 @@ import time
 
 import pytest
 
-from obi.fallback.socket_owners import MISS_REFRESH_S
 from obi.demo.topology import Topology
+from obi.fallback.socket_owners import MISS_REFRESH_S
+from tests.helpers.skips import skip_module_unless_nfqueue
 
 pytestmark = pytest.mark.root
 
@@ -27,8 +27,6 @@ CLIENT_PORT = 8081  # a selected "client" process in B listens here so its calls
 TP_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 TP_SPAN = "00f067aa0ba902b7"
 
-sys.path.insert(0, os.path.dirname(__file__))
-from kernel_agent import skip_module_unless_nfqueue  # noqa: E402
 
 skip_module_unless_nfqueue("NFQUEUE, connmark, TCPMSS targets")
 

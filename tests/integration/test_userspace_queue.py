@@ -14,18 +14,16 @@ of its own: a TCP echo over 198.18.x.1 whose segments iptables queues to the loo
 from __future__ import annotations
 
 import json
-import os
 import sys
 import textwrap
 
 import pytest
 
 from obi.demo.topology import Topology
+from tests.helpers.skips import skip_module_unless_nfqueue
 
 pytestmark = pytest.mark.root
 
-sys.path.insert(0, os.path.dirname(__file__))
-from kernel_agent import skip_module_unless_nfqueue  # noqa: E402
 
 skip_module_unless_nfqueue("NFQUEUE target")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
 import secrets
 import sys
@@ -19,10 +18,8 @@ import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from parity_harness import DRIVER_PORT, PORT, RAW_PORT, Env, traceparents, well_formed  # noqa: E402
-
 from obi.w3c import parse_traceparent  # noqa: E402
+from tests.helpers.parity_harness import PORT, RAW_PORT, Env, traceparents, well_formed  # noqa: E402
 
 pytestmark = pytest.mark.root
 

@@ -4,59 +4,26 @@ translation, identical retransmissions, spans and their parent links, leave-alon
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 from scapy.layers.inet import IP, TCP
-from scapy.layers.inet6 import IPv6
 
 from obi import w3c
 from obi.config import Config, PortRange
 from obi.fallback import codec
 from obi.fallback.flows import INSERT_LEN, SeqMap, Tracker
 from obi.model import SpanKind, SpanRecord
+from tests.helpers.fallback_fakes import Conn, FakeOwners
 
 B, C, A = "198.18.0.2", "198.18.0.3", "198.18.0.1"
 B6, C6 = "fd00:198:18:0::2", "fd00:198:18:0::3"
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-class FakeOwners:
-    def server_pid(self, port):
-        return 42 if port == 8080 else None
-
-    def client_pid(self, pkt):
-        return 42
-
-    def exe(self, pid):
-        return "/usr/bin/python3"
-
-
 def make_tracker(props=("headers",)):
     spans = []
     cfg = Config(context_propagation=frozenset(props), open_ports=(PortRange(8080, 8080),))
     return Tracker(cfg, spans.append, FakeOwners(), mark=0x2000000), spans
-
-
-class Conn:
-    """One TCP connection as packets: out = local->peer, inn = peer->local."""
-
-    def __init__(self, local, lport, peer, pport, v6=False, lseq=1000, pseq=9000):
-        self.l, self.lp, self.p, self.pp, self.v6 = local, lport, peer, pport, v6
-        self.lseq, self.pseq = lseq, pseq
-
-    def _ip(self, src, dst):
-        return IPv6(src=src, dst=dst) if self.v6 else IP(src=src, dst=dst)
-
-    def out(self, flags="PA", payload=b"", seq=None, ack=None, **kw):
-        return bytes(self._ip(self.l, self.p) / TCP(sport=self.lp, dport=self.pp, flags=flags,
-                                                    seq=self.lseq if seq is None else seq,
-                                                    ack=self.pseq if ack is None else ack, **kw) / payload)
-
-    def inn(self, flags="PA", payload=b"", seq=None, ack=None, **kw):
-        return bytes(self._ip(self.p, self.l) / TCP(sport=self.pp, dport=self.lp, flags=flags,
-                                                    seq=self.pseq if seq is None else seq,
-                                                    ack=self.lseq if ack is None else ack, **kw) / payload)
 
 
 def handshake_client(t, c):

@@ -25,7 +25,6 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from obi.demo.app import pattern_bytes  # noqa: E402
 
 
