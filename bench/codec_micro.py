@@ -6,7 +6,7 @@
   IPv4/TCP packets built with scapy. The codec is imported lazily: while it is missing,
   the result says "unavailable" and why.
 - span pipeline: spans/s from `obi.export.Exporter.export()` to a local OTLP http/protobuf
-  receiver (bench.otlp_sink, another process, on loopback), and what `export()` costs the
+  receiver (bench.otlp_receiver, another process, on loopback), and what `export()` costs the
   calling datapath thread.
 """
 
@@ -116,7 +116,7 @@ def bench_span_pipeline(scale: float = 1.0, timeout_s: float = 120.0) -> dict[st
         if line.startswith("spans "):
             received[0] = int(line.split()[1])
 
-    sink = Proc([sys.executable, "-m", "bench.otlp_sink", "--port", str(port)], on_line=on_line)
+    sink = Proc([sys.executable, "-m", "bench.otlp_receiver", "--port", str(port)], on_line=on_line)
     try:
         if not sink.wait_for(lambda: "ready" in sink.out, 15):
             return {"unavailable": "OTLP sink did not start: " + " | ".join(sink.tail())}
@@ -166,7 +166,7 @@ def bench_span_pipeline(scale: float = 1.0, timeout_s: float = 120.0) -> dict[st
             "seconds": round(elapsed, 3),
             "spans_per_s": round(st["exported"] / elapsed, 1) if elapsed else None,
             "export_call_us": round(call_ns / n / 1000, 3),
-            "receiver": "bench.otlp_sink (separate process, loopback, http/protobuf)",
+            "receiver": "bench.otlp_receiver (separate process, loopback, http/protobuf)",
         }
     finally:
         sink.stop(timeout=3)

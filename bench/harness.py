@@ -5,7 +5,7 @@ Topology (obi.demo.topology, addresses 198.18.0.0/24, MTU 1500, each host its ow
 
     client ──▶ server :8080  bench.httpserver (asyncio, fixed 13-byte answer)
                       :8081  obi.demo.app "B", calls backend for each request
-                      127.0.0.1:4318  bench.otlp_sink (counts the agent's spans)
+                      127.0.0.1:4318  bench.otlp_receiver (counts the agent's spans)
     client ──▶ server :8081 ──▶ backend :8082  obi.demo.app "C" (answers /headers)
 
 Per arm and repetition: start the arm in the server namespace, warm up, then the phases
@@ -347,7 +347,7 @@ class Bench:
             Proc(argv, popen=host.popen)  # killed with the topology
             wait_listening(host, port)
         # The span sink: in the server namespace (where the agent runs), outside its cgroup.
-        self.sink = Proc(["ip", "netns", "exec", self.server.netns, py, "-m", "bench.otlp_sink", "--port", str(OTLP_PORT)],
+        self.sink = Proc(["ip", "netns", "exec", self.server.netns, py, "-m", "bench.otlp_receiver", "--port", str(OTLP_PORT)],
                          on_line=self._on_sink_line)
         wait_listening(self.server, OTLP_PORT)
 
@@ -610,7 +610,7 @@ def run(s: Settings) -> dict[str, Any]:
                 "client": bench.client.addr, "server": bench.server.addr, "backend": bench.backend.addr, "mtu": topo.mtu,
                 "serve": f"bench.httpserver (asyncio) on {bench.server.addr}:{PORT_SERVE}",
                 "chain": f"obi.demo.app B on :{PORT_CHAIN} -> obi.demo.app C on {bench.backend.addr}:{PORT_BACKEND}",
-                "otlp_sink": f"bench.otlp_sink on 127.0.0.1:{OTLP_PORT} in the server namespace",
+                "otlp_sink": f"bench.otlp_receiver on 127.0.0.1:{OTLP_PORT} in the server namespace",
                 "fixed_rate_generator": "bench.loadgen (open loop, Python asyncio)",
             }
             for rep in range(s.reps):
