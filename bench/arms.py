@@ -149,7 +149,7 @@ class NoopNfqueue(Arm):
         # The same ports the agent watches, either end (served and called). An IPv4 TCP
         # packet longer than 80 bytes (20 IP + up to 60 TCP header) carries payload; pure
         # ACKs never do. That is what a datapath that queues only payload must at least
-        # take (DESIGN decision 6).
+        # take (docs/architecture.md, decision 6).
         match = ["-p", "tcp", "-m", "multiport", "--ports", ",".join(map(str, ports)),
                  "-m", "length", "--length", "81:65535"]
         target = ["-j", "NFQUEUE", "--queue-num", str(self.queue), "--queue-bypass"]

@@ -173,8 +173,8 @@ class Exporter:
     @staticmethod
     def _make_printer(config: Config, stream: TextIO | None) -> SpanPrinter | None:
         mode = config.trace_printer
-        # The embedded default (DESIGN 8): nowhere to send spans and no explicit printer
-        # setting -> print them as text.
+        # The embedded default (docs/architecture.md, decision 8): nowhere to send spans and
+        # no explicit printer setting -> print them as text.
         if mode == "disabled" and not config.traces_endpoint and "trace_printer" not in config.sources:
             mode = "text"
         return SpanPrinter(mode, stream) if mode != "disabled" else None

@@ -8,7 +8,7 @@ What gets attached (all through obi.kernel.attach, so `obi cleanup` knows about 
 - ingress.bpf.o: `obi_tc_ingress` and `obi_tc_egress` on every interface of the watched
   netns (tcx or clsact per cfg.traffic_control_backend); egress reads the responses of
   server connections;
-- the thread hook (which request a thread serves, DESIGN decision 5), one of:
+- the thread hook (which request a thread serves, docs/architecture.md, decision 5), one of:
   threads.bpf.o: `obi_recv_length` on the sock:sock_recv_length tracepoint (Linux >= 6.3);
   threads_syscalls.bpf.o: `obi_sys_enter` / `obi_sys_exit` on the syscalls:sys_enter_* /
   sys_exit_* tracepoints of SYSCALLS (kernels without it). `thread_hook` chooses.
