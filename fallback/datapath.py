@@ -29,8 +29,8 @@ from obi.errors import AttachError, MissingFeature
 
 from . import rules, shift_journal
 from .flows import INSERT_LEN, TCP_OPTION_ROOM, Tracker
-from .socket_owners import ProcOwners
 from .queue import QueueLoop
+from .socket_owners import ProcOwners
 
 log = logging.getLogger("obi.fallback")
 

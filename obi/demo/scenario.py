@@ -23,10 +23,10 @@ import threading
 import time
 from collections import defaultdict
 
-from . import app as demoapp
 from ..model import new_span_id, new_trace_id
-from .topology import Topology, have_netns_tools
 from ..w3c import parse_traceparent
+from . import app as demoapp
+from .topology import Topology, have_netns_tools
 
 PORT = 8080
 

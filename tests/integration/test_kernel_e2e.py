@@ -92,7 +92,7 @@ class Client:
 @pytest.fixture
 def abc(three_hosts, tmp_path):
     """Services B (calling C) and C running, agents on B and C started after them."""
-    a, b, c = three_hosts["a"], three_hosts["b"], three_hosts["c"]
+    b, c = three_hosts["b"], three_hosts["c"]
     serve(c)
     serve(b, downstream=f"http://{c.addr}:{PORT}")
     agent_c = Agent(c, tmp_path)

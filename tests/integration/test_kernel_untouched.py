@@ -198,8 +198,8 @@ def test_only_selected_client_sockets_join_the_sockhash(tmp_path):
                 p.stdin.flush()
             assert procs["server"].stdout.readline().strip() == "listening"
             agent.dp.scan_now()  # the server's port is watched: its process is selected too
-            peer = c.popen([sys.executable, "-c", f"import socket;s=socket.create_connection(('{b.addr}',{HTTP_PORT}));"
-                            "[s.sendall(s.recv(4)) for _ in range(2)];s.recv(1)"])
+            c.popen([sys.executable, "-c", f"import socket;s=socket.create_connection(('{b.addr}',{HTTP_PORT}));"
+                     "[s.sendall(s.recv(4)) for _ in range(2)];s.recv(1)"])
             cookies = {name: int(p.stdout.readline()) for name, p in procs.items()}
             in_hash = {int.from_bytes(k, "little") for k in agent.dp._objs["egress"].map("sock_hash").keys()}
             assert cookies["selected_http_client"] in in_hash

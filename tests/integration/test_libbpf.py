@@ -397,7 +397,7 @@ def _send_as_member(cg: str, ns: str, n: int) -> None:
         "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
         f"for _ in range({n}): s.sendto(b'x', ('198.18.0.2', 9))\n"
     )
-    script = f'echo $$ > "$1/cgroup.procs" && exec ip netns exec "$2" "$3" -c "$4"'
+    script = 'echo $$ > "$1/cgroup.procs" && exec ip netns exec "$2" "$3" -c "$4"'
     _sh("sh", "-c", script, "sh", cg, ns, sys.executable, code)
 
 
