@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from obi.agent import ATTACHED_RE
 from obi.demo.topology import Host
 
 from .child_process import Proc, child_env
@@ -101,7 +102,13 @@ class AgentArm(Arm):
         # Not in the server's cgroup: a per-node agent is not part of the service it watches.
         argv = [*in_netns(ctx.server), sys.executable, "-m", "obi", "run"]
         self.process = proc = Proc(argv, env=env)
-        attached = proc.wait_for(lambda: any("attached;" in line for line in proc.err), ctx.attach_timeout_s)
+        attached = proc.wait_for(lambda: any(ATTACHED_RE.search(line) for line in proc.err), ctx.attach_timeout_s)
+        got = next((m.group(1) for m in map(ATTACHED_RE.search, proc.err) if m), "")
+        if attached and got != self.datapath:  # never measure one datapath under another's name
+            proc.stop(timeout=10)
+            self.process = None
+            raise ArmUnavailable(f"agent attached the {got} datapath, not {self.datapath}: "
+                                 + " | ".join(_interesting(proc.tail(20))))
         if not attached:
             alive = proc.alive()
             code = proc.stop(timeout=5)

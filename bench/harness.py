@@ -555,6 +555,19 @@ def versions() -> dict[str, Any]:
     return out
 
 
+def verifier_table() -> dict[str, Any]:
+    """Verified instructions of every kernel-path program in every mode (obi.kernel.loader,
+    the same table the verifier-budget test asserts on), or why it could not be measured."""
+    try:
+        from obi.kernel import loader
+
+        rows = loader.budget_table()
+    except Exception as e:  # libbpf missing, objects not built
+        return {"unavailable": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+    return {"budget": loader.BUDGET, "limit": loader.VERIFIER_LIMIT, "kernel_build": platform.version(),
+            "programs": [r.as_dict() for r in rows]}
+
+
 # --- the run ------------------------------------------------------------------------------------
 
 
@@ -600,6 +613,8 @@ def run(s: Settings) -> dict[str, Any]:
         "micro": {},
     }
     progress = Progress(total=s.reps * len(s.arms) * 4 + (2 if s.micro else 0))
+    progress.show("verifier: loading every BPF program in every mode")
+    results["verifier"] = verifier_table()
     gave_up: dict[str, str] = {}
     with Topology(["client", "server", "backend"], prefix=NETNS_PREFIX, mtu=1500) as topo:
         bench = Bench(topo)

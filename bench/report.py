@@ -186,6 +186,7 @@ def markdown(results: dict[str, Any], charts: list[str]) -> str:
         result = {True: "**met**", False: "**missed**", None: "not measured"}[g["met"]]
         note = f" ({g['note']})" if g["note"] else ""
         lines.append(f"| {g['arm']} | {g['goal']} | {g['target']} | {_fmt(g['value'], '{:,.2f}')} | {result}{note} |")
+    lines += verifier_markdown(results.get("verifier") or {})
     micro = results.get("micro") or {}
     if micro:
         lines += ["", "## Micro-benchmarks", ""]
@@ -218,6 +219,34 @@ def markdown(results: dict[str, Any], charts: list[str]) -> str:
     if charts:
         lines += ["## Charts", ""] + [f"![{c}]({c})" for c in charts] + [""]
     return "\n".join(lines)
+
+
+def verifier_markdown(v: dict[str, Any]) -> list[str]:
+    """The verifier table: instructions processed to verify each program, per mode."""
+    lines = ["", "## Verifier budget", ""]
+    if not v:
+        return []
+    if v.get("unavailable"):
+        return lines + [f"Not measured: {v['unavailable']}"]
+    rows = v["programs"]
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    progs = list(dict.fromkeys((r["object"], r["program"]) for r in rows))
+    cell = {(r["object"], r["program"], r["mode"]): r for r in rows}
+    worst = max((r["verified_insns"] for r in rows), default=0)
+    lines += [f"Instructions the verifier processed to accept each program (`verified_insns`), per mode "
+              f"(`obi_cfg_flags`), on kernel build `{v['kernel_build']}`; budget {v['budget']:,} (a quarter of the "
+              f"{v['limit']:,} limit); largest {worst:,}.", "",
+              "| object | program | " + " | ".join(modes) + " |", "|---|---|" + "---|" * len(modes)]
+    for o, p in progs:
+        vals = []
+        for m in modes:
+            r = cell.get((o, p, m))
+            vals.append("–" if r is None else (f"{r['verified_insns']:,}" if not r["error"] else "**rejected**"))
+        lines.append(f"| {o} | {p} | " + " | ".join(vals) + " |")
+    for r in rows:
+        if r["error"]:
+            lines.append(f"- {r['object']}/{r['program']} [{r['mode']}]: {r['error']}")
+    return lines
 
 
 def charts(results: dict[str, Any], out_dir: Path) -> list[str]:

@@ -161,7 +161,8 @@ class HealthServer:
 
         def status() -> dict[str, Any]:
             dp = agent.datapath
-            return {"datapath": getattr(dp, "name", None), "attached": agent.attached}
+            return {"datapath": getattr(dp, "name", None), "attached": agent.attached,
+                    "datapath_reason": getattr(agent, "reason", "")}
 
         def metrics() -> dict[str, int]:
             merged = dict(agent.exporter.stats())
@@ -206,6 +207,7 @@ class HealthServer:
         return {
             "status": "ok" if attached and not failing else "unavailable",
             "datapath": st.get("datapath"),
+            "datapath_reason": st.get("datapath_reason", ""),
             "attached": attached,
             "exporting": not failing,
             "reason": "; ".join(str(r) for r in reasons),

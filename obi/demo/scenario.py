@@ -23,6 +23,7 @@ import threading
 import time
 from collections import defaultdict
 
+from ..agent import ATTACHED_RE
 from ..model import new_span_id, new_trace_id
 from ..w3c import parse_traceparent
 from . import app as demoapp
@@ -71,12 +72,24 @@ class AgentProcess:
     def _read_log(self) -> None:
         for line in self.proc.stderr:
             self.log.append(line.rstrip())
-            if "attached" in line:
+            if ATTACHED_RE.search(line):
                 self.attached.set()
 
     @property
+    def datapath(self) -> str:
+        """The datapath the agent attached ("kernel" or "userspace"), from its log; "" before."""
+        m = next((m for m in map(ATTACHED_RE.search, self.log) if m), None)
+        return m.group(1) if m else ""
+
+    @property
     def datapath_line(self) -> str:
-        return next((line.split("obi.agent: ", 1)[-1] for line in self.log if "datapath " in line), "?")
+        """What the agent attached and why: its choice, or the fallback that followed."""
+        why = ""
+        for line in self.log:
+            for marker in ("datapath chosen: ", "falling back"):
+                if marker in line:
+                    why = line.split("obi.agent: ", 1)[-1]
+        return f"datapath {self.datapath or '(none attached)'}" + (f" -- {why}" if why else "")
 
     def wait_attached(self, timeout: float = 30) -> None:
         if not self.attached.wait(timeout) or self.proc.poll() is not None:
@@ -189,6 +202,12 @@ def main(datapath: str = "auto", requests: int = 3, output: str = "text") -> int
             print(f"topology: client {client.addr} -> service {service.addr}:{PORT} -> backend {backend.addr}:{PORT}")
             for agent in agents:
                 print(f"agent on {agent.name}: {agent.datapath_line}")
+            if datapath != "auto":
+                wrong = [a for a in agents if a.datapath != datapath]
+                if wrong:
+                    print(f"demo FAILED: --datapath {datapath} was asked, but " + ", ".join(
+                        f"the {a.name} agent attached {a.datapath or 'nothing'}" for a in wrong))
+                    return 1
             wire: list[tuple[str, str]] = []
             for i in range(requests):
                 # As an upstream OpenTelemetry SDK would send it: a fresh trace each time.

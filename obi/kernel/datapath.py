@@ -52,22 +52,17 @@ from ..config import Config
 from ..datapath import SpanSink
 from ..errors import AttachError, BpfError, MissingFeature
 from . import attach, libbpf, ringbuf, tracefs
-from .abi import CFG_HDR_INSERT, CFG_HDR_READ, CFG_TCP, COUNTER_MAX, Counter
+from .abi import COUNTER_MAX, Counter
 from .events import Correlator
+from .loader import ADOPT_ITER, OBJECTS, THREAD_HOOKS, cfg_flags, load, open_object, shared_fds
 from .netns import in_netns
 
 log = logging.getLogger("obi.kernel.datapath")
 
-OBJECTS = ("egress", "ingress")  # egress first: it creates the shared maps; then the thread hook's
-
-# The iterator that adopts connections established before start(): object, program.
-ADOPT_ITER = ("iter", "obi_adopt")
 # Its output, one byte per established socket -> KernelDatapath.adopted key.
 ADOPT_CODES = {b"S": "server", b"C": "client", b"b": "in_flight", b"k": "known", b"e": "failed",
                b"o": "not_selected"}
 
-# Thread hooks (KernelDatapath thread_hook) -> their BPF object.
-THREAD_HOOKS = {"sock_recv_length": "threads", "syscalls": "threads_syscalls"}
 # The syscalls that read sockets, hooked by threads_syscalls (sock_recv_length fires for
 # all of them, from sock_recvmsg).
 SYSCALLS = ("read", "readv", "recvfrom", "recvmsg")
@@ -84,17 +79,6 @@ def choose_thread_hook(requested: str = "auto") -> str:
 
     return "syscalls" if probe_sock_recv_tracepoint().ok is False else "sock_recv_length"
 
-
-def cfg_flags(cfg: Config) -> int:
-    """obi_cfg_flags for the BPF programs. As in OBI: incoming traceparent headers are
-    continued with headers propagation or with track_request_headers alone; headers are
-    inserted only with headers propagation."""
-    flags = CFG_TCP if cfg.propagate_tcp else 0
-    if cfg.propagate_headers:
-        flags |= CFG_HDR_INSERT
-    if cfg.read_incoming_headers:
-        flags |= CFG_HDR_READ
-    return flags
 
 # --- the datapath --------------------------------------------------------------------
 
@@ -196,38 +180,20 @@ class KernelDatapath:
     # -- loading and attaching
 
     def _load(self) -> None:
+        """Load the objects; a failure is MissingFeature or ProgramRejected (loader.classify)."""
         shared: dict[str, int] = {}
         for name in (*OBJECTS, THREAD_HOOKS[self.thread_hook]):
-            obj = self._objs[name] = self._open(name, shared)
-            try:
-                obj.load()
-            except BpfError as e:
-                if "bpf_loop" in (e.log or "") or "unknown func" in (e.log or ""):
-                    raise MissingFeature("bpf_loop", "5.17", str(e).splitlines()[0]) from e
-                raise
+            obj = self._objs[name] = open_object(name, cfg_flags(self.cfg), shared)
+            load(obj)
             if not shared:
-                shared.update(self._shared_fds())
-
-    def _open(self, name: str, shared: dict[str, int]) -> libbpf.BpfObject:
-        """Open object `name` with the config flags set and the maps in `shared` reused."""
-        obj = libbpf.BpfObject.open(libbpf.object_path(name))
-        obj.set_global("obi_cfg_flags", struct.pack("=I", cfg_flags(self.cfg)))
-        for m in obj.maps():
-            if m.name in shared:
-                m.reuse_fd(shared[m.name])
-        return obj
-
-    def _shared_fds(self) -> dict[str, int]:
-        """The shared maps (obi_maps.h), as egress created them."""
-        return {m.name: m.fd for m in self._objs["egress"].maps() if not m.name.startswith(".")
-                and not m.name.endswith((".rodata", ".data", ".bss"))}
+                shared.update(shared_fds(obj))
 
     def _adopt(self) -> None:
         """Run ADOPT_ITER once, in the watched netns: connections established before start()
         join sock_hash (iter.bpf.c says which, and why that is safe). Without TCP
         iterators (Linux < 5.10 or so) they are left alone, as they were before."""
         try:
-            obj = self._open(ADOPT_ITER[0], self._shared_fds())
+            obj = open_object(ADOPT_ITER[0], cfg_flags(self.cfg), shared_fds(self._objs["egress"]))
         except BpfError as e:
             log.warning("pre-existing connections not adopted: %s", e)
             return

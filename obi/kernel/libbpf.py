@@ -391,16 +391,27 @@ def map_fd_by_id(map_id: int) -> int:
     return _check(_map_get_fd_by_id(map_id), f"bpf_map_get_fd_by_id({map_id})")
 
 
+# Offsets in struct bpf_prog_info (linux/bpf.h, stable UAPI: fields are only appended).
+_PI_NAME = 64
+_PI_RUN_TIME_NS = 192  # run_time_ns, run_cnt: counted while kernel.bpf_stats_enabled=1
+_PI_VERIFIED_INSNS = 216  # Linux >= 5.16; 0 on older kernels (the field is not filled)
+
+
 def prog_info(fd: int) -> dict[str, object]:
-    """id, type, tag (hex) and name of a loaded program, from struct bpf_prog_info."""
+    """id, type, tag (hex), name, verified_insns (instructions the verifier processed to
+    accept the program), run_time_ns and run_cnt of a loaded program, from struct
+    bpf_prog_info."""
     buf = ctypes.create_string_buffer(256)
     size = c_uint32(len(buf))
     _check(_obj_get_info_by_fd(fd, buf, ctypes.byref(size)), "bpf_obj_get_info_by_fd(prog)")
     raw = buf.raw
     ptype, pid = struct.unpack_from("=II", raw, 0)
     tag = raw[8:16].hex()
-    name = raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
-    return {"id": pid, "type": ptype, "tag": tag, "name": name}
+    name = raw[_PI_NAME : _PI_NAME + 16].split(b"\0", 1)[0].decode(errors="replace")
+    run_time_ns, run_cnt = struct.unpack_from("=QQ", raw, _PI_RUN_TIME_NS)
+    (verified,) = struct.unpack_from("=I", raw, _PI_VERIFIED_INSNS)
+    return {"id": pid, "type": ptype, "tag": tag, "name": name, "verified_insns": verified,
+            "run_time_ns": run_time_ns, "run_cnt": run_cnt}
 
 
 def map_info(fd: int) -> dict[str, object]:

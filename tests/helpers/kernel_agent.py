@@ -1,5 +1,6 @@
 """Agent: a KernelDatapath in the test process, watching one test host (its netns and
-cgroup), spans collected in a list. Skips the test if a kernel feature is missing.
+cgroup), spans collected in a list. Skips the test if a kernel feature is missing
+(`skips.skip_or_fail`).
 
 Nothing from obi.kernel is imported at module level: it loads libbpf.so.1, and a missing
 library must become a skip (`skips.skip_module_unless_kernel_path`), not an import error.
@@ -9,11 +10,10 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from obi import config
 from obi.errors import MissingFeature
 from obi.model import SpanKind, SpanRecord
+from tests.helpers.skips import skip_or_fail
 
 
 class Agent:
@@ -38,7 +38,7 @@ class Agent:
         try:
             self.dp.start()
         except MissingFeature as e:
-            pytest.skip(f"kernel feature missing: {e}")
+            skip_or_fail(e)
 
     def wait(self, pred, timeout: float = 10.0) -> list[SpanRecord]:
         deadline = time.monotonic() + timeout

@@ -144,6 +144,8 @@ class Env:
             self.agents[name] = AgentProcess(self.topo[name], name.upper(), self.datapath)
         for agent in self.agents.values():
             agent.wait_attached()
+            # The datapath asked for is the one attached (never a silent fallback).
+            assert agent.datapath == self.datapath, agent.tail()
 
     @property
     def hosts(self) -> tuple[Host, Host, Host]:

@@ -1,8 +1,10 @@
-"""Module-level skips of the integration tests, each naming what is missing.
+"""Skips of the integration tests, each naming what is missing.
 
 `skip_module_unless_kernel_path()` / `skip_module_unless_nfqueue(use)` are called at import
 by the kernel-path and userspace (NFQUEUE) test files; `nfqueue_missing(use)` tells why the
-userspace path cannot run here ("" when it can).
+userspace path cannot run here ("" when it can). `skip_or_fail(e)` turns a MissingFeature
+of the kernel path into a skip only where doctor's probes find the feature missing
+(`kernel_path_missing()`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import subprocess
 import pytest
 
 from obi.demo.topology import have_netns_tools
+from obi.errors import MissingFeature
 
 # The BPF objects the kernel datapath loads (built by `make -C bpf`).
 KERNEL_OBJECTS = ("egress", "ingress", "threads", "threads_syscalls", "iter")
@@ -57,3 +60,28 @@ def skip_module_unless_nfqueue(iptables_use: str) -> None:
     why = nfqueue_missing(iptables_use)
     if why:
         pytest.skip(why, allow_module_level=True)
+
+
+# The probes (obi doctor's) of what the kernel path needs from the kernel.
+KERNEL_PATH_PROBES = ("bpf_loop", "sockops", "sk_msg", "tc", "ringbuf", "cgroup_v2")
+
+
+def kernel_path_missing() -> str:
+    """What doctor's probes report missing for the kernel path ("" if nothing)."""
+    from obi.kernel import probes
+
+    found = probes.run_all()
+    missing = [f"{n}: {found[n].detail}" for n in KERNEL_PATH_PROBES if found[n].ok is False]
+    if found["sock_recv_tracepoint"].ok is False and found["syscall_tracepoints"].ok is False:
+        missing.append("no thread tracepoint (sock:sock_recv_length or syscalls)")
+    return "; ".join(missing)
+
+
+def skip_or_fail(e: MissingFeature) -> None:
+    """A test skips when the kernel lacks what the kernel path needs, as doctor's probes
+    tell; a MissingFeature on a kernel whose probes say it has everything is our defect
+    (a program the verifier rejects, a wrong classification): the test fails."""
+    missing = kernel_path_missing()
+    if missing:
+        pytest.skip(f"kernel feature missing: {e} (doctor: {missing})")
+    pytest.fail(f"the kernel path reported a missing feature, but doctor's probes find every one: {e}")

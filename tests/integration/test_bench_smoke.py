@@ -140,6 +140,14 @@ def _agent_arm(results: dict, arm: str) -> list[dict]:
         # Unavailable is allowed while the datapath cannot run here, but never silently.
         assert len(a["reason"]) > 10, a
         assert all(not r.get("summary") for r in a["runs"])
+        if arm == "kernel":
+            # Only a kernel that lacks a feature excuses the kernel arm (doctor's probes say
+            # which); our programs failing on a capable kernel is a failure.
+            from tests.helpers.skips import kernel_path_missing
+
+            missing = kernel_path_missing()
+            if not missing:
+                pytest.fail(f"kernel arm unavailable on a kernel with every feature: {a['reason'][:600]}")
         pytest.skip(f"{arm} arm unavailable: {a['reason'][:300]}")
     return [r for r in a["runs"] if r.get("summary")]
 
@@ -184,3 +192,14 @@ def test_micro_benchmarks_reported(run):
     if "unavailable" not in pipe:
         assert pipe["exported"] > 0 and pipe["received"] == pipe["exported"]
         assert pipe["spans_per_s"] > 0
+
+
+def test_verifier_table_recorded(run):
+    # The same table the verifier-budget test asserts on, in results.json and report.md.
+    results, out, _ = run
+    v = results["verifier"]
+    assert not v.get("unavailable"), v
+    assert len(v["programs"]) == 64 and v["budget"] == 250_000
+    assert all(0 < r["verified_insns"] <= v["budget"] and not r["error"] for r in v["programs"]), v["programs"]
+    md = (out / "report.md").read_text()
+    assert "## Verifier budget" in md and "obi_tc_ingress" in md

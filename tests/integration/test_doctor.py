@@ -82,7 +82,7 @@ def test_every_check_present(report: dict) -> None:
     assert names == [
         "kernel", "btf", "bpf_loop", "sock_recv_tracepoint", "tracefs", "sockops", "sk_msg", "tc", "tcx", "ringbuf",
         "cgroup_v2",
-        "lockdown", "bpf_probe_write_user", "capabilities", "iptables", "nfqueue", "datapath",
+        "lockdown", "bpf_probe_write_user", "capabilities", "iptables", "nfqueue", "programs", "datapath",
     ]
     assert report["kernel"] == os.uname().release
     assert all(c["status"] in ("ok", "warn", "fail") and c["detail"] for c in report["checks"])
@@ -148,3 +148,42 @@ def test_thread_tracepoint_probe_agrees_with_btf_and_tracefs(monkeypatch) -> Non
     release = tuple(int(x) for x in probes.kernel_release().split(".")[:2])
     if release >= (6, 3):
         assert from_btf.ok is True
+
+
+@pytest.mark.parametrize("propagation", ["all", "headers", "tcp", "disabled"])
+def test_doctor_loads_what_run_attaches(propagation: str, tmp_path) -> None:
+    """doctor loads the real objects in the configured mode; its choice is what the agent
+    attaches, and the programs the agent loaded are the ones doctor measured (same
+    verifier cost)."""
+    _need_probes_object()
+    from obi import config as config_mod
+
+    cfg = config_mod.load(env={"OTEL_EBPF_BPF_CONTEXT_PROPAGATION": propagation, "OTEL_EBPF_TRACE_PRINTER": "disabled"})
+    rep = doctor.report_json(doctor.run_checks(cfg))
+    if rep["datapath"] != "kernel":
+        from tests.helpers.skips import kernel_path_missing
+
+        assert kernel_path_missing(), f"doctor did not pick the kernel path on a capable kernel: {rep['datapath_reason']}"
+        pytest.skip(f"kernel path unavailable here: {rep['datapath_reason']}")
+    progs = {(p["object"], p["program"]): p for p in rep["programs"]}
+    assert progs and all(not p["error"] and 0 < p["verified_insns"] <= 250_000 and p["load_ms"] > 0
+                         for p in progs.values()), rep["programs"]
+
+    # What Agent.start does with that choice, in a namespace of the test's own.
+    from obi.demo.topology import Topology
+    from obi.kernel.datapath import KernelDatapath
+
+    assert doctor.choose_datapath(cfg).datapath is Datapath.KERNEL
+    with Topology(["h"], prefix="obidr") as topo:
+        host = topo["h"]
+        cfg = config_mod.load(env={"OTEL_EBPF_BPF_CONTEXT_PROPAGATION": propagation,
+                                   "OTEL_EBPF_TRACE_PRINTER": "disabled", "OTEL_EBPF_CGROUP_PATH": host.cgroup})
+        dp = KernelDatapath(cfg, lambda span: None, netns=host.netns_path, state_dir=str(tmp_path))
+        dp.start()
+        try:
+            loaded = {(name, p.name): p.info()["verified_insns"] for name, obj in dp._objs.items() for p in obj.programs()}
+        finally:
+            dp.stop()
+    assert loaded
+    for key, insns in loaded.items():
+        assert progs[key]["verified_insns"] == insns, (key, insns, progs[key])

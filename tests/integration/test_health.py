@@ -212,7 +212,7 @@ def test_counters_follow_the_backend(ports: tuple[int, ...]) -> None:
                 code, body = get(healthz)
                 assert code == 200, body
                 assert json.loads(body) == {"status": "ok", "datapath": "userspace", "attached": True,
-                                            "exporting": True, "reason": ""}
+                                            "exporting": True, "reason": "", "datapath_reason": ""}
 
                 # 2. Backend down: batches fail, the buffer overflows, /healthz turns 503.
                 gate.close()

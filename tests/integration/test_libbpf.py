@@ -19,7 +19,7 @@ from typing import Iterator
 
 import pytest
 
-from obi.errors import BpfError
+from obi.errors import BpfError, ProgramRejected
 from obi.kernel import attach, libbpf
 from obi.kernel.libbpf import BpfObject
 from obi.kernel.netns import in_netns, in_new_netns
@@ -176,6 +176,13 @@ def test_load_failure_carries_verifier_log() -> None:
             o.load()
     assert e.value.errno in (13, 22)  # EACCES from the verifier
     assert "outside of the packet" in e.value.log
+    # The loader tells a rejected program of ours from a missing kernel feature, on a
+    # real verifier log: named, with its count, never "needs Linux >= ...".
+    from obi.kernel.loader import classify
+
+    err = classify(e.value, "testprogs.bpf.o")
+    assert isinstance(err, ProgramRejected) and err.program == "obi_test_bad" and err.processed > 0
+    assert "outside of the packet" in str(err) and "needs Linux" not in str(err)
 
 
 def test_missing_object_names_build_step() -> None:

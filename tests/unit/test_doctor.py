@@ -23,6 +23,14 @@ def no_probing(monkeypatch: pytest.MonkeyPatch) -> None:
     # Not faked by a test: the tracepoint is there (as on every kernel >= 6.3).
     monkeypatch.setattr(probes, "probe_sock_recv_tracepoint", lambda: probes.Probe("sock_recv_tracepoint", True, "", "6.3"))
     monkeypatch.setattr(probes, "probe_syscall_tracepoints", lambda: probes.Probe("syscall_tracepoints", True, ""))
+    # The kernel path's own programs load (a test that says otherwise passes `programs`).
+    monkeypatch.setattr(doctor, "load_programs", lambda cfg: doctor.ProgramLoads((_row(),)))
+
+
+def _row(error: str = "", missing: bool = False, insns: int = 9_581):
+    from obi.kernel.loader import ProgramLoad
+
+    return ProgramLoad("ingress", "obi_tc_ingress", 7, 0 if error else insns, 10.0, error, missing)
 
 
 @pytest.mark.usefixtures("no_probing")
@@ -194,3 +202,35 @@ def test_probe_reports_missing_object(monkeypatch: pytest.MonkeyPatch) -> None:
     p = probes.probe_bpf_loop()
     assert p.ok is None and "not built" in p.detail and "make -C bpf" in p.detail
     assert doctor._feature(p, "warn", "x").status == "warn"
+
+
+@pytest.mark.usefixtures("no_probing")
+class TestProgramsDecide:
+    """auto picks the kernel path only when the programs obi run would load do load."""
+
+    def test_rejected_program_falls_back_and_names_it(self) -> None:
+        rejected = doctor.ProgramLoads((_row("BPF program obi_tc_ingress (ingress.bpf.o) rejected by the verifier "
+                                             "after 1,000,001 processed instructions"),))
+        choice = choose_datapath(Config(), bpf_loop_ok=True, nfqueue_ok=True, programs=rejected)
+        assert choice.datapath is Datapath.USERSPACE
+        assert "obi_tc_ingress" in choice.reason and "the kernel has the features" in choice.reason
+        assert "5.17" not in choice.reason
+
+    def test_missing_helper_falls_back_as_missing(self) -> None:
+        missing = doctor.ProgramLoads((_row("kernel feature unavailable: BPF helper bpf_loop (needs Linux >= 5.17)",
+                                            missing=True),))
+        choice = choose_datapath(Config(override_bpfloop_enabled=True), nfqueue_ok=True, programs=missing)
+        assert choice.datapath is Datapath.USERSPACE and "bpf_loop" in choice.reason
+
+    def test_loaded_programs_give_the_kernel_path_with_their_cost(self) -> None:
+        choice = choose_datapath(Config(), bpf_loop_ok=True, nfqueue_ok=True, programs=doctor.ProgramLoads((_row(),)))
+        assert choice.datapath is Datapath.KERNEL and "9,581" in choice.reason
+
+    def test_programs_check_over_budget_warns_and_rejection_fails_when_forced(self) -> None:
+        over = doctor._programs_check(doctor.ProgramLoads((_row(insns=300_000),)), Config(), doctor.WARN)
+        assert over.status == doctor.WARN and "over budget" in over.detail
+        ok = doctor._programs_check(doctor.ProgramLoads((_row(),)), Config(), doctor.WARN)
+        assert ok.status == doctor.OK and "9,581" in ok.detail
+        bad = doctor.ProgramLoads((_row("rejected by the verifier"),))
+        assert doctor._programs_check(bad, Config(datapath="kernel"), doctor.FAIL).status == doctor.FAIL
+        assert doctor._programs_check(bad, Config(), doctor.WARN).status == doctor.WARN

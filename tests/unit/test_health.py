@@ -188,7 +188,7 @@ def test_one_port_serves_both_paths() -> None:
         code, ctype, body = get(port, "/healthz")
         assert code == 200 and ctype == "application/json"
         assert json.loads(body) == {"status": "ok", "datapath": "kernel", "attached": True,
-                                    "exporting": True, "reason": ""}
+                                    "exporting": True, "reason": "", "datapath_reason": ""}
         code, ctype, body = get(port, "/internal/metrics")
         assert code == 200 and ctype.startswith("text/plain; version=0.0.4")
         fams = parse_exposition(body.decode())

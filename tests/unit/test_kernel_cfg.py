@@ -6,7 +6,7 @@ import pytest
 
 from obi import config
 from obi.kernel.abi import CFG_HDR_INSERT, CFG_HDR_READ, CFG_TCP
-from obi.kernel.datapath import cfg_flags
+from obi.kernel.loader import cfg_flags
 
 
 @pytest.mark.parametrize("propagation,track,want", [
