@@ -51,7 +51,7 @@ from .. import discovery
 from ..config import Config
 from ..datapath import SpanSink
 from ..errors import AttachError, BpfError, MissingFeature
-from . import attach, libbpf, ringbuf, tracefs
+from . import attach, libbpf, probes, ringbuf, tracefs
 from .abi import COUNTER_MAX, Counter
 from .events import Correlator
 from .loader import ADOPT_ITER, OBJECTS, THREAD_HOOKS, cfg_flags, load, open_object, shared_fds
@@ -75,9 +75,7 @@ def choose_thread_hook(requested: str = "auto") -> str:
         return requested
     if requested != "auto":
         raise ValueError(f"thread_hook must be auto or one of {sorted(THREAD_HOOKS)}, not {requested!r}")
-    from .probes import probe_sock_recv_tracepoint  # probes imports attach: keep it lazy
-
-    return "syscalls" if probe_sock_recv_tracepoint().ok is False else "sock_recv_length"
+    return "syscalls" if probes.probe_sock_recv_tracepoint().ok is False else "sock_recv_length"
 
 
 # --- the datapath --------------------------------------------------------------------
