@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 import socket
 import time
 from collections import OrderedDict, deque
@@ -28,7 +27,7 @@ from typing import Callable, Protocol
 
 from obi import w3c
 from obi.config import Config
-from obi.model import FLAG_RANDOM, FLAG_SAMPLED, Datapath, SpanKind, SpanRecord, TraceContext
+from obi.model import FLAG_RANDOM, FLAG_SAMPLED, Datapath, IdPool, SpanKind, SpanRecord, TraceContext
 
 from . import codec, tls
 from .http import Message, Stream
@@ -52,43 +51,8 @@ CLOSE_LINGER_S = 10.0  # after both FINs: keep translating the last ACKs/retrans
 RECENT_OPTIONS = 8  # kind-25 options remembered per flow, for retransmissions / late segments
 
 
-class _Ids:
-    """Random trace/span ids from os.urandom, read 4 KiB at a time and kept as hex text: one
-    syscall per ~170 root contexts instead of two per request, and no hex() per id (same
-    CSPRNG, never all-zero, as obi.model)."""
-
-    __slots__ = ("text", "at")
-    CHUNK = 4096
-
-    def __init__(self) -> None:
-        self.text = ""
-        self.at = 0
-
-    def hex(self, n: int) -> str:
-        """n random bytes as 2n hex digits, not all zero."""
-        width = 2 * n
-        while True:
-            at = self.at
-            if at + width > len(self.text):
-                self.text, at = os.urandom(self.CHUNK).hex(), 0
-            self.at = at + width
-            value = self.text[at : at + width]
-            if value.strip("0"):
-                return value
-
-    def pair(self) -> tuple[str, str]:
-        """hex(16), hex(8): the same ids from the same bytes, in one step when both fit."""
-        at = self.at
-        if at + 48 <= len(self.text):
-            text = self.text
-            trace, span = text[at : at + 32], text[at + 32 : at + 48]
-            if trace.strip("0") and span.strip("0"):
-                self.at = at + 48
-                return trace, span
-        return self.hex(16), self.hex(8)
-
-
-_ids = _Ids()
+# The packet thread's own id pool (pools are not thread-safe).
+_ids = IdPool()
 
 
 def new_root() -> TraceContext:
