@@ -40,11 +40,20 @@ def _packets() -> dict[str, bytes]:
     from scapy.packet import Raw
 
     ts = [("NOP", None), ("NOP", None), ("Timestamp", (123456, 654321))]
-    request = IP(src="198.18.0.1", dst="198.18.0.2") / TCP(
-        sport=40000, dport=8080, flags="PA", seq=1000, ack=2000, window=502, options=ts) / Raw(REQUEST)
+    request = (
+        IP(src="198.18.0.1", dst="198.18.0.2")
+        / TCP(sport=40000, dport=8080, flags="PA", seq=1000, ack=2000, window=502, options=ts)
+        / Raw(REQUEST)
+    )
     sack_ack = IP(src="198.18.0.2", dst="198.18.0.1") / TCP(
-        sport=8080, dport=40000, flags="A", seq=2000, ack=1300, window=502,
-        options=[("NOP", None), ("NOP", None), ("SAck", (1500, 2948, 4396, 5844))])
+        sport=8080,
+        dport=40000,
+        flags="A",
+        seq=2000,
+        ack=1300,
+        window=502,
+        options=[("NOP", None), ("NOP", None), ("SAck", (1500, 2948, 4396, 5844))],
+    )
     return {"request": bytes(request), "sack_ack": bytes(sack_ack)}
 
 
@@ -120,19 +129,39 @@ def bench_span_pipeline(scale: float = 1.0, timeout_s: float = 120.0) -> dict[st
     try:
         if not sink.wait_for(lambda: "ready" in sink.out, 15):
             return {"unavailable": "OTLP sink did not start: " + " | ".join(sink.tail())}
-        cfg = config_mod.load(env={
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-            "OTEL_EBPF_TRACE_PRINTER": "disabled",
-            "OTEL_SERVICE_NAME": "obi-bench",
-            "OTEL_EBPF_SHUTDOWN_TIMEOUT": "30s",
-        })
+        cfg = config_mod.load(
+            env={
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                "OTEL_EBPF_TRACE_PRINTER": "disabled",
+                "OTEL_SERVICE_NAME": "obi-bench",
+                "OTEL_EBPF_SHUTDOWN_TIMEOUT": "30s",
+            }
+        )
         n = max(2000, int(100000 * scale))
         now = time.time_ns()
-        recs = [SpanRecord(new_trace_id(), new_span_id(), "", SpanKind.SERVER, now + i * 1000, now + i * 1000 + 50000,
-                           "GET", f"/items/{i % 100}", 200, host="198.18.0.2:8080", local_addr="198.18.0.2",
-                           local_port=8080, peer_addr="198.18.0.1", peer_port=40000 + i % 20000, pid=1234, tid=1234,
-                           exe="/usr/bin/python3") for i in range(n)]
+        recs = [
+            SpanRecord(
+                new_trace_id(),
+                new_span_id(),
+                "",
+                SpanKind.SERVER,
+                now + i * 1000,
+                now + i * 1000 + 50000,
+                "GET",
+                f"/items/{i % 100}",
+                200,
+                host="198.18.0.2:8080",
+                local_addr="198.18.0.2",
+                local_port=8080,
+                peer_addr="198.18.0.1",
+                peer_port=40000 + i % 20000,
+                pid=1234,
+                tid=1234,
+                exe="/usr/bin/python3",
+            )
+            for i in range(n)
+        ]
         exp = Exporter(cfg)
         call_ns = 0
         t0 = time.perf_counter()

@@ -76,8 +76,14 @@ class _Receiver:
     """`keep=False`: count spans without keeping the requests (a benchmark sends hundreds of
     thousands); `on_count(total)` is called after each request, in arrival order."""
 
-    def __init__(self, port: int = 0, *, host: str = "127.0.0.1", keep: bool = True,
-                 on_count: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        port: int = 0,
+        *,
+        host: str = "127.0.0.1",
+        keep: bool = True,
+        on_count: Callable[[int], None] | None = None,
+    ):
         self.port = port or free_port()
         self.host = host
         self.keep = keep

@@ -108,8 +108,7 @@ def parse(data: bytes) -> Packet | None:
     if tcp_hlen < 20 or tcp_off + tcp_hlen > end:
         return None
     payload_off = tcp_off + tcp_hlen
-    return Packet(data, v6, tcp_off, src, dst, sport, dport, seq, ack, flags, tcp_hlen, payload_off,
-                  end - payload_off)
+    return Packet(data, v6, tcp_off, src, dst, sport, dport, seq, ack, flags, tcp_hlen, payload_off, end - payload_off)
 
 
 def iter_options(opts: bytes | memoryview):

@@ -97,22 +97,40 @@ class UserspaceDatapath:
                 log.info("userspace datapath: %s (left by a killed agent)", line)
             self._journal = shift_journal.Journal()
             resumed = self._journal.open()
-            self.tracker = Tracker(self.cfg, self._spans.append, self.owners, mtu=mtu, mark=rules.MARK,
-                                   shift_mark=rules.SHIFT, journal=self._journal)
+            self.tracker = Tracker(
+                self.cfg,
+                self._spans.append,
+                self.owners,
+                mtu=mtu,
+                mark=rules.MARK,
+                shift_mark=rules.SHIFT,
+                journal=self._journal,
+            )
             for key, (base, inserts) in resumed.items():
                 self.tracker.resume(key, base, inserts)
             if resumed:
-                log.info("userspace datapath: resumed translation of %d connection(s) with inserted headers",
-                         len(resumed))
+                log.info(
+                    "userspace datapath: resumed translation of %d connection(s) with inserted headers", len(resumed)
+                )
             self._set_liberal()
-            self._queue = QueueLoop(self.queue_num, rules.observe_queue(self.queue_num), self._handle,
-                                    on_idle=self._idle, on_loss=self._lost)
+            self._queue = QueueLoop(
+                self.queue_num,
+                rules.observe_queue(self.queue_num),
+                self._handle,
+                on_idle=self._idle,
+                on_loss=self._lost,
+            )
             self._queue.start()  # read before the rules send us packets
             self._rules = rules.Rules(ports, self.queue_num, clamp_mss(mtu, self.cfg.propagate_tcp), self.instance)
             self._rules.__enter__()
-            log.info("userspace datapath: queues %d (sync) and %d (observe), ports %s, mtu %d (links outgoing "
-                     "calls per process, not per thread)", self.queue_num, rules.observe_queue(self.queue_num),
-                     ports, mtu)
+            log.info(
+                "userspace datapath: queues %d (sync) and %d (observe), ports %s, mtu %d (links outgoing "
+                "calls per process, not per thread)",
+                self.queue_num,
+                rules.observe_queue(self.queue_num),
+                ports,
+                mtu,
+            )
         except MissingFeature:
             self.stop()
             raise
@@ -172,8 +190,13 @@ class UserspaceDatapath:
             time.sleep(0.05)
         reset = sum(shift_journal.abort(key) for key in left)
         if left:
-            log.warning("userspace datapath: %d connection(s) with inserted headers still open after %.1fs "
-                        "of draining; reset %d of them", len(left), self.drain_s, reset)
+            log.warning(
+                "userspace datapath: %d connection(s) with inserted headers still open after %.1fs "
+                "of draining; reset %d of them",
+                len(left),
+                self.drain_s,
+                reset,
+            )
             time.sleep(0.1)  # let the queue translate the resets
         self.drain_stats = {"drain_left": len(left), "drain_reset": reset}
 

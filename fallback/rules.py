@@ -60,8 +60,9 @@ def observe_queue(queue: int) -> int:
     return queue + 1
 
 
-def rule_specs(ports: Sequence[tuple[int, int]], queue: int, mss: int, tag: str,
-               clients: bool = True) -> list[tuple[str, list[str]]]:
+def rule_specs(
+    ports: Sequence[tuple[int, int]], queue: int, mss: int, tag: str, clients: bool = True
+) -> list[tuple[str, list[str]]]:
     """(chain, rule arguments) in insertion order; the same list for both IP versions.
     Client-side rules come first: a connection of a selected process to a local watched
     port is a client connection on both hooks, so it must not reach the observe queue."""
@@ -80,8 +81,21 @@ def rule_specs(ports: Sequence[tuple[int, int]], queue: int, mss: int, tag: str,
             ("INPUT", ["-p", "tcp", *conn, *c, *q]),
             ("OUTPUT", ["-p", "tcp", *conn, *c, *q]),
             ("OUTPUT", ["-p", "tcp", "--syn", *c, *q]),
-            ("POSTROUTING", ["-m", "mark", "--mark", f"{MARK:#x}/{MARK:#x}", *c,
-                             "-j", "CONNMARK", "--save-mark", "--mask", f"{MARK | SHIFT:#x}"]),
+            (
+                "POSTROUTING",
+                [
+                    "-m",
+                    "mark",
+                    "--mark",
+                    f"{MARK:#x}/{MARK:#x}",
+                    *c,
+                    "-j",
+                    "CONNMARK",
+                    "--save-mark",
+                    "--mask",
+                    f"{MARK | SHIFT:#x}",
+                ],
+            ),
         ]
     for chunk in _multiport_chunks(ports):
         specs += [
@@ -98,8 +112,9 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess:
 class Rules:
     """Add the rules on enter, delete exactly those on exit (also after a partial enter)."""
 
-    def __init__(self, ports: Sequence[tuple[int, int]], queue: int, mss: int, instance: str,
-                 clients: bool = True) -> None:
+    def __init__(
+        self, ports: Sequence[tuple[int, int]], queue: int, mss: int, instance: str, clients: bool = True
+    ) -> None:
         self.tag = f"{TAG_PREFIX}-{instance}"
         self.specs = rule_specs(ports, queue, mss, self.tag, clients)
         self.added: list[tuple[str, str, list[str]]] = []

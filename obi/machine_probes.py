@@ -41,7 +41,9 @@ def read_lockdown() -> tuple[str, str]:
         if not os.path.exists(path) and not os.path.ismount(SECURITYFS) and os.path.isdir(SECURITYFS):
             res = subprocess.run(
                 ["mount", "-t", "securityfs", "securityfs", SECURITYFS],
-                capture_output=True, text=True, timeout=5,
+                capture_output=True,
+                text=True,
+                timeout=5,
             )
             mounted_here = res.returncode == 0
             if not mounted_here:
@@ -110,9 +112,7 @@ def probe_capabilities() -> Probe:
 
 def probe_iptables() -> Probe:
     try:
-        out = subprocess.run(
-            ["iptables", "--version"], capture_output=True, text=True, timeout=5
-        ).stdout.strip()
+        out = subprocess.run(["iptables", "--version"], capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError) as e:
         return Probe("iptables", False, f"iptables not usable: {e}")
     m = re.search(r"\((nf_tables|legacy)\)", out)
@@ -128,19 +128,36 @@ def probe_nfqueue() -> Probe:
     try:
         from obi.fallback import _nfq  # noqa: F401
     except ImportError as e:
-        return Probe("nfqueue", False, f"NFQUEUE reader extension obi.fallback._nfq not built ({e}); "
-                                       "reinstall obi-py with a C compiler")
+        return Probe(
+            "nfqueue",
+            False,
+            f"NFQUEUE reader extension obi.fallback._nfq not built ({e}); reinstall obi-py with a C compiler",
+        )
     ns = f"{NETNS_PREFIX}-{os.getpid()}-{secrets.token_hex(3)}"
     try:
         res = subprocess.run(["ip", "netns", "add", ns], capture_output=True, text=True, timeout=10)
         if res.returncode != 0:
             return Probe("nfqueue", False, f"cannot create a network namespace: {res.stderr.strip()}")
-        rule = ["iptables", "-A", "OUTPUT", "-p", "tcp", "--dport", "9", "-j", "NFQUEUE",
-                "--queue-num", "7", "--queue-bypass"]
+        rule = [
+            "iptables",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "9",
+            "-j",
+            "NFQUEUE",
+            "--queue-num",
+            "7",
+            "--queue-bypass",
+        ]
         res = subprocess.run(["ip", "netns", "exec", ns, *rule], capture_output=True, text=True, timeout=10)
         if res.returncode != 0:
             return Probe("nfqueue", False, f"iptables refused an NFQUEUE rule: {res.stderr.strip()}")
-        return Probe("nfqueue", True, "NFQUEUE reader (obi.fallback._nfq) built, iptables accepts NFQUEUE --queue-bypass")
+        return Probe(
+            "nfqueue", True, "NFQUEUE reader (obi.fallback._nfq) built, iptables accepts NFQUEUE --queue-bypass"
+        )
     except (OSError, subprocess.SubprocessError) as e:
         return Probe("nfqueue", False, f"{type(e).__name__}: {e}")
     finally:

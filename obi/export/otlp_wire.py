@@ -30,8 +30,14 @@ from .semconv import SCOPE, ResourceCache, is_error, is_tls, span_attributes, sp
 
 log = logging.getLogger("obi.export")
 
-_WIRE_TYPES = {_FD.TYPE_FIXED64: 1, _FD.TYPE_DOUBLE: 1, _FD.TYPE_FIXED32: 5,
-               _FD.TYPE_STRING: 2, _FD.TYPE_BYTES: 2, _FD.TYPE_MESSAGE: 2}  # anything else: varint
+_WIRE_TYPES = {
+    _FD.TYPE_FIXED64: 1,
+    _FD.TYPE_DOUBLE: 1,
+    _FD.TYPE_FIXED32: 5,
+    _FD.TYPE_STRING: 2,
+    _FD.TYPE_BYTES: 2,
+    _FD.TYPE_MESSAGE: 2,
+}  # anything else: varint
 
 
 def _encode_varint(n: int) -> bytes:
@@ -95,10 +101,13 @@ _STATUS_ERROR = _len_field(_tag(_PbSpan, "status"), _tag(_PbStatus, "code") + _v
 _HAS_IS_REMOTE = _trace_pb2.SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
 _FLAGS_ROOT = _tag(_PbSpan, "flags") + struct.pack("<I", _HAS_IS_REMOTE)
 _FLAGS_REMOTE_PARENT = _tag(_PbSpan, "flags") + struct.pack(
-    "<I", _HAS_IS_REMOTE | _trace_pb2.SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK)
-_SCOPE = _len_field(_tag(_trace_pb2.ScopeSpans, "scope"),
-                    _len_field(_tag(_common_pb2.InstrumentationScope, "name"), SCOPE.name.encode())
-                    + _len_field(_tag(_common_pb2.InstrumentationScope, "version"), (SCOPE.version or "").encode()))
+    "<I", _HAS_IS_REMOTE | _trace_pb2.SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
+)
+_SCOPE = _len_field(
+    _tag(_trace_pb2.ScopeSpans, "scope"),
+    _len_field(_tag(_common_pb2.InstrumentationScope, "name"), SCOPE.name.encode())
+    + _len_field(_tag(_common_pb2.InstrumentationScope, "version"), (SCOPE.version or "").encode()),
+)
 _U64 = struct.Struct("<Q").pack
 _INT64_RANGE = range(-(1 << 63), 1 << 63)
 
@@ -123,7 +132,9 @@ def _any_value(value: object) -> bytes:
     if isinstance(value, collections.abc.Sequence):
         return _len_field(_T_ARRAY, b"".join(_len_field(_T_ARRAY_VALUE, _any_value(v)) for v in value))
     if isinstance(value, collections.abc.Mapping):
-        return _len_field(_T_KVLIST, b"".join(_len_field(_T_KVLIST_VALUE, _key_value(str(k), v)) for k, v in value.items()))
+        return _len_field(
+            _T_KVLIST, b"".join(_len_field(_T_KVLIST_VALUE, _key_value(str(k), v)) for k, v in value.items())
+        )
     raise TypeError(f"invalid attribute value type {type(value).__name__}")
 
 
@@ -180,14 +191,28 @@ class WireEncoder:
         hk = (rec.method, rec.kind, is_tls(rec))  # what span_name() and the kind field read
         head = self._heads.get(hk)
         if head is None:
-            head = self._cached(self._heads, hk,
-                                _len_field(_T_NAME, span_name(rec).encode()) + _T_KIND + _varint(_PB_KIND[rec.kind]))
+            head = self._cached(
+                self._heads, hk, _len_field(_T_NAME, span_name(rec).encode()) + _T_KIND + _varint(_PB_KIND[rec.kind])
+            )
         parts += (head, _T_START, _U64(rec.start_ns), _T_END, _U64(max(rec.end_ns, rec.start_ns)))
         # Everything span_attributes() reads: spans of one keep-alive connection and route
         # repeat it, so their whole attribute block (and status) is encoded once.
-        bk = (rec.kind, rec.method, rec.path, rec.status, rec.scheme, rec.host, rec.local_addr, rec.local_port,
-              rec.peer_addr, rec.peer_port, rec.datapath, rec.tid, rec.pid,
-              tuple(rec.extra.items()) if rec.extra else ())
+        bk = (
+            rec.kind,
+            rec.method,
+            rec.path,
+            rec.status,
+            rec.scheme,
+            rec.host,
+            rec.local_addr,
+            rec.local_port,
+            rec.peer_addr,
+            rec.peer_port,
+            rec.datapath,
+            rec.tid,
+            rec.pid,
+            tuple(rec.extra.items()) if rec.extra else (),
+        )
         try:
             block = self._blocks.get(bk)
         except TypeError:  # an unhashable value in `extra`

@@ -46,9 +46,16 @@ log = logging.getLogger("obi.export")
 class _BatchSender:
     """Bounded buffer + "obi-otlp" thread: batches of up to `batch_size` -> `send(batch)`."""
 
-    def __init__(self, send: Callable[[list[Any]], bool], shutdown: Callable[[], None], max_buffer: int,
-                 batch_size: int, delay_s: float, on_drop: Callable[[int], None],
-                 on_result: Callable[[int, bool], None]):
+    def __init__(
+        self,
+        send: Callable[[list[Any]], bool],
+        shutdown: Callable[[], None],
+        max_buffer: int,
+        batch_size: int,
+        delay_s: float,
+        on_drop: Callable[[int], None],
+        on_result: Callable[[int, bool], None],
+    ):
         self._send = send
         self._shutdown = shutdown
         self._buf: list[Any] = []
@@ -68,7 +75,7 @@ class _BatchSender:
             room = 0 if self._closing else self._max - len(self._buf)
             if room < len(items):
                 self._on_drop(len(items) - max(room, 0))
-                items = items[:max(room, 0)]
+                items = items[: max(room, 0)]
             self._buf += items
             if len(self._buf) >= self._batch:
                 self._cond.notify()
@@ -78,8 +85,8 @@ class _BatchSender:
             with self._cond:
                 if not self._closing and len(self._buf) < self._batch:
                     self._cond.wait(self._delay)
-                batch = self._buf[:self._batch]
-                del self._buf[:self._batch]
+                batch = self._buf[: self._batch]
+                del self._buf[: self._batch]
                 done = self._closing and not self._buf and not batch
             if batch:
                 try:
@@ -156,8 +163,9 @@ class Exporter:
                 send = lambda batch: send_payload(Payload(encoder.request(batch), len(batch)))  # noqa: E731
             else:
                 send = lambda batch: inner.export(batch) is SpanExportResult.SUCCESS  # noqa: E731
-            self._sender = _BatchSender(send, inner.shutdown, queue_size, batch_size, schedule_delay_s,
-                                        self._count_drop, self._on_export_result)
+            self._sender = _BatchSender(
+                send, inner.shutdown, queue_size, batch_size, schedule_delay_s, self._count_drop, self._on_export_result
+            )
         # A deque, not queue.Queue: append/popleft are atomic under the GIL and cost a
         # fraction of Queue.put_nowait (no lock, no condition). The bound is checked before
         # the append; concurrent producers can overshoot it by at most one record each.

@@ -122,7 +122,10 @@ def _tc_filters_present(ifname: str) -> bool | None:
         for direction in ("ingress", "egress"):
             out = subprocess.run(
                 ["tc", "filter", "show", "dev", ifname, direction],
-                capture_output=True, text=True, timeout=5, check=True,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
             ).stdout
             if out.strip():
                 return True
@@ -274,9 +277,7 @@ class TcAttachment:
                 self._netns_fd = None
 
     def _detach_tc(self) -> None:
-        same = self._netns_fd is None or os.fstat(self._netns_fd)[1:3] == os.stat(
-            "/proc/thread-self/ns/net"
-        )[1:3]
+        same = self._netns_fd is None or os.fstat(self._netns_fd)[1:3] == os.stat("/proc/thread-self/ns/net")[1:3]
         ns = None if same else f"/proc/self/fd/{self._netns_fd}"
         with in_netns(ns):
             tc_point, _ = _DIRECTIONS[self.direction]

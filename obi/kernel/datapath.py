@@ -60,8 +60,7 @@ from .netns import in_netns
 log = logging.getLogger("obi.kernel.datapath")
 
 # Its output, one byte per established socket -> KernelDatapath.adopted key.
-ADOPT_CODES = {b"S": "server", b"C": "client", b"b": "in_flight", b"k": "known", b"e": "failed",
-               b"o": "not_selected"}
+ADOPT_CODES = {b"S": "server", b"C": "client", b"b": "in_flight", b"k": "known", b"e": "failed", b"o": "not_selected"}
 
 # The syscalls that read sockets, hooked by threads_syscalls (sock_recv_length fires for
 # all of them, from sock_recvmsg).
@@ -228,8 +227,9 @@ class KernelDatapath:
         with in_netns(self.netns):
             for ifindex, ifname in socket.if_nameindex():
                 for direction in ("ingress", "egress"):
-                    a = attach.TcAttachment(tc.program(f"obi_tc_{direction}"), ifindex, direction, backend,
-                                            state_dir=sd)
+                    a = attach.TcAttachment(
+                        tc.program(f"obi_tc_{direction}"), ifindex, direction, backend, state_dir=sd
+                    )
                     try:
                         a.attach()
                     except (AttachError, BpfError) as e:

@@ -42,7 +42,10 @@ log = logging.getLogger("obi.kernel.events")
 
 SpanSink = Callable[[SpanRecord], None]
 MAX_OPEN_PER_CONN = 64
-_SERVER_SPAN, _CLIENT_SPAN = int(EventKind.SERVER_SPAN), int(EventKind.CLIENT_SPAN)  # plain ints: hot path  # open requests kept per connection (pipelining depth)
+_SERVER_SPAN, _CLIENT_SPAN = (
+    int(EventKind.SERVER_SPAN),
+    int(EventKind.CLIENT_SPAN),
+)  # plain ints: hot path  # open requests kept per connection (pipelining depth)
 
 
 def monotonic_to_epoch_offset() -> int:

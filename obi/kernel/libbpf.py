@@ -221,9 +221,7 @@ _map_lookup = _fn("bpf_map_lookup_elem", c_int, c_int, c_void_p, c_void_p)
 _map_update = _fn("bpf_map_update_elem", c_int, c_int, c_void_p, c_void_p, c_uint64)
 _map_delete = _fn("bpf_map_delete_elem", c_int, c_int, c_void_p)
 _map_next_key = _fn("bpf_map_get_next_key", c_int, c_int, c_void_p, c_void_p)
-_map_create = _fn(
-    "bpf_map_create", c_int, c_int, c_char_p, c_uint32, c_uint32, c_uint32, c_void_p
-)
+_map_create = _fn("bpf_map_create", c_int, c_int, c_char_p, c_uint32, c_uint32, c_uint32, c_void_p)
 
 _prog_test_run_opts = _fn("bpf_prog_test_run_opts", c_int, c_int, c_void_p)
 _prog_attach_fd = _fn("bpf_prog_attach", c_int, c_int, c_int, c_int, c_uint)
@@ -298,9 +296,7 @@ def tc_hook(ifindex: int, attach_point: int) -> TcHook:
 
 
 def tc_opts(prog_fd: int = 0, handle: int = 0, priority: int = 0, flags: int = 0) -> TcOpts:
-    return TcOpts(
-        sz=ctypes.sizeof(TcOpts), prog_fd=prog_fd, handle=handle, priority=priority, flags=flags
-    )
+    return TcOpts(sz=ctypes.sizeof(TcOpts), prog_fd=prog_fd, handle=handle, priority=priority, flags=flags)
 
 
 def tc_hook_create(hook: TcHook) -> bool:
@@ -364,9 +360,7 @@ def link_create(prog_fd: int, target: int, attach_type: int, flags: int = 0) -> 
     try:
         return bpf_syscall(BPF_LINK_CREATE, attr)
     except BpfError as e:
-        raise BpfError(
-            f"link create (attach_type={attach_type}, target={target})", e.errno
-        ) from None
+        raise BpfError(f"link create (attach_type={attach_type}, target={target})", e.errno) from None
 
 
 def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, name: str = "") -> int:
@@ -410,8 +404,15 @@ def prog_info(fd: int) -> dict[str, object]:
     name = raw[_PI_NAME : _PI_NAME + 16].split(b"\0", 1)[0].decode(errors="replace")
     run_time_ns, run_cnt = struct.unpack_from("=QQ", raw, _PI_RUN_TIME_NS)
     (verified,) = struct.unpack_from("=I", raw, _PI_VERIFIED_INSNS)
-    return {"id": pid, "type": ptype, "tag": tag, "name": name, "verified_insns": verified,
-            "run_time_ns": run_time_ns, "run_cnt": run_cnt}
+    return {
+        "id": pid,
+        "type": ptype,
+        "tag": tag,
+        "name": name,
+        "verified_insns": verified,
+        "run_time_ns": run_time_ns,
+        "run_cnt": run_cnt,
+    }
 
 
 def map_info(fd: int) -> dict[str, object]:
@@ -565,9 +566,7 @@ class Program:
 
     def attach_cgroup(self, cgroup_fd: int) -> Link:
         with _Capture() as cap:
-            return self._link(
-                _prog_attach_cgroup(self._ptr, cgroup_fd), f"attach {self.name} to cgroup", cap
-            )
+            return self._link(_prog_attach_cgroup(self._ptr, cgroup_fd), f"attach {self.name} to cgroup", cap)
 
     def attach_tracepoint(self, category: str, name: str) -> Link:
         with _Capture() as cap:
@@ -597,9 +596,7 @@ class Program:
                 os.close(fd)
             return bytes(out)
 
-    def test_run(
-        self, data: bytes, ctx: bytes | None = None, repeat: int = 1
-    ) -> tuple[int, bytes]:
+    def test_run(self, data: bytes, ctx: bytes | None = None, repeat: int = 1) -> tuple[int, bytes]:
         """BPF_PROG_TEST_RUN: (program return value, packet data after the run)."""
         res = self.test_run_ex(data, ctx, repeat)
         return res.retval, res.data_out
@@ -875,9 +872,7 @@ def _datasec_var(btf: int, section: str, var: str) -> tuple[int, int] | None:
     if sec_id < 0:
         return None
     t = _btf_type_by_id(btf, sec_id)
-    _, info, _ = struct.unpack(
-        "=III", ctypes.string_at(t, 12)
-    )
+    _, info, _ = struct.unpack("=III", ctypes.string_at(t, 12))
     vlen = info & 0xFFFF
     raw = ctypes.string_at(t + 12, 12 * vlen)
     for i in range(vlen):

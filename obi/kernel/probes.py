@@ -57,9 +57,7 @@ def _verifier_reason(log_text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _with_probe(
-    prog_name: str, use: Callable[[libbpf.Program], str] | None = None
-) -> tuple[bool | None, str]:
+def _with_probe(prog_name: str, use: Callable[[libbpf.Program], str] | None = None) -> tuple[bool | None, str]:
     """Load only `prog_name` from the probes object; then `use(prog)` may try more
     (its return value is the detail). Returns (ok, detail)."""
     if libbpf is None:

@@ -29,11 +29,29 @@ class Conn:
         return IPv6(src=src, dst=dst) if self.v6 else IP(src=src, dst=dst)
 
     def out(self, flags="PA", payload=b"", seq=None, ack=None, **kw):
-        return bytes(self._ip(self.l, self.p) / TCP(sport=self.lp, dport=self.pp, flags=flags,
-                                                    seq=self.lseq if seq is None else seq,
-                                                    ack=self.pseq if ack is None else ack, **kw) / payload)
+        return bytes(
+            self._ip(self.l, self.p)
+            / TCP(
+                sport=self.lp,
+                dport=self.pp,
+                flags=flags,
+                seq=self.lseq if seq is None else seq,
+                ack=self.pseq if ack is None else ack,
+                **kw,
+            )
+            / payload
+        )
 
     def inn(self, flags="PA", payload=b"", seq=None, ack=None, **kw):
-        return bytes(self._ip(self.p, self.l) / TCP(sport=self.pp, dport=self.lp, flags=flags,
-                                                    seq=self.pseq if seq is None else seq,
-                                                    ack=self.lseq if ack is None else ack, **kw) / payload)
+        return bytes(
+            self._ip(self.p, self.l)
+            / TCP(
+                sport=self.pp,
+                dport=self.lp,
+                flags=flags,
+                seq=self.pseq if seq is None else seq,
+                ack=self.lseq if ack is None else ack,
+                **kw,
+            )
+            / payload
+        )

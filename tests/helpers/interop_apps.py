@@ -67,8 +67,9 @@ def server(port: int, spans_file: str) -> None:
 
     provider = _provider("sdk-server")
     out = open(spans_file, "a", buffering=1, encoding="utf-8")
-    provider.add_span_processor(SimpleSpanProcessor(
-        ConsoleSpanExporter(out=out, formatter=lambda span: json.dumps(span_json(span)) + "\n")))
+    provider.add_span_processor(
+        SimpleSpanProcessor(ConsoleSpanExporter(out=out, formatter=lambda span: json.dumps(span_json(span)) + "\n"))
+    )
 
     def app(environ, start_response):
         headers = [[k[5:].replace("_", "-").title(), v] for k, v in environ.items() if k.startswith("HTTP_")]

@@ -19,22 +19,37 @@ from tests.helpers.skips import skip_or_fail
 class Agent:
     """A KernelDatapath watching one host; spans land in .spans."""
 
-    def __init__(self, host, tmp_path, propagation: str = "headers", ports: str = "8080,8081",
-                 env: dict[str, str] | None = None, sink=None, thread_hook: str = "auto"):
+    def __init__(
+        self,
+        host,
+        tmp_path,
+        propagation: str = "headers",
+        ports: str = "8080,8081",
+        env: dict[str, str] | None = None,
+        sink=None,
+        thread_hook: str = "auto",
+    ):
         """sink: called with each span instead of collecting them in .spans; thread_hook:
         KernelDatapath's choice of thread-linking tracepoints ("auto", "sock_recv_length",
         "syscalls")."""
         from obi.kernel.datapath import KernelDatapath  # loads libbpf: see the module doc
 
         self.spans: list[SpanRecord] = []
-        cfg = config.load(env={
-            "OTEL_EBPF_BPF_CONTEXT_PROPAGATION": propagation,
-            "OTEL_EBPF_OPEN_PORT": ports,
-            "OTEL_EBPF_CGROUP_PATH": host.cgroup,
-            **(env or {}),
-        })
-        self.dp = KernelDatapath(cfg, sink or self.spans.append, netns=host.netns_path,
-                                 state_dir=str(tmp_path / host.name), thread_hook=thread_hook)
+        cfg = config.load(
+            env={
+                "OTEL_EBPF_BPF_CONTEXT_PROPAGATION": propagation,
+                "OTEL_EBPF_OPEN_PORT": ports,
+                "OTEL_EBPF_CGROUP_PATH": host.cgroup,
+                **(env or {}),
+            }
+        )
+        self.dp = KernelDatapath(
+            cfg,
+            sink or self.spans.append,
+            netns=host.netns_path,
+            state_dir=str(tmp_path / host.name),
+            thread_hook=thread_hook,
+        )
         try:
             self.dp.start()
         except MissingFeature as e:

@@ -113,8 +113,7 @@ class _Recorder(socketserver.BaseRequestHandler):
             raw = read_message(conn)
             if raw is None:
                 return
-            head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                    b"Content-Length: %d\r\n\r\n" % len(raw))
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % len(raw)
             self.request.sendall(head + raw)
 
 
@@ -173,15 +172,19 @@ class Driver:
             conn = self.http_conns[key]
             body = pattern(job["size"])
             if job.get("chunked"):
-                pieces = [body[i:i + 7000] for i in range(0, len(body), 7000)]
+                pieces = [body[i : i + 7000] for i in range(0, len(body), 7000)]
                 conn.request("POST", "/echo", body=iter(pieces), encode_chunked=True)
             else:
                 conn.request("POST", "/echo", body=body)
             resp = conn.getresponse()
             data = resp.read()
-            return {"status": resp.status, "sent_sha": hashlib.sha256(body).hexdigest(),
-                    "c_sha": resp.getheader("X-Body-Sha256"), "back_sha": hashlib.sha256(data).hexdigest(),
-                    "len": len(data)}
+            return {
+                "status": resp.status,
+                "sent_sha": hashlib.sha256(body).hexdigest(),
+                "c_sha": resp.getheader("X-Body-Sha256"),
+                "back_sha": hashlib.sha256(data).hexdigest(),
+                "len": len(data),
+            }
         raise ValueError(f"unknown op {op}")
 
 

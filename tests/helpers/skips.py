@@ -41,7 +41,7 @@ def skip_module_unless_kernel_path(tools: dict[str, str] | None = None) -> None:
 
 
 def nfqueue_missing(iptables_use: str) -> str:
-    """"" when the userspace (NFQUEUE) path can run here, else the reason: namespaces, the
+    """ "" when the userspace (NFQUEUE) path can run here, else the reason: namespaces, the
     NFQUEUE reader extension, iptables. iptables_use: what the caller needs iptables for."""
     why = have_netns_tools()
     if why:

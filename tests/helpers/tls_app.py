@@ -30,9 +30,28 @@ from obi.demo.app import pattern_bytes  # noqa: E402
 
 def make_cert(directory: str, ip: str) -> tuple[str, str]:
     cert, key = os.path.join(directory, "c.pem"), os.path.join(directory, "c.key")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=c", "-days", "1",
-                    "-addext", f"subjectAltName=IP:{ip}", "-keyout", key, "-out", cert],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=c",
+            "-days",
+            "1",
+            "-addext",
+            f"subjectAltName=IP:{ip}",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -75,11 +94,17 @@ class _Front(_Quiet):
         conn.request("POST", "/echo", body=body)
         resp = conn.getresponse()
         data = resp.read()
-        self._reply(json.dumps({
-            "status": resp.status, "sent_sha": hashlib.sha256(body).hexdigest(),
-            "got_sha": resp.getheader("X-Body-Sha256"), "echo_sha": hashlib.sha256(data).hexdigest(),
-            "conn_reused": reused,
-        }).encode())
+        self._reply(
+            json.dumps(
+                {
+                    "status": resp.status,
+                    "sent_sha": hashlib.sha256(body).hexdigest(),
+                    "got_sha": resp.getheader("X-Body-Sha256"),
+                    "echo_sha": hashlib.sha256(data).hexdigest(),
+                    "conn_reused": reused,
+                }
+            ).encode()
+        )
 
 
 def main() -> int:

@@ -80,9 +80,24 @@ def test_lockdown_matches_the_kernel(report: dict) -> None:
 def test_every_check_present(report: dict) -> None:
     names = [c["name"] for c in report["checks"]]
     assert names == [
-        "kernel", "btf", "bpf_loop", "sock_recv_tracepoint", "tracefs", "sockops", "sk_msg", "tc", "tcx", "ringbuf",
+        "kernel",
+        "btf",
+        "bpf_loop",
+        "sock_recv_tracepoint",
+        "tracefs",
+        "sockops",
+        "sk_msg",
+        "tc",
+        "tcx",
+        "ringbuf",
         "cgroup_v2",
-        "lockdown", "bpf_probe_write_user", "capabilities", "iptables", "nfqueue", "programs", "datapath",
+        "lockdown",
+        "bpf_probe_write_user",
+        "capabilities",
+        "iptables",
+        "nfqueue",
+        "programs",
+        "datapath",
     ]
     assert report["kernel"] == os.uname().release
     assert all(c["status"] in ("ok", "warn", "fail") and c["detail"] for c in report["checks"])
@@ -112,7 +127,10 @@ def test_doctor_cli_json() -> None:
         pytest.skip("obi/cli.py not there yet")
     res = subprocess.run(
         [sys.executable, "-m", "obi", "doctor", "--json"],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
     )
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
@@ -163,11 +181,14 @@ def test_doctor_loads_what_run_attaches(propagation: str, tmp_path) -> None:
     if rep["datapath"] != "kernel":
         from tests.helpers.skips import kernel_path_missing
 
-        assert kernel_path_missing(), f"doctor did not pick the kernel path on a capable kernel: {rep['datapath_reason']}"
+        assert kernel_path_missing(), (
+            f"doctor did not pick the kernel path on a capable kernel: {rep['datapath_reason']}"
+        )
         pytest.skip(f"kernel path unavailable here: {rep['datapath_reason']}")
     progs = {(p["object"], p["program"]): p for p in rep["programs"]}
-    assert progs and all(not p["error"] and 0 < p["verified_insns"] <= 250_000 and p["load_ms"] > 0
-                         for p in progs.values()), rep["programs"]
+    assert progs and all(
+        not p["error"] and 0 < p["verified_insns"] <= 250_000 and p["load_ms"] > 0 for p in progs.values()
+    ), rep["programs"]
 
     # What Agent.start does with that choice, in a namespace of the test's own.
     from obi.demo.topology import Topology
@@ -176,12 +197,19 @@ def test_doctor_loads_what_run_attaches(propagation: str, tmp_path) -> None:
     assert doctor.choose_datapath(cfg).datapath is Datapath.KERNEL
     with Topology(["h"], prefix="obidr") as topo:
         host = topo["h"]
-        cfg = config_mod.load(env={"OTEL_EBPF_BPF_CONTEXT_PROPAGATION": propagation,
-                                   "OTEL_EBPF_TRACE_PRINTER": "disabled", "OTEL_EBPF_CGROUP_PATH": host.cgroup})
+        cfg = config_mod.load(
+            env={
+                "OTEL_EBPF_BPF_CONTEXT_PROPAGATION": propagation,
+                "OTEL_EBPF_TRACE_PRINTER": "disabled",
+                "OTEL_EBPF_CGROUP_PATH": host.cgroup,
+            }
+        )
         dp = KernelDatapath(cfg, lambda span: None, netns=host.netns_path, state_dir=str(tmp_path))
         dp.start()
         try:
-            loaded = {(name, p.name): p.info()["verified_insns"] for name, obj in dp._objs.items() for p in obj.programs()}
+            loaded = {
+                (name, p.name): p.info()["verified_insns"] for name, obj in dp._objs.items() for p in obj.programs()
+            }
         finally:
             dp.stop()
     assert loaded

@@ -74,8 +74,12 @@ for line in sys.stdin:
 
 class Client:
     def __init__(self, host, server_addr: str):
-        self.proc = host.popen([sys.executable, "-c", CLIENT_CODE, server_addr, str(CLIENT_PORT)],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = host.popen(
+            [sys.executable, "-c", CLIENT_CODE, server_addr, str(CLIENT_PORT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.proc.stdout.readline().strip() == "ready"
 
     def run(self, job: dict, timeout: float = 30.0) -> dict:
@@ -176,8 +180,7 @@ def test_bodies_unchanged_and_existing_traceparent_kept(abc):
             assert r["status"] == 200
             assert r["sha"] == r["sent_sha"] == r["body_sha"], (size, chunked, r)
     # Body that looks like a request start must not get a header.
-    r = client.run({"method": "POST", "path": "/echo", "body_len": None,
-                    "headers": {"Content-Type": "text/plain"}})
+    r = client.run({"method": "POST", "path": "/echo", "body_len": None, "headers": {"Content-Type": "text/plain"}})
     # Existing traceparent: not modified, not duplicated.
     mine = f"00-{TP_TRACE}-{TP_SPAN}-01"
     r = client.run({"method": "GET", "path": "/headers", "headers": {"traceparent": mine}})
@@ -204,9 +207,11 @@ def test_host_header_parsed_both_sides(abc):
     client = Client(b, c.addr)
     agent_b.dp.scan_now()
     long_host = "h" * 200 + ".test"
-    cases = {"/h/plain": ("Host", "svc.example:8443", "svc.example:8443"),
-             "/h/upper-ows": ("HOST", " \t svc.example \t", "svc.example"),
-             "/h/long": ("Host", long_host, "")}
+    cases = {
+        "/h/plain": ("Host", "svc.example:8443", "svc.example:8443"),
+        "/h/upper-ows": ("HOST", " \t svc.example \t", "svc.example"),
+        "/h/long": ("Host", long_host, ""),
+    }
     for path, (name, value, _) in cases.items():
         r = client.run({"method": "GET", "path": path, "headers": {"X-Forwarded-Host": "not-me", name: value}})
         assert r["status"] == 200
@@ -225,6 +230,7 @@ def test_concurrent_keepalive_no_cross_links(abc):
     r = a.run([sys.executable, "-c", CONCURRENT_CODE, b.addr, str(n_clients), str(n_req)], timeout=180)
     out = json.loads(r.stdout)
     total = n_clients * n_req
+
     def stats() -> str:  # full counters of both agents, for failure messages
         return f"B={agent_b.dp.stats()} C={agent_c.dp.stats()} dropped={agent_b.dp.correlator.dropped_requests}"
 
@@ -242,8 +248,9 @@ def test_concurrent_keepalive_no_cross_links(abc):
     assert len(children) == total and set(children.values()) == {1}
     c_servers = agent_c.wait_count(SpanKind.SERVER, total, timeout=30)
     client_ids = {c.span_id: c for c in clients}
-    assert all(s.parent_span_id in client_ids and client_ids[s.parent_span_id].trace_id == s.trace_id
-               for s in c_servers)
+    assert all(
+        s.parent_span_id in client_ids and client_ids[s.parent_span_id].trace_id == s.trace_id for s in c_servers
+    )
     # Nothing was skipped: no lost events, and no program found its per-CPU scratch slot
     # taken by another one interrupting it on the same CPU (the cause of the old flake).
     for agent in (agent_b, agent_c):
@@ -272,11 +279,14 @@ def test_large_headers_and_large_responses(abc):
     r = client.run({"method": "GET", "path": f"/bytes?n={big}"}, timeout=30)
     assert r["status"] == 200 and r["len"] == big
     import obi.demo.app as demo
+
     assert r["body_sha"] == hashlib.sha256(demo.pattern_bytes(big)).hexdigest()
     assert time.monotonic() - t0 < 20
     # And B's server socket writing 10 MiB to A.
-    code = ("import sys,urllib.request,hashlib;"
-            "d=urllib.request.urlopen(sys.argv[1],timeout=20).read();print(len(d),hashlib.sha256(d).hexdigest())")
+    code = (
+        "import sys,urllib.request,hashlib;"
+        "d=urllib.request.urlopen(sys.argv[1],timeout=20).read();print(len(d),hashlib.sha256(d).hexdigest())"
+    )
     res = a.run([sys.executable, "-c", code, f"http://{b.addr}:{PORT}/bytes?n={big}"], timeout=40)
     n, sha = res.stdout.split()
     assert int(n) == big and sha == hashlib.sha256(demo.pattern_bytes(big)).hexdigest()

@@ -37,8 +37,9 @@ CONNS = 32
 def test_every_request_one_span_under_load(tmp_path):
     with Topology(["cl", "sv"], prefix="obik") as topo:
         cl, sv = topo["cl"], topo["sv"]
-        srv = sv.popen([sys.executable, "-m", "bench.httpserver", "--port", "8080"], stdout=subprocess.PIPE,
-                       text=True, cwd=REPO)
+        srv = sv.popen(
+            [sys.executable, "-m", "bench.httpserver", "--port", "8080"], stdout=subprocess.PIPE, text=True, cwd=REPO
+        )
         assert "listening" in srv.stdout.readline()
         # Spans are tallied, not kept: 100k live objects would make the garbage collector
         # pause this process (and the agent thread in it) long enough to fill the ring.

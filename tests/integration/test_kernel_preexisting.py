@@ -32,7 +32,8 @@ skip_module_unless_kernel_path()
 # A keep-alive client: one JSON job per stdin line ({"method","path","body_len"}) over one
 # connection to argv[1]:PORT; prints {"status","sha","sent_sha","body_sha","json"} per job.
 # With argv[2], it first listens on that port (so that B's agent selects it).
-KEEPALIVE_CODE = r"""
+KEEPALIVE_CODE = (
+    r"""
 import hashlib, http.client, json, socket, sys
 if len(sys.argv) > 2:
     lst = socket.socket(); lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -53,7 +54,9 @@ for line in sys.stdin:
     print(json.dumps({"status": resp.status, "sha": resp.getheader("X-Body-Sha256"),
                       "sent_sha": hashlib.sha256(body or b"").hexdigest(),
                       "body_sha": hashlib.sha256(data).hexdigest(), "json": parsed}), flush=True)
-""" % PORT
+"""
+    % PORT
+)
 
 
 class KeepAlive:
@@ -156,7 +159,8 @@ def test_connections_from_before_start_are_adopted(three_hosts, tmp_path):
 
 # In C: answers every request with its own head (so the test sees what arrived), after
 # three seconds for paths starting with /slow.
-HEAD_ECHO_SERVER = r"""
+HEAD_ECHO_SERVER = (
+    r"""
 import socket, threading, time
 ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 ls.bind(("0.0.0.0", %d)); ls.listen(16)
@@ -175,12 +179,15 @@ def serve(s):
             s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %%d\r\n\r\n" %% len(head) + head)
 while True:
     threading.Thread(target=serve, args=(ls.accept()[0],), daemon=True).start()
-""" % PORT
+"""
+    % PORT
+)
 
 # In B, selected (listens on argv[2]): one connection to argv[1]:PORT; stdin lines
 # "send PATH" write a request, "recv" reads one response and prints its body (the head C
 # got) as JSON, "new" opens a new connection.
-HEAD_CLIENT = r"""
+HEAD_CLIENT = (
+    r"""
 import json, socket, sys
 lst = socket.socket(); lst.bind(("0.0.0.0", int(sys.argv[2]))); lst.listen(1)
 def connect():
@@ -200,7 +207,9 @@ for line in sys.stdin:
             if h.lower().startswith(b"content-length:"):
                 n = int(h.split(b":")[1])
         print(json.dumps(f.read(n).decode()), flush=True)
-""" % PORT
+"""
+    % PORT
+)
 
 
 def test_client_with_a_request_in_flight_at_start_is_left_alone(tmp_path):
@@ -212,8 +221,12 @@ def test_client_with_a_request_in_flight_at_start_is_left_alone(tmp_path):
         b, c = topo["b"], topo["c"]
         server = c.popen([sys.executable, "-c", HEAD_ECHO_SERVER], stdout=subprocess.PIPE, text=True)
         assert server.stdout.readline().strip() == "listening"
-        client = b.popen([sys.executable, "-c", HEAD_CLIENT, c.addr, str(CLIENT_PORT)],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        client = b.popen(
+            [sys.executable, "-c", HEAD_CLIENT, c.addr, str(CLIENT_PORT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert client.stdout.readline().strip() == "ready"
 
         def say(cmd: str) -> str | None:

@@ -47,8 +47,12 @@ print(json.dumps(out))
 
 
 def test_agent_mounts_tracefs_when_missing():
-    r = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", SCRIPT],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["before"] == ""

@@ -31,8 +31,7 @@ def test_track_request_headers_reads_without_inserting(tmp_path, track):
         env = {"OTEL_EBPF_BPF_TRACK_REQUEST_HEADERS": "true" if track else "false"}
         agent_b = Agent(b, tmp_path, propagation="tcp", env=env)
         try:
-            out = http_get(a, f"http://{b.addr}:{PORT}/track",
-                           {"traceparent": f"00-{TP_TRACE}-{TP_SPAN}-01"})
+            out = http_get(a, f"http://{b.addr}:{PORT}/track", {"traceparent": f"00-{TP_TRACE}-{TP_SPAN}-01"})
             assert traceparent_values(out["downstream"]["body"]["headers"]) == []  # nothing inserted
             bs = agent_b.wait(lambda s: s.kind == SpanKind.SERVER and s.path == "/track")
             bc = agent_b.wait(lambda s: s.kind == SpanKind.CLIENT and s.path == "/headers")

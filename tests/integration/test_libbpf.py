@@ -239,8 +239,27 @@ def test_tc_attach_sees_traffic_and_leaves_nothing(
 def test_tc_keeps_existing_qdisc_and_foreign_filter(obj: BpfObject, netpair: dict[str, str]) -> None:
     ns_b, dev_b = netpair["ns_b"], netpair["dev_b"]
     _sh("ip", "netns", "exec", ns_b, "tc", "qdisc", "add", "dev", dev_b, "clsact")
-    _sh("ip", "netns", "exec", ns_b, "tc", "filter", "add", "dev", dev_b, "ingress", "prio", "7",
-        "protocol", "all", "u32", "match", "u32", "0", "0")
+    _sh(
+        "ip",
+        "netns",
+        "exec",
+        ns_b,
+        "tc",
+        "filter",
+        "add",
+        "dev",
+        dev_b,
+        "ingress",
+        "prio",
+        "7",
+        "protocol",
+        "all",
+        "u32",
+        "match",
+        "u32",
+        "0",
+        "0",
+    )
     with in_netns(f"/run/netns/{ns_b}"):
         ifindex = socket.if_nametoindex(dev_b)
         with attach.TcAttachment(obj.program("obi_test_ringbuf"), ifindex, "ingress", "tc", state_dir=None) as att:
@@ -285,16 +304,39 @@ def test_cleanup_removes_only_our_filter(obj: BpfObject, netpair: dict[str, str]
             libbpf.tc_attach(hook, ours)
             theirs = libbpf.tc_opts(foreign_obj.program("probe_tc").fd, handle=0x0B2, priority=4)
             libbpf.tc_attach(hook, theirs)
-    _sh("ip", "netns", "exec", ns_b, "tc", "filter", "add", "dev", dev_b, "ingress", "prio", "9",
-        "protocol", "all", "u32", "match", "u32", "0", "0")
+    _sh(
+        "ip",
+        "netns",
+        "exec",
+        ns_b,
+        "tc",
+        "filter",
+        "add",
+        "dev",
+        dev_b,
+        "ingress",
+        "prio",
+        "9",
+        "protocol",
+        "all",
+        "u32",
+        "match",
+        "u32",
+        "0",
+        "0",
+    )
     # Our filter's program outlives this object only through the filter, as after a kill.
     base = {"kind": "tc", "direction": "ingress", "ifindex": ifindex, "ifname": dev_b, "netns": netns}
     pid = _dead_pid()
     state_dir = str(tmp_path / "state")
-    path = _write_state(state_dir, pid, [
-        {**base, "handle": 0x0B1, "priority": 3, "prog_id": int(ours.prog_id), "created_qdisc": True},
-        {**base, "handle": 0x0B2, "priority": 4, "prog_id": int(theirs.prog_id), "created_qdisc": True},
-    ])
+    path = _write_state(
+        state_dir,
+        pid,
+        [
+            {**base, "handle": 0x0B1, "priority": 3, "prog_id": int(ours.prog_id), "created_qdisc": True},
+            {**base, "handle": 0x0B2, "priority": 4, "prog_id": int(theirs.prog_id), "created_qdisc": True},
+        ],
+    )
     me = os.getpid()
     live = _write_state(state_dir, me, [{**base, "handle": 0x0B1, "priority": 3}], attach._proc_start_time(me))
     try:
@@ -323,8 +365,17 @@ def test_cleanup_removes_qdisc_it_created_when_empty(obj: BpfObject, netpair: di
         opts = libbpf.tc_opts(obj.program("obi_test_ringbuf").fd, handle=5, priority=5)
         libbpf.tc_attach(hook, opts)
     assert "clsact" in _qdiscs(ns_b, dev_b)
-    rec = {"kind": "tc", "direction": "egress", "ifindex": ifindex, "ifname": dev_b, "netns": netns,
-           "handle": 5, "priority": 5, "prog_id": int(opts.prog_id), "created_qdisc": True}
+    rec = {
+        "kind": "tc",
+        "direction": "egress",
+        "ifindex": ifindex,
+        "ifname": dev_b,
+        "netns": netns,
+        "handle": 5,
+        "priority": 5,
+        "prog_id": int(opts.prog_id),
+        "created_qdisc": True,
+    }
     _write_state(str(tmp_path), _dead_pid(), [rec])
     report = attach.cleanup(str(tmp_path))
     assert any("removed clsact qdisc" in line for line in report), report
@@ -347,10 +398,19 @@ def test_sk_msg_attach_detach_and_cleanup(obj: BpfObject, tmp_path) -> None:
     # A killed agent's attachment while the map still lives: cleanup detaches it.
     libbpf.attach_sk_msg(prog, sockhash)
     minfo = libbpf.map_info(sockhash.fd)
-    _write_state(str(tmp_path), _dead_pid(), [{
-        "kind": "sk_msg", "prog_id": prog.info()["id"], "prog_name": prog.name,
-        "map_id": minfo["id"], "map_name": minfo["name"],
-    }])
+    _write_state(
+        str(tmp_path),
+        _dead_pid(),
+        [
+            {
+                "kind": "sk_msg",
+                "prog_id": prog.info()["id"],
+                "prog_name": prog.name,
+                "map_id": minfo["id"],
+                "map_name": minfo["name"],
+            }
+        ],
+    )
     report = attach.cleanup(str(tmp_path))
     assert report and report[0].endswith(f"detached sk_msg {prog.name} on map {minfo['name']} (id {minfo['id']})")
     with pytest.raises(BpfError) as e:
@@ -447,7 +507,9 @@ def test_kill_9_then_cleanup(netpair: dict[str, str], tmp_path) -> None:
     state_dir = str(tmp_path / "state")
     agent = subprocess.Popen(
         [sys.executable, "-c", _AGENT, f"/run/netns/{ns_b}", dev_b, state_dir],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = agent.stdout.readline() if agent.stdout else ""

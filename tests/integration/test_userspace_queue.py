@@ -196,7 +196,7 @@ def test_observed_packets_pass_while_the_handler_is_stuck_and_arrive_in_order() 
     pings = []
     for hexdata, outgoing in zip(out["pings"], out["outgoing"]):
         data = bytes.fromhex(hexdata)
-        body = data[(data[0] & 15) * 4 + (data[(data[0] & 15) * 4 + 12] >> 4) * 4:]
+        body = data[(data[0] & 15) * 4 + (data[(data[0] & 15) * 4 + 12] >> 4) * 4 :]
         if body:
             pings.append((body.decode(), outgoing))
     expected = []

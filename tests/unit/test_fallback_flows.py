@@ -109,7 +109,7 @@ def test_request_line_at_segment_end_inserts_into_next_segment():
     assert bytes(p2.payload).startswith(b"Traceparent: 00-") and bytes(p2.payload).endswith(b"Host: c\r\n\r\n")
     # A retransmission that merges both segments carries the header at the same wire place.
     merged = send(t, c.out(payload=line + b"Host: c\r\n\r\n"))
-    assert bytes(merged.payload)[len(line):].startswith(bytes(p2.payload)[:INSERT_LEN])
+    assert bytes(merged.payload)[len(line) :].startswith(bytes(p2.payload)[:INSERT_LEN])
     assert bytes(merged.payload) == bytes(p1.payload) + bytes(p2.payload)
 
 
@@ -147,12 +147,15 @@ def test_chunked_body_and_pipelining_never_get_a_header_inside_a_body():
     assert out.startswith(b"POST /c HTTP/1.1\r\nTraceparent: ")
 
 
-@pytest.mark.parametrize("payload", [
-    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(40),  # TLS ClientHello
-    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",  # h2c prior knowledge
-    b"SSH-2.0-OpenSSH_9.2\r\n",
-    b"GET / HTTP/2.0\r\n\r\n",
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(40),  # TLS ClientHello
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",  # h2c prior knowledge
+        b"SSH-2.0-OpenSSH_9.2\r\n",
+        b"GET / HTTP/2.0\r\n\r\n",
+    ],
+)
 def test_non_http1_is_left_alone(payload):
     t, spans = make_tracker()
     c = Conn(B, 40004, C, 8080)
@@ -184,16 +187,18 @@ def test_server_span_parent_and_linked_client_call():
     assert (server.peer_addr, server.peer_port, server.local_port) == (A, 50000, 8080)
 
 
-@pytest.mark.parametrize("props, track, continued", [
-    (("headers",), False, True),
-    ((), False, False),  # propagation off: the incoming header is not read...
-    ((), True, True),  # ...unless track_request_headers (as in OBI and the kernel path)
-    (("tcp",), True, True),
-])
+@pytest.mark.parametrize(
+    "props, track, continued",
+    [
+        (("headers",), False, True),
+        ((), False, False),  # propagation off: the incoming header is not read...
+        ((), True, True),  # ...unless track_request_headers (as in OBI and the kernel path)
+        (("tcp",), True, True),
+    ],
+)
 def test_incoming_header_read_with_headers_propagation_or_track_request_headers(props, track, continued):
     spans = []
-    cfg = Config(context_propagation=frozenset(props), track_request_headers=track,
-                 open_ports=(PortRange(8080, 8080),))
+    cfg = Config(context_propagation=frozenset(props), track_request_headers=track, open_ports=(PortRange(8080, 8080),))
     t = Tracker(cfg, spans.append, FakeOwners(), mark=0x2000000)
     s = Conn(B, 8080, A, 50002)
     t.handle(s.inn("S", seq=8999, ack=0), False)
@@ -233,7 +238,9 @@ def test_tcp_option_on_request_segment_and_read_on_server():
     t2, spans = make_tracker(("tcp",))
     s = Conn(C, 8080, B, 40006)
     t2.handle(s.inn("S", seq=8999, ack=0), False)
-    raw = bytes(IP(src=B, dst=C) / TCP(sport=40006, dport=8080, flags="PA", seq=9000, ack=1000) / b"GET / HTTP/1.1\r\n\r\n")
+    raw = bytes(
+        IP(src=B, dst=C) / TCP(sport=40006, dport=8080, flags="PA", seq=9000, ack=1000) / b"GET / HTTP/1.1\r\n\r\n"
+    )
     tagged = codec.rebuild(codec.parse(raw), add_option=codec.trace_option(opt[0], opt[1], 1))
     t2.handle(tagged, False)
     t2.handle(s.out(payload=b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), True)
@@ -291,9 +298,30 @@ def test_span_times_come_from_the_packet_receive_time_when_given():
 
 def test_span_record_field_order_the_tracker_builds_positionally():
     assert [f.name for f in dataclasses.fields(SpanRecord)] == [
-        "trace_id", "span_id", "parent_span_id", "kind", "start_ns", "end_ns", "method", "path", "status",
-        "scheme", "host", "local_addr", "local_port", "peer_addr", "peer_port", "pid", "tid", "exe", "flags",
-        "tracestate", "datapath", "propagated", "extra"]
+        "trace_id",
+        "span_id",
+        "parent_span_id",
+        "kind",
+        "start_ns",
+        "end_ns",
+        "method",
+        "path",
+        "status",
+        "scheme",
+        "host",
+        "local_addr",
+        "local_port",
+        "peer_addr",
+        "peer_port",
+        "pid",
+        "tid",
+        "exe",
+        "flags",
+        "tracestate",
+        "datapath",
+        "propagated",
+        "extra",
+    ]
 
 
 def test_pooled_ids_skip_all_zero_ids(monkeypatch):

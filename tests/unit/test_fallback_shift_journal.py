@@ -98,11 +98,23 @@ def test_journal_lines_are_the_json_the_loader_reads(tmp_path):
     must be exactly what json.dumps gives, for both address families."""
     import json
 
-    for key in ((socket.inet_aton("198.18.0.2"), 40000, socket.inet_aton("198.18.0.3"), 8082),
-                (socket.inet_pton(socket.AF_INET6, "fd00:198:18::2"), 1, socket.inet_pton(socket.AF_INET6, "fd00:198:18::3"), 65535)):
+    for key in (
+        (socket.inet_aton("198.18.0.2"), 40000, socket.inet_aton("198.18.0.3"), 8082),
+        (
+            socket.inet_pton(socket.AF_INET6, "fd00:198:18::2"),
+            1,
+            socket.inet_pton(socket.AF_INET6, "fd00:198:18::3"),
+            65535,
+        ),
+    ):
         line = shift_journal.Journal._line(key, 4294967295, 123, b"Traceparent: x\r\n")
-        assert line == json.dumps({"k": shift_journal._key_json(key), "base": 4294967295, "pos": 123,
-                                   "blob": b"Traceparent: x\r\n".hex()}) + "\n"
+        assert (
+            line
+            == json.dumps(
+                {"k": shift_journal._key_json(key), "base": 4294967295, "pos": 123, "blob": b"Traceparent: x\r\n".hex()}
+            )
+            + "\n"
+        )
         j = Recorder(str(tmp_path / "j.jsonl"))
         j.rewrite([])
         j.insertion(key, 7, 0, b"ab")

@@ -49,7 +49,9 @@ def test_new_listener_is_found_despite_a_recent_walk_and_not_after_it_exits(serv
         # A walk that happened just before the process started listening: its socket is
         # not in the walk, and the time-based rate limit would forbid walking again.
         owners.port_pid, owners.selected = {}, set()
-        owners._listening.discard(next(i for (lp, _), i in socket_owners.discovery.tcp_table(True).items() if lp == listen_port))
+        owners._listening.discard(
+            next(i for (lp, _), i in socket_owners.discovery.tcp_table(True).items() if lp == listen_port)
+        )
         owners._refreshed = time.monotonic()
         assert owners.client_pid(syn(client_port, sport)) == proc.pid
         # Found again without a walk (it is selected now).

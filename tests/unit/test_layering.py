@@ -29,7 +29,9 @@ def _imports(path: Path) -> set[str]:
 @pytest.mark.parametrize(("folder", "forbidden"), [("obi/kernel", "obi.fallback"), ("fallback", "obi.kernel")])
 def test_datapaths_do_not_import_each_other(folder: str, forbidden: str) -> None:
     bad = {
-        str(path.relative_to(ROOT)): sorted(n for n in _imports(path) if n == forbidden or n.startswith(forbidden + "."))
+        str(path.relative_to(ROOT)): sorted(
+            n for n in _imports(path) if n == forbidden or n.startswith(forbidden + ".")
+        )
         for path in sorted((ROOT / folder).glob("*.py"))
     }
     assert {k: v for k, v in bad.items() if v} == {}
