@@ -349,14 +349,14 @@ print(ok)
 """
 
 
-def test_blocking_server_reads_survive_large_responses(topo, tmp_path):
+def test_blocking_server_reads_survive_large_responses(three_hosts, tmp_path):
     """Regression: server sockets used to join the agent's sock_hash, and a socket in a
     sockmap reads through the kernel's tcp_bpf_recvmsg, whose blocking wait returns EAGAIN
     when woken without data (the write-space wakeup while a large response drains). A
     blocking server then took the EAGAIN for the end of the connection: about one keep-alive
     connection in 5-10 ended right after a 10 MiB response. Server connections are now
     followed by tc on both directions, and their spans still close with the status."""
-    b, c = topo["b"], topo["c"]
+    b, c = three_hosts["b"], three_hosts["c"]
     server = c.popen([sys.executable, "-c", BLOCKING_SERVER], stdout=subprocess.PIPE, text=True)
     assert server.stdout.readline().strip() == "listening"
     agent_c = Agent(c, tmp_path)
@@ -373,8 +373,8 @@ def test_blocking_server_reads_survive_large_responses(topo, tmp_path):
     assert all(s.status == 200 and s.end_ns >= s.start_ns for s in spans)
 
 
-def test_stop_detaches_everything(topo, tmp_path):
-    b = topo["b"]
+def test_stop_detaches_everything(three_hosts, tmp_path):
+    b = three_hosts["b"]
     serve(b)
     agent = Agent(b, tmp_path)
     prog_ids = {p.info()["id"] for o in agent.dp._objs.values() for p in o.programs()}
