@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 import socket
 import time
 from collections import OrderedDict, deque
@@ -28,7 +27,7 @@ from typing import Callable, Protocol
 
 from obi import w3c
 from obi.config import Config
-from obi.model import FLAG_RANDOM, FLAG_SAMPLED, Datapath, SpanKind, SpanRecord, TraceContext
+from obi.model import FLAG_RANDOM, FLAG_SAMPLED, Datapath, IdPool, SpanKind, SpanRecord, TraceContext
 
 from . import codec, tls
 from .http import Message, Stream
@@ -52,43 +51,8 @@ CLOSE_LINGER_S = 10.0  # after both FINs: keep translating the last ACKs/retrans
 RECENT_OPTIONS = 8  # kind-25 options remembered per flow, for retransmissions / late segments
 
 
-class _Ids:
-    """Random trace/span ids from os.urandom, read 4 KiB at a time and kept as hex text: one
-    syscall per ~170 root contexts instead of two per request, and no hex() per id (same
-    CSPRNG, never all-zero, as obi.model)."""
-
-    __slots__ = ("text", "at")
-    CHUNK = 4096
-
-    def __init__(self) -> None:
-        self.text = ""
-        self.at = 0
-
-    def hex(self, n: int) -> str:
-        """n random bytes as 2n hex digits, not all zero."""
-        width = 2 * n
-        while True:
-            at = self.at
-            if at + width > len(self.text):
-                self.text, at = os.urandom(self.CHUNK).hex(), 0
-            self.at = at + width
-            value = self.text[at : at + width]
-            if value.strip("0"):
-                return value
-
-    def pair(self) -> tuple[str, str]:
-        """hex(16), hex(8): the same ids from the same bytes, in one step when both fit."""
-        at = self.at
-        if at + 48 <= len(self.text):
-            text = self.text
-            trace, span = text[at : at + 32], text[at + 32 : at + 48]
-            if trace.strip("0") and span.strip("0"):
-                self.at = at + 48
-                return trace, span
-        return self.hex(16), self.hex(8)
-
-
-_ids = _Ids()
+# The packet thread's own id pool (pools are not thread-safe).
+_ids = IdPool()
 
 
 def new_root() -> TraceContext:
@@ -277,7 +241,7 @@ Key = tuple[bytes, int, bytes, int]  # local addr, local port, peer addr, peer p
 
 
 class Journal(Protocol):
-    """Where insertions are recorded so they outlive the process (`state.Journal`)."""
+    """Where insertions are recorded so they outlive the process (`shift_journal.Journal`)."""
 
     def insertion(self, key: Key, base: int, pos: int, blob: bytes) -> None: ...
 
@@ -285,8 +249,16 @@ class Journal(Protocol):
 
 
 class Tracker:
-    def __init__(self, cfg: Config, sink: Callable[[SpanRecord], None], owners: Owners,
-                 mtu: int = 1500, mark: int = 0, shift_mark: int = 0, journal: Journal | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        sink: Callable[[SpanRecord], None],
+        owners: Owners,
+        mtu: int = 1500,
+        mark: int = 0,
+        shift_mark: int = 0,
+        journal: Journal | None = None,
+    ) -> None:
         self.cfg = cfg
         self.sink = sink
         self.owners = owners
@@ -298,10 +270,30 @@ class Tracker:
         self.flows: dict[Key, Flow] = {}
         self.linker = Linker()
         self.stats: dict[str, int] = dict.fromkeys(
-            ("packets", "packets_modified", "headers_inserted", "headers_present", "headers_invalid",
-             "tcp_options_written", "tcp_options_read", "tcp_option_no_room", "spans", "flows", "errors",
-             "insert_skipped_mtu", "links_to_server", "roots", "tls_flows", "tls_turns", "flows_resumed",
-             "copies_lost", "resyncs", "spans_lost"), 0)
+            (
+                "packets",
+                "packets_modified",
+                "headers_inserted",
+                "headers_present",
+                "headers_invalid",
+                "tcp_options_written",
+                "tcp_options_read",
+                "tcp_option_no_room",
+                "spans",
+                "flows",
+                "errors",
+                "insert_skipped_mtu",
+                "links_to_server",
+                "roots",
+                "tls_flows",
+                "tls_turns",
+                "flows_resumed",
+                "copies_lost",
+                "resyncs",
+                "spans_lost",
+            ),
+            0,
+        )
         # Bumped each time the queue reader reports lost copies of observed packets: a gap
         # in a served connection after that is taken as loss, not reordering.
         self.loss_epoch = 0
@@ -455,8 +447,7 @@ class Tracker:
 
     def _feed_out(self, flow: Flow, pkt: codec.Packet, r: int, data: bytes, off: int) -> None:
         """New in-order outgoing bytes `data` at orig offset `off` of a segment starting at r."""
-        if (off == 0 and not flow.server and flow.tls is None and self._tcp
-                and tls.looks_like_tls(data[0])):
+        if off == 0 and not flow.server and flow.tls is None and self._tcp and tls.looks_like_tls(data[0]):
             self._become_tls(flow)
         if flow.tls is not None:
             if flow.server:
@@ -638,8 +629,7 @@ class Tracker:
 
     def _feed_in(self, flow: Flow, r: int, data: bytes, off: int) -> bool:
         """New in-order incoming bytes at offset `off` (segment start r); True = stop parsing."""
-        if (off == 0 and flow.server and flow.tls is None and self._tcp
-                and tls.looks_like_tls(data[0])):
+        if off == 0 and flow.server and flow.tls is None and self._tcp and tls.looks_like_tls(data[0]):
             self._become_tls(flow)
         if flow.tls is not None:
             self._tls_request_bytes(flow, r, data, off)
@@ -669,8 +659,7 @@ class Tracker:
 
     def _server_request(self, flow: Flow, msg: Message, start: int) -> None:
         # Most requests carry no traceparent: skip the general extraction for them.
-        incoming = (w3c.extract(msg.header_lines())
-                    if self._read_incoming and msg.has_header(b"traceparent") else None)
+        incoming = w3c.extract(msg.header_lines()) if self._read_incoming and msg.has_header(b"traceparent") else None
         propagated = incoming is not None
         if incoming is None and flow.option_ctx is not None:
             incoming = flow.option_ctx
@@ -760,8 +749,18 @@ class Tracker:
 
     # --- span records -------------------------------------------------------------------
 
-    def _record(self, flow: Flow, kind: SpanKind, ctx: TraceContext, parent: str, msg: Message,
-                start: int, end: int, status: int, propagated: bool) -> SpanRecord:
+    def _record(
+        self,
+        flow: Flow,
+        kind: SpanKind,
+        ctx: TraceContext,
+        parent: str,
+        msg: Message,
+        start: int,
+        end: int,
+        status: int,
+        propagated: bool,
+    ) -> SpanRecord:
         host = msg.header(b"host")
         if flow.tls is None:
             extra: dict[str, str | int | bool] = {}
@@ -774,10 +773,31 @@ class Tracker:
         local, peer = flow.local, flow.peer
         # Positional (keywords cost about a microsecond per span), in SpanRecord's field
         # order, which a unit test pins down; tid 0: packets carry no thread.
-        return SpanRecord(ctx.trace_id, ctx.span_id, parent, kind, start, end, msg.method, msg.target, status,
-                          scheme, host[0].decode("latin-1") if host else "", local[0], local[1], peer[0], peer[1],
-                          flow.pid, 0, self.owners.exe(flow.pid), ctx.flags, ctx.tracestate, _USERSPACE,
-                          propagated, extra)
+        return SpanRecord(
+            ctx.trace_id,
+            ctx.span_id,
+            parent,
+            kind,
+            start,
+            end,
+            msg.method,
+            msg.target,
+            status,
+            scheme,
+            host[0].decode("latin-1") if host else "",
+            local[0],
+            local[1],
+            peer[0],
+            peer[1],
+            flow.pid,
+            0,
+            self.owners.exe(flow.pid),
+            ctx.flags,
+            ctx.tracestate,
+            _USERSPACE,
+            propagated,
+            extra,
+        )
 
     def _emit(self, record: SpanRecord) -> None:
         self.stats["spans"] += 1
@@ -788,12 +808,18 @@ class Tracker:
 
     def _finish_server(self, flow: Flow, span: ServerSpan, status: int, now: int) -> None:
         self.linker.remove(span)
-        self._emit(self._record(flow, SpanKind.SERVER, span.ctx, span.parent, span.msg, span.start_ns, now,
-                                status, span.propagated))
+        self._emit(
+            self._record(
+                flow, SpanKind.SERVER, span.ctx, span.parent, span.msg, span.start_ns, now, status, span.propagated
+            )
+        )
 
     def _finish_client(self, flow: Flow, call: ClientCall, status: int, now: int) -> None:
-        self._emit(self._record(flow, SpanKind.CLIENT, call.ctx, call.parent, call.msg, call.start_ns, now,
-                                status, call.propagated))
+        self._emit(
+            self._record(
+                flow, SpanKind.CLIENT, call.ctx, call.parent, call.msg, call.start_ns, now, status, call.propagated
+            )
+        )
 
     # --- lifetime -----------------------------------------------------------------------
 
@@ -836,8 +862,11 @@ class Tracker:
 
     def shift_state(self) -> list[tuple[Key, tuple[int, list[tuple[int, bytes]]]]]:
         """(key, (out_base, insertions)) of every connection with inserted bytes (journal compaction)."""
-        return [(f.key, (f.out_base, list(zip(f.out_map.pos, f.out_map.blobs)))) for f in self.flows.values()
-                if f.out_map and f.out_base is not None]
+        return [
+            (f.key, (f.out_base, list(zip(f.out_map.pos, f.out_map.blobs))))
+            for f in self.flows.values()
+            if f.out_map and f.out_base is not None
+        ]
 
     def resume(self, key: Key, base: int, inserts: list[tuple[int, bytes]]) -> None:
         """Translate a connection a previous agent inserted into. Its HTTP framing is unknown,

@@ -41,9 +41,15 @@ Handler = Callable[[bytes, bool, int], Verdict]
 class QueueLoop:
     """`handler(data, outgoing, ts_ns)`: ts_ns is when the reader got the packet."""
 
-    def __init__(self, sync_queue: int, observe_queue: int, handler: Handler,
-                 on_idle: Callable[[], None] | None = None, backlog: int = OBSERVE_BACKLOG,
-                 on_loss: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        sync_queue: int,
+        observe_queue: int,
+        handler: Handler,
+        on_idle: Callable[[], None] | None = None,
+        backlog: int = OBSERVE_BACKLOG,
+        on_loss: Callable[[int], None] | None = None,
+    ) -> None:
         self.sync_queue = sync_queue
         self.observe_queue = observe_queue
         self.handler = handler
@@ -61,8 +67,9 @@ class QueueLoop:
     def start(self) -> None:
         from . import _nfq  # the C extension; its absence is reported by the capability probe
 
-        self._reader = _nfq.Reader(self.sync_queue, self.observe_queue, QUEUE_MAXLEN, self.backlog,
-                                   OBSERVE_BACKLOG_BYTES)
+        self._reader = _nfq.Reader(
+            self.sync_queue, self.observe_queue, QUEUE_MAXLEN, self.backlog, OBSERVE_BACKLOG_BYTES
+        )
         self._thread = threading.Thread(target=self._loop, name=f"nfqueue-{self.sync_queue}", daemon=True)
         self._thread.start()
 
@@ -130,8 +137,7 @@ class QueueLoop:
         if self._reader is not None:
             out = {k: int(v) for k, v in self._reader.stats().items() if k != "running"}
         # packets_queued: what the kernel queued to us; packets_handled: what the handler got.
-        out.update(packets_queued=out.get("received", 0), packets_handled=self.packets,
-                   handler_errors=self.errors)
+        out.update(packets_queued=out.get("received", 0), packets_handled=self.packets, handler_errors=self.errors)
         if self.observe_changed:
             out["observe_changed"] = self.observe_changed
         return out

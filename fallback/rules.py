@@ -16,7 +16,7 @@ the mangle table, for IPv4 (iptables) and IPv6 (ip6tables):
   so a segment that grows by an inserted header still fits the path MTU;
 - once a header was inserted into a connection the agent also sets the SHIFT bit (saved
   in the connmark the same way): its packets are queued *without* --queue-bypass, because
-  untranslated they would be taken at the wrong stream offset (see `state`). With no agent
+  untranslated they would be taken at the wrong stream offset (see `shift_journal`). With no agent
   those connections stall until an agent resumes them or `cleanup` resets them.
 Every other NFQUEUE rule has --queue-bypass: with no agent reading, packets pass untouched.
 """
@@ -29,7 +29,7 @@ import shlex
 import subprocess
 from typing import Sequence
 
-from . import state
+from . import shift_journal
 
 log = logging.getLogger("obi.fallback")
 
@@ -60,8 +60,9 @@ def observe_queue(queue: int) -> int:
     return queue + 1
 
 
-def rule_specs(ports: Sequence[tuple[int, int]], queue: int, mss: int, tag: str,
-               clients: bool = True) -> list[tuple[str, list[str]]]:
+def rule_specs(
+    ports: Sequence[tuple[int, int]], queue: int, mss: int, tag: str, clients: bool = True
+) -> list[tuple[str, list[str]]]:
     """(chain, rule arguments) in insertion order; the same list for both IP versions.
     Client-side rules come first: a connection of a selected process to a local watched
     port is a client connection on both hooks, so it must not reach the observe queue."""
@@ -80,8 +81,21 @@ def rule_specs(ports: Sequence[tuple[int, int]], queue: int, mss: int, tag: str,
             ("INPUT", ["-p", "tcp", *conn, *c, *q]),
             ("OUTPUT", ["-p", "tcp", *conn, *c, *q]),
             ("OUTPUT", ["-p", "tcp", "--syn", *c, *q]),
-            ("POSTROUTING", ["-m", "mark", "--mark", f"{MARK:#x}/{MARK:#x}", *c,
-                             "-j", "CONNMARK", "--save-mark", "--mask", f"{MARK | SHIFT:#x}"]),
+            (
+                "POSTROUTING",
+                [
+                    "-m",
+                    "mark",
+                    "--mark",
+                    f"{MARK:#x}/{MARK:#x}",
+                    *c,
+                    "-j",
+                    "CONNMARK",
+                    "--save-mark",
+                    "--mask",
+                    f"{MARK | SHIFT:#x}",
+                ],
+            ),
         ]
     for chunk in _multiport_chunks(ports):
         specs += [
@@ -98,8 +112,9 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess:
 class Rules:
     """Add the rules on enter, delete exactly those on exit (also after a partial enter)."""
 
-    def __init__(self, ports: Sequence[tuple[int, int]], queue: int, mss: int, instance: str,
-                 clients: bool = True) -> None:
+    def __init__(
+        self, ports: Sequence[tuple[int, int]], queue: int, mss: int, instance: str, clients: bool = True
+    ) -> None:
         self.tag = f"{TAG_PREFIX}-{instance}"
         self.specs = rule_specs(ports, queue, mss, self.tag, clients)
         self.added: list[tuple[str, str, list[str]]] = []
@@ -168,7 +183,7 @@ def cleanup() -> list[str]:
     """Delete the rules of any userspace-path agent in this netns; returns what was removed.
     Connections that carried inserted headers are reset first: without an agent they could
     only stall (held by the rules) or, once the rules are gone, be corrupted."""
-    done = state.abort_journaled()
+    done = shift_journal.abort_journaled()
     for tool, args in list_ours():
         r = _run([tool, "-w", "-t", TABLE, "-D", *args[1:]])
         if r.returncode == 0:

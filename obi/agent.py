@@ -69,8 +69,11 @@ class Agent:
             self.datapath = make_datapath(Datapath.USERSPACE, self.cfg, self.exporter.export)
             self.datapath.start()
         self.attached = True
-        log.info("attached: datapath %s; instrumenting ports %s", self.datapath.name,
-                 ",".join(str(p) for p in self.cfg.open_ports) or "(none)")
+        log.info(
+            "attached: datapath %s; instrumenting ports %s",
+            self.datapath.name,
+            ",".join(str(p) for p in self.cfg.open_ports) or "(none)",
+        )
 
     def stop(self) -> bool:
         """Detach and flush, bounded by shutdown_timeout. Returns False if it ran out of time."""
@@ -132,4 +135,3 @@ class Agent:
                 health.stop()
             for s, handler in old.items():
                 signal.signal(s, handler)
-

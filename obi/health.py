@@ -62,21 +62,45 @@ METRICS: tuple[Metric, ...] = (
     Metric("obi_spans_exported_total", ("exported",), "Spans the OTLP backend accepted."),
     Metric("obi_spans_dropped_total", ("dropped",), "Spans dropped: export queue full, failed export or shutdown."),
     Metric("obi_export_errors_total", ("export_errors",), "OTLP export requests (batches) that failed."),
-    Metric("obi_ringbuf_events_lost_total", ("events_lost",), "Kernel datapath events lost because the ring buffer was full."),
+    Metric(
+        "obi_ringbuf_events_lost_total",
+        ("events_lost",),
+        "Kernel datapath events lost because the ring buffer was full.",
+    ),
     Metric("obi_packets_queued_total", ("packets_queued",), "Packets the userspace datapath received from NFQUEUE."),
-    Metric("obi_packets_unparsed_total", ("observe_dropped", "observe_shed"),
-           "Packets of served connections the userspace datapath let through unparsed because it was behind "
-           "(their requests get no span)."),
-    Metric("obi_packets_accepted_total", ("packets_accepted",), "Packets the userspace datapath gave back to the kernel."),
-    Metric("obi_packets_bypassed_total", ("packets_bypassed",), "Packets passed unchanged because of a parse miss or an error."),
-    Metric("obi_headers_inserted_total", ("headers_inserted",), "Traceparent headers written into outgoing HTTP requests."),
-    Metric("obi_tcp_options_written_total", ("tcp_options_written", "tcpopt_written"),
-           "TCP segments tagged with the trace context option (kind 25)."),
-    Metric("obi_requests_evicted_total", ("requests_evicted",),
-           "Requests dropped while waiting for their response (too many open, or none for 5 minutes): no span."),
-    Metric("obi_selection_map_full_total", ("selection_map_full",),
-           "Processes or ports left uninstrumented at a process scan because the kernel path's "
-           "selected_tgids or server_ports map was full (counted at every scan while it lasts)."),
+    Metric(
+        "obi_packets_unparsed_total",
+        ("observe_dropped", "observe_shed"),
+        "Packets of served connections the userspace datapath let through unparsed because it was behind "
+        "(their requests get no span).",
+    ),
+    Metric(
+        "obi_packets_accepted_total", ("packets_accepted",), "Packets the userspace datapath gave back to the kernel."
+    ),
+    Metric(
+        "obi_packets_bypassed_total",
+        ("packets_bypassed",),
+        "Packets passed unchanged because of a parse miss or an error.",
+    ),
+    Metric(
+        "obi_headers_inserted_total", ("headers_inserted",), "Traceparent headers written into outgoing HTTP requests."
+    ),
+    Metric(
+        "obi_tcp_options_written_total",
+        ("tcp_options_written", "tcpopt_written"),
+        "TCP segments tagged with the trace context option (kind 25).",
+    ),
+    Metric(
+        "obi_requests_evicted_total",
+        ("requests_evicted",),
+        "Requests dropped while waiting for their response (too many open, or none for 5 minutes): no span.",
+    ),
+    Metric(
+        "obi_selection_map_full_total",
+        ("selection_map_full",),
+        "Processes or ports left uninstrumented at a process scan because the kernel path's "
+        "selected_tgids or server_ports map was full (counted at every scan while it lasts).",
+    ),
 )
 
 
@@ -166,8 +190,11 @@ class HealthServer:
 
         def status() -> dict[str, Any]:
             dp = agent.datapath
-            return {"datapath": getattr(dp, "name", None), "attached": agent.attached,
-                    "datapath_reason": getattr(agent, "reason", "")}
+            return {
+                "datapath": getattr(dp, "name", None),
+                "attached": agent.attached,
+                "datapath_reason": getattr(agent, "reason", ""),
+            }
 
         def metrics() -> dict[str, int]:
             merged = dict(agent.exporter.stats())
@@ -200,8 +227,13 @@ class HealthServer:
             st = dict(self.status_fn())
             self._counters()
         except Exception as e:  # a broken callback is an unhealthy agent, not a 500
-            return {"status": "unavailable", "datapath": None, "attached": False, "exporting": False,
-                    "reason": f"status check raised {type(e).__name__}: {e}"}
+            return {
+                "status": "unavailable",
+                "datapath": None,
+                "attached": False,
+                "exporting": False,
+                "reason": f"status check raised {type(e).__name__}: {e}",
+            }
         attached = bool(st.get("attached"))
         failing, why = self.export_health.failing()
         reasons = []
@@ -243,7 +275,10 @@ class HealthServer:
 
     def start(self) -> None:
         """Bind the configured port(s); nothing when both are 0. ObiError if a port is taken."""
-        wanted = {self.cfg.health_check_port: "health_check.port", self.cfg.internal_metrics_port: "internal_metrics.prometheus.port"}
+        wanted = {
+            self.cfg.health_check_port: "health_check.port",
+            self.cfg.internal_metrics_port: "internal_metrics.prometheus.port",
+        }
         for port, key in wanted.items():  # one listener when both ports are the same
             if not port:
                 continue
@@ -297,8 +332,9 @@ class HealthServer:
 
         server = Server((self.host, port), Handler)
         self._servers.append(server)
-        t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                             name=f"obi-health-{port}", daemon=True)
+        t = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name=f"obi-health-{port}", daemon=True
+        )
         t.start()
         self._threads.append(t)
         log.info("serving %s on %s:%d", ", ".join(sorted(routes)), self.host, server.server_address[1])

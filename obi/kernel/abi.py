@@ -140,8 +140,9 @@ class Tuple:
         return t
 
     def pack(self) -> bytes:
-        return _TUPLE.pack(_addr_bytes(self.local_addr), _addr_bytes(self.peer_addr),
-                           self.local_port, self.peer_port, self.family, 0)
+        return _TUPLE.pack(
+            _addr_bytes(self.local_addr), _addr_bytes(self.peer_addr), self.local_port, self.peer_port, self.family, 0
+        )
 
 
 def _addr(raw: bytes, family: int) -> str:
@@ -178,13 +179,49 @@ class Event:
 
     @classmethod
     def unpack(cls, raw: bytes | memoryview) -> "Event":
-        (kind, flags, ts_ns, end_ns, pid_tgid, tup, trace_id, span_id, parent_id, trace_flags, tp_count, status,
-         line_len, ts_len, line, tp, tp_len, host_len, _, tracestate, host) = EVENT.unpack_from(raw)
+        (
+            kind,
+            flags,
+            ts_ns,
+            end_ns,
+            pid_tgid,
+            tup,
+            trace_id,
+            span_id,
+            parent_id,
+            trace_flags,
+            tp_count,
+            status,
+            line_len,
+            ts_len,
+            line,
+            tp,
+            tp_len,
+            host_len,
+            _,
+            tracestate,
+            host,
+        ) = EVENT.unpack_from(raw)
         # Positional, no enum lookup, no min(): BPF bounds the lengths and a slice past the
         # end is safe anyway (this runs once per span).
-        return cls(kind, flags, ts_ns, end_ns, pid_tgid, Tuple.unpack(tup), trace_id.hex(), span_id.hex(),
-                   "" if parent_id == _ZERO8 else parent_id.hex(), trace_flags, tp_count, status,
-                   line[:line_len], tp[:tp_len], tracestate[:ts_len], host[:host_len].decode("latin-1"))
+        return cls(
+            kind,
+            flags,
+            ts_ns,
+            end_ns,
+            pid_tgid,
+            Tuple.unpack(tup),
+            trace_id.hex(),
+            span_id.hex(),
+            "" if parent_id == _ZERO8 else parent_id.hex(),
+            trace_flags,
+            tp_count,
+            status,
+            line[:line_len],
+            tp[:tp_len],
+            tracestate[:ts_len],
+            host[:host_len].decode("latin-1"),
+        )
 
     @property
     def pid(self) -> int:

@@ -8,7 +8,7 @@ What gets attached (all through obi.kernel.attach, so `obi cleanup` knows about 
 - ingress.bpf.o: `obi_tc_ingress` and `obi_tc_egress` on every interface of the watched
   netns (tcx or clsact per cfg.traffic_control_backend); egress reads the responses of
   server connections;
-- the thread hook (which request a thread serves, DESIGN decision 5), one of:
+- the thread hook (which request a thread serves, docs/architecture.md, decision 5), one of:
   threads.bpf.o: `obi_recv_length` on the sock:sock_recv_length tracepoint (Linux >= 6.3);
   threads_syscalls.bpf.o: `obi_sys_enter` / `obi_sys_exit` on the syscalls:sys_enter_* /
   sys_exit_* tracepoints of SYSCALLS (kernels without it). `thread_hook` chooses.
@@ -48,20 +48,20 @@ import threading
 import time
 from typing import Iterable
 
-from .. import procs
+from .. import discovery
 from ..config import Config
 from ..datapath import SpanSink
 from ..errors import AttachError, BpfError, MissingFeature
-from . import attach, libbpf
+from . import attach, libbpf, probes, ringbuf, tracefs
 from .abi import COUNTER_MAX, Counter
 from .events import Correlator
 from .loader import ADOPT_ITER, OBJECTS, THREAD_HOOKS, cfg_flags, load, open_object, shared_fds
+from .netns import in_netns
 
 log = logging.getLogger("obi.kernel.datapath")
 
 # Its output, one byte per established socket -> KernelDatapath.adopted key.
-ADOPT_CODES = {b"S": "server", b"C": "client", b"b": "in_flight", b"k": "known", b"e": "failed",
-               b"o": "not_selected"}
+ADOPT_CODES = {b"S": "server", b"C": "client", b"b": "in_flight", b"k": "known", b"e": "failed", b"o": "not_selected"}
 
 # The syscalls that read sockets, hooked by threads_syscalls (sock_recv_length fires for
 # all of them, from sock_recvmsg).
@@ -75,9 +75,7 @@ def choose_thread_hook(requested: str = "auto") -> str:
         return requested
     if requested != "auto":
         raise ValueError(f"thread_hook must be auto or one of {sorted(THREAD_HOOKS)}, not {requested!r}")
-    from .probes import probe_sock_recv_tracepoint  # probes imports attach: keep it lazy
-
-    return "syscalls" if probe_sock_recv_tracepoint().ok is False else "sock_recv_length"
+    return "syscalls" if probes.probe_sock_recv_tracepoint().ok is False else "sock_recv_length"
 
 
 # --- the datapath --------------------------------------------------------------------
@@ -109,7 +107,7 @@ class KernelDatapath:
         self._objs: dict[str, libbpf.BpfObject] = {}
         self._attachments: list = []  # detached in reverse order
         self._links: list[libbpf.Link] = []
-        self._ring: libbpf.RingReader | None = None
+        self._ring: ringbuf.RingReader | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._exes: dict[int, str] = {}
@@ -133,7 +131,7 @@ class KernelDatapath:
             self.scan_now()
             self._attach()
             self._adopt()
-            self._ring = libbpf.RingReader(self._objs["egress"].map("events"), self.correlator.on_raw)
+            self._ring = ringbuf.RingReader(self._objs["egress"].map("events"), self.correlator.on_raw)
         except BaseException:
             self.stop()
             raise
@@ -204,9 +202,9 @@ class KernelDatapath:
             inodes = obj.map("adopt_inodes")
             one = struct.pack("=I", 1)
             for pid in sorted(self._selected):
-                for ino in procs.socket_inodes(pid):
+                for ino in discovery.socket_inodes(pid):
                     inodes.update(struct.pack("=Q", ino), one)
-            with attach.in_netns(self.netns):
+            with in_netns(self.netns):
                 out = obj.program(ADOPT_ITER[1]).run_iter()
         except BpfError as e:
             log.warning("pre-existing connections not adopted: %s", str(e).splitlines()[0])
@@ -229,11 +227,12 @@ class KernelDatapath:
         self._attach_thread_hook()
         tc = self._objs["ingress"]
         backend = self.cfg.traffic_control_backend
-        with attach.in_netns(self.netns):
+        with in_netns(self.netns):
             for ifindex, ifname in socket.if_nameindex():
                 for direction in ("ingress", "egress"):
-                    a = attach.TcAttachment(tc.program(f"obi_tc_{direction}"), ifindex, direction, backend,
-                                            state_dir=sd)
+                    a = attach.TcAttachment(
+                        tc.program(f"obi_tc_{direction}"), ifindex, direction, backend, state_dir=sd
+                    )
                     try:
                         a.attach()
                     except (AttachError, BpfError) as e:
@@ -242,7 +241,7 @@ class KernelDatapath:
 
     def _attach_thread_hook(self) -> None:
         obj = self._objs[THREAD_HOOKS[self.thread_hook]]
-        attach.ensure_tracefs()
+        tracefs.ensure_tracefs()
         if self.thread_hook == "sock_recv_length":
             try:
                 self._links.append(obj.program("obi_recv_length").attach_tracepoint("sock", "sock_recv_length"))
@@ -264,8 +263,8 @@ class KernelDatapath:
     def scan_now(self) -> None:
         """Refresh selected_tgids / server_ports from /proc (also run periodically)."""
         with self._scan_lock:
-            ino = procs.netns_inode(self.netns or "/proc/thread-self/ns/net")
-            sel = procs.scan(self.cfg, ino)
+            ino = discovery.netns_inode(self.netns or "/proc/thread-self/ns/net")
+            sel = discovery.scan(self.cfg, ino)
             tgids, ports, exes = sel.pids, sel.ports, sel.exes
             eg = self._objs.get("egress")
             if eg is None:
@@ -295,8 +294,13 @@ class KernelDatapath:
             held.add(k)
         was = self._map_full.get(what, 0)
         if refused and not was:
-            log.warning("%s map full (%d entries): %d %s not instrumented until some go away",
-                        m.name, m.max_entries, refused, what)
+            log.warning(
+                "%s map full (%d entries): %d %s not instrumented until some go away",
+                m.name,
+                m.max_entries,
+                refused,
+                what,
+            )
         elif was and not refused:
             log.info("%s map has room again: every selected %s instrumented", m.name, what)
         self._map_full[what] = refused

@@ -1,11 +1,11 @@
 """Ring buffer events -> SpanRecords.
 
-Normally BPF sends one event per span (SERVER_SPAN from sk_msg, CLIENT_SPAN from tc
+Normally BPF sends one event per span (SERVER_SPAN from tc egress, CLIENT_SPAN from tc
 ingress: the request's event, completed with the response's status and time in BPF), and
 it becomes a SpanRecord at once. A connection with several requests waiting for answers
 (pipelining) is reported in pairs instead (obi_abi.h): a request's headers seen (SERVER_REQ
-on tc ingress, CLIENT_REQ in sk_msg) and a response's status line (SERVER_RESP in sk_msg,
-CLIENT_RESP on tc ingress); each response is paired with the oldest open request of the
+on tc ingress, CLIENT_REQ in sk_msg) and a response's status line (SERVER_RESP on tc
+egress, CLIENT_RESP on tc ingress); each response is paired with the oldest open request of the
 same connection (HTTP/1.x answers in order). The ids are always chosen in BPF (they had to
 be: the client's ids are written into the request as it leaves).
 
@@ -73,9 +73,14 @@ def split_request_line(line: bytes) -> tuple[str, str]:
 class Correlator:
     """Pairs request and response events per connection and emits finished spans."""
 
-    def __init__(self, sink: SpanSink, exe_of: Callable[[int], str] | None = None,
-                 max_open: int = MAX_OPEN_REQUESTS, max_age_s: float = MAX_OPEN_AGE_S,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        sink: SpanSink,
+        exe_of: Callable[[int], str] | None = None,
+        max_open: int = MAX_OPEN_REQUESTS,
+        max_age_s: float = MAX_OPEN_AGE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._sink = sink
         self._exe_of = exe_of or (lambda pid: "")
         self._offset = monotonic_to_epoch_offset()

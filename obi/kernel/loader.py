@@ -51,8 +51,9 @@ def cfg_flags(cfg: Config) -> int:
 
 
 def flag_names(flags: int) -> str:
-    names = [n for bit, n in ((CFG_HDR_INSERT, "hdr_insert"), (CFG_HDR_READ, "hdr_read"), (CFG_TCP, "tcp"))
-             if flags & bit]
+    names = [
+        n for bit, n in ((CFG_HDR_INSERT, "hdr_insert"), (CFG_HDR_READ, "hdr_read"), (CFG_TCP, "tcp")) if flags & bit
+    ]
     return "+".join(names) or "none"
 
 
@@ -76,8 +77,11 @@ def open_object(name: str, flags: int, shared: dict[str, int]) -> libbpf.BpfObje
 
 def shared_fds(obj: libbpf.BpfObject) -> dict[str, int]:
     """The maps of obi_maps.h as `obj` (loaded) holds them, for the next objects to reuse."""
-    return {m.name: m.fd for m in obj.maps()
-            if not m.name.startswith(".") and not m.name.endswith((".rodata", ".data", ".bss"))}
+    return {
+        m.name: m.fd
+        for m in obj.maps()
+        if not m.name.startswith(".") and not m.name.endswith((".rodata", ".data", ".bss"))
+    }
 
 
 def load(obj: libbpf.BpfObject) -> None:
@@ -200,8 +204,11 @@ def load_report(flags: int, objects: Sequence[str]) -> list[ProgramLoad]:
                     load(obj)
                 except ObiError as e:
                     ms = (time.perf_counter() - t0) * 1e3
-                    out.append(ProgramLoad(name, prog, flags, getattr(e, "processed", 0), ms, str(e),
-                                           isinstance(e, MissingFeature)))
+                    out.append(
+                        ProgramLoad(
+                            name, prog, flags, getattr(e, "processed", 0), ms, str(e), isinstance(e, MissingFeature)
+                        )
+                    )
                     obj.close()
                     continue
                 ms = (time.perf_counter() - t0) * 1e3
@@ -231,7 +238,11 @@ def format_table(rows: Sequence[ProgramLoad]) -> str:
     """The report as a text table (tests and the benchmark print it)."""
     lines = [f"{'object':<18} {'program':<16} {'mode':<22} {'verified insns':>14} {'load ms':>8}  budget {BUDGET:,}"]
     for r in rows:
-        state = "ok" if r.ok and r.verified_insns <= BUDGET else ("OVER" if r.ok else f"FAILED: {r.error.splitlines()[0]}")
-        lines.append(f"{r.object:<18} {r.program:<16} {flag_names(r.flags):<22} {r.verified_insns:>14,} "
-                     f"{r.load_ms:>8.1f}  {state}")
+        state = (
+            "ok" if r.ok and r.verified_insns <= BUDGET else ("OVER" if r.ok else f"FAILED: {r.error.splitlines()[0]}")
+        )
+        lines.append(
+            f"{r.object:<18} {r.program:<16} {flag_names(r.flags):<22} {r.verified_insns:>14,} "
+            f"{r.load_ms:>8.1f}  {state}"
+        )
     return "\n".join(lines)

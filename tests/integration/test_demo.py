@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from obi.netns import have_netns_tools
+from obi.demo.topology import have_netns_tools
 from obi.w3c import parse_traceparent
 
 pytestmark = pytest.mark.skipif(bool(have_netns_tools()), reason=have_netns_tools() or "ok")
@@ -20,8 +20,9 @@ pytestmark = pytest.mark.skipif(bool(have_netns_tools()), reason=have_netns_tool
 
 def _demo(*args):
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    return subprocess.run([sys.executable, "-m", "obi", "demo", *args], capture_output=True, text=True,
-                          timeout=240, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "obi", "demo", *args], capture_output=True, text=True, timeout=240, env=env
+    )
 
 
 @pytest.mark.parametrize("datapath", ["kernel", "userspace"])

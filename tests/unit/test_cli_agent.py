@@ -19,7 +19,9 @@ from obi.model import Datapath
 def run_cli(*args, env=None):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "OBI_"))}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "obi", *args], capture_output=True, text=True, env=full_env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "obi", *args], capture_output=True, text=True, env=full_env, timeout=60
+    )
 
 
 def test_version():
@@ -141,8 +143,9 @@ def test_auto_falls_back_when_the_verifier_rejects_a_program_and_says_so(fakes, 
     from obi.errors import ProgramRejected
 
     monkeypatch.setattr(agent_mod.doctor, "choose_datapath", choose(Datapath.KERNEL))
-    fakes[Datapath.KERNEL] = ProgramRejected("ingress.bpf.o", "obi_tc_ingress", 1_000_001,
-                                             ["BPF program is too large. Processed 1000001 insn"], 7)
+    fakes[Datapath.KERNEL] = ProgramRejected(
+        "ingress.bpf.o", "obi_tc_ingress", 1_000_001, ["BPF program is too large. Processed 1000001 insn"], 7
+    )
     a = agent_mod.Agent(config.load(env={}), exporter_factory=FakeExporter)
     with caplog.at_level("WARNING"):
         a.start()

@@ -165,8 +165,16 @@ def test_port_and_exe_selection():
         ({"OTEL_EBPF_SHUTDOWN_TIMEOUT": "-1s"}, "shutdown_timeout", "a positive duration"),
         ({"OTEL_EBPF_SHUTDOWN_TIMEOUT": "0"}, "shutdown_timeout", "a positive duration"),
         ({"OTEL_EBPF_HEALTH_CHECK_PORT": "web"}, "health_check.port", "a TCP port number"),
-        ({"OTEL_EBPF_INTERNAL_METRICS_PROMETHEUS_PORT": "99999"}, "internal_metrics.prometheus.port", "between 0 and 65535"),
-        ({"OTEL_EBPF_INTERNAL_METRICS_PROMETHEUS_PATH": "metrics"}, "internal_metrics.prometheus.path", "absolute URL path"),
+        (
+            {"OTEL_EBPF_INTERNAL_METRICS_PROMETHEUS_PORT": "99999"},
+            "internal_metrics.prometheus.port",
+            "between 0 and 65535",
+        ),
+        (
+            {"OTEL_EBPF_INTERNAL_METRICS_PROMETHEUS_PATH": "metrics"},
+            "internal_metrics.prometheus.path",
+            "absolute URL path",
+        ),
     ],
 )
 def test_bad_env_values_name_key_value_and_choices(env, key, allowed):
@@ -210,7 +218,9 @@ def test_empty_file_is_defaults(tmp_path):
 
 
 def test_yaml_lists_and_native_types(tmp_path):
-    path = write(tmp_path, "ebpf:\n  context_propagation: [headers, tcp]\n  track_request_headers: true\nopen_port: 8080\n")
+    path = write(
+        tmp_path, "ebpf:\n  context_propagation: [headers, tcp]\n  track_request_headers: true\nopen_port: 8080\n"
+    )
     cfg = config.load(path, env={})
     assert cfg.context_propagation == {"headers", "tcp"}
     assert cfg.track_request_headers is True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from obi import doctor
+from obi import doctor, machine_probes
 from obi.config import Config
 from obi.doctor import Check, choose_datapath
 from obi.kernel import probes
@@ -19,9 +19,11 @@ def no_probing(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("probe must not run")
 
     monkeypatch.setattr(probes, "probe_bpf_loop", boom)
-    monkeypatch.setattr(probes, "probe_nfqueue", boom)
+    monkeypatch.setattr(machine_probes, "probe_nfqueue", boom)
     # Not faked by a test: the tracepoint is there (as on every kernel >= 6.3).
-    monkeypatch.setattr(probes, "probe_sock_recv_tracepoint", lambda: probes.Probe("sock_recv_tracepoint", True, "", "6.3"))
+    monkeypatch.setattr(
+        probes, "probe_sock_recv_tracepoint", lambda: probes.Probe("sock_recv_tracepoint", True, "", "6.3")
+    )
     monkeypatch.setattr(probes, "probe_syscall_tracepoints", lambda: probes.Probe("syscall_tracepoints", True, ""))
     # The kernel path's own programs load (a test that says otherwise passes `programs`).
     monkeypatch.setattr(doctor, "load_programs", lambda cfg: doctor.ProgramLoads((_row(),)))
@@ -69,12 +71,16 @@ class TestChooseDatapath:
         assert choice.datapath is Datapath.USERSPACE
         assert "sock_recv_length" in choice.reason and "6.3" in choice.reason
         assert "CONFIG_FTRACE_SYSCALLS" in choice.reason
-        override = choose_datapath(Config(override_bpfloop_enabled=True), nfqueue_ok=True, thread_tp_ok=False,
-                                   syscall_tp_ok=False)
+        override = choose_datapath(
+            Config(override_bpfloop_enabled=True), nfqueue_ok=True, thread_tp_ok=False, syscall_tp_ok=False
+        )
         assert override.datapath is Datapath.USERSPACE
         # Cannot tell (no tracefs, no BTF): no veto; start() would fail cleanly instead.
-        monkeypatch.setattr(probes, "probe_sock_recv_tracepoint",
-                            lambda: probes.Probe("sock_recv_tracepoint", None, "cannot tell", "6.3"))
+        monkeypatch.setattr(
+            probes,
+            "probe_sock_recv_tracepoint",
+            lambda: probes.Probe("sock_recv_tracepoint", None, "cannot tell", "6.3"),
+        )
         unknown = choose_datapath(Config(), bpf_loop_ok=True, nfqueue_ok=True)
         assert unknown.datapath is Datapath.KERNEL
 
@@ -112,7 +118,7 @@ def test_auto_probes_when_not_told(monkeypatch: pytest.MonkeyPatch) -> None:
         return probes.Probe("nfqueue", True, "ok")
 
     monkeypatch.setattr(probes, "probe_bpf_loop", fake_loop)
-    monkeypatch.setattr(probes, "probe_nfqueue", fake_nfq)
+    monkeypatch.setattr(machine_probes, "probe_nfqueue", fake_nfq)
     assert choose_datapath(Config()).datapath is Datapath.USERSPACE
     assert calls == ["bpf_loop", "nfqueue"]
 
@@ -128,14 +134,20 @@ def test_auto_probes_when_not_told(monkeypatch: pytest.MonkeyPatch) -> None:
     ],
 )
 def test_parse_lockdown(text: str, mode: str) -> None:
-    assert probes.parse_lockdown(text) == mode
+    assert machine_probes.parse_lockdown(text) == mode
 
 
 def test_parse_capeff_full_root() -> None:
-    caps = probes.parse_capeff("000001ffffffffff")
+    caps = machine_probes.parse_capeff("000001ffffffffff")
     assert set(caps) == {
-        "CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN",
-        "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH", "CAP_CHECKPOINT_RESTORE",
+        "CAP_BPF",
+        "CAP_PERFMON",
+        "CAP_NET_ADMIN",
+        "CAP_NET_RAW",
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_PTRACE",
+        "CAP_DAC_READ_SEARCH",
+        "CAP_CHECKPOINT_RESTORE",
     }
     assert all(caps.values())
 
@@ -143,24 +155,26 @@ def test_parse_capeff_full_root() -> None:
 def test_parse_capeff_partial() -> None:
     # CAP_NET_ADMIN (12) + CAP_NET_RAW (13) + CAP_BPF (39)
     mask = (1 << 12) | (1 << 13) | (1 << 39)
-    caps = probes.parse_capeff(f"{mask:016x}")
+    caps = machine_probes.parse_capeff(f"{mask:016x}")
     assert {n for n, have in caps.items() if have} == {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_BPF"}
-    assert probes.parse_capeff("0000000000000000") == {n: False for n in caps}
+    assert machine_probes.parse_capeff("0000000000000000") == {n: False for n in caps}
 
 
 def test_read_capeff_from_status_file(tmp_path) -> None:
     status = tmp_path / "status"
-    status.write_text("Name:\tpython3\nCapInh:\t0000000000000000\nCapEff:\t0000000000003000\nCapBnd:\t000001ffffffffff\n")
-    caps = probes.parse_capeff(probes.read_capeff(str(status)))
+    status.write_text(
+        "Name:\tpython3\nCapInh:\t0000000000000000\nCapEff:\t0000000000003000\nCapBnd:\t000001ffffffffff\n"
+    )
+    caps = machine_probes.parse_capeff(machine_probes.read_capeff(str(status)))
     assert caps["CAP_NET_ADMIN"] and caps["CAP_NET_RAW"] and not caps["CAP_BPF"]
 
 
 def test_capabilities_check_names_what_stops(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(probes, "read_capeff", lambda: f"{(1 << 39) | (1 << 12):016x}")
+    monkeypatch.setattr(machine_probes, "read_capeff", lambda: f"{(1 << 39) | (1 << 12):016x}")
     check = doctor._capabilities_check()
     assert check.status == "warn"  # BPF and NET_ADMIN present: the agent can work
     assert "missing CAP_SYS_PTRACE" in check.detail and "discovery" in check.detail
-    monkeypatch.setattr(probes, "read_capeff", lambda: "0")
+    monkeypatch.setattr(machine_probes, "read_capeff", lambda: "0")
     assert doctor._capabilities_check().status == "fail"
 
 
@@ -209,16 +223,23 @@ class TestProgramsDecide:
     """auto picks the kernel path only when the programs obi run would load do load."""
 
     def test_rejected_program_falls_back_and_names_it(self) -> None:
-        rejected = doctor.ProgramLoads((_row("BPF program obi_tc_ingress (ingress.bpf.o) rejected by the verifier "
-                                             "after 1,000,001 processed instructions"),))
+        rejected = doctor.ProgramLoads(
+            (
+                _row(
+                    "BPF program obi_tc_ingress (ingress.bpf.o) rejected by the verifier "
+                    "after 1,000,001 processed instructions"
+                ),
+            )
+        )
         choice = choose_datapath(Config(), bpf_loop_ok=True, nfqueue_ok=True, programs=rejected)
         assert choice.datapath is Datapath.USERSPACE
         assert "obi_tc_ingress" in choice.reason and "the kernel has the features" in choice.reason
         assert "5.17" not in choice.reason
 
     def test_missing_helper_falls_back_as_missing(self) -> None:
-        missing = doctor.ProgramLoads((_row("kernel feature unavailable: BPF helper bpf_loop (needs Linux >= 5.17)",
-                                            missing=True),))
+        missing = doctor.ProgramLoads(
+            (_row("kernel feature unavailable: BPF helper bpf_loop (needs Linux >= 5.17)", missing=True),)
+        )
         choice = choose_datapath(Config(override_bpfloop_enabled=True), nfqueue_ok=True, programs=missing)
         assert choice.datapath is Datapath.USERSPACE and "bpf_loop" in choice.reason
 

@@ -24,7 +24,7 @@ def _packed(method: str) -> int:
 
 def test_kernel_method_table_is_the_same_list():
     src = open(os.path.join(REPO, "bpf", "include", "obi_http.h")).read()
-    body = src[src.index("static __always_inline int http_method("):]
+    body = src[src.index("static __always_inline int http_method(") :]
     body = body[: body.index("\n}\n")]
     table: dict[int, set[int]] = {}
     for case in re.split(r"\bcase ", body)[1:]:
@@ -36,8 +36,9 @@ def test_kernel_method_table_is_the_same_list():
     assert table == want
 
 
-@pytest.mark.parametrize("line", [b"USER bob HTTP/1.1\r\n", b"NOTAMETHOD / HTTP/1.1\r\n", b"PRI * HTTP/1.1\r\n",
-                                  b"get / HTTP/1.1\r\n"])
+@pytest.mark.parametrize(
+    "line", [b"USER bob HTTP/1.1\r\n", b"NOTAMETHOD / HTTP/1.1\r\n", b"PRI * HTTP/1.1\r\n", b"get / HTTP/1.1\r\n"]
+)
 def test_unregistered_method_is_not_http(line):
     s = Stream(True)
     events = s.feed(line + b"Host: x\r\n\r\n", 0)
@@ -51,20 +52,23 @@ def test_every_registered_method_is_http(method):
     assert not s.dead and [m.method for k, m in events if k == "line"] == [method]
 
 
-@pytest.mark.parametrize("head", [
-    b"Content-Length:\r\n 21\r\n",            # the value on an obs-fold line
-    b"Content-Length: 2\r\n 1\r\n",           # the value continued on one
-    b"Transfer-Encoding:\r\n chunked\r\n",
-    b"Content-Length: 2 1\r\n",               # digits after OWS
-    b"Content-Length: \r\n",                  # no value
-])
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"Content-Length:\r\n 21\r\n",  # the value on an obs-fold line
+        b"Content-Length: 2\r\n 1\r\n",  # the value continued on one
+        b"Transfer-Encoding:\r\n chunked\r\n",
+        b"Content-Length: 2 1\r\n",  # digits after OWS
+        b"Content-Length: \r\n",  # no value
+    ],
+)
 @pytest.mark.parametrize("step", [1, 4096])
 def test_framing_header_that_cannot_be_read_whole_gives_up(head, step):
     data = b"POST /a HTTP/1.1\r\nHost: x\r\n" + head + b"\r\nGET /inbody HTTP/1.1\r\n\r\n"
     s = Stream(True)
     lines = []
     for i in range(0, len(data), step):
-        lines += [m.target for k, m in s.feed(data[i:i + step], i) if k == "line"]
+        lines += [m.target for k, m in s.feed(data[i : i + step], i) if k == "line"]
     assert s.dead and "/inbody" not in lines
 
 

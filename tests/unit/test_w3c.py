@@ -205,7 +205,11 @@ VALID_TRACESTATES = [
     pytest.param("", [], id="empty"),
     pytest.param(" \t ", [], id="only-ows"),
     pytest.param("congo=t61rcWkgMzE", [("congo", "t61rcWkgMzE")], id="single"),
-    pytest.param("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE", [("rojo", "00f067aa0ba902b7"), ("congo", "t61rcWkgMzE")], id="two-order-kept"),
+    pytest.param(
+        "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE",
+        [("rojo", "00f067aa0ba902b7"), ("congo", "t61rcWkgMzE")],
+        id="two-order-kept",
+    ),
     pytest.param("a=1 \t , \t b=2,\tc=3 ", [("a", "1"), ("b", "2"), ("c", "3")], id="ows-around-commas"),
     pytest.param("a=1,,b=2", [("a", "1"), ("b", "2")], id="empty-member-between-commas"),
     pytest.param(",a=1, ,\t,b=2,", [("a", "1"), ("b", "2")], id="empty-members-at-ends"),
@@ -218,7 +222,9 @@ VALID_TRACESTATES = [
     pytest.param("t" * 241 + "@" + "s" * 14 + "=x", [("t" * 241 + "@" + "s" * 14, "x")], id="multi-tenant-max"),
     pytest.param("k=" + "v" * 256, [("k", "v" * 256)], id="value-256"),
     pytest.param("k= x y", [("k", " x y")], id="value-inner-and-leading-space"),
-    pytest.param("k=!\"#$%&'()*+-./:;<>?@[\\]^_`{|}~", [("k", "!\"#$%&'()*+-./:;<>?@[\\]^_`{|}~")], id="value-punctuation"),
+    pytest.param(
+        "k=!\"#$%&'()*+-./:;<>?@[\\]^_`{|}~", [("k", "!\"#$%&'()*+-./:;<>?@[\\]^_`{|}~")], id="value-punctuation"
+    ),
     pytest.param(b"a=1,b=2", [("a", "1"), ("b", "2")], id="bytes"),
 ]
 

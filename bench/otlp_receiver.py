@@ -1,24 +1,32 @@
-"""Real OTLP trace receivers on loopback for tests: http/protobuf and grpc.
+"""Real OTLP trace receivers on loopback, http/protobuf and grpc: the one the tests and the
+benchmarks use.
 
 Both decode every request into `ExportTraceServiceRequest` messages (opentelemetry-proto),
-so tests assert what actually crossed the socket. Use as context managers; `port=0` picks a
-free port, or pass a port chosen earlier (to start a backend that was "down").
+so what is counted or asserted is what actually crossed the socket. Use as context
+managers; `port=0` picks a free port, or pass a port chosen earlier (to start a backend
+that was "down").
+
+`python3 -m bench.otlp_receiver --port 4318` is the benchmarks' span counter: an http
+receiver in a process of its own (decoding never competes with the agent or exporter being
+measured) that keeps no requests and prints `spans <total>` after each one, which the
+harness reads from its stdout.
 """
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import socket
+import sys
 import threading
 import time
 import zlib
 from concurrent import futures
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 
-import grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
@@ -65,8 +73,21 @@ class ReceivedSpan:
 
 
 class _Receiver:
-    def __init__(self, port: int = 0):
+    """`keep=False`: count spans without keeping the requests (a benchmark sends hundreds of
+    thousands); `on_count(total)` is called after each request, in arrival order."""
+
+    def __init__(
+        self,
+        port: int = 0,
+        *,
+        host: str = "127.0.0.1",
+        keep: bool = True,
+        on_count: Callable[[int], None] | None = None,
+    ):
         self.port = port or free_port()
+        self.host = host
+        self.keep = keep
+        self.on_count = on_count
         self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
         self.headers: list[dict[str, str]] = []
         self.span_count = 0  # spans decoded so far (cheap to poll, unlike spans())
@@ -75,9 +96,12 @@ class _Receiver:
     def _record(self, req: trace_service_pb2.ExportTraceServiceRequest, headers: dict[str, str]) -> None:
         n = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
         with self._cond:
-            self.requests.append(req)
-            self.headers.append(headers)
+            if self.keep:
+                self.requests.append(req)
+                self.headers.append(headers)
             self.span_count += n
+            if self.on_count is not None:
+                self.on_count(self.span_count)
             self._cond.notify_all()
 
     def wait_for_count(self, n: int, timeout: float) -> int:
@@ -154,7 +178,7 @@ class HttpReceiver(_Receiver):
                 pass
 
         ThreadingHTTPServer.allow_reuse_address = True
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
@@ -162,7 +186,7 @@ class HttpReceiver(_Receiver):
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}{self.path}"
+        return f"http://{self.host}:{self.port}{self.path}"
 
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
@@ -174,6 +198,9 @@ class GrpcReceiver(_Receiver):
     """A real grpc.server implementing opentelemetry.proto TraceService/Export."""
 
     def __enter__(self) -> "GrpcReceiver":
+        import grpc  # only here: the benchmarks' http receiver starts without it
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
         receiver = self
 
         class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
@@ -183,15 +210,38 @@ class GrpcReceiver(_Receiver):
 
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self._server)
-        bound = self._server.add_insecure_port(f"127.0.0.1:{self.port}")
+        bound = self._server.add_insecure_port(f"{self.host}:{self.port}")
         if bound != self.port:
-            raise OSError(f"grpc receiver could not bind 127.0.0.1:{self.port}")
+            raise OSError(f"grpc receiver could not bind {self.host}:{self.port}")
         self._server.start()
         return self
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def __exit__(self, *exc: object) -> None:
         self._server.stop(0).wait(5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m bench.otlp_receiver")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    args = p.parse_args(argv)
+
+    def report(total: int) -> None:
+        sys.stdout.write(f"spans {total}\n")
+        sys.stdout.flush()
+
+    with HttpReceiver(args.port, host=args.host, keep=False, on_count=report):
+        print("ready", flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -84,12 +84,13 @@ class Host:
 class Topology:
     """Hosts on one bridge. Use as a context manager::
 
-        with Topology(["client", "svc", "backend"], prefix="obit") as topo:
-            topo["svc"].popen([...])
+    with Topology(["client", "svc", "backend"], prefix="obit") as topo:
+        topo["svc"].popen([...])
     """
 
-    def __init__(self, hosts: Sequence[str], prefix: str = "obi", cgroups: bool = True, mtu: int = 1500,
-                 subnet: int = 0):
+    def __init__(
+        self, hosts: Sequence[str], prefix: str = "obi", cgroups: bool = True, mtu: int = 1500, subnet: int = 0
+    ):
         tag = prefix + secrets.token_hex(3)
         self.tag = tag
         self.mtu = mtu
@@ -134,8 +135,22 @@ class Topology:
             _ip("netns", "add", host.netns)
             self._made_ns.append(host.netns)
             peer = f"p{i}"
-            _ip("-n", host.netns, "link", "add", host.ifname, "mtu", str(self.mtu), "type", "veth",
-                "peer", "name", peer, "netns", self.switch)
+            _ip(
+                "-n",
+                host.netns,
+                "link",
+                "add",
+                host.ifname,
+                "mtu",
+                str(self.mtu),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                peer,
+                "netns",
+                self.switch,
+            )
             _ip("-n", self.switch, "link", "set", peer, "mtu", str(self.mtu), "master", "br0", "up")
             _ip("-n", host.netns, "link", "set", "lo", "up")
             _ip("-n", host.netns, "addr", "add", f"{host.addr}/24", "dev", host.ifname)
@@ -154,8 +169,9 @@ class Topology:
         deadline = time.monotonic() + timeout
         for host in self.hosts.values():
             while True:
-                r = subprocess.run(["ip", "netns", "exec", first.netns, "ping", "-c1", "-W1", host.addr],
-                                   capture_output=True)
+                r = subprocess.run(
+                    ["ip", "netns", "exec", first.netns, "ping", "-c1", "-W1", host.addr], capture_output=True
+                )
                 if r.returncode == 0:
                     break
                 if time.monotonic() > deadline:
@@ -202,7 +218,7 @@ def _kill_cgroup(path: str) -> None:
 
 
 def have_netns_tools() -> str:
-    """"" when namespaces can be built here, else the reason (for skips)."""
+    """ "" when namespaces can be built here, else the reason (for skips)."""
     if os.geteuid() != 0:
         return "needs root to create network namespaces"
     for tool in ("ip", "ping"):

@@ -27,17 +27,31 @@ class Proc:
     """A long-running child; its stdout/stderr lines are kept (the last `keep` of each)
     and offered to `on_line(stream, line)` as they arrive."""
 
-    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None, keep: int = 400,
-                 on_line: Callable[[str, str], None] | None = None, popen: Callable[..., subprocess.Popen] | None = None):
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        keep: int = 400,
+        on_line: Callable[[str, str], None] | None = None,
+        popen: Callable[..., subprocess.Popen] | None = None,
+    ):
         self.argv = list(argv)
         self.out: collections.deque[str] = collections.deque(maxlen=keep)
         self.err: collections.deque[str] = collections.deque(maxlen=keep)
         self._on_line = on_line
         start = popen or subprocess.Popen
-        self.proc = start(self.argv, env=env if env is not None else child_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, cwd=str(REPO_ROOT))
-        self._threads = [threading.Thread(target=self._read, args=(s, n), daemon=True)
-                         for s, n in ((self.proc.stdout, "out"), (self.proc.stderr, "err"))]
+        self.proc = start(
+            self.argv,
+            env=env if env is not None else child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=str(REPO_ROOT),
+        )
+        self._threads = [
+            threading.Thread(target=self._read, args=(s, n), daemon=True)
+            for s, n in ((self.proc.stdout, "out"), (self.proc.stderr, "err"))
+        ]
         for t in self._threads:
             t.start()
 

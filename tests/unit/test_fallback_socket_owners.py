@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from obi.config import Config, PortRange
-from obi.fallback import procs as fprocs
+from obi.fallback import socket_owners
 
 # Listens on a port (which makes it "selected"), then connects to the test's server and
 # prints its listening port and the client connection's local port.
@@ -44,12 +44,14 @@ def test_new_listener_is_found_despite_a_recent_walk_and_not_after_it_exits(serv
     proc = subprocess.Popen([sys.executable, "-c", CLIENT, str(sport)], stdout=subprocess.PIPE, text=True)
     try:
         listen_port, client_port = map(int, proc.stdout.readline().split())
-        owners = fprocs.ProcOwners(Config(open_ports=(PortRange(listen_port, listen_port),)))
+        owners = socket_owners.ProcOwners(Config(open_ports=(PortRange(listen_port, listen_port),)))
         owners.refresh()
         # A walk that happened just before the process started listening: its socket is
         # not in the walk, and the time-based rate limit would forbid walking again.
         owners.port_pid, owners.selected = {}, set()
-        owners._listening.discard(next(i for (lp, _), i in fprocs.procs.tcp_table(True).items() if lp == listen_port))
+        owners._listening.discard(
+            next(i for (lp, _), i in socket_owners.discovery.tcp_table(True).items() if lp == listen_port)
+        )
         owners._refreshed = time.monotonic()
         assert owners.client_pid(syn(client_port, sport)) == proc.pid
         # Found again without a walk (it is selected now).
@@ -70,7 +72,7 @@ def test_unselected_sender_does_not_walk_proc_on_every_syn(server, monkeypatch):
     sport = server.getsockname()[1]
     c = socket.create_connection(("127.0.0.1", sport))
     try:
-        owners = fprocs.ProcOwners(Config(open_ports=(PortRange(1, 1),)))
+        owners = socket_owners.ProcOwners(Config(open_ports=(PortRange(1, 1),)))
         owners.refresh()
         walks = []
         real = owners.refresh

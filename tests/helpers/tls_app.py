@@ -5,7 +5,7 @@
         answers {"path": ...}.
     python3 tls_app.py front --port 8080 --backend 198.18.0.3:8443 --ca c.pem
         Plain HTTP service, thread per connection: each request /<n> POSTs n bytes of
-        obi.demoapp.pattern_bytes to the backend's /echo over one keep-alive TLS
+        obi.demo.app.pattern_bytes to the backend's /echo over one keep-alive TLS
         connection per serving thread, and answers JSON {status, sent_sha, got_sha,
         echo_sha, conn_reused}.
 
@@ -25,15 +25,33 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from obi.demoapp import pattern_bytes  # noqa: E402
+from obi.demo.app import pattern_bytes  # noqa: E402
 
 
 def make_cert(directory: str, ip: str) -> tuple[str, str]:
     cert, key = os.path.join(directory, "c.pem"), os.path.join(directory, "c.key")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=c", "-days", "1",
-                    "-addext", f"subjectAltName=IP:{ip}", "-keyout", key, "-out", cert],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=c",
+            "-days",
+            "1",
+            "-addext",
+            f"subjectAltName=IP:{ip}",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -76,11 +94,17 @@ class _Front(_Quiet):
         conn.request("POST", "/echo", body=body)
         resp = conn.getresponse()
         data = resp.read()
-        self._reply(json.dumps({
-            "status": resp.status, "sent_sha": hashlib.sha256(body).hexdigest(),
-            "got_sha": resp.getheader("X-Body-Sha256"), "echo_sha": hashlib.sha256(data).hexdigest(),
-            "conn_reused": reused,
-        }).encode())
+        self._reply(
+            json.dumps(
+                {
+                    "status": resp.status,
+                    "sent_sha": hashlib.sha256(body).hexdigest(),
+                    "got_sha": resp.getheader("X-Body-Sha256"),
+                    "echo_sha": hashlib.sha256(data).hexdigest(),
+                    "conn_reused": reused,
+                }
+            ).encode()
+        )
 
 
 def main() -> int:

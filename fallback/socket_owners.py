@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 
-from obi import procs
+from obi import discovery
 from obi.config import Config
 
 from . import codec
@@ -23,7 +23,7 @@ class ProcOwners:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.netns = procs.netns_inode("/proc/self/ns/net")
+        self.netns = discovery.netns_inode("/proc/self/ns/net")
         self.me = os.getpid()
         self.port_pid: dict[int, int] = {}
         self.selected: set[int] = set()
@@ -35,8 +35,8 @@ class ProcOwners:
         """Map listening ports to pids; cost is one /proc walk, at most every REFRESH_S."""
         self._refreshed = time.monotonic()
         # Taken before the walk: a socket that starts listening during it counts as new later.
-        self._listening = set(procs.tcp_table(True).values())
-        sel = procs.scan(self.cfg, self.netns, skip_pid=self.me)
+        self._listening = set(discovery.tcp_table(True).values())
+        sel = discovery.scan(self.cfg, self.netns, skip_pid=self.me)
         self.port_pid, self.selected = sel.port_pid, sel.pids
         self._exe.update(sel.exes)
 
@@ -57,12 +57,12 @@ class ProcOwners:
 
     def client_pid(self, pkt: codec.Packet) -> int | None:
         self._maybe_refresh()
-        inode = procs.tcp_table(False).get((pkt.sport, pkt.dport))
+        inode = discovery.tcp_table(False).get((pkt.sport, pkt.dport))
         if inode is None:
             return None
         for attempt in (1, 2):
             for pid in self.selected:
-                if inode in procs.socket_inodes(pid):
+                if inode in discovery.socket_inodes(pid):
                     return pid
             # A process that started listening since the last walk may be selected now: look
             # again at once. Otherwise (an unselected sender) walk /proc at most every
@@ -75,7 +75,7 @@ class ProcOwners:
 
     def _new_listener(self) -> bool:
         """Whether a socket started listening in this netns since the last walk."""
-        return not set(procs.tcp_table(True).values()) <= self._listening
+        return not set(discovery.tcp_table(True).values()) <= self._listening
 
     def exe(self, pid: int) -> str:
         exe = self._exe.get(pid)

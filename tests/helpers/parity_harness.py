@@ -19,9 +19,9 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
-from obi import demoapp as demo_service
-from obi.demo import AgentProcess as DemoAgent
-from obi.netns import Host, Topology, have_netns_tools
+from obi.demo import app as demo_service
+from obi.demo.scenario import AgentProcess as DemoAgent
+from obi.demo.topology import Host, Topology, have_netns_tools
 
 PORT = 8080  # demo services on B and C
 DRIVER_PORT = 8081  # the driver in B listens here: that selects it, so its requests are instrumented
@@ -34,7 +34,7 @@ HEX = set("0123456789abcdef")
 
 
 def skip_reason(datapath: str) -> str:
-    """"" when `datapath` can run here, else why not (names the missing feature)."""
+    """ "" when `datapath` can run here, else why not (names the missing feature)."""
     why = have_netns_tools()
     if why:
         return why
@@ -70,8 +70,12 @@ class Driver:
     """parity_apps.py driver in B; run() sends one JSON job and returns the JSON answer."""
 
     def __init__(self, host: Host):
-        self.proc = host.popen([sys.executable, APPS, "driver", "--listen", str(DRIVER_PORT)],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = host.popen(
+            [sys.executable, APPS, "driver", "--listen", str(DRIVER_PORT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         assert line.strip() == "ready", line
@@ -106,8 +110,13 @@ class Env:
     """The topology, its services and agents for one datapath. Context manager; close() is
     safe to call after a partial start."""
 
-    def __init__(self, datapath: str, agents_on: Sequence[str] = ("b", "c"),
-                 c_service: Callable[[Host], object] | None = None, driver: bool = True):
+    def __init__(
+        self,
+        datapath: str,
+        agents_on: Sequence[str] = ("b", "c"),
+        c_service: Callable[[Host], object] | None = None,
+        driver: bool = True,
+    ):
         self.datapath = datapath
         self.agents_on = agents_on
         self.c_service = c_service
@@ -201,6 +210,7 @@ print(urllib.request.urlopen(req, timeout=20).read().decode())
 
 
 # -- span checks shared by the suites ----------------------------------------------------
+
 
 def is_hex_id(value: str, length: int) -> bool:
     return len(value) == length and set(value) <= HEX and value != "0" * length

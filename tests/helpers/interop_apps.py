@@ -6,7 +6,7 @@ Run inside a test namespace as `python3 interop_apps.py CMD ...`:
   and one GET of URL made inside a started SDK span. Prints one JSON line:
   {"response": <the JSON answer>, "spans": [<finished SDK spans>]}.
 - `server --port P --spans FILE`: a WSGI app behind `OpenTelemetryMiddleware` on wsgiref.
-  `GET /headers` answers {"headers": [[name, value], ...]} (what obi.demoapp's /headers
+  `GET /headers` answers {"headers": [[name, value], ...]} (what obi.demo.app's /headers
   answers, so the demoapp can call it); every finished SDK span is appended to FILE as one
   JSON line.
 """
@@ -67,8 +67,9 @@ def server(port: int, spans_file: str) -> None:
 
     provider = _provider("sdk-server")
     out = open(spans_file, "a", buffering=1, encoding="utf-8")
-    provider.add_span_processor(SimpleSpanProcessor(
-        ConsoleSpanExporter(out=out, formatter=lambda span: json.dumps(span_json(span)) + "\n")))
+    provider.add_span_processor(
+        SimpleSpanProcessor(ConsoleSpanExporter(out=out, formatter=lambda span: json.dumps(span_json(span)) + "\n"))
+    )
 
     def app(environ, start_response):
         headers = [[k[5:].replace("_", "-").title(), v] for k, v in environ.items() if k.startswith("HTTP_")]

@@ -122,8 +122,7 @@ class _Recorder(socketserver.BaseRequestHandler):
             raw = read_message(conn)
             if raw is None:
                 return
-            head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                    b"Content-Length: %d\r\n\r\n" % len(raw))
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % len(raw)
             self.request.sendall(head if raw.startswith(b"HEAD ") else head + raw)
 
 
@@ -166,8 +165,13 @@ class Driver:
                 resp = read_message(conn, no_body=head_req)
                 assert resp is not None, "connection closed before a response"
                 head, _, body = resp.partition(b"\r\n\r\n")
-                answers.append({"status": int(head.split(b" ")[1]), "body_b64": base64.b64encode(body).decode(),
-                                "head_b64": base64.b64encode(head).decode()})
+                answers.append(
+                    {
+                        "status": int(head.split(b" ")[1]),
+                        "body_b64": base64.b64encode(body).decode(),
+                        "head_b64": base64.b64encode(head).decode(),
+                    }
+                )
             return answers[0] if len(answers) == 1 else {"answers": answers}
         if op == "raw":
             # Fresh connection, send, half-close, read to EOF.
@@ -184,15 +188,19 @@ class Driver:
             conn = self.http_conns[key]
             body = pattern(job["size"])
             if job.get("chunked"):
-                pieces = [body[i:i + 7000] for i in range(0, len(body), 7000)]
+                pieces = [body[i : i + 7000] for i in range(0, len(body), 7000)]
                 conn.request("POST", "/echo", body=iter(pieces), encode_chunked=True)
             else:
                 conn.request("POST", "/echo", body=body)
             resp = conn.getresponse()
             data = resp.read()
-            return {"status": resp.status, "sent_sha": hashlib.sha256(body).hexdigest(),
-                    "c_sha": resp.getheader("X-Body-Sha256"), "back_sha": hashlib.sha256(data).hexdigest(),
-                    "len": len(data)}
+            return {
+                "status": resp.status,
+                "sent_sha": hashlib.sha256(body).hexdigest(),
+                "c_sha": resp.getheader("X-Body-Sha256"),
+                "back_sha": hashlib.sha256(data).hexdigest(),
+                "len": len(data),
+            }
         raise ValueError(f"unknown op {op}")
 
 

@@ -1,6 +1,6 @@
 """Small uninstrumented HTTP services for the demo, the tests and the benchmarks.
 
-Run as `python3 -m obi.demoapp serve --port 8080 [--downstream http://198.18.0.3:8080]`.
+Run as `python3 -m obi.demo.app serve --port 8080 [--downstream http://198.18.0.3:8080]`.
 
 The service is thread-per-request (`ThreadingHTTPServer`) and knows nothing of tracing:
 that is the point. What it does, per request:
@@ -133,8 +133,8 @@ def serve(port: int, downstream: str = "", host: str = "0.0.0.0") -> None:
 
 
 def start(host, port: int, downstream: str = "", listen: str = "0.0.0.0"):
-    """Start the demo service inside an `obi.netns.Host`; returns the Popen once it listens."""
-    argv = [sys.executable, "-m", "obi.demoapp", "serve", "--port", str(port), "--host", listen]
+    """Start the demo service inside an `obi.demo.topology.Host`; returns the Popen once it listens."""
+    argv = [sys.executable, "-m", "obi.demo.app", "serve", "--port", str(port), "--host", listen]
     if downstream:
         argv += ["--downstream", downstream]
     proc = host.popen(argv, stdout=subprocess.PIPE, text=True)
@@ -145,7 +145,7 @@ def start(host, port: int, downstream: str = "", listen: str = "0.0.0.0"):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python3 -m obi.demoapp")
+    p = argparse.ArgumentParser(prog="python3 -m obi.demo.app")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="run a demo HTTP service")
     s.add_argument("--port", type=int, required=True)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from obi import config, procs
+from obi import config, discovery
 
 LISTENER = """
 import socket, sys, time
@@ -30,7 +30,7 @@ def listener(request):
 def test_selected_by_listening_port(listener):
     pid, port = listener
     cfg = config.load(env={"OTEL_EBPF_OPEN_PORT": str(port)})
-    sel = procs.scan(cfg, procs.netns_inode("/proc/self/ns/net"))
+    sel = discovery.scan(cfg, discovery.netns_inode("/proc/self/ns/net"))
     assert sel.pids == {pid} and sel.ports == {port} and sel.port_pid == {port: pid}
     assert sel.exes[pid] == os.path.realpath(sys.executable)
 
@@ -38,15 +38,15 @@ def test_selected_by_listening_port(listener):
 def test_not_selected_on_other_ports_or_other_netns(listener):
     pid, port = listener
     other = config.load(env={"OTEL_EBPF_OPEN_PORT": str(port + 1 if port < 65535 else port - 1)})
-    assert pid not in procs.scan(other, procs.netns_inode("/proc/self/ns/net")).pids
+    assert pid not in discovery.scan(other, discovery.netns_inode("/proc/self/ns/net")).pids
     same = config.load(env={"OTEL_EBPF_OPEN_PORT": str(port)})
-    assert procs.scan(same, netns_ino=-1).pids == set()  # no process lives in that netns
+    assert discovery.scan(same, netns_ino=-1).pids == set()  # no process lives in that netns
 
 
 def test_selected_by_executable(listener):
     pid, port = listener
     cfg = config.load(env={"OTEL_EBPF_AUTO_TARGET_EXE": os.path.realpath(sys.executable)})
-    sel = procs.scan(cfg, procs.netns_inode("/proc/self/ns/net"), skip_pid=os.getpid())
+    sel = discovery.scan(cfg, discovery.netns_inode("/proc/self/ns/net"), skip_pid=os.getpid())
     assert pid in sel.pids and port in sel.ports  # every port of a process picked by name
 
 
@@ -55,8 +55,8 @@ def test_socket_inodes_and_tcp_table():
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        table = procs.tcp_table(listening=True)
+        table = discovery.tcp_table(listening=True)
         inode = table[(port, 0)]
-        assert inode in procs.socket_inodes(os.getpid())
-        assert (port, 0) not in procs.tcp_table(listening=False)
-    assert procs.socket_inodes(2**22 + 12345) == set()  # no such process
+        assert inode in discovery.socket_inodes(os.getpid())
+        assert (port, 0) not in discovery.tcp_table(listening=False)
+    assert discovery.socket_inodes(2**22 + 12345) == set()  # no such process

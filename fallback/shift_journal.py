@@ -77,15 +77,23 @@ def _endpoint(packed: bytes, port: int) -> str:
 
 def connection_exists(key: Key) -> bool:
     """Whether a TCP socket with exactly this 4-tuple exists in this netns."""
-    r = subprocess.run(["ss", "-t", "-a", "-H", "-n", "src", _endpoint(key[0], key[1]), "dst", _endpoint(key[2], key[3])],
-                       capture_output=True, text=True, timeout=10)
+    r = subprocess.run(
+        ["ss", "-t", "-a", "-H", "-n", "src", _endpoint(key[0], key[1]), "dst", _endpoint(key[2], key[3])],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     return r.returncode == 0 and bool(r.stdout.strip())
 
 
 def abort(key: Key) -> bool:
     """Reset one connection on both ends (SOCK_DESTROY via `ss -K`)."""
-    r = subprocess.run(["ss", "-K", "-t", "-H", "-n", "src", _endpoint(key[0], key[1]), "dst", _endpoint(key[2], key[3])],
-                       capture_output=True, text=True, timeout=10)
+    r = subprocess.run(
+        ["ss", "-K", "-t", "-H", "-n", "src", _endpoint(key[0], key[1]), "dst", _endpoint(key[2], key[3])],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     return r.returncode == 0 and bool(r.stdout.strip())
 
 
@@ -124,8 +132,10 @@ class Journal:
         # The text json.dumps gives for {"k": _key_json(key), "base":, "pos":, "blob":}
         # (hex strings and ints need no escaping), at a fraction of its cost: one line is
         # written for every inserted header.
-        return (f'{{"k": ["{key[0].hex()}", {key[1]:d}, "{key[2].hex()}", {key[3]:d}], '
-                f'"base": {base:d}, "pos": {pos:d}, "blob": "{blob.hex()}"}}\n')
+        return (
+            f'{{"k": ["{key[0].hex()}", {key[1]:d}, "{key[2].hex()}", {key[3]:d}], '
+            f'"base": {base:d}, "pos": {pos:d}, "blob": "{blob.hex()}"}}\n'
+        )
 
     def insertion(self, key: Key, base: int, pos: int, blob: bytes) -> None:
         self._write(self._line(key, base, pos, blob))

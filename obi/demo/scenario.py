@@ -4,7 +4,7 @@ Three hosts in network namespaces on one bridge (198.18.0.0/24):
 
     client ──HTTP──▶ service :8080 ──HTTP──▶ backend :8080
 
-`service` and `backend` are the uninstrumented demo services of `obi.demoapp`. One agent
+`service` and `backend` are the uninstrumented demo services of `obi.demo.app`. One agent
 runs per instrumented host (as a per-node agent would), in that host's namespace, watching
 port 8080 with context propagation `all` and printing spans as JSON. The client sends
 requests without a trace context and with one (as an OpenTelemetry SDK would send). The
@@ -23,11 +23,11 @@ import threading
 import time
 from collections import defaultdict
 
-from . import demoapp
-from .agent import ATTACHED_RE
-from .model import new_span_id, new_trace_id
-from .netns import Topology, have_netns_tools
-from .w3c import parse_traceparent
+from ..agent import ATTACHED_RE
+from ..model import new_span_id, new_trace_id
+from ..w3c import parse_traceparent
+from . import app as demoapp
+from .topology import Topology, have_netns_tools
 
 PORT = 8080
 
@@ -57,7 +57,10 @@ class AgentProcess:
         # the sockops program attaches to.
         self.proc = subprocess.Popen(
             ["nsenter", f"--net={host.netns_path}", sys.executable, "-m", "obi", "run"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         threading.Thread(target=self._read_spans, daemon=True).start()
         threading.Thread(target=self._read_log, daemon=True).start()
@@ -148,9 +151,12 @@ def print_tree(spans: list[dict], out=sys.stdout) -> None:
                 a = s["attributes"]
                 ms = (s["end_time_unix_nano"] - s["start_time_unix_nano"]) / 1e6
                 parent = s["parent_span_id"] or "-"
-                print(f"{'  ' * depth}└─ {s['resource'].get('service.name', '?'):<8} {s['kind']:<6} "
-                      f"{s['name']:<4} {a.get('url.path', ''):<10} {a.get('http.response.status_code', '')} "
-                      f"{ms:7.2f} ms  span {s['span_id']} parent {parent}", file=out)
+                print(
+                    f"{'  ' * depth}└─ {s['resource'].get('service.name', '?'):<8} {s['kind']:<6} "
+                    f"{s['name']:<4} {a.get('url.path', ''):<10} {a.get('http.response.status_code', '')} "
+                    f"{ms:7.2f} ms  span {s['span_id']} parent {parent}",
+                    file=out,
+                )
                 walk(s["span_id"], depth + 1)
 
         walk("root", 1)
@@ -205,8 +211,10 @@ def main(datapath: str = "auto", requests: int = 3, output: str = "text") -> int
             if datapath != "auto":
                 wrong = [a for a in agents if a.datapath != datapath]
                 if wrong:
-                    print(f"demo FAILED: --datapath {datapath} was asked, but " + ", ".join(
-                        f"the {a.name} agent attached {a.datapath or 'nothing'}" for a in wrong))
+                    print(
+                        f"demo FAILED: --datapath {datapath} was asked, but "
+                        + ", ".join(f"the {a.name} agent attached {a.datapath or 'nothing'}" for a in wrong)
+                    )
                     return 1
             wire: list[tuple[str, str]] = []
             for i in range(requests):
@@ -242,6 +250,8 @@ def main(datapath: str = "auto", requests: int = 3, output: str = "text") -> int
             for agent in agents:
                 print(f"--- {agent.name} agent log ---\n" + "\n".join(agent.log[-15:]))
             return 1
-        print(f"demo ok: {len(wire)} requests, {len(spans)} spans, every trace linked "
-              "client -> service SERVER -> service CLIENT -> backend SERVER")
+        print(
+            f"demo ok: {len(wire)} requests, {len(spans)} spans, every trace linked "
+            "client -> service SERVER -> service CLIENT -> backend SERVER"
+        )
         return 0

@@ -8,7 +8,7 @@ import socket
 from scapy.layers.inet import IP, TCP
 
 from obi.config import Config, PortRange
-from obi.fallback import codec, rules, state
+from obi.fallback import codec, rules, shift_journal
 from obi.fallback.flows import Tracker
 
 B, C = "198.18.0.2", "198.18.0.3"
@@ -25,7 +25,7 @@ class Owners:
         return ""
 
 
-class Recorder(state.Journal):
+class Recorder(shift_journal.Journal):
     """A journal in a temporary file (no /run/obi, no ss needed)."""
 
     def __init__(self, path):
@@ -55,7 +55,7 @@ def test_journal_lets_a_new_tracker_translate_the_same_connection(tmp_path):
     v = t1.handle(pkt("PA", 1000, payload=REQ), True)
     assert v.mark == rules.MARK | rules.SHIFT and len(codec.parse(v.payload).payload) == len(REQ) + 70
     # The agent dies here. What the journal holds:
-    live = state.load(j1.path)
+    live = shift_journal.load(j1.path)
     key = (socket.inet_aton(B), 40000, socket.inet_aton(C), 8080)
     assert list(live) == [key] and live[key][0] == 1000 and live[key][1][0][0] == len(b"GET /a HTTP/1.1\r\n")
 
@@ -72,7 +72,7 @@ def test_journal_lets_a_new_tracker_translate_the_same_connection(tmp_path):
 
     # The connection ends: the journal says so, and nothing is left to resume.
     t1.handle(pkt("R", 1000 + 2 * len(REQ)), True)
-    assert state.load(j1.path) == {}
+    assert shift_journal.load(j1.path) == {}
 
 
 def test_hold_rules_precede_bypass_rules_and_have_no_bypass():
@@ -98,17 +98,29 @@ def test_journal_lines_are_the_json_the_loader_reads(tmp_path):
     must be exactly what json.dumps gives, for both address families."""
     import json
 
-    for key in ((socket.inet_aton("198.18.0.2"), 40000, socket.inet_aton("198.18.0.3"), 8082),
-                (socket.inet_pton(socket.AF_INET6, "fd00:198:18::2"), 1, socket.inet_pton(socket.AF_INET6, "fd00:198:18::3"), 65535)):
-        line = state.Journal._line(key, 4294967295, 123, b"Traceparent: x\r\n")
-        assert line == json.dumps({"k": state._key_json(key), "base": 4294967295, "pos": 123,
-                                   "blob": b"Traceparent: x\r\n".hex()}) + "\n"
+    for key in (
+        (socket.inet_aton("198.18.0.2"), 40000, socket.inet_aton("198.18.0.3"), 8082),
+        (
+            socket.inet_pton(socket.AF_INET6, "fd00:198:18::2"),
+            1,
+            socket.inet_pton(socket.AF_INET6, "fd00:198:18::3"),
+            65535,
+        ),
+    ):
+        line = shift_journal.Journal._line(key, 4294967295, 123, b"Traceparent: x\r\n")
+        assert (
+            line
+            == json.dumps(
+                {"k": shift_journal._key_json(key), "base": 4294967295, "pos": 123, "blob": b"Traceparent: x\r\n".hex()}
+            )
+            + "\n"
+        )
         j = Recorder(str(tmp_path / "j.jsonl"))
         j.rewrite([])
         j.insertion(key, 7, 0, b"ab")
         j.end(key)
         with open(j.path) as f:
             lines = f.read().splitlines()
-        assert lines[1] == json.dumps({"k": state._key_json(key), "end": 1})
-        assert state.load(j.path) == {}
+        assert lines[1] == json.dumps({"k": shift_journal._key_json(key), "end": 1})
+        assert shift_journal.load(j.path) == {}
         j.close(remove=True)
