@@ -5,18 +5,30 @@
  * headers over segments) and bodies are skipped by arithmetic (Content-Length and chunked
  * framing), never scanned: a body can never be taken for a request start.
  *
- * Driving: the program loads a window of the message into scratch->buf and runs
- * bpf_loop(parse_step). parse_step stops (returns 1) when it needs the next window or when
- * the program must act (ACT_*: message start, start line end, headers end); the program
- * handles the action and loops again (round_start/round_parse in obi_maps.h).
- * Nothing here reads outside the bytes of the current message. */
+ * Driving it over a message with bpf_loop is obi_parse.h's job; the trace context (W3C)
+ * part is obi_w3c.h; "Verifier cost" below says what keeps all of it cheap to verify.
+ * Nothing here reads outside the bytes of the current message.
+ *
+ * Verifier cost (docs/architecture.md, decision 9). Every program stays under a quarter of
+ * the verifier's 1,000,000-instruction limit, on 5.17-6.7 (bpf_loop callbacks verified
+ * once) as on 6.8+ (callbacks re-verified until their states converge), because:
+ *  - the byte-level branching is in global (noinline) functions, http_feed and tp_parse:
+ *    each is verified once, on its own, with its arguments unknown; a caller sees an
+ *    unknown scalar back, so the callee's branches never multiply the caller's states;
+ *  - digits are decoded through tables (hex_any, hex_lc): one load, no branch per digit;
+ *  - the parse state lives in map values (the connection's http_state, the per-CPU
+ *    scratch cursor), which the verifier does not track: a bpf_loop callback that advances
+ *    it reaches the same abstract state on every pass and converges at once;
+ *  - the callbacks are small: parse_step handles one byte, the program's round handles one
+ *    window or one action.
+ * tests/integration/test_verifier_budget.py measures it in every mode. */
 #ifndef OBI_HTTP_H
 #define OBI_HTTP_H
 
 #include <linux/types.h>
 #include "obi_abi.h"
 
-#define WIN 1024 /* window size; a power of two (index masking) */
+#define WIN 1024       /* window size; a power of two (index masking) */
 #define MAX_ROUNDS 256 /* windows + actions per message; beyond: give the connection up */
 
 /* http_state.phase */
@@ -32,7 +44,7 @@ enum {
 	PH_TRAILER,    /* trailer fields after the last chunk */
 	PH_LOST,       /* not HTTP/1.x (or framing we do not follow): leave the stream alone */
 	PH_TLS,        /* TLS records (the connection began with a handshake): never parsed as
-			* HTTP, never written into; requests are turns (see egress.bpf.c) */
+			* HTTP, never written into; requests are turns (see tpinjector.bpf.c) */
 };
 
 /* actions for the program */
@@ -43,10 +55,10 @@ enum { ACT_NONE = 0, ACT_MSG_START, ACT_LINE0_END, ACT_HDRS_END, ACT_LOST };
 #define HS_METHOD_DONE (1u << 1) /* saw the SP after the method */
 #define HS_HAS_CL (1u << 2)
 #define HS_CHUNKED (1u << 3)
-#define HS_READY (1u << 4)       /* server request parsed: its ids may be linked to a thread */
-#define HS_RESYNC (1u << 5)      /* tc: after a sequence gap, wait for a segment starting a message */
-#define HS_INJECTED (1u << 6)    /* sk_msg: header inserted for the current request */
-#define HS_LINKED (1u << 7)      /* ids came from the thread's server request */
+#define HS_READY (1u << 4)    /* server request parsed: its ids may be linked to a thread */
+#define HS_RESYNC (1u << 5)   /* tc: after a sequence gap, wait for a segment starting a message */
+#define HS_INJECTED (1u << 6) /* sk_msg: header inserted for the current request */
+#define HS_LINKED (1u << 7)   /* ids came from the thread's server request */
 #define HS_TP_VALID (1u << 8)
 #define HS_OPT_PENDING (1u << 9) /* egress TLS: the next data segment carries TCP option kind 25 */
 #define HS_TCPOPT (1u << 10)     /* ingress TLS: the open request's ids came from kind 25 */
@@ -63,10 +75,10 @@ enum { ACT_NONE = 0, ACT_MSG_START, ACT_LINE0_END, ACT_HDRS_END, ACT_LOST };
 
 /* Parse state of one direction of one connection. Internal (never read by userspace). */
 struct http_state {
-	__u64 body_left; /* bytes left in the body / current chunk */
-	__u64 cl;        /* Content-Length value being read */
-	__u64 last8;     /* last 8 bytes of the start line (CR excluded): version check */
-	__u64 start_ns;  /* time the current message started */
+	__u64 body_left;  /* bytes left in the body / current chunk */
+	__u64 cl;         /* Content-Length value being read */
+	__u64 last8;      /* last 8 bytes of the start line (CR excluded): version check */
+	__u64 start_ns;   /* time the current message started */
 	__u64 server_tid; /* server connections: pid_tgid of the thread that read the current
 			   * request (thread hook), the thread of the server span */
 	__u64 head_ring;  /* requests of this connection whose response is still to come:
@@ -93,12 +105,12 @@ struct http_state {
 	__u8 _pad2;
 	__u16 tp_count;
 	__u16 ts_count;
-	__u16 tp_len;    /* significant length of the first traceparent value */
+	__u16 tp_len; /* significant length of the first traceparent value */
 	__u16 ts_len;
-	__u16 line_cap;  /* bytes kept in line[] */
+	__u16 line_cap; /* bytes kept in line[] */
 	__u16 status;
 	__u16 host_count;
-	__u16 host_len;  /* bytes of the first Host value (0 if longer than OBI_HOST_MAX) */
+	__u16 host_len; /* bytes of the first Host value (0 if longer than OBI_HOST_MAX) */
 	__u8 trace_id[16];
 	__u8 span_id[8];
 	__u8 parent_id[8];
@@ -154,12 +166,11 @@ struct pcur {
 struct scratch {
 	__u64 busy; /* > 1: another program on this CPU is using this slot (see scratch_get) */
 	struct pcur pc;
-	__u8 buf[2 * WIN]; /* WIN used; sized so that a 0x7ff-masked length is in bounds */
+	__u8 buf[2 * WIN];      /* WIN used; sized so that a 0x7ff-masked length is in bounds */
 	struct http_state init; /* zeroed template for new map entries */
 	struct ins ins;
 	struct obi_event ev; /* a request's event being built for open_spans */
 };
-
 
 static __always_inline __u8 lower(__u8 c)
 {
@@ -190,33 +201,22 @@ static __always_inline int http_method(__u64 m, __u32 len)
 {
 	switch (len) {
 	case 3:
-		return m == 0x41434cULL /* ACL */ ||
-		       m == 0x474554ULL /* GET */ ||
+		return m == 0x41434cULL /* ACL */ || m == 0x474554ULL /* GET */ ||
 		       m == 0x505554ULL /* PUT */;
 	case 4:
-		return m == 0x42494e44ULL /* BIND */ ||
-		       m == 0x434f5059ULL /* COPY */ ||
-		       m == 0x48454144ULL /* HEAD */ ||
-		       m == 0x4c494e4bULL /* LINK */ ||
-		       m == 0x4c4f434bULL /* LOCK */ ||
-		       m == 0x4d4f5645ULL /* MOVE */ ||
+		return m == 0x42494e44ULL /* BIND */ || m == 0x434f5059ULL /* COPY */ ||
+		       m == 0x48454144ULL /* HEAD */ || m == 0x4c494e4bULL /* LINK */ ||
+		       m == 0x4c4f434bULL /* LOCK */ || m == 0x4d4f5645ULL /* MOVE */ ||
 		       m == 0x504f5354ULL /* POST */;
 	case 5:
-		return m == 0x4c4142454cULL /* LABEL */ ||
-		       m == 0x4d45524745ULL /* MERGE */ ||
-		       m == 0x4d4b434f4cULL /* MKCOL */ ||
-		       m == 0x5041544348ULL /* PATCH */ ||
-		       m == 0x5155455259ULL /* QUERY */ ||
-		       m == 0x5452414345ULL /* TRACE */;
+		return m == 0x4c4142454cULL /* LABEL */ || m == 0x4d45524745ULL /* MERGE */ ||
+		       m == 0x4d4b434f4cULL /* MKCOL */ || m == 0x5041544348ULL /* PATCH */ ||
+		       m == 0x5155455259ULL /* QUERY */ || m == 0x5452414345ULL /* TRACE */;
 	case 6:
-		return m == 0x44454c455445ULL /* DELETE */ ||
-		       m == 0x524542494e44ULL /* REBIND */ ||
-		       m == 0x5245504f5254ULL /* REPORT */ ||
-		       m == 0x534541524348ULL /* SEARCH */ ||
-		       m == 0x554e42494e44ULL /* UNBIND */ ||
-		       m == 0x554e4c494e4bULL /* UNLINK */ ||
-		       m == 0x554e4c4f434bULL /* UNLOCK */ ||
-		       m == 0x555044415445ULL /* UPDATE */;
+		return m == 0x44454c455445ULL /* DELETE */ || m == 0x524542494e44ULL /* REBIND */ ||
+		       m == 0x5245504f5254ULL /* REPORT */ || m == 0x534541524348ULL /* SEARCH */ ||
+		       m == 0x554e42494e44ULL /* UNBIND */ || m == 0x554e4c494e4bULL /* UNLINK */ ||
+		       m == 0x554e4c4f434bULL /* UNLOCK */ || m == 0x555044415445ULL /* UPDATE */;
 	case 7:
 		return m == 0x434845434b494eULL /* CHECKIN */ ||
 		       m == 0x434f4e4e454354ULL /* CONNECT */ ||
@@ -286,8 +286,8 @@ static __always_inline __u32 set_lost(struct http_state *st)
 }
 
 /* Narrow candidate k (bit) by the byte at name position idx. */
-static __always_inline void name_match(struct http_state *st, __u32 bit, const volatile char *name, __u32 nlen,
-				       __u32 idx, __u8 lc)
+static __always_inline void name_match(struct http_state *st, __u32 bit, const volatile char *name,
+                                       __u32 nlen, __u32 idx, __u8 lc)
 {
 	if (!(st->hmask & bit))
 		return;
@@ -306,7 +306,8 @@ static __always_inline void headers_end(struct http_state *st)
 			st->phase = PH_LOST;
 			return;
 		}
-		if ((status >= 100 && status < 200) || status == 204 || status == 304 || (st->bits & HS_NOBODY)) {
+		if ((status >= 100 && status < 200) || status == 204 || status == 304 ||
+		    (st->bits & HS_NOBODY)) {
 			st->phase = PH_IDLE;
 			return;
 		}
@@ -333,9 +334,9 @@ static __always_inline __u32 line0_end(struct http_state *st)
 {
 	if (st->bits & HS_RESP) {
 		/* "HTTP/1.x NNN" */
-		if (st->line_cap < 12 || st->line[0] != 'H' || st->line[1] != 'T' || st->line[2] != 'T' ||
-		    st->line[3] != 'P' || st->line[4] != '/' || st->line[5] != '1' || st->line[6] != '.' ||
-		    st->line[8] != ' ')
+		if (st->line_cap < 12 || st->line[0] != 'H' || st->line[1] != 'T' ||
+		    st->line[2] != 'T' || st->line[3] != 'P' || st->line[4] != '/' ||
+		    st->line[5] != '1' || st->line[6] != '.' || st->line[8] != ' ')
 			return set_lost(st);
 		__u8 a = st->line[9], b = st->line[10], c = st->line[11];
 		if (a < '1' || a > '5' || b < '0' || b > '9' || c < '0' || c > '9')
@@ -393,7 +394,8 @@ static __always_inline __u32 byte_hdrs(struct http_state *st, __u8 ch)
 		if (st->hcur == H_TS && st->ts_count == 1)
 			st->ts_len = st->vend > OBI_TRACESTATE_MAX ? OBI_TRACESTATE_MAX : st->vend;
 		if (st->hcur == H_HOST && st->host_count == 1)
-			st->host_len = st->vend > OBI_HOST_MAX ? 0 : st->vend; /* cut would be wrong: drop */
+			st->host_len =
+			    st->vend > OBI_HOST_MAX ? 0 : st->vend; /* cut would be wrong: drop */
 		st->last_h = st->hcur;
 		line_reset(st);
 		return ACT_NONE;
@@ -430,7 +432,8 @@ static __always_inline __u32 byte_hdrs(struct http_state *st, __u8 ch)
 			if (st->hcur == H_HOST)
 				st->host_count++;
 			if (st->hcur == H_CL) {
-				st->bits |= HS_HAS_CL; /* a repeated Content-Length restarts the value */
+				st->bits |=
+				    HS_HAS_CL; /* a repeated Content-Length restarts the value */
 				st->cl = 0;
 			}
 			if (st->hcur == H_TE)
@@ -496,17 +499,16 @@ out:
 /* Hex digits, indexed by the byte: HEX_DIGIT | value for a digit, 0 for anything else.
  * Tables in .rodata: decoding a digit is one load, not two or three branches. Branches per
  * digit multiply the paths the verifier walks (the 55 digits of a traceparent took it past
- * 1,000,000 instructions on some builds of 6.18). hex_lc: lowercase only (W3C HEXDIGLC);
- * hex_any: both cases (chunk sizes). */
+ * 1,000,000 instructions on some builds of 6.18). hex_any: both cases (chunk sizes); hex_lc,
+ * lowercase only (W3C HEXDIGLC), is in obi_w3c.h. */
 #define HEX_DIGIT 0x10
-#define HEX_DIGITS_LC                                                                                  \
-	['0'] = 0x10, ['1'] = 0x11, ['2'] = 0x12, ['3'] = 0x13, ['4'] = 0x14, ['5'] = 0x15, ['6'] = 0x16, \
-	['7'] = 0x17, ['8'] = 0x18, ['9'] = 0x19, ['a'] = 0x1a, ['b'] = 0x1b, ['c'] = 0x1c, ['d'] = 0x1d, \
-	['e'] = 0x1e, ['f'] = 0x1f
-const volatile __u8 hex_lc[256] = { HEX_DIGITS_LC };
+#define HEX_DIGITS_LC                                                                              \
+	['0'] = 0x10, ['1'] = 0x11, ['2'] = 0x12, ['3'] = 0x13, ['4'] = 0x14, ['5'] = 0x15,        \
+	['6'] = 0x16, ['7'] = 0x17, ['8'] = 0x18, ['9'] = 0x19, ['a'] = 0x1a, ['b'] = 0x1b,        \
+	['c'] = 0x1c, ['d'] = 0x1d, ['e'] = 0x1e, ['f'] = 0x1f
 const volatile __u8 hex_any[256] = {
-	HEX_DIGITS_LC,
-	['A'] = 0x1a, ['B'] = 0x1b, ['C'] = 0x1c, ['D'] = 0x1d, ['E'] = 0x1e, ['F'] = 0x1f,
+    HEX_DIGITS_LC, ['A'] = 0x1a, ['B'] = 0x1b, ['C'] = 0x1c,
+    ['D'] = 0x1d,  ['E'] = 0x1e, ['F'] = 0x1f,
 };
 
 static __always_inline __u32 byte_chunk(struct http_state *st, __u8 ch)
@@ -582,190 +584,6 @@ __attribute__((noinline)) int http_feed(struct http_state *st, __u32 ch)
 	return ACT_NONE;
 }
 
-/* bpf_loop callback: consume bytes of the current window until an action, the end of the
- * window or the end of the message. */
-static long parse_step(__u32 i, void *arg)
-{
-	struct parse_ctx *c = arg;
-	struct http_state *st = c->st;
-	struct scratch *sc = c->sc;
-	__u32 act;
-
-	if (!st || !sc)
-		return 1;
-	struct pcur *v = &sc->pc;
-	if (v->pos >= v->len)
-		return 1;
-	switch (st->phase) {
-	case PH_BODY:
-	case PH_CHUNK_DATA: {
-		__u64 avail = v->len - v->pos;
-		__u64 n = st->body_left < avail ? st->body_left : avail;
-		v->pos += n;
-		st->body_left -= n;
-		if (st->body_left == 0)
-			st->phase = st->phase == PH_BODY ? PH_IDLE : PH_CHUNK_END;
-		return 0;
-	}
-	case PH_LOST:
-		v->pos = v->len;
-		return 1;
-	}
-	if (v->pos < v->win_off || v->pos >= v->win_off + v->win_len)
-		return 1; /* the program loads the next window */
-	__u8 ch = sc->buf[(v->pos - v->win_off) & (WIN - 1)];
-
-	if (st->phase == PH_IDLE) {
-		/* A message starts here: requests begin with an uppercase method, responses
-		 * with "HTTP/". Anything else is not HTTP/1.x. */
-		if ((st->bits & HS_RESP) ? ch != 'H' : !(ch >= 'A' && ch <= 'Z')) {
-			if (st->bits & HS_RESYNC) {
-				v->pos = v->len; /* wait for a segment that starts a message */
-				return 1;
-			}
-			act = set_lost(st);
-			v->pos++;
-			v->act = act;
-			v->act_pos = v->pos;
-			return 1;
-		}
-		msg_reset(st);
-		st->phase = PH_LINE0;
-		v->act = ACT_MSG_START;
-		v->act_pos = v->pos;
-		return 1; /* the byte itself is consumed by PH_LINE0 on the next step */
-	}
-	__u32 was_line0 = st->phase == PH_LINE0;
-	act = http_feed(st, ch);
-	if (act == ACT_LOST && was_line0 && (st->bits & HS_RESYNC)) {
-		st->phase = PH_IDLE; /* not a message start after all: keep waiting */
-		v->pos = v->len;
-		return 1;
-	}
-	v->pos++;
-	if (act != ACT_NONE) {
-		v->act = act;
-		v->act_pos = v->pos;
-		return 1;
-	}
-	return 0;
-}
-
-/* --- trace context helpers -------------------------------------------------------------- */
-
-static __always_inline void random_bytes(__u8 *out, int n)
-{
-#pragma unroll
-	for (int i = 0; i < 16; i += 4) {
-		if (i >= n)
-			break;
-		__u32 r = bpf_get_prandom_u32();
-		__builtin_memcpy(out + i, &r, 4);
-	}
-}
-
-static __always_inline int is_zero(const __u8 *p, int n)
-{
-	__u8 acc = 0;
-#pragma unroll
-	for (int i = 0; i < 16; i++)
-		if (i < n)
-			acc |= p[i];
-	return acc == 0;
-}
-
-static __always_inline void new_span_id(__u8 *out)
-{
-	random_bytes(out, 8);
-	if (is_zero(out, 8))
-		out[7] = 1;
-}
-
-static __always_inline void new_trace_id(__u8 *out)
-{
-	random_bytes(out, 16);
-	if (is_zero(out, 16))
-		out[15] = 1;
-}
-
-/* Validate the captured traceparent strictly (same rules as obi/w3c.py) and, if valid,
- * put its trace-id, parent-id and flags into the state. Returns 1 if valid.
- * A global function: verified once on its own (the callers see only its result), and
- * branch-free over the digits (hex_lc), so its cost does not depend on where it is called
- * from. */
-__attribute__((noinline)) int tp_parse(struct http_state *st)
-{
-	if (!st)
-		return 0;
-	const char *tp = st->tp;
-	if (st->tp_count != 1 || st->tp_len < OBI_TP_LEN)
-		return 0;
-	if (tp[2] != '-' || tp[35] != '-' || tp[52] != '-')
-		return 0;
-	/* ok: AND of the table entries (HEX_DIGIT stays set only if every char is a digit) */
-	__u8 vh = hex_lc[(__u8)tp[0]], vl = hex_lc[(__u8)tp[1]];
-	__u8 ok = vh & vl;
-	__u8 ver = (vh << 4) | (vl & 0xf);
-	if (!(ok & HEX_DIGIT) || ver == 0xff)
-		return 0;
-	/* version 00 is exactly 55 chars; higher versions may continue after a '-' */
-	if (ver == 0 ? st->tp_len != OBI_TP_LEN : (st->tp_len > OBI_TP_LEN && tp[55] != '-'))
-		return 0;
-	__u8 acc = 0; /* OR of the id bytes: all-zero ids are invalid */
-#pragma unroll
-	for (int i = 0; i < 16; i++) {
-		__u8 h = hex_lc[(__u8)tp[3 + 2 * i]], l = hex_lc[(__u8)tp[4 + 2 * i]];
-		ok &= h & l;
-		st->trace_id[i] = (h << 4) | (l & 0xf);
-		acc |= st->trace_id[i];
-	}
-	if (!acc)
-		return 0;
-	acc = 0;
-#pragma unroll
-	for (int i = 0; i < 8; i++) {
-		__u8 h = hex_lc[(__u8)tp[36 + 2 * i]], l = hex_lc[(__u8)tp[37 + 2 * i]];
-		ok &= h & l;
-		st->parent_id[i] = (h << 4) | (l & 0xf);
-		acc |= st->parent_id[i];
-	}
-	__u8 fh = hex_lc[(__u8)tp[53]], fl = hex_lc[(__u8)tp[54]];
-	ok &= fh & fl;
-	if (!(ok & HEX_DIGIT) || !acc)
-		return 0;
-	st->trace_flags = (fh << 4) | (fl & 0xf);
-	return 1;
-}
-
-const volatile char hexdigits[16] = "0123456789abcdef";
-
-/* The inserted header, OBI_TP_HDR_LEN bytes, written to go in front of the request line's
- * LF: "\nTraceparent: 00-<trace>-<span>-<flags>\r". With the LF that follows, the stream
- * reads "<request line>\r\nTraceparent: ...\r\n" (or, after a bare-LF request line,
- * "<request line>\nTraceparent: ...\r\n"): the same bytes as a header inserted after the
- * line, but the insertion point is inside the message even when the request line is all
- * the application wrote so far (bpf_msg_push_data at the very end of a message fails with
- * -EINVAL on kernels before late 2024). */
-static __always_inline void tp_format(char *out, const __u8 *trace_id, const __u8 *span_id, __u8 flags)
-{
-	__builtin_memcpy(out, "\nTraceparent: 00-", 17);
-#pragma unroll
-	for (int i = 0; i < 16; i++) {
-		out[17 + 2 * i] = hexdigits[trace_id[i] >> 4];
-		out[18 + 2 * i] = hexdigits[trace_id[i] & 0xf];
-	}
-	out[49] = '-';
-#pragma unroll
-	for (int i = 0; i < 8; i++) {
-		out[50 + 2 * i] = hexdigits[span_id[i] >> 4];
-		out[51 + 2 * i] = hexdigits[span_id[i] & 0xf];
-	}
-	out[66] = '-';
-	out[67] = hexdigits[flags >> 4];
-	out[68] = hexdigits[flags & 0xf];
-	out[69] = '\r';
-}
-
 /* --- HEAD requests: their responses have no body ----------------------------------------
  * The request direction records, per request, whether it was HEAD in head_ring of the
  * connection's ingress_conns entry (client connections: sk_msg, at the end of the request's
@@ -776,8 +594,8 @@ static __always_inline void head_push(struct http_state *conn, const struct http
 {
 	__u64 bit = 1ULL << (conn->head_w & 63);
 
-	if (req->line_cap >= 5 && req->line[0] == 'H' && req->line[1] == 'E' && req->line[2] == 'A' &&
-	    req->line[3] == 'D' && req->line[4] == ' ')
+	if (req->line_cap >= 5 && req->line[0] == 'H' && req->line[1] == 'E' &&
+	    req->line[2] == 'A' && req->line[3] == 'D' && req->line[4] == ' ')
 		conn->head_ring |= bit;
 	else
 		conn->head_ring &= ~bit;

@@ -2,10 +2,10 @@
 buffer events into spans (obi.datapath.DatapathRunner).
 
 What gets attached (all through obi.kernel.attach, so `obi cleanup` knows about it):
-- egress.bpf.o: `obi_sockops` on cfg.cgroup_path (cgroup link) and `obi_sk_msg` on its
+- tpinjector.bpf.o: `obi_sockops` on cfg.cgroup_path (cgroup link) and `obi_sk_msg` on its
   sock_hash (client sockets only: server sockets in a sockmap would break blocking reads,
   obi_maps.h says how);
-- ingress.bpf.o: `obi_tc_ingress` and `obi_tc_egress` on every interface of the watched
+- tctracer.bpf.o: `obi_tc_ingress` and `obi_tc_egress` on every interface of the watched
   netns (tcx or clsact per cfg.traffic_control_backend); egress reads the responses of
   server connections;
 - the thread hook (which request a thread serves, docs/architecture.md, decision 5), one of:
@@ -23,15 +23,15 @@ ports to `server_ports`; a scanner thread refreshes both every `scan_interval` s
 
 TLS (connections that begin with a handshake record) is never parsed or written into;
 its requests are request/response turns, and with `tcp` propagation the client's context
-travels in TCP option kind 25 of one segment per request (egress.bpf.c explains both).
+travels in TCP option kind 25 of one segment per request (tpinjector.bpf.c explains both).
 Such spans have empty method/path, status 0 and extra {"tls": True, "tcp_option": ...}.
 
-Sockets established before start() are adopted once, right after attaching: iter.bpf.o's
+Sockets established before start() are adopted once, right after attaching: adopt.bpf.o's
 TCP iterator, run from a thread inside the watched netns (an iterator walks its creator's
 netns), puts the established client sockets of the selected processes (their socket
 inodes, from /proc, in the iterator's adopt_inodes map) into sock_hash with an egress
 parse state that waits for a write beginning with a start line (HS_RESYNC), so nothing is
-inserted into a body (iter.bpf.c says which sockets). Server connections need no adoption:
+inserted into a body (adopt.bpf.c says which sockets). Server connections need no adoption:
 tc follows them from their next request. `adopted` counts what it did. Client sockets
 with a request in flight at start, and adoption itself on kernels without TCP iterators,
 are left as before: their requests pass unchanged with no client span. Adopted sockets
@@ -131,7 +131,7 @@ class KernelDatapath:
             self.scan_now()
             self._attach()
             self._adopt()
-            self._ring = ringbuf.RingReader(self._objs["egress"].map("events"), self.correlator.on_raw)
+            self._ring = ringbuf.RingReader(self._objs["tpinjector"].map("events"), self.correlator.on_raw)
         except BaseException:
             self.stop()
             raise
@@ -190,10 +190,10 @@ class KernelDatapath:
 
     def _adopt(self) -> None:
         """Run ADOPT_ITER once, in the watched netns: connections established before start()
-        join sock_hash (iter.bpf.c says which, and why that is safe). Without TCP
+        join sock_hash (adopt.bpf.c says which, and why that is safe). Without TCP
         iterators (Linux < 5.10 or so) they are left alone, as they were before."""
         try:
-            obj = open_object(ADOPT_ITER[0], cfg_flags(self.cfg), shared_fds(self._objs["egress"]))
+            obj = open_object(ADOPT_ITER[0], cfg_flags(self.cfg), shared_fds(self._objs["tpinjector"]))
         except BpfError as e:
             log.warning("pre-existing connections not adopted: %s", e)
             return
@@ -215,7 +215,7 @@ class KernelDatapath:
         log.info("pre-existing TCP connections: %s", self.adopted)
 
     def _attach(self) -> None:
-        eg = self._objs["egress"]
+        eg = self._objs["tpinjector"]
         cgroup = self.cfg.cgroup_path or libbpf.cgroup_v2_mount()
         if not cgroup:
             raise MissingFeature("cgroup v2", "4.5", "no cgroup2 mount for sockops")
@@ -225,7 +225,7 @@ class KernelDatapath:
             attach.SkMsgAttachment(eg.program("obi_sk_msg"), eg.map("sock_hash"), state_dir=sd).attach()
         )
         self._attach_thread_hook()
-        tc = self._objs["ingress"]
+        tc = self._objs["tctracer"]
         backend = self.cfg.traffic_control_backend
         with in_netns(self.netns):
             for ifindex, ifname in socket.if_nameindex():
@@ -266,7 +266,7 @@ class KernelDatapath:
             ino = discovery.netns_inode(self.netns or "/proc/thread-self/ns/net")
             sel = discovery.scan(self.cfg, ino)
             tgids, ports, exes = sel.pids, sel.ports, sel.exes
-            eg = self._objs.get("egress")
+            eg = self._objs.get("tpinjector")
             if eg is None:
                 return
             self._selected = self._sync(eg.map("selected_tgids"), self._selected, tgids, "processes")
@@ -339,7 +339,7 @@ class KernelDatapath:
     # -- stats
 
     def counters(self) -> dict[str, int]:
-        eg = self._objs.get("egress")
+        eg = self._objs.get("tpinjector")
         if eg is None:
             return {}
         m = eg.map("counters")

@@ -9,7 +9,7 @@ egress, CLIENT_RESP on tc ingress); each response is paired with the oldest open
 same connection (HTTP/1.x answers in order). The ids are always chosen in BPF (they had to
 be: the client's ids are written into the request as it leaves).
 
-TLS connections (OBI_EVF_TLS) carry no HTTP: their spans are turns (egress.bpf.c), with
+TLS connections (OBI_EVF_TLS) carry no HTTP: their spans are turns (tpinjector.bpf.c), with
 method, path and status left empty/0 and extra {"tls": True}; "tcp_option" tells whether
 the context went out in (client) or came from (server) TCP option kind 25.
 

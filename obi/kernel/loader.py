@@ -29,12 +29,12 @@ from .abi import CFG_HDR_INSERT, CFG_HDR_READ, CFG_TCP
 VERIFIER_LIMIT = 1_000_000  # BPF_COMPLEXITY_LIMIT_INSNS
 BUDGET = VERIFIER_LIMIT // 4
 
-# egress first: it creates the shared maps (obi_maps.h); the others reuse its fds.
-OBJECTS = ("egress", "ingress")
+# tpinjector first: it creates the shared maps (obi_maps.h); the others reuse its fds.
+OBJECTS = ("tpinjector", "tctracer")
 # Thread hooks (which request a thread serves) -> their BPF object.
 THREAD_HOOKS = {"sock_recv_length": "threads", "syscalls": "threads_syscalls"}
 # The iterator that adopts connections established before start: object, program.
-ADOPT_ITER = ("iter", "obi_adopt")
+ADOPT_ITER = ("adopt", "obi_adopt")
 ALL_FLAGS = (CFG_HDR_INSERT, CFG_HDR_READ, CFG_TCP)
 
 

@@ -19,7 +19,7 @@ from obi.demo.topology import have_netns_tools
 from obi.errors import MissingFeature
 
 # The BPF objects the kernel datapath loads (built by `make -C bpf`).
-KERNEL_OBJECTS = ("egress", "ingress", "threads", "threads_syscalls", "iter")
+KERNEL_OBJECTS = ("tpinjector", "tctracer", "threads", "threads_syscalls", "adopt")
 
 
 def skip_module_unless_kernel_path(tools: dict[str, str] | None = None) -> None:

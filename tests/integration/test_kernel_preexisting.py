@@ -1,4 +1,4 @@
-"""Kernel datapath adopts connections established before it started (iter.bpf.c).
+"""Kernel datapath adopts connections established before it started (adopt.bpf.c).
 
 A -> B -> C in namespaces. Before the agents start: A's keep-alive client has a connection
 to B, B's demoapp thread serving it has its keep-alive connection to C, and a selected

@@ -217,7 +217,7 @@ def test_only_selected_client_sockets_join_the_sockhash(tmp_path):
                 ]
             )
             cookies = {name: int(p.stdout.readline()) for name, p in procs.items()}
-            in_hash = {int.from_bytes(k, "little") for k in agent.dp._objs["egress"].map("sock_hash").keys()}
+            in_hash = {int.from_bytes(k, "little") for k in agent.dp._objs["tpinjector"].map("sock_hash").keys()}
             assert cookies["selected_http_client"] in in_hash
             assert cookies["selected_binary_client"] not in in_hash
             assert agent.dp.stats()["socks_released"] == 1

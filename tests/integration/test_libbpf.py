@@ -27,7 +27,8 @@ from obi.kernel.ringbuf import RingReader
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (BPF, netns)")
 
-TESTPROGS = libbpf.object_path("testprogs")
+# Built by `make -C bpf` from bpf/test/ next to the tests (never shipped in the package).
+TESTPROGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_bpf", "testprogs.bpf.o")
 PROBES = libbpf.object_path("probes")
 PREFIX = "obip"
 EVENT = struct.Struct("=II16s")  # struct test_event
@@ -486,7 +487,7 @@ def test_in_new_netns_is_isolated() -> None:
 _AGENT = """
 import socket, sys, time
 from obi.kernel import attach, libbpf, netns
-obj = libbpf.BpfObject.open(libbpf.object_path("testprogs"))
+obj = libbpf.BpfObject.open(sys.argv[4])
 obj.load()
 prog = obj.program("obi_test_ringbuf")
 with netns.in_netns(sys.argv[1]):
@@ -506,7 +507,7 @@ def test_kill_9_then_cleanup(netpair: dict[str, str], tmp_path) -> None:
     ns_b, dev_b = netpair["ns_b"], netpair["dev_b"]
     state_dir = str(tmp_path / "state")
     agent = subprocess.Popen(
-        [sys.executable, "-c", _AGENT, f"/run/netns/{ns_b}", dev_b, state_dir],
+        [sys.executable, "-c", _AGENT, f"/run/netns/{ns_b}", dev_b, state_dir, TESTPROGS],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

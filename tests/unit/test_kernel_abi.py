@@ -14,7 +14,7 @@ import pytest
 from obi.kernel import abi
 
 OBJ_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "obi", "_bpf")
-OBJECTS = ("egress", "ingress", "threads", "threads_syscalls")
+OBJECTS = ("tpinjector", "tctracer", "threads", "threads_syscalls")
 
 
 def _bpftool() -> str:

@@ -36,9 +36,9 @@ struct {
 } test_events SEC(".maps");
 
 struct test_event {
-	__u32 len;      /* skb->len */
-	__u32 marker;   /* 0x0b1e0b1e */
-	__u8 head[16];  /* first 16 bytes of the packet */
+	__u32 len;     /* skb->len */
+	__u32 marker;  /* 0x0b1e0b1e */
+	__u8 head[16]; /* first 16 bytes of the packet */
 };
 
 /* Hook: tc. Context: __sk_buff. Maps: test_events (write), test_percpu (write).

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: GPL-2.0
-/* The tc programs (DESIGN decision 4), tcx links or clsact filters on the interfaces of the
+/* The tc programs (docs/architecture.md, decision 4), tcx links or clsact filters on the interfaces of the
  * netns the agent watches.
  * Ingress, for TCP segments of
  *  - connections to a selected listening port: parses the requests (start line, headers,
@@ -25,7 +25,10 @@
 #include <bpf/bpf_endian.h>
 #include "obi_abi.h"
 #include "obi_http.h"
+#include "obi_w3c.h"
 #include "obi_maps.h"
+#include "obi_events.h"
+#include "obi_parse.h"
 #include "obi_net.h"
 
 char LICENSE[] SEC("license") = "GPL";
@@ -88,7 +91,7 @@ static __always_inline void thread_unlink(__u64 tid, const struct obi_tuple *t)
 /* The response to the connection's current request is going out: close the server span
  * (`resp` holds the status and the time of the status line), unlink the serving thread. */
 static __always_inline void server_resp(const struct obi_tuple *t, const struct http_state *resp,
-					struct http_state *in)
+                                        struct http_state *in)
 {
 	__u64 tid = in ? in->server_tid : 0;
 
@@ -154,7 +157,8 @@ struct seg {
 
 /* Parse L3/L4 headers into the tuple and the segment. local = this host's end: the
  * destination of an incoming segment, the source of an outgoing one (`out`). */
-static __always_inline int parse_headers(struct __sk_buff *skb, struct obi_tuple *t, struct seg *s, int out)
+static __always_inline int parse_headers(struct __sk_buff *skb, struct obi_tuple *t, struct seg *s,
+                                         int out)
 {
 	__u32 l4;
 	__u32 l3_len;
@@ -237,11 +241,11 @@ static __always_inline int seq_follow(struct http_state *st, const struct seg *s
 }
 
 /* Parse segment s's payload from offset `start` (bpf_loop of seg_round). */
-static __always_inline void parse_payload(struct __sk_buff *skb, struct scratch *sc, struct http_state *st,
-					  const struct seg *s, __u32 start)
+static __always_inline void parse_payload(struct __sk_buff *skb, struct scratch *sc,
+                                          struct http_state *st, const struct seg *s, __u32 start)
 {
 	struct pcur *p = &sc->pc;
-	struct parse_ctx c = { .st = st, .sc = sc, .prog_ctx = skb };
+	struct parse_ctx c = {.st = st, .sc = sc, .prog_ctx = skb};
 
 	p->pos = start;
 	p->len = s->payload_len;
@@ -253,17 +257,18 @@ static __always_inline void parse_payload(struct __sk_buff *skb, struct scratch 
 #define TLS_HANDSHAKE 0x16
 #define TLS_APPDATA 0x17
 
-/* TLS connections (see the TLS turns comment in egress.bpf.c): detect them on their first
+/* TLS connections (see the TLS turns comment in tpinjector.bpf.c): detect them on their first
  * bytes, open server requests, close client requests. Returns 1 if the segment was
  * handled here. `start`: offset of the first new byte in the payload. */
-static __always_inline int tls_segment(struct __sk_buff *skb, struct scratch *sc, struct http_state *st,
-				       const struct seg *s, __u32 start)
+static __always_inline int tls_segment(struct __sk_buff *skb, struct scratch *sc,
+                                       struct http_state *st, const struct seg *s, __u32 start)
 {
 	__u8 head[2] = {};
 
 	if (st->phase != PH_TLS) {
 		if (st->phase != PH_IDLE || st->start_ns || st->serial || start ||
-		    bpf_skb_load_bytes(skb, s->payload_off, head, 2) || head[0] != TLS_HANDSHAKE || head[1] != 3)
+		    bpf_skb_load_bytes(skb, s->payload_off, head, 2) || head[0] != TLS_HANDSHAKE ||
+		    head[1] != 3)
 			return 0;
 		st->phase = PH_TLS;
 		return 1;
@@ -357,7 +362,7 @@ int obi_tc_ingress(struct __sk_buff *skb)
 
 /* --- egress: the responses of server connections ------------------------------------ */
 
-/* A TLS server's first data segment after a request turn (see TLS turns, egress.bpf.c):
+/* A TLS server's first data segment after a request turn (see TLS turns, tpinjector.bpf.c):
  * the request's event (with ids sockops may have read from kind 25) and its end. */
 static __always_inline void tls_server_reply(const struct obi_tuple *t, struct http_state *in)
 {

@@ -4,17 +4,20 @@
  * sender's context. Each HTTP/1.x request of a selected process gets
  * `Traceparent: 00-<trace>-<span>-<flags>\r\n` inserted right after its request line
  * (unless the request already has a traceparent header), and a CLIENT_REQ event.
- * Server sockets are not in sock_hash (obi_maps.h says why): tc egress (ingress.bpf.c)
+ * Server sockets are not in sock_hash (obi_maps.h says why): tc egress (tctracer.bpf.c)
  * reads their responses on the wire.
  *
  * Inserting into the socket message, before TCP segments it, needs no sequence, checksum
- * or MSS work (DESIGN decision 2). Every path returns SK_PASS: telemetry never drops. */
+ * or MSS work (docs/architecture.md, decision 2). Every path returns SK_PASS: telemetry never drops. */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "obi_abi.h"
 #include "obi_http.h"
+#include "obi_w3c.h"
 #include "obi_maps.h"
+#include "obi_events.h"
+#include "obi_parse.h"
 #include "obi_net.h"
 
 char LICENSE[] SEC("license") = "GPL";
@@ -23,7 +26,7 @@ char LICENSE[] SEC("license") = "GPL";
 #define TLS_HANDSHAKE 0x16
 #define TLS_APPDATA 0x17
 
-/* --- TCP option kind 25 (DESIGN decision 3) ------------------------------------------
+/* --- TCP option kind 25 (docs/architecture.md, decision 3) --------------------------
  * Sender: sk_msg sets HS_OPT_PENDING (with the request's ids in egress_st) when a TLS
  * request starts; the next data segment the kernel builds for that socket reserves and
  * writes the option (HDR_OPT_LEN_CB / WRITE_HDR_OPT_CB), then the flag is cleared: one
@@ -49,7 +52,8 @@ static __always_inline struct http_state *tcpopt_pending(struct bpf_sock_ops *sk
 	if (!st || st->phase != PH_TLS) {
 		/* Data went out and this socket is not a TLS client of a selected process:
 		 * stop calling us for its segments. */
-		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags &
+		                                     ~BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
 		return 0;
 	}
 	if (!(st->bits & HS_OPT_PENDING))
@@ -80,8 +84,10 @@ static __always_inline void tcpopt_write(struct bpf_sock_ops *skops)
 	__builtin_memcpy(&opt[2], st->trace_id, 16);
 	__builtin_memcpy(&opt[18], st->span_id, 8);
 	opt[26] = st->trace_flags;
-	if (bpf_store_hdr_opt(skops, opt, len == OBI_TCPOPT_LEN_SAMPLED ? OBI_TCPOPT_LEN_SAMPLED : OBI_TCPOPT_LEN_FLAGS,
-			      0) == 0) {
+	if (bpf_store_hdr_opt(skops, opt,
+	                      len == OBI_TCPOPT_LEN_SAMPLED ? OBI_TCPOPT_LEN_SAMPLED
+	                                                    : OBI_TCPOPT_LEN_FLAGS,
+	                      0) == 0) {
 		st->bits &= ~HS_OPT_PENDING;
 		count(OBI_CNT_TCPOPT_WRITTEN);
 	}
@@ -112,7 +118,7 @@ static __always_inline void skops_tuple(struct bpf_sock_ops *skops, struct obi_t
 
 static __always_inline void tcpopt_parse(struct bpf_sock_ops *skops)
 {
-	__u8 opt[28] = { OBI_TCPOPT_KIND };
+	__u8 opt[28] = {OBI_TCPOPT_KIND};
 
 	if (!(obi_cfg_flags & OBI_CFG_TCP))
 		return;
@@ -239,7 +245,8 @@ static __always_inline int eg_load(struct sk_msg_md *msg, struct scratch *sc)
 	if (n == 0 || n > WIN)
 		return -1;
 	__u64 m = n;
-	asm volatile("%[m] &= 0x7ff" : [m] "+r"(m)); /* an explicit bound the verifier sees (clang drops C masks) */
+	asm volatile("%[m] &= 0x7ff"
+	             : [m] "+r"(m)); /* an explicit bound the verifier sees (clang drops C masks) */
 	if (bpf_probe_read_kernel(sc->buf, m, d))
 		return -1;
 	p->win_off = p->pos;
@@ -281,7 +288,8 @@ static __always_inline int insert_pending(struct sk_msg_md *msg, struct scratch 
 	__u32 off = sc->ins.off;
 
 	p->cur = 0;
-	if (bpf_msg_push_data(msg, off, OBI_TP_HDR_LEN, 0) || bpf_msg_pull_data(msg, off, off + OBI_TP_HDR_LEN, 0)) {
+	if (bpf_msg_push_data(msg, off, OBI_TP_HDR_LEN, 0) ||
+	    bpf_msg_pull_data(msg, off, off + OBI_TP_HDR_LEN, 0)) {
 		count(OBI_CNT_INSERT_FAILED);
 		return -1;
 	}
@@ -303,7 +311,8 @@ static __always_inline int insert_pending(struct sk_msg_md *msg, struct scratch 
 	return 0;
 }
 
-static __always_inline void client_action(struct sk_msg_md *msg, struct scratch *sc, struct http_state *st)
+static __always_inline void client_action(struct sk_msg_md *msg, struct scratch *sc,
+                                          struct http_state *st)
 {
 	struct pcur *p = &sc->pc;
 
@@ -319,7 +328,8 @@ static __always_inline void client_action(struct sk_msg_md *msg, struct scratch 
 		} else {
 			new_trace_id(st->trace_id);
 			__builtin_memset(st->parent_id, 0, 8);
-			st->trace_flags = 0x03; /* sampled + random (W3C level 2): a fresh random id */
+			st->trace_flags =
+			    0x03; /* sampled + random (W3C level 2): a fresh random id */
 		}
 		new_span_id(st->span_id);
 		count(OBI_CNT_CLIENT_REQS);
@@ -339,7 +349,8 @@ static __always_inline void client_action(struct sk_msg_md *msg, struct scratch 
 			/* The app wrote its own traceparent: leave the request as it is. */
 			count(OBI_CNT_APP_TRACEPARENT);
 			if (st->bits & HS_INJECTED)
-				flags |= OBI_EVF_INJECTED; /* too late: inserted with an earlier write */
+				flags |=
+				    OBI_EVF_INJECTED; /* too late: inserted with an earlier write */
 			p->cur = 0;
 		} else if (p->cur) {
 			if (insert_pending(msg, sc) == 0)
@@ -450,7 +461,8 @@ static __always_inline void tls_client_write(struct scratch *sc, struct http_sta
 
 /* A write on a TLS connection (or the first write of a connection: is it TLS?).
  * Returns 1 if the message was handled here (TLS), 0 to parse it as HTTP. */
-static __always_inline int tls_write(struct sk_msg_md *msg, struct http_state *st, struct scratch *sc)
+static __always_inline int tls_write(struct sk_msg_md *msg, struct http_state *st,
+                                     struct scratch *sc)
 {
 	__u8 type = 0, major = 0;
 
@@ -532,7 +544,8 @@ static __always_inline void send_note(struct sk_msg_md *msg, struct http_state *
 }
 
 /* The body of obi_sk_msg once it holds the scratch slot. */
-static __always_inline void sk_msg_parse(struct sk_msg_md *msg, struct http_state *st, struct scratch *sc)
+static __always_inline void sk_msg_parse(struct sk_msg_md *msg, struct http_state *st,
+                                         struct scratch *sc)
 {
 	struct pcur *p = &sc->pc;
 	__builtin_memset(p, 0, sizeof(*p));
@@ -550,7 +563,7 @@ static __always_inline void sk_msg_parse(struct sk_msg_md *msg, struct http_stat
 		count(OBI_CNT_PARSE_LOST);
 		return;
 	}
-	struct parse_ctx c = { .st = st, .sc = sc, .prog_ctx = msg };
+	struct parse_ctx c = {.st = st, .sc = sc, .prog_ctx = msg};
 
 	bpf_loop(MAX_ROUNDS, eg_round, &c, 0);
 	if (p->pos < p->len && st->phase != PH_LOST) {
