@@ -35,5 +35,5 @@ def test_bits_match_header():
     import re
 
     header = open(os.path.join(os.path.dirname(__file__), "..", "..", "bpf", "include", "obi_abi.h")).read()
-    bits = {m[0]: 1 << int(m[1]) for m in re.findall(r"#define OBI_CFG_(\w+) \(1u << (\d+)\)", header)}
+    bits = {m[0]: 1 << int(m[1]) for m in re.findall(r"#define OBI_CFG_(\w+)\s+\(1u << (\d+)\)", header)}
     assert bits == {"HDR_INSERT": CFG_HDR_INSERT, "TCP": CFG_TCP, "HDR_READ": CFG_HDR_READ}
