@@ -23,13 +23,14 @@
 #define OBI_TCPOPT_LEN_SAMPLED 26 /* kind, len, trace_id[16], span_id[8] */
 #define OBI_TCPOPT_LEN_FLAGS 27   /* ... + flags[1] */
 
-/* obi_cfg_flags (a `const volatile` global set before load) */
-#define OBI_CFG_HDR_INSERT                                                                         \
-	(1u << 0)             /* insert Traceparent into outgoing requests (headers propagation) */
-#define OBI_CFG_TCP (1u << 1) /* write / read TCP option kind 25 */
-#define OBI_CFG_HDR_READ                                                                           \
-	(1u << 2) /* continue incoming traceparent headers (headers propagation,
-				      * or ebpf.track_request_headers alone, as in OBI) */
+/* obi_cfg_flags (a `const volatile` global set before load):
+ * HDR_INSERT: insert Traceparent into outgoing requests (headers propagation);
+ * TCP: write / read TCP option kind 25;
+ * HDR_READ: continue incoming traceparent headers (headers propagation, or
+ * ebpf.track_request_headers alone, as in OBI). */
+#define OBI_CFG_HDR_INSERT (1u << 0)
+#define OBI_CFG_TCP (1u << 1)
+#define OBI_CFG_HDR_READ (1u << 2)
 
 /* Which end of a connection the instrumented process is. */
 #define OBI_ROLE_CLIENT 1
