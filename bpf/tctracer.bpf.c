@@ -57,11 +57,13 @@ static __always_inline int in_load(struct __sk_buff *skb, struct scratch *sc)
 	return 0;
 }
 
-static __always_inline void server_req_done(struct scratch *sc, struct http_state *st)
+static __always_inline void server_req_done(struct scratch *sc, struct http_state *st,
+                                            struct ts_state *ts)
 {
 	__u32 flags = 0;
+	int valid = (obi_cfg_flags & OBI_CFG_HDR_READ) && tp_parse(st);
 
-	if ((obi_cfg_flags & OBI_CFG_HDR_READ) && tp_parse(st)) {
+	if (valid) {
 		flags |= OBI_EVF_TP_VALID; /* trace_id, parent_id, trace_flags from the header */
 	} else {
 		new_trace_id(st->trace_id);
@@ -74,6 +76,15 @@ static __always_inline void server_req_done(struct scratch *sc, struct http_stat
 	head_push(st, st);
 	count(OBI_CNT_SERVER_REQS);
 	event_fill(&sc->ev, OBI_EV_SERVER_SPAN, st, &sc->pc.t, 0);
+	if (!ts->standin) {
+		/* the tracestate (kept only with a valid traceparent) belongs to this span */
+		__builtin_memcpy(ts->trace_id, st->trace_id, 16);
+		__builtin_memcpy(ts->span_id, st->span_id, 8);
+		if (ts_finish(ts, valid))
+			ts_compact(ts);
+		if (ts->out_len)
+			ev_set_tracestate(&sc->ev, ts->buf, ts->out_len);
+	}
 	sc->ev.flags = flags;
 	span_open(sc, st, OBI_EV_SERVER_REQ);
 }
@@ -104,7 +115,8 @@ static __always_inline void server_resp(const struct obi_tuple *t, const struct 
 /* What a parsed action means, for every parse state tc keeps: requests to a server
  * (ingress_conns, role server), responses to a client (ingress_conns, role client, HS_RESP)
  * and a server's responses (server_out, role server, HS_RESP). */
-static __always_inline void seg_action(struct scratch *sc, struct http_state *st)
+static __always_inline void seg_action(struct scratch *sc, struct http_state *st,
+                                       struct ts_state *ts)
 {
 	struct pcur *p = &sc->pc;
 
@@ -114,7 +126,7 @@ static __always_inline void seg_action(struct scratch *sc, struct http_state *st
 	}
 	if (!(st->bits & HS_RESP)) {
 		if (p->act == ACT_HDRS_END)
-			server_req_done(sc, st);
+			server_req_done(sc, st, ts);
 		return;
 	}
 	if (p->act != ACT_LINE0_END || st->status < 200) /* 1xx: the final response follows */
@@ -143,8 +155,11 @@ static long seg_round(__u32 i, void *arg)
 		return 1;
 	if (next == ROUND_LOAD && in_load(c->prog_ctx, sc))
 		return 1; /* bytes unreadable: skip the rest of this segment */
-	if (round_parse(c, &sc->pc) != ACT_NONE)
-		seg_action(sc, st);
+	__u32 act = round_parse(c, &sc->pc);
+	if (act == ACT_TS_NEED || !c->ts)
+		return 1; /* the program makes the connection's ts_states entry first */
+	if (act != ACT_NONE)
+		seg_action(sc, st, c->ts);
 	return 0;
 }
 
@@ -241,17 +256,50 @@ static __always_inline int seq_follow(struct http_state *st, const struct seg *s
 }
 
 /* Parse segment s's payload from offset `start` (bpf_loop of seg_round). */
+/* The connection's ts_states entry (a server connection with one), else the stand-in. */
+static __always_inline struct ts_state *ts_of(struct scratch *sc, struct http_state *st)
+{
+	struct ts_state *ts = 0;
+
+	if (ts_collects(st))
+		ts = bpf_map_lookup_elem(&ts_states, &sc->pc.t);
+	if (ts)
+		return ts;
+	sc->ts_standin.standin = 1;
+	return &sc->ts_standin;
+}
+
+/* A request with a tracestate on a connection without an entry (ACT_TS_NEED): make one. */
+const volatile struct ts_state ts_zero; /* a reset entry (.rodata): too big to memset */
+
+static __always_inline struct ts_state *ts_make(struct scratch *sc)
+{
+	bpf_map_update_elem(&ts_states, &sc->pc.t, (const void *)&ts_zero, BPF_NOEXIST);
+	struct ts_state *ts = bpf_map_lookup_elem(&ts_states, &sc->pc.t);
+	if (ts)
+		return ts;
+	count(OBI_CNT_TS_STATES_FULL);
+	sc->ts_standin.standin = 2; /* collect nowhere, and do not ask again */
+	return &sc->ts_standin;
+}
+
+/* Parse segment s's payload from offset `start` (bpf_loop of seg_round; once more after
+ * making the connection's ts_states entry, if the parse stopped for it). */
 static __always_inline void parse_payload(struct __sk_buff *skb, struct scratch *sc,
                                           struct http_state *st, const struct seg *s, __u32 start)
 {
 	struct pcur *p = &sc->pc;
-	struct parse_ctx c = {.st = st, .sc = sc, .prog_ctx = skb};
+	struct parse_ctx c = {.st = st, .sc = sc, .prog_ctx = skb, .ts = ts_of(sc, st)};
 
 	p->pos = start;
 	p->len = s->payload_len;
 	p->payload_off = s->payload_off;
 	p->win_len = 0;
 	bpf_loop(MAX_ROUNDS, seg_round, &c, 0);
+	if (p->act == ACT_TS_NEED) {
+		c.ts = ts_make(sc);
+		bpf_loop(MAX_ROUNDS, seg_round, &c, 0);
+	}
 }
 
 #define TLS_HANDSHAKE 0x16
@@ -312,8 +360,10 @@ static __always_inline void tc_parse(struct __sk_buff *skb, struct scratch *sc)
 
 	struct http_state *st = bpf_map_lookup_elem(&ingress_conns, &p->t);
 	if (s.syn) {
-		if (st) /* a new connection on a reused tuple: forget the old one */
+		if (st) { /* a new connection on a reused tuple: forget the old one */
 			bpf_map_delete_elem(&ingress_conns, &p->t);
+			bpf_map_delete_elem(&ts_states, &p->t);
+		}
 		return;
 	}
 	if (!st) {
@@ -339,6 +389,7 @@ out:
 	if (s.fin || s.rst) {
 		span_abandon(&p->t);
 		bpf_map_delete_elem(&ingress_conns, &p->t);
+		bpf_map_delete_elem(&ts_states, &p->t);
 		if (s.rst)
 			bpf_map_delete_elem(&server_out, &p->t);
 	}

@@ -280,35 +280,102 @@ static __always_inline void expect_responses(struct scratch *sc)
 	bpf_map_update_elem(&ingress_conns, &sc->pc.t, init, BPF_NOEXIST);
 }
 
-/* Insert the pending header (sc->ins) into the message now. The cursor moves with the
- * bytes after it, and the window is reloaded. Returns 0 if it went in. */
+/* bpf_loop context of ts_write_step. */
+struct ts_write {
+	struct sk_msg_md *msg;
+	struct scratch *sc;
+};
+
+#define TS_NAME "\ntracestate: " /* 13 bytes, after the Traceparent header (tp_format) */
+#define TS_NAME_LEN 13
+
+/* One byte of the tracestate value, then the closing CR (the request line's LF follows). */
+static long ts_write_step(__u32 i, void *arg)
+{
+	struct ts_write *w = arg;
+	struct scratch *sc = w->sc;
+
+	if (!sc || i > TS_OUT_MAX)
+		return 1;
+	__u64 k = i;
+	asm volatile("%[k] &= 0x3ff" : [k] "+r"(k)); /* a bound the verifier sees (i <= 512) */
+	char *d = (void *)(long)w->msg->data;
+	char *e = (void *)(long)w->msg->data_end;
+	char *q = d + OBI_TP_HDR_LEN + TS_NAME_LEN + k;
+	asm volatile("" : "+r"(q)); /* check and store through this very pointer */
+	if (q + 1 > e)
+		return 1;
+	*q = k < sc->ins.ts_len ? sc->ins.ts[k & (TS_OUT_MAX - 1)] : '\r';
+	sc->ins.written = i + 1;
+	return 0;
+}
+
+/* Insert the pending header(s) (sc->ins: Traceparent, and tracestate when ts_len) into the
+ * message now, in one push. The cursor moves with the bytes after them, and the window is
+ * reloaded. Returns 0 if they went in; otherwise the message is as it was (a push whose
+ * bytes cannot be written is popped again: never zeros on the wire). */
 static __always_inline int insert_pending(struct sk_msg_md *msg, struct scratch *sc)
 {
 	struct pcur *p = &sc->pc;
 	__u32 off = sc->ins.off;
+	__u32 tsl = sc->ins.ts_len;
 
 	p->cur = 0;
-	if (bpf_msg_push_data(msg, off, OBI_TP_HDR_LEN, 0) ||
-	    bpf_msg_pull_data(msg, off, off + OBI_TP_HDR_LEN, 0)) {
+	if (tsl > TS_OUT_MAX)
+		tsl = 0;
+	__u32 total = OBI_TP_HDR_LEN + (tsl ? TS_NAME_LEN + tsl + 1 : 0);
+	if (bpf_msg_push_data(msg, off, total, 0)) {
 		count(OBI_CNT_INSERT_FAILED);
 		return -1;
 	}
+	if (bpf_msg_pull_data(msg, off, off + total, 0))
+		goto undo;
 	char *d = (void *)(long)msg->data;
 	char *e = (void *)(long)msg->data_end;
-	if (d + OBI_TP_HDR_LEN > e) {
-		/* pushed but not writable: the room would carry zero bytes; cannot happen after
-		 * a successful pull of that range, but never leave it silently */
-		count(OBI_CNT_INSERT_FAILED);
-		return -1;
-	}
+	if (d + OBI_TP_HDR_LEN > e)
+		goto undo;
 	__builtin_memcpy(d, sc->ins.hdr, OBI_TP_HDR_LEN);
-	p->pushed += OBI_TP_HDR_LEN;
+	if (tsl) {
+		if (d + OBI_TP_HDR_LEN + TS_NAME_LEN > e)
+			goto undo;
+		__builtin_memcpy(d + OBI_TP_HDR_LEN, TS_NAME, TS_NAME_LEN);
+		struct ts_write w = {.msg = msg, .sc = sc};
+		sc->ins.written = 0;
+		bpf_loop(tsl + 1, ts_write_step, &w, 0);
+		if (sc->ins.written != tsl + 1)
+			goto undo;
+		count(OBI_CNT_TRACESTATE_INSERTED);
+	}
+	p->pushed += total;
 	if (p->pos > off)
-		p->pos += OBI_TP_HDR_LEN;
-	p->len += OBI_TP_HDR_LEN;
+		p->pos += total;
+	p->len += total;
 	p->win_len = 0; /* the window holds the bytes as they were */
 	count(OBI_CNT_HEADERS_INSERTED);
 	return 0;
+undo:
+	bpf_msg_pop_data(msg, off, total, 0);
+	count(OBI_CNT_INSERT_FAILED);
+	return -1;
+}
+
+/* The tracestate the request being written passes on: that of the server request its
+ * thread is serving (the ids say it is the same request), normalized (obi_tracestate.h).
+ * Into sc->ins.ts / ts_len (0: none). */
+static __always_inline void ins_tracestate(struct scratch *sc, const struct http_state *st)
+{
+	sc->ins.ts_len = 0;
+	if (!(st->bits & HS_LINKED))
+		return;
+	struct thread_ctx *tc = bpf_map_lookup_elem(&thread_ctx, &sc->pc.pid_tgid);
+	if (!tc)
+		return;
+	struct ts_state *ts = bpf_map_lookup_elem(&ts_states, &tc->conn);
+	if (!ts || !ts->out_len || ts->out_len > TS_OUT_MAX ||
+	    !bytes_eq(ts->trace_id, st->trace_id, 16) || !bytes_eq(ts->span_id, st->parent_id, 8))
+		return;
+	__builtin_memcpy(sc->ins.ts, ts->buf, TS_OUT_MAX);
+	sc->ins.ts_len = ts->out_len;
 }
 
 static __always_inline void client_action(struct sk_msg_md *msg, struct scratch *sc,
@@ -340,11 +407,13 @@ static __always_inline void client_action(struct sk_msg_md *msg, struct scratch 
 		if (obi_cfg_flags & OBI_CFG_HDR_INSERT) {
 			sc->ins.off = p->act_pos - 1;
 			tp_format(sc->ins.hdr, st->trace_id, st->span_id, st->trace_flags);
+			ins_tracestate(sc, st);
 			p->cur = 1;
 		}
 		break;
 	case ACT_HDRS_END: {
 		__u32 flags = st->bits & HS_LINKED ? OBI_EVF_THREAD_LINKED : 0;
+		__u32 ts_in = 0; /* tracestate bytes inserted with it */
 		if (st->tp_count) {
 			/* The app wrote its own traceparent: leave the request as it is. */
 			count(OBI_CNT_APP_TRACEPARENT);
@@ -353,8 +422,12 @@ static __always_inline void client_action(struct sk_msg_md *msg, struct scratch 
 				    OBI_EVF_INJECTED; /* too late: inserted with an earlier write */
 			p->cur = 0;
 		} else if (p->cur) {
-			if (insert_pending(msg, sc) == 0)
+			if (st->ts_count)
+				sc->ins.ts_len = 0; /* the app wrote its own tracestate: add none */
+			if (insert_pending(msg, sc) == 0) {
 				flags |= OBI_EVF_INJECTED;
+				ts_in = sc->ins.ts_len;
+			}
 		} else if (st->bits & HS_INJECTED) {
 			flags |= OBI_EVF_INJECTED;
 		}
@@ -363,6 +436,8 @@ static __always_inline void client_action(struct sk_msg_md *msg, struct scratch 
 		if (in)
 			head_push(in, st);
 		event_fill(&sc->ev, OBI_EV_CLIENT_SPAN, st, &p->t, p->pid_tgid);
+		if (ts_in)
+			ev_set_tracestate(&sc->ev, sc->ins.ts, ts_in);
 		sc->ev.flags = flags;
 		span_open(sc, in, OBI_EV_CLIENT_REQ);
 		break;
@@ -563,7 +638,7 @@ static __always_inline void sk_msg_parse(struct sk_msg_md *msg, struct http_stat
 		count(OBI_CNT_PARSE_LOST);
 		return;
 	}
-	struct parse_ctx c = {.st = st, .sc = sc, .prog_ctx = msg};
+	struct parse_ctx c = {.st = st, .sc = sc, .prog_ctx = msg, .ts = &sc->ts_standin};
 
 	bpf_loop(MAX_ROUNDS, eg_round, &c, 0);
 	if (p->pos < p->len && st->phase != PH_LOST) {

@@ -13,12 +13,15 @@
  * "Traceparent: " (13) + 55 + "\r\n" (2). */
 #define OBI_TP_LEN 55
 #define OBI_TP_HDR_LEN 70
-#define OBI_LINE_MAX 96 /* bytes of the request/status line kept in events */
-#define OBI_TP_MAX 56   /* bytes of a traceparent value kept (55 + 1 to see what follows) */
-#define OBI_TRACESTATE_MAX 256
-#define OBI_HOST_MAX 128 /* bytes of a Host header value kept; longer ones are dropped */
+#define OBI_LINE_MAX 96        /* bytes of the request/status line kept in events */
+#define OBI_TP_MAX 56          /* bytes of a traceparent value kept (55 + 1 to see what follows) */
+#define OBI_TRACESTATE_MAX 512 /* tracestate passed on and reported (W3C: at least 512) */
+#define OBI_HOST_MAX 128       /* bytes of a Host header value kept; longer ones are dropped */
 
 /* TCP option carrying trace context (docs/architecture.md, decision 3). */
+/* trace-flags defined so far: sampled (Level 1), random (Level 2); others are sent as 0 */
+#define OBI_KNOWN_FLAGS 0x03
+
 #define OBI_TCPOPT_KIND 25
 #define OBI_TCPOPT_LEN_SAMPLED 26 /* kind, len, trace_id[16], span_id[8] */
 #define OBI_TCPOPT_LEN_FLAGS 27   /* ... + flags[1] */
@@ -97,7 +100,8 @@ struct obi_event {
 	__u16 tp_len;        /* significant bytes of that value (trailing OWS trimmed) */
 	__u16 host_len;      /* bytes valid in host (0: none, or longer than OBI_HOST_MAX) */
 	__u32 _pad1;
-	char tracestate[OBI_TRACESTATE_MAX]; /* first tracestate value, raw */
+	char tracestate[OBI_TRACESTATE_MAX]; /* server span: the incoming tracestate; client span:
+					      * the one passed on (normalized, obi_tracestate.h) */
 	char host[OBI_HOST_MAX]; /* first Host header value of the request (OWS trimmed) */
 };
 
@@ -117,6 +121,8 @@ enum obi_counter {
 	OBI_CNT_SCRATCH_BUSY,   /* scratch slot in use on this CPU (nesting): message not parsed */
 	OBI_CNT_UNSEEN_SENDS,   /* write_seq moved other than sk_msg saw (short send + resend) */
 	OBI_CNT_SOCKS_RELEASED, /* client sockets sk_msg gave up on, taken out of sock_hash by tc */
+	OBI_CNT_TRACESTATE_INSERTED, /* tracestate headers written (with a Traceparent) by sk_msg */
+	OBI_CNT_TS_STATES_FULL, /* a request's tracestate not kept: ts_states full (none passed on) */
 	OBI_CNT_MAX,
 };
 

@@ -38,14 +38,20 @@ static __always_inline void event_fill(struct obi_event *ev, __u32 kind,
 	ev->tp_count = st->tp_count > 255 ? 255 : st->tp_count;
 	ev->status = st->status;
 	ev->line_len = st->line_cap;
-	ev->tracestate_len = st->ts_len;
+	ev->tracestate_len = 0; /* set by the caller that has one (ev_set_tracestate) */
 	__builtin_memcpy(ev->line, st->line, OBI_LINE_MAX);
 	__builtin_memcpy(ev->tp, st->tp, OBI_TP_MAX);
 	ev->tp_len = st->tp_len;
 	ev->host_len = st->host_len;
 	ev->_pad1 = 0;
-	__builtin_memcpy(ev->tracestate, st->tracestate, OBI_TRACESTATE_MAX);
 	__builtin_memcpy(ev->host, st->host, OBI_HOST_MAX);
+}
+
+/* The event's tracestate: `len` bytes of `ts` (a normalized list, obi_tracestate.h). */
+static __always_inline void ev_set_tracestate(struct obi_event *ev, const char *ts, __u32 len)
+{
+	__builtin_memcpy(ev->tracestate, ts, OBI_TRACESTATE_MAX);
+	ev->tracestate_len = len > OBI_TRACESTATE_MAX ? 0 : len;
 }
 
 /* Send an event kept in a map (or scratch); counted if the ring buffer is full. */

@@ -27,6 +27,7 @@
 
 #include <linux/types.h>
 #include "obi_abi.h"
+#include "obi_tracestate.h"
 
 #define WIN 1024       /* window size; a power of two (index masking) */
 #define MAX_ROUNDS 256 /* windows + actions per message; beyond: give the connection up */
@@ -48,7 +49,9 @@ enum {
 };
 
 /* actions for the program */
-enum { ACT_NONE = 0, ACT_MSG_START, ACT_LINE0_END, ACT_HDRS_END, ACT_LOST };
+enum { ACT_NONE = 0, ACT_MSG_START, ACT_LINE0_END, ACT_HDRS_END, ACT_LOST, ACT_TS_NEED };
+/* ACT_TS_NEED: a server request has a tracestate header and the connection has no
+ * ts_states entry yet: the program makes one and parses on (tctracer.bpf.c). */
 
 /* http_state.bits */
 #define HS_RESP (1u << 0)        /* this direction carries responses (else requests) */
@@ -105,12 +108,12 @@ struct http_state {
 	__u8 _pad2;
 	__u16 tp_count;
 	__u16 ts_count;
-	__u16 tp_len; /* significant length of the first traceparent value */
-	__u16 ts_len;
+	__u16 tp_len;   /* significant length of the first traceparent value */
 	__u16 line_cap; /* bytes kept in line[] */
 	__u16 status;
 	__u16 host_count;
 	__u16 host_len; /* bytes of the first Host value (0 if longer than OBI_HOST_MAX) */
+	__u16 _pad1;
 	__u8 trace_id[16];
 	__u8 span_id[8];
 	__u8 parent_id[8];
@@ -118,7 +121,6 @@ struct http_state {
 	__u8 _pad0[7];
 	char line[OBI_LINE_MAX];
 	char tp[OBI_TP_MAX];
-	char tracestate[OBI_TRACESTATE_MAX];
 	char host[OBI_HOST_MAX];
 };
 
@@ -127,7 +129,8 @@ struct http_state {
 struct parse_ctx {
 	struct http_state *st;
 	struct scratch *sc;
-	void *prog_ctx; /* __sk_buff or sk_msg_md */
+	void *prog_ctx;      /* __sk_buff or sk_msg_md */
+	struct ts_state *ts; /* where a server request's tracestate goes (obi_tracestate.h) */
 };
 
 struct thread_ctx {
@@ -142,9 +145,12 @@ struct thread_ctx {
  * of its headers (none if the application wrote its own traceparent), or at the end of the
  * message when the headers continue in a later write. */
 struct ins {
-	__u32 off; /* message offset of the request line's LF (see tp_format) */
+	__u32 off;     /* message offset of the request line's LF (see tp_format) */
+	__u32 ts_len;  /* bytes of ts to insert as a tracestate header (0: none) */
+	__u32 written; /* bytes of the tracestate header written so far (insert_pending) */
 	__u32 _pad0;
-	char hdr[72]; /* OBI_TP_HDR_LEN bytes used (tp_format) */
+	char hdr[72];        /* OBI_TP_HDR_LEN bytes used (tp_format) */
+	char ts[TS_OUT_MAX]; /* the tracestate passed on (the server request's, normalized) */
 };
 
 /* Cursor of the message being parsed. Kept in the per-CPU scratch map, not on the stack:
@@ -169,7 +175,8 @@ struct scratch {
 	__u8 buf[2 * WIN];      /* WIN used; sized so that a 0x7ff-masked length is in bounds */
 	struct http_state init; /* zeroed template for new map entries */
 	struct ins ins;
-	struct obi_event ev; /* a request's event being built for open_spans */
+	struct obi_event ev;        /* a request's event being built for open_spans */
+	struct ts_state ts_standin; /* parse_ctx.ts while a connection has no ts_states entry */
 };
 
 static __always_inline __u8 lower(__u8 c)
@@ -262,7 +269,6 @@ static __always_inline void msg_reset(struct http_state *st)
 	st->tp_count = 0;
 	st->ts_count = 0;
 	st->tp_len = 0;
-	st->ts_len = 0;
 	st->host_count = 0;
 	st->host_len = 0;
 	st->status = 0;
@@ -380,7 +386,14 @@ static __always_inline __u32 byte_line0(struct http_state *st, __u8 ch)
 	return ACT_NONE;
 }
 
-static __always_inline __u32 byte_hdrs(struct http_state *st, __u8 ch)
+/* Is this the request direction of a server connection, whose tracestate is collected
+ * (obi_tracestate.h)? Client requests are only checked for a tracestate of their own. */
+static __always_inline int ts_collects(const struct http_state *st)
+{
+	return st->role == OBI_ROLE_SERVER && !(st->bits & HS_RESP);
+}
+
+static __always_inline __u32 byte_hdrs(struct http_state *st, struct ts_state *ts, __u8 ch)
 {
 	if (ch == '\n') {
 		if (st->line_len == 0) {
@@ -391,8 +404,8 @@ static __always_inline __u32 byte_hdrs(struct http_state *st, __u8 ch)
 			return set_lost(st); /* Content-Length with no value */
 		if (st->hcur == H_TP && st->tp_count == 1)
 			st->tp_len = st->vend > 0xffff ? 0xffff : st->vend;
-		if (st->hcur == H_TS && st->ts_count == 1)
-			st->ts_len = st->vend > OBI_TRACESTATE_MAX ? OBI_TRACESTATE_MAX : st->vend;
+		if (st->hcur == H_TS && ts_collects(st))
+			ts_header_end(ts);
 		if (st->hcur == H_HOST && st->host_count == 1)
 			st->host_len =
 			    st->vend > OBI_HOST_MAX ? 0 : st->vend; /* cut would be wrong: drop */
@@ -427,8 +440,11 @@ static __always_inline __u32 byte_hdrs(struct http_state *st, __u8 ch)
 			st->hmask = 0;
 			if (st->hcur == H_TP)
 				st->tp_count++;
-			if (st->hcur == H_TS)
+			if (st->hcur == H_TS) {
 				st->ts_count++;
+				if (ts_collects(st) && ts->standin == 1)
+					return ACT_TS_NEED;
+			}
 			if (st->hcur == H_HOST)
 				st->host_count++;
 			if (st->hcur == H_CL) {
@@ -478,8 +494,8 @@ static __always_inline __u32 byte_hdrs(struct http_state *st, __u8 ch)
 				st->tp[v & 63] = ch;
 			break;
 		case H_TS:
-			if (st->ts_count == 1 && v < OBI_TRACESTATE_MAX)
-				st->tracestate[v & (OBI_TRACESTATE_MAX - 1)] = ch;
+			if (ts_collects(st))
+				ts_feed(ts, ch);
 			break;
 		case H_HOST:
 			if (st->host_count == 1 && v < OBI_HOST_MAX)
@@ -566,15 +582,15 @@ static __always_inline __u32 byte_chunk(struct http_state *st, __u8 ch)
 /* One byte of a started message (phase LINE0, HDRS or the chunk framing). A global
  * (non-static, noinline) function: the verifier checks it once, on its own, instead of at
  * every call site with every combination of caller state (which exceeds its budget). */
-__attribute__((noinline)) int http_feed(struct http_state *st, __u32 ch)
+__attribute__((noinline)) int http_feed(struct http_state *st, struct ts_state *ts, __u32 ch)
 {
-	if (!st)
+	if (!st || !ts)
 		return ACT_NONE;
 	switch (st->phase) {
 	case PH_LINE0:
 		return byte_line0(st, ch);
 	case PH_HDRS:
-		return byte_hdrs(st, ch);
+		return byte_hdrs(st, ts, ch);
 	case PH_CHUNK_SZ:
 	case PH_CHUNK_EXT:
 	case PH_CHUNK_END:

@@ -85,6 +85,19 @@ struct {
 	__type(value, struct http_state);
 } ingress_conns SEC(".maps");
 
+/* The tracestate of a server connection's current request (obi_tracestate.h), keyed by
+ * the tuple as in ingress_conns. Made by tc ingress when a request has a tracestate header
+ * (not preallocated: only such connections take memory), reset at each request, deleted
+ * with the connection on SYN/FIN/RST; read by sk_msg for the requests the server sends
+ * while serving that request (the ids in it say which request it belongs to). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 16384);
+	__type(key, struct obi_tuple);
+	__type(value, struct ts_state);
+} ts_states SEC(".maps");
+
 /* Egress HTTP parse state of a server connection (the responses a selected service
  * writes), keyed by the tuple as in ingress_conns. Created and used by tc egress once
  * ingress_conns holds the connection's server state; deleted on SYN/FIN/RST. */

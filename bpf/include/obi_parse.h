@@ -62,13 +62,15 @@ static long parse_step(__u32 i, void *arg)
 			return 1;
 		}
 		msg_reset(st);
+		if (c->ts && ts_collects(st))
+			ts_reset(c->ts);
 		st->phase = PH_LINE0;
 		v->act = ACT_MSG_START;
 		v->act_pos = v->pos;
 		return 1; /* the byte itself is consumed by PH_LINE0 on the next step */
 	}
 	__u32 was_line0 = st->phase == PH_LINE0;
-	act = http_feed(st, ch);
+	act = http_feed(st, c->ts, ch);
 	if (act == ACT_LOST && was_line0 && (st->bits & HS_RESYNC)) {
 		st->phase = PH_IDLE; /* not a message start after all: keep waiting */
 		v->pos = v->len;

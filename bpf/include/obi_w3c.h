@@ -34,6 +34,17 @@ static __always_inline int is_zero(const __u8 *p, int n)
 	return acc == 0;
 }
 
+/* a[0..n) == b[0..n), n <= 16 (ids), without a branch per byte. */
+static __always_inline int bytes_eq(const __u8 *a, const __u8 *b, int n)
+{
+	__u8 acc = 0;
+#pragma unroll
+	for (int i = 0; i < 16; i++)
+		if (i < n)
+			acc |= a[i] ^ b[i];
+	return acc == 0;
+}
+
 static __always_inline void new_span_id(__u8 *out)
 {
 	random_bytes(out, 8);
@@ -122,6 +133,7 @@ static __always_inline void tp_format(char *out, const __u8 *trace_id, const __u
 		out[51 + 2 * i] = hexdigits[span_id[i] & 0xf];
 	}
 	out[66] = '-';
+	flags &= OBI_KNOWN_FLAGS; /* flags this version does not define are sent as zero */
 	out[67] = hexdigits[flags >> 4];
 	out[68] = hexdigits[flags & 0xf];
 	out[69] = '\r';

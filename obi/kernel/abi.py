@@ -16,7 +16,7 @@ TP_LEN = 55
 TP_HDR_LEN = 70  # "Traceparent: " + 55 + CRLF
 LINE_MAX = 96
 TP_MAX = 56
-TRACESTATE_MAX = 256
+TRACESTATE_MAX = 512
 HOST_MAX = 128
 
 TCPOPT_KIND = 25
@@ -69,9 +69,11 @@ class Counter(enum.IntEnum):
     SCRATCH_BUSY = 11
     UNSEEN_SENDS = 12
     SOCKS_RELEASED = 13
+    TRACESTATE_INSERTED = 14
+    TS_STATES_FULL = 15
 
 
-COUNTER_MAX = 14
+COUNTER_MAX = 16
 
 # struct obi_tuple: local_addr[16] peer_addr[16] local_port peer_port family _pad0
 TUPLE_FMT = "=16s16sHHHH"
@@ -102,7 +104,7 @@ EVENT_FIELDS: tuple[tuple[str, str], ...] = (
     ("host", f"{HOST_MAX}s"),
 )
 EVENT_FMT = "=" + "".join(f for _, f in EVENT_FIELDS)
-EVENT_SIZE = struct.calcsize(EVENT_FMT)  # 656
+EVENT_SIZE = struct.calcsize(EVENT_FMT)  # 912
 EVENT = struct.Struct(EVENT_FMT)  # precompiled: decoding is on the agent's hot path
 _TUPLE = struct.Struct(TUPLE_FMT)
 _TUPLE_CACHE: dict[bytes, "Tuple"] = {}  # raw tuple -> Tuple (ipaddress formatting is slow)

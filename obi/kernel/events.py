@@ -193,11 +193,8 @@ class Correlator:
     def server_span(self, req: Event, end_ns: int, status: int, pid_tgid: int) -> SpanRecord:
         """req: the request's event; end_ns/status/pid_tgid: from the response (the
         responding thread), or req.ts_ns/0/0 when none was seen."""
-        tracestate = ""
-        if req.flags & EVF_TP_VALID and req.tracestate:
-            entries = w3c.parse_tracestate(req.tracestate)
-            if entries:
-                tracestate = w3c.format_tracestate(entries)
+        # BPF validated and normalized it (obi_tracestate.h), only with a valid traceparent.
+        tracestate = req.tracestate.decode("ascii", "replace") if req.flags & EVF_TP_VALID else ""
         pid = pid_tgid >> 32
         return self._span(
             req,
@@ -235,7 +232,7 @@ class Correlator:
             span_id=span_id,
             parent=parent,
             flags=flags,
-            tracestate="",
+            tracestate=req.tracestate.decode("ascii", "replace") if req.flags & EVF_INJECTED else "",
             pid=req.pid,
             tid=req.tid,
             exe=self._exe_of(req.pid),

@@ -52,7 +52,7 @@ def btf_structs(obj: str) -> dict[str, tuple[int, dict[str, int]]]:
 def test_event_layout_matches_btf(obj):
     structs = btf_structs(obj)
     size, members = structs["obi_event"]
-    assert size == abi.EVENT_SIZE == 656
+    assert size == abi.EVENT_SIZE == 912
     assert members == abi.field_offsets(abi.EVENT_FIELDS)
 
 
