@@ -66,6 +66,15 @@ def child(ctx: TraceContext) -> TraceContext:
     return TraceContext(ctx.trace_id, _ids.hex(8), ctx.flags, ctx.tracestate)
 
 
+def inserted_headers(ctx: TraceContext, tracestate: bool) -> bytes:
+    """The bytes inserted after a request line: Traceparent, and (`tracestate`) the
+    tracestate passed on, as the kernel path writes them (bpf/include/obi_w3c.h)."""
+    blob = HEADER_NAME + b": " + w3c.format_traceparent(ctx).encode() + b"\r\n"
+    if tracestate and ctx.tracestate:
+        blob += b"tracestate: " + ctx.tracestate.encode() + b"\r\n"
+    return blob
+
+
 def rel(seq: int, base: int) -> int:
     """Signed distance seq - base in 32-bit sequence arithmetic."""
     return ((seq - base + 0x80000000) & _U32) - 0x80000000
@@ -283,6 +292,8 @@ class Tracker:
                 "flows",
                 "errors",
                 "insert_skipped_mtu",
+                "tracestate_inserted",
+                "tracestate_skipped_mtu",
                 "links_to_server",
                 "roots",
                 "tls_flows",
@@ -501,15 +512,23 @@ class Tracker:
             else:
                 self.stats["headers_invalid"] += 1
         elif self._headers and not self.draining:
-            blob = HEADER_NAME + b": " + w3c.format_traceparent(ctx).encode() + b"\r\n"
+            # The app's own tracestate (with no traceparent): ours is not added to it.
+            blob = inserted_headers(ctx, tracestate=not msg.has_header(b"tracestate"))
             pos = msg.line_end
-            # The grown segment must still fit the MTU (the SYN's MSS was clamped for one insertion).
-            grow = len(blob) + sum(len(b) for _, b in flow.out_map.within(r, r + pkt.payload_len))
-            if pos < r + pkt.payload_len and len(pkt.data) + grow + TCP_OPTION_ROOM * self._tcp > self.mtu:
+            # The grown segment must still fit the MTU (the SYN's MSS was clamped for one
+            # Traceparent): a tracestate that does not fit is left out, then the header.
+            room = self.mtu - len(pkt.data) - TCP_OPTION_ROOM * self._tcp
+            room -= sum(len(b) for _, b in flow.out_map.within(r, r + pkt.payload_len))
+            if pos < r + pkt.payload_len and len(blob) > room and len(blob) > INSERT_LEN:
+                blob = blob[:INSERT_LEN]
+                self.stats["tracestate_skipped_mtu"] += 1
+            if pos < r + pkt.payload_len and len(blob) > room:
                 self.stats["insert_skipped_mtu"] += 1
             else:
                 flow.out_map.add(pos, blob)
                 self.stats["headers_inserted"] += 1
+                if len(blob) > INSERT_LEN:
+                    self.stats["tracestate_inserted"] += 1
                 if self.journal is not None:
                     self.journal.insertion(flow.key, flow.out_base, pos, blob)
         call = ClientCall(ctx, parent_id, msg, now, propagated)

@@ -91,6 +91,17 @@ METRICS: tuple[Metric, ...] = (
         "TCP segments tagged with the trace context option (kind 25).",
     ),
     Metric(
+        "obi_tracestate_inserted_total",
+        ("tracestate_inserted",),
+        "tracestate headers passed on in outgoing HTTP requests (with a Traceparent).",
+    ),
+    Metric(
+        "obi_tracestate_dropped_total",
+        ("ts_states_full", "tracestate_skipped_mtu"),
+        "Incoming tracestates not passed on: no room to keep one (kernel path) or to insert it within the MTU "
+        "(userspace path).",
+    ),
+    Metric(
         "obi_requests_evicted_total",
         ("requests_evicted",),
         "Requests dropped while waiting for their response (too many open, or none for 5 minutes): no span.",

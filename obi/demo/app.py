@@ -10,9 +10,11 @@ that is the point. What it does, per request:
 - `POST /echo`: answers with the body it received (Content-Length or chunked), plus an
   `X-Body-Sha256` header, so a test can prove payload bytes arrived unchanged.
 - `GET /bytes?n=N`: answers with N bytes of a fixed pattern.
-- anything else: if `--downstream` is set, calls `<downstream><same path>` once (over a
-  keep-alive connection owned by the serving thread) and embeds the downstream answer;
-  the JSON answer also lists the headers this request carried.
+- anything else: if `--downstream` is set, calls `<downstream>/headers` (over a keep-alive
+  connection owned by the serving thread) and embeds the downstream answer; the JSON
+  answer also lists the headers this request carried. Query parameters: `calls=N` makes N
+  calls (answers in `downstreams`, the first also in `downstream`); `tp=` / `ts=` send
+  the service's own `traceparent` / `tracestate` on them, as an instrumented app would.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _call_downstream(self) -> dict:
+    def _call_downstream(self, own: dict[str, str]) -> dict:
         target = self.downstream
         assert target is not None
         conn = getattr(self._local, "conn", None)
@@ -79,7 +81,7 @@ class _Handler(BaseHTTPRequestHandler):
                 conn = http.client.HTTPConnection(target.hostname, target.port or 80, timeout=10)
                 self._local.conn = conn
             try:
-                conn.request("GET", (target.path.rstrip("/") or "") + "/headers")
+                conn.request("GET", (target.path.rstrip("/") or "") + "/headers", headers=own)
                 resp = conn.getresponse()
                 data = resp.read()
                 return {"status": resp.status, "body": json.loads(data or b"null")}
@@ -103,12 +105,15 @@ class _Handler(BaseHTTPRequestHandler):
         elif url.path == "/headers" or self.downstream is None:
             self._reply(200, json.dumps({"headers": headers}).encode())
         else:
+            query = urllib.parse.parse_qs(url.query)
+            own = {name: query[key][0] for key, name in (("tp", "traceparent"), ("ts", "tracestate")) if key in query}
             try:
-                down = self._call_downstream()
+                downs = [self._call_downstream(own) for _ in range(int(query.get("calls", ["1"])[0]))]
             except (OSError, http.client.HTTPException) as e:
                 self._reply(502, json.dumps({"headers": headers, "error": str(e)}).encode())
                 return
-            self._reply(200, json.dumps({"headers": headers, "downstream": down}).encode())
+            answer = {"headers": headers, "downstream": downs[0] if downs else None, "downstreams": downs}
+            self._reply(200, json.dumps(answer).encode())
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
 

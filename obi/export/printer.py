@@ -24,6 +24,7 @@ def span_to_dict(span: ReadableSpan) -> dict[str, Any]:
         "span_id": f"{ctx.span_id:016x}",
         "parent_span_id": f"{span.parent.span_id:016x}" if span.parent else "",
         "trace_flags": f"{int(ctx.trace_flags):02x}",
+        "trace_state": ctx.trace_state.to_header() if ctx.trace_state else "",
         "name": span.name,
         "kind": span.kind.name,
         "start_time_unix_nano": span.start_time,

@@ -70,6 +70,8 @@ COUNTERS = {
     "observe_dropped": 6,
     "observe_shed": 1,
     "requests_evicted": 9,
+    "tracestate_inserted": 4,
+    "ts_states_full": 1,
     "selection_map_full": 3,
 }
 
@@ -88,6 +90,8 @@ def test_exposition_is_valid_and_complete() -> None:
         "obi_tcp_options_written_total": 4,
         "obi_packets_unparsed_total": 7,  # both userspace counters of copies not parsed
         "obi_requests_evicted_total": 9,
+        "obi_tracestate_inserted_total": 4,
+        "obi_tracestate_dropped_total": 1,
         "obi_selection_map_full_total": 3,
     }
     for name, value in expected.items():
