@@ -2,7 +2,9 @@
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[
-    # The NFQUEUE reader of the userspace datapath (fallback/_nfq.c): plain netlink, no library.
-    Extension("obi.fallback._nfq", ["fallback/_nfq.c"], extra_compile_args=["-O2", "-Wall"]),
-])
+setup(
+    ext_modules=[
+        # The NFQUEUE reader of the userspace datapath (fallback/_nfq.c): plain netlink, no library.
+        Extension("obi.fallback._nfq", ["fallback/_nfq.c"], extra_compile_args=["-O2", "-Wall"]),
+    ]
+)

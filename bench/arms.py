@@ -18,9 +18,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from obi.netns import Host
+from obi.agent import ATTACHED_RE
+from obi.demo.topology import Host
 
-from .procs import Proc, child_env
+from .child_process import Proc, child_env
 
 ARM_NAMES = ("baseline", "kernel", "userspace", "noop_nfqueue")
 ARM_TITLES = {
@@ -86,22 +87,31 @@ class AgentArm(Arm):
         self.exit_code: int | None = None
 
     def start(self, ctx: ArmContext) -> None:
-        env = child_env({
-            "OTEL_EBPF_DATAPATH": self.datapath,
-            "OTEL_EBPF_OPEN_PORT": ",".join(str(p) for p in ctx.ports),
-            "OTEL_EBPF_BPF_CONTEXT_PROPAGATION": "all",
-            "OTEL_EBPF_CGROUP_PATH": ctx.server.cgroup,
-            "OTEL_EBPF_TRACE_PRINTER": "disabled",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": ctx.otlp_endpoint,
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-            "OTEL_SERVICE_NAME": "obi-bench-server",
-            "OTEL_EBPF_SHUTDOWN_TIMEOUT": "10s",
-            "OTEL_EBPF_LOG_LEVEL": "info",
-        })
+        env = child_env(
+            {
+                "OTEL_EBPF_DATAPATH": self.datapath,
+                "OTEL_EBPF_OPEN_PORT": ",".join(str(p) for p in ctx.ports),
+                "OTEL_EBPF_BPF_CONTEXT_PROPAGATION": "all",
+                "OTEL_EBPF_CGROUP_PATH": ctx.server.cgroup,
+                "OTEL_EBPF_TRACE_PRINTER": "disabled",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": ctx.otlp_endpoint,
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                "OTEL_SERVICE_NAME": "obi-bench-server",
+                "OTEL_EBPF_SHUTDOWN_TIMEOUT": "10s",
+                "OTEL_EBPF_LOG_LEVEL": "info",
+            }
+        )
         # Not in the server's cgroup: a per-node agent is not part of the service it watches.
         argv = [*in_netns(ctx.server), sys.executable, "-m", "obi", "run"]
         self.process = proc = Proc(argv, env=env)
-        attached = proc.wait_for(lambda: any("attached;" in line for line in proc.err), ctx.attach_timeout_s)
+        attached = proc.wait_for(lambda: any(ATTACHED_RE.search(line) for line in proc.err), ctx.attach_timeout_s)
+        got = next((m.group(1) for m in map(ATTACHED_RE.search, proc.err) if m), "")
+        if attached and got != self.datapath:  # never measure one datapath under another's name
+            proc.stop(timeout=10)
+            self.process = None
+            raise ArmUnavailable(
+                f"agent attached the {got} datapath, not {self.datapath}: " + " | ".join(_interesting(proc.tail(20)))
+            )
         if not attached:
             alive = proc.alive()
             code = proc.stop(timeout=5)
@@ -149,9 +159,19 @@ class NoopNfqueue(Arm):
         # The same ports the agent watches, either end (served and called). An IPv4 TCP
         # packet longer than 80 bytes (20 IP + up to 60 TCP header) carries payload; pure
         # ACKs never do. That is what a datapath that queues only payload must at least
-        # take (DESIGN decision 6).
-        match = ["-p", "tcp", "-m", "multiport", "--ports", ",".join(map(str, ports)),
-                 "-m", "length", "--length", "81:65535"]
+        # take (docs/architecture.md, decision 6).
+        match = [
+            "-p",
+            "tcp",
+            "-m",
+            "multiport",
+            "--ports",
+            ",".join(map(str, ports)),
+            "-m",
+            "length",
+            "--length",
+            "81:65535",
+        ]
         target = ["-j", "NFQUEUE", "--queue-num", str(self.queue), "--queue-bypass"]
         return [["INPUT", *match, *target], ["OUTPUT", *match, *target]]
 

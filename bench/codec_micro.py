@@ -6,7 +6,7 @@
   IPv4/TCP packets built with scapy. The codec is imported lazily: while it is missing,
   the result says "unavailable" and why.
 - span pipeline: spans/s from `obi.export.Exporter.export()` to a local OTLP http/protobuf
-  receiver (bench.otlp_sink, another process, on loopback), and what `export()` costs the
+  receiver (bench.otlp_receiver, another process, on loopback), and what `export()` costs the
   calling datapath thread.
 """
 
@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from .procs import Proc
+from .child_process import Proc
 
 TRACEPARENT = b"Traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n"
 REQUEST = b"GET /api/items?id=42 HTTP/1.1\r\nHost: 198.18.0.2:8080\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
@@ -40,11 +40,20 @@ def _packets() -> dict[str, bytes]:
     from scapy.packet import Raw
 
     ts = [("NOP", None), ("NOP", None), ("Timestamp", (123456, 654321))]
-    request = IP(src="198.18.0.1", dst="198.18.0.2") / TCP(
-        sport=40000, dport=8080, flags="PA", seq=1000, ack=2000, window=502, options=ts) / Raw(REQUEST)
+    request = (
+        IP(src="198.18.0.1", dst="198.18.0.2")
+        / TCP(sport=40000, dport=8080, flags="PA", seq=1000, ack=2000, window=502, options=ts)
+        / Raw(REQUEST)
+    )
     sack_ack = IP(src="198.18.0.2", dst="198.18.0.1") / TCP(
-        sport=8080, dport=40000, flags="A", seq=2000, ack=1300, window=502,
-        options=[("NOP", None), ("NOP", None), ("SAck", (1500, 2948, 4396, 5844))])
+        sport=8080,
+        dport=40000,
+        flags="A",
+        seq=2000,
+        ack=1300,
+        window=502,
+        options=[("NOP", None), ("NOP", None), ("SAck", (1500, 2948, 4396, 5844))],
+    )
     return {"request": bytes(request), "sack_ack": bytes(sack_ack)}
 
 
@@ -116,23 +125,43 @@ def bench_span_pipeline(scale: float = 1.0, timeout_s: float = 120.0) -> dict[st
         if line.startswith("spans "):
             received[0] = int(line.split()[1])
 
-    sink = Proc([sys.executable, "-m", "bench.otlp_sink", "--port", str(port)], on_line=on_line)
+    sink = Proc([sys.executable, "-m", "bench.otlp_receiver", "--port", str(port)], on_line=on_line)
     try:
         if not sink.wait_for(lambda: "ready" in sink.out, 15):
             return {"unavailable": "OTLP sink did not start: " + " | ".join(sink.tail())}
-        cfg = config_mod.load(env={
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-            "OTEL_EBPF_TRACE_PRINTER": "disabled",
-            "OTEL_SERVICE_NAME": "obi-bench",
-            "OTEL_EBPF_SHUTDOWN_TIMEOUT": "30s",
-        })
+        cfg = config_mod.load(
+            env={
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                "OTEL_EBPF_TRACE_PRINTER": "disabled",
+                "OTEL_SERVICE_NAME": "obi-bench",
+                "OTEL_EBPF_SHUTDOWN_TIMEOUT": "30s",
+            }
+        )
         n = max(2000, int(100000 * scale))
         now = time.time_ns()
-        recs = [SpanRecord(new_trace_id(), new_span_id(), "", SpanKind.SERVER, now + i * 1000, now + i * 1000 + 50000,
-                           "GET", f"/items/{i % 100}", 200, host="198.18.0.2:8080", local_addr="198.18.0.2",
-                           local_port=8080, peer_addr="198.18.0.1", peer_port=40000 + i % 20000, pid=1234, tid=1234,
-                           exe="/usr/bin/python3") for i in range(n)]
+        recs = [
+            SpanRecord(
+                new_trace_id(),
+                new_span_id(),
+                "",
+                SpanKind.SERVER,
+                now + i * 1000,
+                now + i * 1000 + 50000,
+                "GET",
+                f"/items/{i % 100}",
+                200,
+                host="198.18.0.2:8080",
+                local_addr="198.18.0.2",
+                local_port=8080,
+                peer_addr="198.18.0.1",
+                peer_port=40000 + i % 20000,
+                pid=1234,
+                tid=1234,
+                exe="/usr/bin/python3",
+            )
+            for i in range(n)
+        ]
         exp = Exporter(cfg)
         call_ns = 0
         t0 = time.perf_counter()
@@ -166,7 +195,7 @@ def bench_span_pipeline(scale: float = 1.0, timeout_s: float = 120.0) -> dict[st
             "seconds": round(elapsed, 3),
             "spans_per_s": round(st["exported"] / elapsed, 1) if elapsed else None,
             "export_call_us": round(call_ns / n / 1000, 3),
-            "receiver": "bench.otlp_sink (separate process, loopback, http/protobuf)",
+            "receiver": "bench.otlp_receiver (separate process, loopback, http/protobuf)",
         }
     finally:
         sink.stop(timeout=3)

@@ -1,12 +1,12 @@
 """The benchmark run: topology, servers, arms interleaved over repetitions, load phases,
 measurements, then the report (bench.report) and micro-benchmarks (bench.codec_micro).
 
-Topology (obi.netns, addresses 198.18.0.0/24, MTU 1500, each host its own cgroup):
+Topology (obi.demo.topology, addresses 198.18.0.0/24, MTU 1500, each host its own cgroup):
 
     client ──▶ server :8080  bench.httpserver (asyncio, fixed 13-byte answer)
-                      :8081  obi.demoapp "B", calls backend for each request
-                      127.0.0.1:4318  bench.otlp_sink (counts the agent's spans)
-    client ──▶ server :8081 ──▶ backend :8082  obi.demoapp "C" (answers /headers)
+                      :8081  obi.demo.app "B", calls backend for each request
+                      127.0.0.1:4318  bench.otlp_receiver (counts the agent's spans)
+    client ──▶ server :8081 ──▶ backend :8082  obi.demo.app "C" (answers /headers)
 
 Per arm and repetition: start the arm in the server namespace, warm up, then the phases
   closed  wrk -c32 (closed loop)          -> requests/s, p50/p99
@@ -37,10 +37,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from obi.netns import Host, Topology, have_netns_tools
+from obi.demo.topology import Host, Topology, have_netns_tools
 
 from .arms import ARM_NAMES, ARM_TITLES, ArmContext, ArmUnavailable, make_arm
-from .procs import REPO_ROOT, Proc, child_env
+from .child_process import REPO_ROOT, Proc, child_env
 
 PORT_SERVE = 8080  # bench.httpserver on the server
 PORT_CHAIN = 8081  # demoapp B on the server, calls C
@@ -69,8 +69,9 @@ class Settings:
 
     @classmethod
     def quick_settings(cls, **over: Any) -> "Settings":
-        base = dict(reps=1, duration_s=1.0, chain_duration_s=1.0, rate=200.0, warmup_s=0.3, micro_scale=0.05,
-                    quick=True)
+        base = dict(
+            reps=1, duration_s=1.0, chain_duration_s=1.0, rate=200.0, warmup_s=0.3, micro_scale=0.05, quick=True
+        )
         base.update(over)
         return cls(**base)
 
@@ -149,7 +150,16 @@ def parse_wrk(out: str) -> dict[str, Any]:
 
 def run_wrk(client: Host, url: str, connections: int, threads: int, duration_s: float) -> dict[str, Any]:
     threads = max(1, min(threads, connections))
-    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration_s))}s", "--latency", "--timeout", "5s", url]
+    argv = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(duration_s))}s",
+        "--latency",
+        "--timeout",
+        "5s",
+        url,
+    ]
     r = client.run(argv, timeout=duration_s + 60)
     out = parse_wrk(r.stdout)
     out["connections"] = connections
@@ -195,8 +205,9 @@ def peak_rss_kib(pid: int | None) -> int | None:
 def nfqueue_counters(netns: str) -> dict[str, int]:
     """Sum over the NFQUEUE queues bound in a namespace: packets ever queued
     (id_sequence), dropped by the kernel (queue full) and by the user side."""
-    r = subprocess.run(["ip", "netns", "exec", netns, "cat", "/proc/net/netfilter/nfnetlink_queue"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["ip", "netns", "exec", netns, "cat", "/proc/net/netfilter/nfnetlink_queue"], capture_output=True, text=True
+    )
     out = {"queues": 0, "queued": 0, "queue_dropped": 0, "user_dropped": 0}
     for line in r.stdout.splitlines():
         f = line.split()
@@ -242,8 +253,16 @@ def bpf_programs(pid: int | None) -> dict[int, dict[str, Any]]:
         progs = json.loads(r.stdout or "[]")
     except ValueError:
         return {}
-    return {p["id"]: {"name": p.get("name", ""), "type": p.get("type", ""), "run_cnt": p.get("run_cnt", 0),
-                      "run_time_ns": p.get("run_time_ns", 0)} for p in progs if p.get("id") in mine}
+    return {
+        p["id"]: {
+            "name": p.get("name", ""),
+            "type": p.get("type", ""),
+            "run_cnt": p.get("run_cnt", 0),
+            "run_time_ns": p.get("run_time_ns", 0),
+        }
+        for p in progs
+        if p.get("id") in mine
+    }
 
 
 @contextlib.contextmanager
@@ -306,8 +325,16 @@ def delta(a: Snapshot, b: Snapshot) -> dict[str, Any]:
     for pid_, pb in b.bpf.items():
         pa = a.bpf.get(pid_, {"run_cnt": 0, "run_time_ns": 0})
         cnt, ns = pb["run_cnt"] - pa["run_cnt"], pb["run_time_ns"] - pa["run_time_ns"]
-        progs.append({"id": pid_, "name": pb["name"], "type": pb["type"], "run_cnt": cnt, "run_time_ns": ns,
-                      "ns_per_run": round(ns / cnt, 1) if cnt else None})
+        progs.append(
+            {
+                "id": pid_,
+                "name": pb["name"],
+                "type": pb["type"],
+                "run_cnt": cnt,
+                "run_time_ns": ns,
+                "ns_per_run": round(ns / cnt, 1) if cnt else None,
+            }
+        )
     return {
         "wall_s": round(b.t - a.t, 3),
         "cpu_s": round(b.cpu_s - a.cpu_s, 4) if a.cpu_s is not None and b.cpu_s is not None else None,
@@ -340,15 +367,21 @@ class Bench:
         backend_url = f"http://{self.backend.addr}:{PORT_BACKEND}"
         procs = [
             (self.server, [py, "-m", "bench.httpserver", "--port", str(PORT_SERVE)], PORT_SERVE),
-            (self.server, [py, "-m", "obi.demoapp", "serve", "--port", str(PORT_CHAIN), "--downstream", backend_url], PORT_CHAIN),
-            (self.backend, [py, "-m", "obi.demoapp", "serve", "--port", str(PORT_BACKEND)], PORT_BACKEND),
+            (
+                self.server,
+                [py, "-m", "obi.demo.app", "serve", "--port", str(PORT_CHAIN), "--downstream", backend_url],
+                PORT_CHAIN,
+            ),
+            (self.backend, [py, "-m", "obi.demo.app", "serve", "--port", str(PORT_BACKEND)], PORT_BACKEND),
         ]
         for host, argv, port in procs:
             Proc(argv, popen=host.popen)  # killed with the topology
             wait_listening(host, port)
         # The span sink: in the server namespace (where the agent runs), outside its cgroup.
-        self.sink = Proc(["ip", "netns", "exec", self.server.netns, py, "-m", "bench.otlp_sink", "--port", str(OTLP_PORT)],
-                         on_line=self._on_sink_line)
+        self.sink = Proc(
+            ["ip", "netns", "exec", self.server.netns, py, "-m", "bench.otlp_receiver", "--port", str(OTLP_PORT)],
+            on_line=self._on_sink_line,
+        )
         wait_listening(self.server, OTLP_PORT)
 
     def close(self) -> None:
@@ -360,8 +393,11 @@ class Bench:
         return f"http://{host}:{port}{path}"
 
     def context(self) -> ArmContext:
-        return ArmContext(server=self.server, ports=(PORT_SERVE, PORT_CHAIN, PORT_BACKEND),
-                          otlp_endpoint=f"http://127.0.0.1:{OTLP_PORT}")
+        return ArmContext(
+            server=self.server,
+            ports=(PORT_SERVE, PORT_CHAIN, PORT_BACKEND),
+            otlp_endpoint=f"http://127.0.0.1:{OTLP_PORT}",
+        )
 
     def propagation_check(self) -> dict[str, Any]:
         """One request client -> B -> C: did C receive a traceparent, and which?"""
@@ -385,8 +421,9 @@ class Bench:
 def wait_listening(host: Host, port: int, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        r = subprocess.run(["ip", "netns", "exec", host.netns, "ss", "-Hltn", f"sport = :{port}"],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["ip", "netns", "exec", host.netns, "ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True
+        )
         if r.stdout.strip():
             return
         time.sleep(0.05)
@@ -498,12 +535,16 @@ def summarize_run(r: dict[str, Any]) -> None:
         "rps_chain": phases["chain"]["load"]["rps"] if "chain" in phases else None,
         "cpu_us_per_request": round(sum(cpu) / reqs * 1e6, 2) if reqs and None not in cpu else None,
         "cpu_utilisation_c32": round(phases["closed"]["cpu_s"] / phases["closed"]["wall_s"], 3)
-        if phases["closed"]["cpu_s"] is not None else None,
+        if phases["closed"]["cpu_s"] is not None
+        else None,
         "peak_rss_mib": round(r["peak_rss_kib"] / 1024, 1) if r.get("peak_rss_kib") else None,
-        "spans_per_second": round(r["spans_received"] / all_wall, 1) if all_wall and r["arm"] in ("kernel", "userspace") else None,
+        "spans_per_second": round(r["spans_received"] / all_wall, 1)
+        if all_wall and r["arm"] in ("kernel", "userspace")
+        else None,
         "spans_per_request": round(r["spans_received"] / r["requests_total"], 3) if r["requests_total"] else None,
         "span_completeness": round(r["spans_received"] / r["spans_expected"], 3)
-        if r["spans_expected"] and r["arm"] in ("kernel", "userspace") else None,
+        if r["spans_expected"] and r["arm"] in ("kernel", "userspace")
+        else None,
         "bpf_ns_per_run": round(bpf_ns / bpf_cnt, 1) if bpf_cnt else None,
         "bpf_runs_per_request": round(bpf_cnt / reqs, 2) if reqs and bpf_cnt else None,
         "bpf_ns_per_request": round(bpf_ns / reqs, 1) if reqs and bpf_cnt else None,
@@ -529,8 +570,14 @@ def machine_info() -> dict[str, Any]:
     mem_kib = 0
     with contextlib.suppress(OSError), open("/proc/meminfo", encoding="ascii") as f:
         mem_kib = int(f.readline().split()[1])
-    return {"cpu_model": cpu, "cores": os.cpu_count(), "memory_mib": mem_kib // 1024, "kernel": platform.release(),
-            "machine": platform.machine(), "hostname_hash": hex(hash(platform.node()) & 0xFFFF)}
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "memory_mib": mem_kib // 1024,
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "hostname_hash": hex(hash(platform.node()) & 0xFFFF),
+    }
 
 
 def versions() -> dict[str, Any]:
@@ -539,12 +586,22 @@ def versions() -> dict[str, Any]:
     import obi
 
     out: dict[str, Any] = {"python": platform.python_version(), "obi": obi.__version__}
-    for dist in ("opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http", "netfilterqueue", "scapy", "matplotlib"):
+    for dist in (
+        "opentelemetry-sdk",
+        "opentelemetry-exporter-otlp-proto-http",
+        "netfilterqueue",
+        "scapy",
+        "matplotlib",
+    ):
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:
             out[dist] = None
-    for tool, argv in (("wrk", ["wrk", "-v"]), ("bpftool", ["bpftool", "version"]), ("iptables", ["iptables", "--version"])):
+    for tool, argv in (
+        ("wrk", ["wrk", "-v"]),
+        ("bpftool", ["bpftool", "version"]),
+        ("iptables", ["iptables", "--version"]),
+    ):
         try:
             r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
             out[tool] = ((r.stdout or r.stderr).strip().splitlines() or [""])[0]
@@ -555,11 +612,28 @@ def versions() -> dict[str, Any]:
     return out
 
 
+def verifier_table() -> dict[str, Any]:
+    """Verified instructions of every kernel-path program in every mode (obi.kernel.loader,
+    the same table the verifier-budget test asserts on), or why it could not be measured."""
+    try:
+        from obi.kernel import loader
+
+        rows = loader.budget_table()
+    except Exception as e:  # libbpf missing, objects not built
+        return {"unavailable": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+    return {
+        "budget": loader.BUDGET,
+        "limit": loader.VERIFIER_LIMIT,
+        "kernel_build": platform.version(),
+        "programs": [r.as_dict() for r in rows],
+    }
+
+
 # --- the run ------------------------------------------------------------------------------------
 
 
 def preflight() -> str:
-    """"" when the benchmark can run here, else why not."""
+    """ "" when the benchmark can run here, else why not."""
     reason = have_netns_tools()
     if reason:
         return reason
@@ -600,6 +674,8 @@ def run(s: Settings) -> dict[str, Any]:
         "micro": {},
     }
     progress = Progress(total=s.reps * len(s.arms) * 4 + (2 if s.micro else 0))
+    progress.show("verifier: loading every BPF program in every mode")
+    results["verifier"] = verifier_table()
     gave_up: dict[str, str] = {}
     with Topology(["client", "server", "backend"], prefix=NETNS_PREFIX, mtu=1500) as topo:
         bench = Bench(topo)
@@ -607,10 +683,13 @@ def run(s: Settings) -> dict[str, Any]:
             progress.show("starting servers")
             bench.start_servers()
             results["topology"] = {
-                "client": bench.client.addr, "server": bench.server.addr, "backend": bench.backend.addr, "mtu": topo.mtu,
+                "client": bench.client.addr,
+                "server": bench.server.addr,
+                "backend": bench.backend.addr,
+                "mtu": topo.mtu,
                 "serve": f"bench.httpserver (asyncio) on {bench.server.addr}:{PORT_SERVE}",
-                "chain": f"obi.demoapp B on :{PORT_CHAIN} -> obi.demoapp C on {bench.backend.addr}:{PORT_BACKEND}",
-                "otlp_sink": f"bench.otlp_sink on 127.0.0.1:{OTLP_PORT} in the server namespace",
+                "chain": f"obi.demo.app B on :{PORT_CHAIN} -> obi.demo.app C on {bench.backend.addr}:{PORT_BACKEND}",
+                "otlp_sink": f"bench.otlp_receiver on 127.0.0.1:{OTLP_PORT} in the server namespace",
                 "fixed_rate_generator": "bench.loadgen (open loop, Python asyncio)",
             }
             for rep in range(s.reps):
@@ -618,8 +697,9 @@ def run(s: Settings) -> dict[str, Any]:
                 results["order"].append(order)
                 for name in order:
                     if name in gave_up:
-                        results["arms"][name]["runs"].append({"arm": name, "rep": rep, "available": False,
-                                                              "reason": gave_up[name], "phases": {}})
+                        results["arms"][name]["runs"].append(
+                            {"arm": name, "rep": rep, "available": False, "reason": gave_up[name], "phases": {}}
+                        )
                         progress.done += 4
                         continue
                     r = run_arm(bench, name, rep, s, progress)
@@ -649,9 +729,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python3 -m bench",
         description="Benchmark obi-py: uninstrumented vs kernel path vs userspace path vs a no-op NFQUEUE "
-                    "consumer, in network namespaces. Needs root. Run from the repository root.")
+        "consumer, in network namespaces. Needs root. Run from the repository root.",
+    )
     d = Settings()
-    p.add_argument("--quick", action="store_true", help="about 1 s per load phase, 1 repetition, short micro-benchmarks")
+    p.add_argument(
+        "--quick", action="store_true", help="about 1 s per load phase, 1 repetition, short micro-benchmarks"
+    )
     p.add_argument("--reps", type=int, help=f"repetitions of every arm (default {d.reps}; --quick: 1)")
     p.add_argument("--duration", type=float, help=f"seconds per load phase (default {d.duration_s}; --quick: 1)")
     p.add_argument("--rate", type=float, help=f"requests/s of the fixed-rate phase (default {d.rate:g}; --quick: 200)")

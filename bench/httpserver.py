@@ -1,7 +1,7 @@
 """The benchmark's HTTP server: single-process asyncio, HTTP/1.1 keep-alive, fixed answer.
 
 Run as `python3 -m bench.httpserver --port 8080`. It answers every request with a
-13-byte body. Chosen over `obi.demoapp` (thread per connection, ~10x slower) so that the
+13-byte body. Chosen over `obi.demo.app` (thread per connection, ~10x slower) so that the
 server is not the only thing measured; it is still Python, so a C server (nginx) would
 show a larger relative agent overhead: see bench/README.md.
 """

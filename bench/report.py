@@ -103,14 +103,28 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         ):
             value = agg.get(key)
             met = None if value is None else (value >= target if better == "ge" else value <= target)
-            out.append({"arm": name, "goal": label, "target": f"{'>=' if better == 'ge' else '<='} {target:g}",
-                        "value": value, "met": met, "note": "" if value is not None else why})
+            out.append(
+                {
+                    "arm": name,
+                    "goal": label,
+                    "target": f"{'>=' if better == 'ge' else '<='} {target:g}",
+                    "value": value,
+                    "met": met,
+                    "note": "" if value is not None else why,
+                }
+            )
     sp = (results.get("micro") or {}).get("span_pipeline") or {}
     value = sp.get("spans_per_s")
-    out.append({"arm": "export", "goal": "spans/s through the exporter to an OTLP receiver",
-                "target": f">= {GOALS['export_spans_per_s']:,.0f}", "value": value,
-                "met": None if value is None else value >= GOALS["export_spans_per_s"],
-                "note": sp.get("unavailable", "") if value is None else f"export() call {sp.get('export_call_us')} µs"})
+    out.append(
+        {
+            "arm": "export",
+            "goal": "spans/s through the exporter to an OTLP receiver",
+            "target": f">= {GOALS['export_spans_per_s']:,.0f}",
+            "value": value,
+            "met": None if value is None else value >= GOALS["export_spans_per_s"],
+            "note": sp.get("unavailable", "") if value is None else f"export() call {sp.get('export_call_us')} µs",
+        }
+    )
     return out
 
 
@@ -161,13 +175,30 @@ def markdown(results: dict[str, Any], charts: list[str]) -> str:
     extra = []
     for a in arms:
         agg = results["arms"][a]["aggregate"]
-        extra.append(", ".join(f"{k}={agg.get(k)}" for k in ("headers_inserted_total", "seq_translated_total",
-                                                               "packets_queued_total", "observe_dropped_total")
-                                if agg.get(k) is not None) or "–")
+        extra.append(
+            ", ".join(
+                f"{k}={agg.get(k)}"
+                for k in (
+                    "headers_inserted_total",
+                    "seq_translated_total",
+                    "packets_queued_total",
+                    "observe_dropped_total",
+                )
+                if agg.get(k) is not None
+            )
+            or "–"
+        )
     lines.append("| counters (all reps) | " + " | ".join(extra) + " |")
-    lines.append("| traceparent reached C | " + " | ".join(
-        ("yes" if results["arms"][a]["aggregate"].get("traceparent_at_backend") else "no")
-        if results["arms"][a]["available"] else "n/a" for a in arms) + " |")
+    lines.append(
+        "| traceparent reached C | "
+        + " | ".join(
+            ("yes" if results["arms"][a]["aggregate"].get("traceparent_at_backend") else "no")
+            if results["arms"][a]["available"]
+            else "n/a"
+            for a in arms
+        )
+        + " |"
+    )
     lines.append("")
     for a in arms:
         arm = results["arms"][a]
@@ -177,8 +208,10 @@ def markdown(results: dict[str, Any], charts: list[str]) -> str:
             lines.append(f"- {ARM_TITLES[a]}, repetition {f['rep'] + 1} failed: {f['reason']}")
         complete = arm["aggregate"].get("span_completeness") if arm["available"] else None
         if complete is not None and complete < 0.95:
-            lines.append(f"- {ARM_TITLES[a]}: only {complete:.0%} of the expected spans reached the OTLP receiver "
-                         f"(agent counters: {_counter_text(arm)})")
+            lines.append(
+                f"- {ARM_TITLES[a]}: only {complete:.0%} of the expected spans reached the OTLP receiver "
+                f"(agent counters: {_counter_text(arm)})"
+            )
         for x in arm["aggregate"].get("leftovers", []):
             lines.append(f"- {ARM_TITLES[a]} left behind (removed by the harness): `{x}`")
     lines += ["", "## Goals", "", "| arm | goal | target | measured | result |", "|---|---|---|---|---|"]
@@ -186,6 +219,7 @@ def markdown(results: dict[str, Any], charts: list[str]) -> str:
         result = {True: "**met**", False: "**missed**", None: "not measured"}[g["met"]]
         note = f" ({g['note']})" if g["note"] else ""
         lines.append(f"| {g['arm']} | {g['goal']} | {g['target']} | {_fmt(g['value'], '{:,.2f}')} | {result}{note} |")
+    lines += verifier_markdown(results.get("verifier") or {})
     micro = results.get("micro") or {}
     if micro:
         lines += ["", "## Micro-benchmarks", ""]
@@ -199,25 +233,63 @@ def markdown(results: dict[str, Any], charts: list[str]) -> str:
         if sp.get("unavailable"):
             lines.append(f"- span pipeline: unavailable: {sp['unavailable']}")
         elif sp:
-            lines.append(f"- span pipeline: {sp['spans_per_s']:,.0f} spans/s from `Exporter.export()` to a local OTLP "
-                         f"http/protobuf receiver ({sp['spans']} spans, {sp['received']} received, {sp['dropped']} dropped); "
-                         f"`export()` costs the datapath {sp['export_call_us']:.2f} µs per span")
-    lines += ["", "## What the columns mean", "",
-              "- **req/s (c32)**: `wrk -c32` closed loop against the server for the phase duration.",
-              "- **p50/p99 c1**: `wrk -c1 --latency`; **fixed**: `bench.loadgen` open loop at the fixed rate, "
-              "latency from the write of each request (see bench/README.md).",
-              "- **agent CPU/req**: user+system CPU of the measured process (agent, or the no-op consumer) over the "
-              "serve phases, divided by the requests served in them.",
-              "- **BPF ns/run, runs/req**: `kernel.bpf_stats_enabled` counters of the agent's programs (bpftool).",
-              "- **pkts queued/req**: packets the kernel queued to userspace in the server namespace "
-              "(`/proc/net/netfilter/nfnetlink_queue`), per request.",
-              "- **spans/s exported**: spans the OTLP sink received during the arm, per second of load; "
-              "**spans received / expected**: one span per request to the server, two per request through B "
-              "(B's server and client span).",
-              ""]
+            lines.append(
+                f"- span pipeline: {sp['spans_per_s']:,.0f} spans/s from `Exporter.export()` to a local OTLP "
+                f"http/protobuf receiver ({sp['spans']} spans, {sp['received']} received, {sp['dropped']} dropped); "
+                f"`export()` costs the datapath {sp['export_call_us']:.2f} µs per span"
+            )
+    lines += [
+        "",
+        "## What the columns mean",
+        "",
+        "- **req/s (c32)**: `wrk -c32` closed loop against the server for the phase duration.",
+        "- **p50/p99 c1**: `wrk -c1 --latency`; **fixed**: `bench.loadgen` open loop at the fixed rate, "
+        "latency from the write of each request (see bench/README.md).",
+        "- **agent CPU/req**: user+system CPU of the measured process (agent, or the no-op consumer) over the "
+        "serve phases, divided by the requests served in them.",
+        "- **BPF ns/run, runs/req**: `kernel.bpf_stats_enabled` counters of the agent's programs (bpftool).",
+        "- **pkts queued/req**: packets the kernel queued to userspace in the server namespace "
+        "(`/proc/net/netfilter/nfnetlink_queue`), per request.",
+        "- **spans/s exported**: spans the OTLP sink received during the arm, per second of load; "
+        "**spans received / expected**: one span per request to the server, two per request through B "
+        "(B's server and client span).",
+        "",
+    ]
     if charts:
         lines += ["## Charts", ""] + [f"![{c}]({c})" for c in charts] + [""]
     return "\n".join(lines)
+
+
+def verifier_markdown(v: dict[str, Any]) -> list[str]:
+    """The verifier table: instructions processed to verify each program, per mode."""
+    lines = ["", "## Verifier budget", ""]
+    if not v:
+        return []
+    if v.get("unavailable"):
+        return lines + [f"Not measured: {v['unavailable']}"]
+    rows = v["programs"]
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    progs = list(dict.fromkeys((r["object"], r["program"]) for r in rows))
+    cell = {(r["object"], r["program"], r["mode"]): r for r in rows}
+    worst = max((r["verified_insns"] for r in rows), default=0)
+    lines += [
+        f"Instructions the verifier processed to accept each program (`verified_insns`), per mode "
+        f"(`obi_cfg_flags`), on kernel build `{v['kernel_build']}`; budget {v['budget']:,} (a quarter of the "
+        f"{v['limit']:,} limit); largest {worst:,}.",
+        "",
+        "| object | program | " + " | ".join(modes) + " |",
+        "|---|---|" + "---|" * len(modes),
+    ]
+    for o, p in progs:
+        vals = []
+        for m in modes:
+            r = cell.get((o, p, m))
+            vals.append("–" if r is None else (f"{r['verified_insns']:,}" if not r["error"] else "**rejected**"))
+        lines.append(f"| {o} | {p} | " + " | ".join(vals) + " |")
+    for r in rows:
+        if r["error"]:
+            lines.append(f"- {r['object']}/{r['program']} [{r['mode']}]: {r['error']}")
+    return lines
 
 
 def charts(results: dict[str, Any], out_dir: Path) -> list[str]:
@@ -251,7 +323,12 @@ def charts(results: dict[str, Any], out_dir: Path) -> list[str]:
     written.append("rps_ratio.png")
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    series = [("p50_us_c1", "p50 c1"), ("p99_us_c1", "p99 c1"), ("p50_us_fixed", "p50 fixed"), ("p99_us_fixed", "p99 fixed")]
+    series = [
+        ("p50_us_c1", "p50 c1"),
+        ("p99_us_c1", "p99 c1"),
+        ("p50_us_fixed", "p50 fixed"),
+        ("p99_us_fixed", "p99 fixed"),
+    ]
     width = 0.8 / len(series)
     for i, (key, label) in enumerate(series):
         xs = [j + (i - len(series) / 2 + 0.5) * width for j in range(len(arms))]
@@ -312,11 +389,16 @@ def terminal_summary(results: dict[str, Any], out_dir: Path) -> str:
         a = arm["aggregate"]
         ratio = f"{a['rps_ratio']:.2f}x" if a.get("rps_ratio") is not None else "–"
         added = f"{a['added_p50_us_c1']:+.0f}µs" if a.get("added_p50_us_c1") is not None else ""
-        lines.append(f"  {ARM_TITLES[name]:<16} {a.get('rps_c32') or 0:>9,.0f} req/s {ratio:>6}  p50 c1 "
-                     f"{a.get('p50_us_c1') or 0:.0f}µs {added}")
+        lines.append(
+            f"  {ARM_TITLES[name]:<16} {a.get('rps_c32') or 0:>9,.0f} req/s {ratio:>6}  p50 c1 "
+            f"{a.get('p50_us_c1') or 0:.0f}µs {added}"
+        )
     for g in results["goals"]:
         verdict = {True: "met", False: "MISSED", None: "not measured"}[g["met"]]
         val = "–" if g["value"] is None else f"{g['value']:,.2f}"
         lines.append(f"  goal {g['arm']}: {g['goal']} {g['target']}: {val} -> {verdict}")
-    lines.append(f"results: {out_dir}/results.json, report.md" + (", " + ", ".join(results["charts"]) if results.get("charts") else ""))
+    lines.append(
+        f"results: {out_dir}/results.json, report.md"
+        + (", " + ", ".join(results["charts"]) if results.get("charts") else "")
+    )
     return "\n".join(lines)

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: GPL-2.0
-/* Per-thread linking (DESIGN decision 5): when a thread of a selected process reads from a
+/* Per-thread linking (docs/architecture.md, decision 5): when a thread of a selected process reads from a
  * server connection whose current request tc has parsed (READY), that thread is serving
  * that request; thread_ctx remembers the server span so that sk_msg makes the thread's
  * outgoing requests its children. kprobes/fentry are unavailable here, so the hook is the

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: GPL-2.0
-/* Per-thread linking (DESIGN decision 5) for kernels without sock:sock_recv_length
+/* Per-thread linking (docs/architecture.md, decision 5) for kernels without sock:sock_recv_length
  * (5.17 - 6.2): the same link as threads.bpf.c, found from the syscall tracepoints
  * (CONFIG_FTRACE_SYSCALLS) of the calls that read sockets. The enter hook remembers which
  * fd the thread reads; the exit hook, if bytes were read, resolves the fd to its TCP socket

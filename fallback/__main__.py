@@ -21,7 +21,6 @@ from obi.model import SpanRecord
 
 from .datapath import UserspaceDatapath, cleanup
 
-
 _FIELDS = [f.name for f in dataclasses.fields(SpanRecord)]
 
 

@@ -22,7 +22,7 @@ FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 
 # TCP option kinds.
 OPT_EOL, OPT_NOP, OPT_MSS, OPT_SACK = 0, 1, 2, 5
-# Trace context option (DESIGN decision 3): kind 25, len 26 = trace_id[16] span_id[8],
+# Trace context option (docs/architecture.md, decision 3): kind 25, len 26 = trace_id[16] span_id[8],
 # len 27 adds flags[1].
 OPT_TRACE = 25
 OPT_TRACE_LEN = 26
@@ -108,8 +108,7 @@ def parse(data: bytes) -> Packet | None:
     if tcp_hlen < 20 or tcp_off + tcp_hlen > end:
         return None
     payload_off = tcp_off + tcp_hlen
-    return Packet(data, v6, tcp_off, src, dst, sport, dport, seq, ack, flags, tcp_hlen, payload_off,
-                  end - payload_off)
+    return Packet(data, v6, tcp_off, src, dst, sport, dport, seq, ack, flags, tcp_hlen, payload_off, end - payload_off)
 
 
 def iter_options(opts: bytes | memoryview):

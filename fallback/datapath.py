@@ -6,7 +6,7 @@ ack bytes the local stack never sent, which strict conntrack would mark INVALID,
 untracked packet no longer matches our connmark rules), adds the iptables rules and
 starts reading the queue. stop() undoes it in reverse order.
 
-Connections with inserted headers cannot go on without translation (`state`). start()
+Connections with inserted headers cannot go on without translation (`shift_journal`). start()
 resumes those a killed predecessor left in the shift journal; stop() first drains: no new
 connections are tracked and nothing more is inserted, while open connections with
 inserted bytes keep being translated until they close, for at most half of
@@ -26,10 +26,10 @@ from obi.config import Config
 from obi.datapath import SpanSink
 from obi.errors import AttachError, MissingFeature
 
-from . import rules, state
+from . import rules, shift_journal
 from .flows import INSERT_LEN, TCP_OPTION_ROOM, Tracker
-from .procs import ProcOwners
 from .queue import QueueLoop
+from .socket_owners import ProcOwners
 
 log = logging.getLogger("obi.fallback")
 
@@ -76,7 +76,7 @@ class UserspaceDatapath:
         self._liberal_before: str | None = None
         self._lock = threading.Lock()
         self._queue_counts: dict[str, int] = {}
-        self._journal: state.Journal | None = None
+        self._journal: shift_journal.Journal | None = None
         self.drain_s = cfg.shutdown_timeout_s / 2  # the other half is for flushing spans
         self.drain_stats: dict[str, int] = {}
         self._spans: list = []  # finished spans not yet handed to the sink
@@ -95,19 +95,33 @@ class UserspaceDatapath:
             if self.cfg.auto_target_exe:
                 ports += [(p, p) for p in self.owners.listening_ports()]
             self.owners.refresh()
-            self._journal = state.Journal()
+            self._journal = shift_journal.Journal()
             resumed = self._journal.open()
-            self.tracker = Tracker(self.cfg, self._spans.append, self.owners, mtu=mtu, mark=rules.MARK,
-                                   shift_mark=rules.SHIFT, journal=self._journal)
+            self.tracker = Tracker(
+                self.cfg,
+                self._spans.append,
+                self.owners,
+                mtu=mtu,
+                mark=rules.MARK,
+                shift_mark=rules.SHIFT,
+                journal=self._journal,
+            )
             for key, (base, inserts) in resumed.items():
                 self.tracker.resume(key, base, inserts)
             if resumed:
-                log.info("userspace datapath: resumed translation of %d connection(s) with inserted headers",
-                         len(resumed))
+                log.info(
+                    "userspace datapath: resumed translation of %d connection(s) with inserted headers", len(resumed)
+                )
             self._set_liberal()
-            self._queue = QueueLoop(self.queue_num, rules.observe_queue(self.queue_num), self._handle,
-                                    on_idle=self._idle, on_loss=self._lost, release=self._release,
-                                    syn_queue=rules.syn_queue(self.queue_num))
+            self._queue = QueueLoop(
+                self.queue_num,
+                rules.observe_queue(self.queue_num),
+                self._handle,
+                on_idle=self._idle,
+                on_loss=self._lost,
+                release=self._release,
+                syn_queue=rules.syn_queue(self.queue_num),
+            )
             self._queue.start()  # read before the rules send us packets
             self._rules = rules.Rules(ports, self.queue_num, clamp_mss(mtu, self.cfg.propagate_tcp), self.instance)
             self._rules.__enter__()
@@ -120,10 +134,16 @@ class UserspaceDatapath:
             # with inserted headers pass untranslated in between (their stream corrupted).
             for line in rules.remove_stale():
                 log.info("userspace datapath: %s (left by a killed agent)", line)
-            log.info("userspace datapath: queues %d (sync), %d (observe) and %d (SYNs of %s), ports %s, mtu %d "
-                     "(links outgoing calls per process, not per thread)", self.queue_num,
-                     rules.observe_queue(self.queue_num), rules.syn_queue(self.queue_num),
-                     "the selected processes' cgroups" if self._rules.cgroup_match else "every process", ports, mtu)
+            log.info(
+                "userspace datapath: queues %d (sync), %d (observe) and %d (SYNs of %s), ports %s, mtu %d "
+                "(links outgoing calls per process, not per thread)",
+                self.queue_num,
+                rules.observe_queue(self.queue_num),
+                rules.syn_queue(self.queue_num),
+                "the selected processes' cgroups" if self._rules.cgroup_match else "every process",
+                ports,
+                mtu,
+            )
         except MissingFeature:
             self.stop()
             raise
@@ -210,10 +230,15 @@ class UserspaceDatapath:
             if not left or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        reset = sum(state.abort(key) for key in left)
+        reset = sum(shift_journal.abort(key) for key in left)
         if left:
-            log.warning("userspace datapath: %d connection(s) with inserted headers still open after %.1fs "
-                        "of draining; reset %d of them", len(left), self.drain_s, reset)
+            log.warning(
+                "userspace datapath: %d connection(s) with inserted headers still open after %.1fs "
+                "of draining; reset %d of them",
+                len(left),
+                self.drain_s,
+                reset,
+            )
             time.sleep(0.1)  # let the queue translate the resets
         self.drain_stats = {"drain_left": len(left), "drain_reset": reset}
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 import socket
 import time
 from collections import OrderedDict, deque
@@ -47,7 +46,7 @@ from typing import Callable, Protocol
 
 from obi import w3c
 from obi.config import Config
-from obi.model import FLAG_RANDOM, FLAG_SAMPLED, Datapath, SpanKind, SpanRecord, TraceContext
+from obi.model import FLAG_RANDOM, FLAG_SAMPLED, Datapath, IdPool, SpanKind, SpanRecord, TraceContext
 
 from . import codec, tls
 from .http import Message, Stream
@@ -83,43 +82,8 @@ CLOSE_LINGER_S = 10.0  # after both FINs: keep translating the last ACKs/retrans
 RECENT_OPTIONS = 8  # kind-25 options remembered per flow, for retransmissions / late segments
 
 
-class _Ids:
-    """Random trace/span ids from os.urandom, read 4 KiB at a time and kept as hex text: one
-    syscall per ~170 root contexts instead of two per request, and no hex() per id (same
-    CSPRNG, never all-zero, as obi.model)."""
-
-    __slots__ = ("text", "at")
-    CHUNK = 4096
-
-    def __init__(self) -> None:
-        self.text = ""
-        self.at = 0
-
-    def hex(self, n: int) -> str:
-        """n random bytes as 2n hex digits, not all zero."""
-        width = 2 * n
-        while True:
-            at = self.at
-            if at + width > len(self.text):
-                self.text, at = os.urandom(self.CHUNK).hex(), 0
-            self.at = at + width
-            value = self.text[at : at + width]
-            if value.strip("0"):
-                return value
-
-    def pair(self) -> tuple[str, str]:
-        """hex(16), hex(8): the same ids from the same bytes, in one step when both fit."""
-        at = self.at
-        if at + 48 <= len(self.text):
-            text = self.text
-            trace, span = text[at : at + 32], text[at + 32 : at + 48]
-            if trace.strip("0") and span.strip("0"):
-                self.at = at + 48
-                return trace, span
-        return self.hex(16), self.hex(8)
-
-
-_ids = _Ids()
+# The packet thread's own id pool (pools are not thread-safe).
+_ids = IdPool()
 
 
 def new_root() -> TraceContext:
@@ -131,6 +95,15 @@ def new_root() -> TraceContext:
 def child(ctx: TraceContext) -> TraceContext:
     """ctx.child() with pooled randomness."""
     return TraceContext(ctx.trace_id, _ids.hex(8), ctx.flags, ctx.tracestate)
+
+
+def inserted_headers(ctx: TraceContext, tracestate: bool) -> bytes:
+    """The bytes inserted after a request line: Traceparent, and (`tracestate`) the
+    tracestate passed on, as the kernel path writes them (bpf/include/obi_w3c.h)."""
+    blob = HEADER_NAME + b": " + w3c.format_traceparent(ctx).encode() + b"\r\n"
+    if tracestate and ctx.tracestate:
+        blob += b"tracestate: " + ctx.tracestate.encode() + b"\r\n"
+    return blob
 
 
 def rel(seq: int, base: int) -> int:
@@ -348,7 +321,7 @@ Key = tuple[bytes, int, bytes, int]  # local addr, local port, peer addr, peer p
 
 
 class Journal(Protocol):
-    """Where insertions are recorded so they outlive the process (`state.Journal`)."""
+    """Where insertions are recorded so they outlive the process (`shift_journal.Journal`)."""
 
     def insertion(self, key: Key, base: int, pos: int, blob: bytes) -> None: ...
 
@@ -359,8 +332,16 @@ Handshake = tuple[int, int, int, float]  # out_base, in_base, pid, when: a serve
 
 
 class Tracker:
-    def __init__(self, cfg: Config, sink: Callable[[SpanRecord], None], owners: Owners,
-                 mtu: int = 1500, mark: int = 0, shift_mark: int = 0, journal: Journal | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        sink: Callable[[SpanRecord], None],
+        owners: Owners,
+        mtu: int = 1500,
+        mark: int = 0,
+        shift_mark: int = 0,
+        journal: Journal | None = None,
+    ) -> None:
         self.cfg = cfg
         self.sink = sink
         self.owners = owners
@@ -380,11 +361,38 @@ class Tracker:
         self.released: list[tuple[int, Verdict]] = []  # verdicts of held packets, for the queue loop
         self.linker = Linker()
         self.stats: dict[str, int] = dict.fromkeys(
-            ("packets", "packets_modified", "headers_inserted", "headers_present", "headers_invalid",
-             "tcp_options_written", "tcp_options_read", "tcp_option_no_room", "spans", "flows", "errors",
-             "insert_skipped_mtu", "links_to_server", "roots", "tls_flows", "tls_turns", "flows_resumed",
-             "copies_lost", "resyncs", "spans_lost", "flows_evicted", "flows_refused", "segments_ignored",
-             "rst_ignored", "buffer_full", "segments_held"), 0)
+            (
+                "packets",
+                "packets_modified",
+                "headers_inserted",
+                "headers_present",
+                "headers_invalid",
+                "tcp_options_written",
+                "tcp_options_read",
+                "tcp_option_no_room",
+                "spans",
+                "flows",
+                "errors",
+                "insert_skipped_mtu",
+                "tracestate_inserted",
+                "tracestate_skipped_mtu",
+                "links_to_server",
+                "roots",
+                "tls_flows",
+                "tls_turns",
+                "flows_resumed",
+                "copies_lost",
+                "resyncs",
+                "spans_lost",
+                "flows_evicted",
+                "flows_refused",
+                "segments_ignored",
+                "rst_ignored",
+                "buffer_full",
+                "segments_held",
+            ),
+            0,
+        )
         # Bumped each time the queue reader reports lost copies of observed packets: a gap
         # in a served connection after that is taken as loss, not reordering.
         self.loss_epoch = 0
@@ -677,8 +685,7 @@ class Tracker:
 
     def _feed_out(self, flow: Flow, pkt: codec.Packet, r: int, data: bytes, off: int) -> None:
         """New in-order outgoing bytes `data` at orig offset `off` of a segment starting at r."""
-        if (off == 0 and not flow.server and flow.tls is None and self._tcp
-                and tls.looks_like_tls(data[0])):
+        if off == 0 and not flow.server and flow.tls is None and self._tcp and tls.looks_like_tls(data[0]):
             self._become_tls(flow)
         if flow.tls is not None:
             if flow.server:
@@ -750,22 +757,29 @@ class Tracker:
             else:
                 self.stats["headers_invalid"] += 1
         elif insert and self._headers and not self.draining and flow.out_base is not None:
-            blob = HEADER_NAME + b": " + w3c.format_traceparent(call.ctx).encode() + b"\r\n"
+            # The app's own tracestate (with no traceparent): ours is not added to it.
+            blob = inserted_headers(call.ctx, tracestate=not msg.has_header(b"tracestate"))
             pos = msg.line_end
             # The segment that carries it must still fit the MTU (the SYN's MSS was clamped for
-            # one insertion).
+            # one Traceparent): a tracestate that does not fit is left out, then the header.
             carrier = next(((p, pr, pn) for _, p, pr, pn in flow.held if pr <= pos < pr + pn), None)
             if carrier is None and pkt is not None and r <= pos < r + pkt.payload_len:
                 carrier = (pkt, r, pkt.payload_len)
-            grow = len(blob)
+            room = len(blob)  # it goes at the start of a segment not seen yet: not checked
             if carrier is not None:
                 cp, cr, cn = carrier
-                grow += sum(len(b) for _, b in flow.out_map.within(cr, cr + cn))
-            if carrier is not None and len(carrier[0].data) + grow + TCP_OPTION_ROOM * self._tcp > self.mtu:
+                room = self.mtu - len(cp.data) - TCP_OPTION_ROOM * self._tcp
+                room -= sum(len(b) for _, b in flow.out_map.within(cr, cr + cn))
+            if len(blob) > room and len(blob) > INSERT_LEN:
+                blob = blob[:INSERT_LEN]
+                self.stats["tracestate_skipped_mtu"] += 1
+            if len(blob) > room:
                 self.stats["insert_skipped_mtu"] += 1
             else:
                 flow.out_map.add(pos, blob)
                 self.stats["headers_inserted"] += 1
+                if len(blob) > INSERT_LEN:
+                    self.stats["tracestate_inserted"] += 1
                 if self.journal is not None:
                     self.journal.insertion(flow.key, flow.out_base, pos, blob)
         if self._tcp:  # the segment where the header goes (or would) carries kind 25
@@ -982,8 +996,7 @@ class Tracker:
 
     def _feed_in(self, flow: Flow, r: int, data: bytes, off: int) -> bool:
         """New in-order incoming bytes at offset `off` (segment start r); True = stop parsing."""
-        if (off == 0 and flow.server and flow.tls is None and self._tcp
-                and tls.looks_like_tls(data[0])):
+        if off == 0 and flow.server and flow.tls is None and self._tcp and tls.looks_like_tls(data[0]):
             self._become_tls(flow)
         if flow.tls is not None:
             self._tls_request_bytes(flow, r, data, off)
@@ -1013,8 +1026,7 @@ class Tracker:
 
     def _server_request(self, flow: Flow, msg: Message, start: int) -> None:
         # Most requests carry no traceparent: skip the general extraction for them.
-        incoming = (w3c.extract(msg.header_lines())
-                    if self._read_incoming and msg.has_header(b"traceparent") else None)
+        incoming = w3c.extract(msg.header_lines()) if self._read_incoming and msg.has_header(b"traceparent") else None
         propagated = incoming is not None
         if incoming is None and flow.option_ctx is not None:
             incoming = flow.option_ctx
@@ -1104,8 +1116,18 @@ class Tracker:
 
     # --- span records -------------------------------------------------------------------
 
-    def _record(self, flow: Flow, kind: SpanKind, ctx: TraceContext, parent: str, msg: Message,
-                start: int, end: int, status: int, propagated: bool) -> SpanRecord:
+    def _record(
+        self,
+        flow: Flow,
+        kind: SpanKind,
+        ctx: TraceContext,
+        parent: str,
+        msg: Message,
+        start: int,
+        end: int,
+        status: int,
+        propagated: bool,
+    ) -> SpanRecord:
         host = msg.header(b"host")
         if flow.tls is None:
             extra: dict[str, str | int | bool] = {}
@@ -1118,10 +1140,31 @@ class Tracker:
         local, peer = flow.local, flow.peer
         # Positional (keywords cost about a microsecond per span), in SpanRecord's field
         # order, which a unit test pins down; tid 0: packets carry no thread.
-        return SpanRecord(ctx.trace_id, ctx.span_id, parent, kind, start, end, msg.method, msg.target, status,
-                          scheme, host[0].decode("latin-1") if host else "", local[0], local[1], peer[0], peer[1],
-                          flow.pid, 0, self.owners.exe(flow.pid), ctx.flags, ctx.tracestate, _USERSPACE,
-                          propagated, extra)
+        return SpanRecord(
+            ctx.trace_id,
+            ctx.span_id,
+            parent,
+            kind,
+            start,
+            end,
+            msg.method,
+            msg.target,
+            status,
+            scheme,
+            host[0].decode("latin-1") if host else "",
+            local[0],
+            local[1],
+            peer[0],
+            peer[1],
+            flow.pid,
+            0,
+            self.owners.exe(flow.pid),
+            ctx.flags,
+            ctx.tracestate,
+            _USERSPACE,
+            propagated,
+            extra,
+        )
 
     def _emit(self, record: SpanRecord) -> None:
         self.stats["spans"] += 1
@@ -1132,12 +1175,18 @@ class Tracker:
 
     def _finish_server(self, flow: Flow, span: ServerSpan, status: int, now: int) -> None:
         self.linker.remove(span)
-        self._emit(self._record(flow, SpanKind.SERVER, span.ctx, span.parent, span.msg, span.start_ns, now,
-                                status, span.propagated))
+        self._emit(
+            self._record(
+                flow, SpanKind.SERVER, span.ctx, span.parent, span.msg, span.start_ns, now, status, span.propagated
+            )
+        )
 
     def _finish_client(self, flow: Flow, call: ClientCall, status: int, now: int) -> None:
-        self._emit(self._record(flow, SpanKind.CLIENT, call.ctx, call.parent, call.msg, call.start_ns, now,
-                                status, call.propagated))
+        self._emit(
+            self._record(
+                flow, SpanKind.CLIENT, call.ctx, call.parent, call.msg, call.start_ns, now, status, call.propagated
+            )
+        )
 
     # --- lifetime -----------------------------------------------------------------------
 
@@ -1231,14 +1280,22 @@ class Tracker:
         data), after an RST only once its socket is gone too (the RST may have been one the
         stack answered with a challenge ACK)."""
         now = _monotonic()
-        return [f for f in self.flows.values()
-                if f.out_map and not (f.closed_at and now - f.closed_at > linger
-                                      and (f.fin == _IN | _OUT or not self._socket_alive(f.key)))]
+        return [
+            f
+            for f in self.flows.values()
+            if f.out_map
+            and not (
+                f.closed_at and now - f.closed_at > linger and (f.fin == _IN | _OUT or not self._socket_alive(f.key))
+            )
+        ]
 
     def shift_state(self) -> list[tuple[Key, tuple[int, list[tuple[int, bytes]]]]]:
         """(key, (out_base, insertions)) of every connection with inserted bytes (journal compaction)."""
-        return [(f.key, (f.out_base, f.out_map.entries())) for f in self.flows.values()
-                if f.out_map and f.out_base is not None and not f.ended]
+        return [
+            (f.key, (f.out_base, f.out_map.entries()))
+            for f in self.flows.values()
+            if f.out_map and f.out_base is not None and not f.ended
+        ]
 
     def resume(self, key: Key, base: int, inserts: list[tuple[int, bytes]]) -> None:
         """Translate a connection a previous agent inserted into. Its HTTP framing is unknown,

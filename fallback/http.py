@@ -18,8 +18,18 @@ MAX_LINE = 8192  # request/status line
 MAX_HEAD = 65536  # whole head; longer means we stop understanding the stream
 MAX_CHUNK_LINE = 1024
 
+# Registered HTTP methods (IANA HTTP Method Registry, without PRI, the HTTP/2 preface). A
+# text protocol whose first line happens to end in " HTTP/1.1" ("USER bob HTTP/1.1" on an
+# FTP control connection) is not HTTP. The kernel path has the same list
+# (bpf/include/obi_http.h, http_method; a unit test compares them).
+HTTP_METHODS = frozenset(
+    "ACL BASELINE-CONTROL BIND CHECKIN CHECKOUT CONNECT COPY DELETE GET HEAD LABEL LINK LOCK MERGE MKACTIVITY "
+    "MKCALENDAR MKCOL MKREDIRECTREF MKWORKSPACE MOVE OPTIONS ORDERPATCH PATCH POST PROPFIND PROPPATCH PUT QUERY "
+    "REBIND REPORT SEARCH TRACE UNBIND UNCHECKOUT UNLINK UNLOCK UPDATE UPDATEREDIRECTREF VERSION-CONTROL".split()
+)
+_METHOD = b"|".join(m.encode() for m in sorted(HTTP_METHODS, key=lambda m: (-len(m), m)))
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (\S+) HTTP/1\.([01])")
+_REQUEST_LINE = re.compile(rb"(" + _METHOD + rb") (\S+) HTTP/1\.([01])")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: .*)?")
 _H2_PREFACE = b"PRI * HTTP/2.0"
 # In a lowercased head whose only "content-length" is here: CRLF, name, plain digits, CRLF.
@@ -29,7 +39,7 @@ _CONTENT_LENGTH_LINE = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)[ \t]*\r\n
 IDLE, HEAD, BODY, CHUNK_SIZE, CHUNK_DATA, TRAILER, UNTIL_CLOSE, DEAD, RESYNC = range(9)
 # What a segment that starts a message begins with (RESYNC waits for one): a whole request
 # line, or a status line's start; a body that merely begins with a word does not qualify.
-_REQUEST_START = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/1\.[01]\r\n")
+_REQUEST_START = re.compile(rb"(?:" + _METHOD + rb") [^ \r\n]+ HTTP/1\.[01]\r\n")
 _RESPONSE_START = re.compile(rb"HTTP/1\.[01] [0-9]{3}[ \r]")
 
 
@@ -136,6 +146,24 @@ class Message:
 
 
 Event = tuple[str, Message]  # ("start" | "line" | "head" | "end", message)
+
+
+def _has_fold(low: bytes) -> bool:
+    """Whether a head has an obs-fold line (one starting with SP or HTAB): rare, checked cheaply."""
+    return low.find(b"\r\n ") >= 0 or low.find(b"\r\n\t") >= 0
+
+
+def _framing_folded(low: bytes) -> bool:
+    """Whether an obs-fold line continues a Content-Length or Transfer-Encoding header (a
+    lowercased head). The kernel path gives such a stream up too (obi_http.h, byte_hdrs)."""
+    prev = b""
+    for line in low.split(b"\r\n")[1:]:
+        if line[:1] in (b" ", b"\t"):
+            if prev in (b"content-length", b"transfer-encoding"):
+                return True
+            continue
+        prev = line.partition(b":")[0].strip()
+    return False
 
 
 class Stream:
@@ -257,7 +285,7 @@ class Stream:
         head_end = end + 4
         head = buf[:head_end]
         low = head.lower()
-        if low.find(b"transfer-encoding") >= 0:
+        if low.find(b"transfer-encoding") >= 0 or _has_fold(low):
             return None
         at = low.find(b"content-length")
         if at < 0:
@@ -382,6 +410,9 @@ class Stream:
         # A name that is not in the head at all (the usual GET, a response without a length)
         # needs no lookup.
         low = msg._lowered()
+        if _has_fold(low) and _framing_folded(low):
+            self.kill("folded framing header")  # its value cannot be read whole: don't guess
+            return
         te = b",".join(msg.header(b"transfer-encoding")).lower() if low.find(b"transfer-encoding") >= 0 else b""
         if te:
             if te.rsplit(b",", 1)[-1].strip() != b"chunked":

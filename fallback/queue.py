@@ -51,10 +51,17 @@ Handler = Callable[[bytes, bool, int], Verdict]
 class QueueLoop:
     """`handler(data, outgoing, ts_ns)`: ts_ns is when the reader got the packet."""
 
-    def __init__(self, sync_queue: int, observe_queue: int, handler: Handler,
-                 on_idle: Callable[[], None] | None = None, backlog: int = OBSERVE_BACKLOG,
-                 on_loss: Callable[[int], None] | None = None,
-                 release: Callable[[bool], list[tuple[int, Verdict]]] | None = None, syn_queue: int = -1) -> None:
+    def __init__(
+        self,
+        sync_queue: int,
+        observe_queue: int,
+        handler: Handler,
+        on_idle: Callable[[], None] | None = None,
+        backlog: int = OBSERVE_BACKLOG,
+        on_loss: Callable[[int], None] | None = None,
+        release: Callable[[bool], list[tuple[int, Verdict]]] | None = None,
+        syn_queue: int = -1,
+    ) -> None:
         self.sync_queue = sync_queue
         self.syn_queue = syn_queue  # SYNs of selected processes: wait for the handler too, bound fail-open
         self.observe_queue = observe_queue
@@ -76,8 +83,9 @@ class QueueLoop:
     def start(self) -> None:
         from . import _nfq  # the C extension; its absence is reported by the capability probe
 
-        self._reader = _nfq.Reader(self.sync_queue, self.observe_queue, QUEUE_MAXLEN, self.backlog,
-                                   OBSERVE_BACKLOG_BYTES, self.syn_queue)
+        self._reader = _nfq.Reader(
+            self.sync_queue, self.observe_queue, QUEUE_MAXLEN, self.backlog, OBSERVE_BACKLOG_BYTES, self.syn_queue
+        )
         self._thread = threading.Thread(target=self._loop, name=f"nfqueue-{self.sync_queue}", daemon=True)
         self._thread.start()
 
@@ -183,8 +191,12 @@ class QueueLoop:
         if self._reader is not None:
             out = {k: int(v) for k, v in self._reader.stats().items() if k != "running"}
         # packets_queued: what the kernel queued to us; packets_handled: what the handler got.
-        out.update(packets_queued=out.get("received", 0), packets_handled=self.packets,
-                   handler_errors=self.errors, verdicts_dropped=self.dropped)
+        out.update(
+            packets_queued=out.get("received", 0),
+            packets_handled=self.packets,
+            handler_errors=self.errors,
+            verdicts_dropped=self.dropped,
+        )
         if self.observe_changed:
             out["observe_changed"] = self.observe_changed
         return out

@@ -24,7 +24,7 @@ the mangle table, for IPv4 (iptables) and IPv6 (ip6tables):
   so a segment that grows by an inserted header still fits the path MTU;
 - once a header was inserted into a connection the agent also sets the SHIFT bit (saved
   in the connmark the same way): its packets are queued *without* --queue-bypass, because
-  untranslated they would be taken at the wrong stream offset (see `state`). With no agent
+  untranslated they would be taken at the wrong stream offset (see `shift_journal`). With no agent
   those connections stall until an agent resumes them or `cleanup` resets them.
 Every other NFQUEUE rule has --queue-bypass: with no agent reading, packets pass untouched.
 """
@@ -38,7 +38,7 @@ import shlex
 import subprocess
 from typing import Sequence
 
-from . import state
+from . import shift_journal
 
 log = logging.getLogger("obi.fallback")
 
@@ -81,8 +81,9 @@ def syn_chain(tag: str) -> str:
     return SYN_CHAIN_PREFIX + tag.rsplit("-", 1)[-1]
 
 
-def rule_specs(ports: Sequence[tuple[int, int]], queue: int, mss: int, tag: str,
-               clients: bool = True) -> list[tuple[str, list[str]]]:
+def rule_specs(
+    ports: Sequence[tuple[int, int]], queue: int, mss: int, tag: str, clients: bool = True
+) -> list[tuple[str, list[str]]]:
     """(chain, rule arguments) in insertion order; the same list for both IP versions.
     Client-side rules come first: a connection of a selected process to a local watched
     port is a client connection on both hooks, so it must not reach the observe queue."""
@@ -101,15 +102,43 @@ def rule_specs(ports: Sequence[tuple[int, int]], queue: int, mss: int, tag: str,
             ("INPUT", ["-p", "tcp", *conn, *c, *q]),
             ("OUTPUT", ["-p", "tcp", *conn, *c, *q]),
             ("OUTPUT", ["-p", "tcp", "--syn", *c, "-j", syn_chain(tag)]),
-            ("POSTROUTING", ["-m", "mark", "--mark", f"{MARK:#x}/{MARK:#x}", *c,
-                             "-j", "CONNMARK", "--save-mark", "--mask", f"{MARK | SHIFT:#x}"]),
+            (
+                "POSTROUTING",
+                [
+                    "-m",
+                    "mark",
+                    "--mark",
+                    f"{MARK:#x}/{MARK:#x}",
+                    *c,
+                    "-j",
+                    "CONNMARK",
+                    "--save-mark",
+                    "--mask",
+                    f"{MARK | SHIFT:#x}",
+                ],
+            ),
         ]
     for chunk in _multiport_chunks(ports):
         specs += [
             # Incoming: only connections the kernel has seen both ways (never a SYN, nor a
             # segment from a forged source the stack did not answer).
-            ("INPUT", ["-p", "tcp", "-m", "multiport", "--dports", chunk, "-m", "conntrack", "--ctstate",
-                       "ESTABLISHED", *c, *observe]),
+            (
+                "INPUT",
+                [
+                    "-p",
+                    "tcp",
+                    "-m",
+                    "multiport",
+                    "--dports",
+                    chunk,
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "ESTABLISHED",
+                    *c,
+                    *observe,
+                ],
+            ),
             ("OUTPUT", ["-p", "tcp", "-m", "multiport", "--sports", chunk, *c, *observe]),
         ]
     return specs
@@ -122,8 +151,9 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess:
 class Rules:
     """Add the rules on enter, delete exactly those on exit (also after a partial enter)."""
 
-    def __init__(self, ports: Sequence[tuple[int, int]], queue: int, mss: int, instance: str,
-                 clients: bool = True) -> None:
+    def __init__(
+        self, ports: Sequence[tuple[int, int]], queue: int, mss: int, instance: str, clients: bool = True
+    ) -> None:
         self.tag = f"{TAG_PREFIX}-{instance}"
         self.specs = rule_specs(ports, queue, mss, self.tag, clients)
         self.added: list[tuple[str, str, list[str]]] = []
@@ -157,8 +187,18 @@ class Rules:
 
     def _syn_spec(self, cgroup: str | None) -> list[str]:
         match = ["-m", "cgroup", "--path", cgroup] if cgroup is not None else []
-        return [*match, "-m", "comment", "--comment", self.tag, "-j", "NFQUEUE", "--queue-num", str(self.syn_queue),
-                "--queue-bypass"]
+        return [
+            *match,
+            "-m",
+            "comment",
+            "--comment",
+            self.tag,
+            "-j",
+            "NFQUEUE",
+            "--queue-num",
+            str(self.syn_queue),
+            "--queue-bypass",
+        ]
 
     def set_syn_cgroups(self, cgroups: set[str]) -> None:
         """Queue the SYNs of processes in these cgroups (v2 paths) from now on, and no others
@@ -293,7 +333,7 @@ def cleanup() -> list[str]:
     done. Connections that carried inserted headers are reset first (without an agent they
     could only stall, held by the rules, or, once the rules are gone, be corrupted), unless
     a running agent owns the journal (it translates them). A running agent's rules stay."""
-    done = state.abort_journaled()
+    done = shift_journal.abort_journaled()
     done += remove_stale()
     live = sorted({args[args.index("--comment") + 1] for _, args in list_ours()})
     done += [f"left the rules of running agent {tag} alone" for tag in live]

@@ -59,14 +59,17 @@ class SockDiag:
         """The TCP socket with exactly this (local addr, local port, peer addr, peer port)."""
         laddr, lport, paddr, pport = key
         family = socket.AF_INET6 if len(laddr) == 16 else socket.AF_INET
-        body = (_REQ.pack(family, socket.IPPROTO_TCP, 0, 0xFFFFFFFF)
-                + _SOCKID.pack(lport, pport, laddr.ljust(16, b"\0"), paddr.ljust(16, b"\0"))
-                + _SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE))
+        body = (
+            _REQ.pack(family, socket.IPPROTO_TCP, 0, 0xFFFFFFFF)
+            + _SOCKID.pack(lport, pport, laddr.ljust(16, b"\0"), paddr.ljust(16, b"\0"))
+            + _SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+        )
         with self._lock:
             self._seq = (self._seq + 1) & 0xFFFFFFFF
             seq = self._seq
-            self._sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0)
-                            + body)
+            self._sock.send(
+                _NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0) + body
+            )
             while True:
                 data, (pid, _) = self._sock.recvfrom(65536)
                 if pid != 0:
@@ -83,10 +86,11 @@ class SockDiag:
                                 return None
                             raise OSError(err, f"sock_diag lookup: {os.strerror(err)}")
                         if kind == SOCK_DIAG_BY_FAMILY and length >= _NLMSGHDR.size + _MSG.size:
-                            _fam, state, _t, _r, _exp, _rq, _wq, _uid, inode = _MSG.unpack_from(data, off + _NLMSGHDR.size)
+                            _fam, state, _t, _r, _exp, _rq, _wq, _uid, inode = _MSG.unpack_from(
+                                data, off + _NLMSGHDR.size
+                            )
                             return Socket(state, inode)
                     off += (length + 3) & ~3
-
 
     def listening(self) -> set[int]:
         """Inodes of the listening TCP sockets (IPv4 and IPv6): a dump of that state only,
@@ -96,11 +100,15 @@ class SockDiag:
             for family in (socket.AF_INET, socket.AF_INET6):
                 self._seq = (self._seq + 1) & 0xFFFFFFFF
                 seq = self._seq
-                body = (_REQ.pack(family, socket.IPPROTO_TCP, 0, 1 << TCP_LISTEN)
-                        + _SOCKID.pack(0, 0, bytes(16), bytes(16)) + _SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE,
-                                                                                         INET_DIAG_NOCOOKIE))
-                self._sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY,
-                                               NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+                body = (
+                    _REQ.pack(family, socket.IPPROTO_TCP, 0, 1 << TCP_LISTEN)
+                    + _SOCKID.pack(0, 0, bytes(16), bytes(16))
+                    + _SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+                )
+                self._sock.send(
+                    _NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+                    + body
+                )
                 done = False
                 while not done:
                     data, (pid, _) = self._sock.recvfrom(1 << 20)

@@ -90,8 +90,7 @@ class Turns:
                 if self.state != _HANDSHAKE or self.answered:
                     self.state, self.answered = _HANDSHAKE, False
                 self.hs_segment = seg_start
-            elif (self.state == _NONE or self.answered
-                  or (self.state == _HANDSHAKE and seg_start != self.hs_segment)):
+            elif self.state == _NONE or self.answered or (self.state == _HANDSHAKE and seg_start != self.hs_segment):
                 self.state, self.answered = _REQUEST, False
                 if found is None:
                     found = off

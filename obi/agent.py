@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 from typing import Callable
@@ -10,10 +11,13 @@ from typing import Callable
 from . import doctor
 from .config import Config
 from .datapath import DatapathRunner, SpanSink
-from .errors import MissingFeature, ObiError
+from .errors import AttachError, MissingFeature, ObiError, ProgramRejected
 from .model import Datapath
 
 log = logging.getLogger("obi.agent")
+
+# The log line of an attached agent names its datapath; the demo and the benchmark read it.
+ATTACHED_RE = re.compile(r"attached: datapath (\w+)")
 
 
 def make_datapath(kind: Datapath, cfg: Config, sink: SpanSink) -> DatapathRunner:
@@ -40,24 +44,36 @@ class Agent:
         self.exporter = exporter_factory(cfg)
         self.datapath: DatapathRunner | None = None
         self.attached = False  # True between a successful start() and stop()
+        self.reason = ""  # why this datapath (doctor's choice, or the fallback that followed)
         self.stopping = threading.Event()
 
     def start(self) -> None:
+        """Attach the datapath doctor.choose_datapath picks (the same choice `obi doctor`
+        shows). Under `auto`, a kernel path that then fails to load or attach falls back to
+        the userspace path with a warning; `reason` always says what is attached and why."""
         choice = doctor.choose_datapath(self.cfg)
         if choice.datapath is None:
             raise ObiError(f"no datapath can run here: {choice.reason}")
-        log.info("datapath %s: %s", choice.datapath.value, choice.reason)
+        log.info("datapath chosen: %s (%s)", choice.datapath.value, choice.reason)
+        self.reason = choice.reason
+        if choice.datapath is Datapath.USERSPACE and self.cfg.datapath == "auto":
+            log.warning("kernel datapath not used: %s", choice.reason)
         try:
             self.datapath = make_datapath(choice.datapath, self.cfg, self.exporter.export)
             self.datapath.start()
-        except MissingFeature as e:
+        except (MissingFeature, ProgramRejected, AttachError) as e:
             if self.cfg.datapath != "auto" or choice.datapath is not Datapath.KERNEL:
                 raise
-            log.warning("kernel datapath unavailable (%s); falling back to the userspace datapath", e)
+            self.reason = f"auto: the kernel datapath failed to start ({e}); userspace datapath"
+            log.warning("kernel datapath failed to start (%s); falling back to the userspace datapath", e)
             self.datapath = make_datapath(Datapath.USERSPACE, self.cfg, self.exporter.export)
             self.datapath.start()
         self.attached = True
-        log.info("attached; instrumenting ports %s", ",".join(str(p) for p in self.cfg.open_ports) or "(none)")
+        log.info(
+            "attached: datapath %s; instrumenting ports %s",
+            self.datapath.name,
+            ",".join(str(p) for p in self.cfg.open_ports) or "(none)",
+        )
 
     def stop(self) -> bool:
         """Detach and flush, bounded by shutdown_timeout. Returns False if it ran out of time."""
@@ -119,4 +135,3 @@ class Agent:
                 health.stop()
             for s, handler in old.items():
                 signal.signal(s, handler)
-

@@ -81,7 +81,7 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from . import demo
+    from .demo import scenario as demo
 
     return demo.main(datapath=args.datapath, requests=args.requests, output=args.output)
 

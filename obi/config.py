@@ -236,8 +236,11 @@ def _headers(value: Any, key: str) -> tuple[tuple[str, str], ...]:
             continue
         name, sep, val = item.partition("=")
         if not sep or not name.strip():
-            raise ConfigError(key, f"<{len(items)} item(s), not shown>",
-                              f"comma-separated name=value pairs (item {n} is not one; header values are never shown)")
+            raise ConfigError(
+                key,
+                f"<{len(items)} item(s), not shown>",
+                f"comma-separated name=value pairs (item {n} is not one; header values are never shown)",
+            )
         pairs.append((unquote(name.strip()), unquote(val.strip())))
     return tuple(pairs)
 
@@ -285,22 +288,44 @@ _KEYS: tuple[_Key, ...] = (
     _Key("context_propagation", "ebpf.context_propagation", ("OTEL_EBPF_BPF_CONTEXT_PROPAGATION",), _propagation),
     _Key("track_request_headers", "ebpf.track_request_headers", ("OTEL_EBPF_BPF_TRACK_REQUEST_HEADERS",), _bool),
     _Key("override_bpfloop_enabled", "ebpf.override_bpfloop_enabled", ("OTEL_EBPF_OVERRIDE_BPF_LOOP_ENABLED",), _bool),
-    _Key("traffic_control_backend", "ebpf.traffic_control_backend", ("OTEL_EBPF_BPF_TC_BACKEND",), _choice("auto", "tc", "tcx")),
+    _Key(
+        "traffic_control_backend",
+        "ebpf.traffic_control_backend",
+        ("OTEL_EBPF_BPF_TC_BACKEND",),
+        _choice("auto", "tc", "tcx"),
+    ),
     _Key("datapath", "ebpf.datapath", ("OTEL_EBPF_DATAPATH",), _choice("auto", "kernel", "userspace")),
     _Key("cgroup_path", "ebpf.cgroup_path", ("OTEL_EBPF_CGROUP_PATH",), _text),
     _Key("open_ports", "open_port", ("OTEL_EBPF_OPEN_PORT",), _ports),
     _Key("auto_target_exe", "auto_target_exe", ("OTEL_EBPF_AUTO_TARGET_EXE",), _text),
     _Key("otlp_endpoint", "otel_traces_export.endpoint", ("OTEL_EXPORTER_OTLP_ENDPOINT",), _endpoint),
-    _Key("otlp_traces_endpoint", "otel_traces_export.traces_endpoint", ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",), _endpoint),
+    _Key(
+        "otlp_traces_endpoint", "otel_traces_export.traces_endpoint", ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",), _endpoint
+    ),
     _Key(
         "otlp_protocol",
         "otel_traces_export.protocol",
         ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
         _choice("grpc", "http/protobuf"),
     ),
-    _Key("otlp_headers", "otel_traces_export.headers", ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"), _headers),
-    _Key("otlp_insecure", "otel_traces_export.insecure", ("OTEL_EXPORTER_OTLP_TRACES_INSECURE", "OTEL_EXPORTER_OTLP_INSECURE"), _bool),
-    _Key("otlp_timeout_s", "otel_traces_export.timeout", ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"), _seconds),
+    _Key(
+        "otlp_headers",
+        "otel_traces_export.headers",
+        ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"),
+        _headers,
+    ),
+    _Key(
+        "otlp_insecure",
+        "otel_traces_export.insecure",
+        ("OTEL_EXPORTER_OTLP_TRACES_INSECURE", "OTEL_EXPORTER_OTLP_INSECURE"),
+        _bool,
+    ),
+    _Key(
+        "otlp_timeout_s",
+        "otel_traces_export.timeout",
+        ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"),
+        _seconds,
+    ),
     _Key("service_name", "service_name", ("OTEL_SERVICE_NAME",), _text),
     _Key("traces_sampler", "otel_traces_export.sampler.name", ("OTEL_TRACES_SAMPLER",), _sampler),
     _Key("traces_sampler_arg", "otel_traces_export.sampler.arg", ("OTEL_TRACES_SAMPLER_ARG",), _text),
@@ -310,8 +335,18 @@ _KEYS: tuple[_Key, ...] = (
     _Key("shutdown_timeout_s", "shutdown_timeout", ("OTEL_EBPF_SHUTDOWN_TIMEOUT",), _seconds),
     _Key("health_check_port", "health_check.port", ("OTEL_EBPF_HEALTH_CHECK_PORT",), _port),
     _Key("health_check_listen_address", "health_check.listen_address", ("OTEL_EBPF_HEALTH_CHECK_LISTEN_ADDRESS",), _ip),
-    _Key("internal_metrics_port", "internal_metrics.prometheus.port", ("OTEL_EBPF_INTERNAL_METRICS_PROMETHEUS_PORT",), _port),
-    _Key("internal_metrics_path", "internal_metrics.prometheus.path", ("OTEL_EBPF_INTERNAL_METRICS_PROMETHEUS_PATH",), _url_path),
+    _Key(
+        "internal_metrics_port",
+        "internal_metrics.prometheus.port",
+        ("OTEL_EBPF_INTERNAL_METRICS_PROMETHEUS_PORT",),
+        _port,
+    ),
+    _Key(
+        "internal_metrics_path",
+        "internal_metrics.prometheus.path",
+        ("OTEL_EBPF_INTERNAL_METRICS_PROMETHEUS_PATH",),
+        _url_path,
+    ),
 )
 
 KNOWN_YAML_KEYS = frozenset(k.yaml for k in _KEYS)
@@ -382,4 +417,3 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
         # Nothing selected: valid (the agent then does nothing), but say so.
         log.debug("no open_port / auto_target_exe set: no process is instrumented")
     return cfg
-

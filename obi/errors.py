@@ -35,6 +35,27 @@ class MissingFeature(ObiError):
         super().__init__(msg)
 
 
+class ProgramRejected(ObiError):
+    """The verifier refused a BPF program of ours on a kernel that has every feature it
+    needs: a defect of ours (or a kernel build it was not tested on), never a missing
+    feature. Names the program, how far the verifier got and its last lines."""
+
+    def __init__(self, obj: str, program: str, processed: int, tail: list[str], errno_: int = 0):
+        self.object = obj
+        self.program = program
+        self.processed = processed
+        self.tail = tail
+        self.errno = errno_
+        what = f"BPF program {program or '?'} ({obj}) rejected by the verifier"
+        if processed:
+            what += f" after {processed:,} processed instructions"
+        import os
+
+        if errno_:
+            what += f" ({os.strerror(errno_)})"
+        super().__init__(what + (": " + " | ".join(tail) if tail else ""))
+
+
 class AttachError(ObiError):
     """Attaching or detaching a program, filter or rule failed."""
 

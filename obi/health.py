@@ -65,25 +65,74 @@ METRICS: tuple[Metric, ...] = (
     Metric("obi_spans_exported_total", ("exported",), "Spans the OTLP backend accepted."),
     Metric("obi_spans_dropped_total", ("dropped",), "Spans dropped: export queue full, failed export or shutdown."),
     Metric("obi_export_errors_total", ("export_errors",), "OTLP export requests (batches) that failed."),
-    Metric("obi_ringbuf_events_lost_total", ("events_lost",), "Kernel datapath events lost because the ring buffer was full."),
+    Metric(
+        "obi_ringbuf_events_lost_total",
+        ("events_lost",),
+        "Kernel datapath events lost because the ring buffer was full.",
+    ),
     Metric("obi_packets_queued_total", ("packets_queued",), "Packets the userspace datapath received from NFQUEUE."),
-    Metric("obi_packets_unparsed_total", ("observe_dropped", "observe_shed"),
-           "Packets of served connections the userspace datapath let through unparsed because it was behind "
-           "(their requests get no span)."),
-    Metric("obi_packets_accepted_total", ("packets_accepted",), "Packets the userspace datapath gave back to the kernel."),
-    Metric("obi_packets_bypassed_total", ("packets_bypassed",), "Packets passed unchanged because of a parse miss or an error."),
-    Metric("obi_headers_inserted_total", ("headers_inserted",), "Traceparent headers written into outgoing HTTP requests."),
-    Metric("obi_tcp_options_written_total", ("tcp_options_written", "tcpopt_written"),
-           "TCP segments tagged with the trace context option (kind 25)."),
-    Metric("obi_flows_evicted_total", ("flows_evicted", "flows_refused"),
-           "Connections the userspace datapath stopped tracing, or never traced, because its flow table was full "
-           "(no span for them; their traffic is not touched)."),
-    Metric("obi_segments_ignored_total", ("segments_ignored", "rst_ignored"),
-           "Incoming segments (RSTs included) the userspace datapath did not parse or act on: not part of a "
-           "connection it knows, or outside what the local stack sent and acknowledged (forged, or far out of window)."),
-    Metric("obi_health_connections_dropped_total", ("health_connections_dropped",),
-           "Connections to the health/metrics listener cut off: no complete request within the deadline, "
-           "or closed to make room (at most 64 open)."),
+    Metric(
+        "obi_packets_unparsed_total",
+        ("observe_dropped", "observe_shed"),
+        "Packets of served connections the userspace datapath let through unparsed because it was behind "
+        "(their requests get no span).",
+    ),
+    Metric(
+        "obi_packets_accepted_total", ("packets_accepted",), "Packets the userspace datapath gave back to the kernel."
+    ),
+    Metric(
+        "obi_packets_bypassed_total",
+        ("packets_bypassed",),
+        "Packets passed unchanged because of a parse miss or an error.",
+    ),
+    Metric(
+        "obi_headers_inserted_total", ("headers_inserted",), "Traceparent headers written into outgoing HTTP requests."
+    ),
+    Metric(
+        "obi_tcp_options_written_total",
+        ("tcp_options_written", "tcpopt_written"),
+        "TCP segments tagged with the trace context option (kind 25).",
+    ),
+    Metric(
+        "obi_tracestate_inserted_total",
+        ("tracestate_inserted",),
+        "tracestate headers passed on in outgoing HTTP requests (with a Traceparent).",
+    ),
+    Metric(
+        "obi_tracestate_dropped_total",
+        ("ts_states_full", "tracestate_skipped_mtu"),
+        "Incoming tracestates not passed on: no room to keep one (kernel path) or to insert it within the MTU "
+        "(userspace path).",
+    ),
+    Metric(
+        "obi_requests_evicted_total",
+        ("requests_evicted",),
+        "Requests dropped while waiting for their response (too many open, or none for 5 minutes): no span.",
+    ),
+    Metric(
+        "obi_selection_map_full_total",
+        ("selection_map_full",),
+        "Processes or ports left uninstrumented at a process scan because the kernel path's "
+        "selected_tgids or server_ports map was full (counted at every scan while it lasts).",
+    ),
+    Metric(
+        "obi_flows_evicted_total",
+        ("flows_evicted", "flows_refused"),
+        "Connections the userspace datapath stopped tracing, or never traced, because its flow table was full "
+        "(no span for them; their traffic is not touched).",
+    ),
+    Metric(
+        "obi_segments_ignored_total",
+        ("segments_ignored", "rst_ignored"),
+        "Incoming segments (RSTs included) the userspace datapath did not parse or act on: not part of a "
+        "connection it knows, or outside what the local stack sent and acknowledged (forged, or far out of window).",
+    ),
+    Metric(
+        "obi_health_connections_dropped_total",
+        ("health_connections_dropped",),
+        "Connections to the health/metrics listener cut off: no complete request within the deadline, "
+        "or closed to make room (at most 64 open).",
+    ),
 )
 
 
@@ -192,7 +241,11 @@ class HealthServer:
 
         def status() -> dict[str, Any]:
             dp = agent.datapath
-            return {"datapath": getattr(dp, "name", None), "attached": agent.attached}
+            return {
+                "datapath": getattr(dp, "name", None),
+                "attached": agent.attached,
+                "datapath_reason": getattr(agent, "reason", ""),
+            }
 
         def metrics() -> dict[str, int]:
             merged = dict(agent.exporter.stats())
@@ -229,8 +282,13 @@ class HealthServer:
             st = dict(self.status_fn())
             self._counters()
         except Exception as e:  # a broken callback is an unhealthy agent, not a 500
-            return {"status": "unavailable", "datapath": None, "attached": False, "exporting": False,
-                    "reason": f"status check raised {type(e).__name__}: {e}"}
+            return {
+                "status": "unavailable",
+                "datapath": None,
+                "attached": False,
+                "exporting": False,
+                "reason": f"status check raised {type(e).__name__}: {e}",
+            }
         attached = bool(st.get("attached"))
         failing, why = self.export_health.failing()
         reasons = []
@@ -241,6 +299,7 @@ class HealthServer:
         return {
             "status": "ok" if attached and not failing else "unavailable",
             "datapath": st.get("datapath"),
+            "datapath_reason": st.get("datapath_reason", ""),
             "attached": attached,
             "exporting": not failing,
             "reason": "; ".join(str(r) for r in reasons),
@@ -276,7 +335,10 @@ class HealthServer:
 
     def start(self) -> None:
         """Bind the configured port(s); nothing when both are 0. ObiError if a port is taken."""
-        wanted = {self.cfg.health_check_port: "health_check.port", self.cfg.internal_metrics_port: "internal_metrics.prometheus.port"}
+        wanted = {
+            self.cfg.health_check_port: "health_check.port",
+            self.cfg.internal_metrics_port: "internal_metrics.prometheus.port",
+        }
         wanted.pop(0, None)
         if not wanted:
             return
@@ -298,13 +360,18 @@ class HealthServer:
 
     async def _listen(self, port: int) -> None:
         routes = self.routes(port)
-        server = await asyncio.start_server(lambda r, w: self._connection(r, w, routes), self.host, port,
-                                            reuse_address=True, limit=self.MAX_HEAD)
+        server = await asyncio.start_server(
+            lambda r, w: self._connection(r, w, routes), self.host, port, reuse_address=True, limit=self.MAX_HEAD
+        )
         self._servers.append(server)
         log.info("serving %s on %s:%d", ", ".join(sorted(routes)), self.host, server.sockets[0].getsockname()[1])
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          routes: Mapping[str, Callable[[], tuple[int, str, bytes]]]) -> None:
+    async def _connection(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        routes: Mapping[str, Callable[[], tuple[int, str, bytes]]],
+    ) -> None:
         conns = self._conns
         while len(conns) >= self.max_connections:  # the oldest has had the most time
             oldest = next(iter(conns))
@@ -314,16 +381,25 @@ class HealthServer:
         conns[writer] = None
         try:
             await asyncio.wait_for(self._exchange(reader, writer, routes), self.request_deadline_s)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
-                ValueError):
+        except (
+            asyncio.TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+            ValueError,
+        ):
             if writer in conns:
                 self._dropped += 1
         finally:
             conns.pop(writer, None)
             writer.transport.abort()
 
-    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        routes: Mapping[str, Callable[[], tuple[int, str, bytes]]]) -> None:
+    async def _exchange(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        routes: Mapping[str, Callable[[], tuple[int, str, bytes]]],
+    ) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         method, _, rest = head.partition(b" ")
         target = rest.split(b" ", 1)[0].decode("latin-1")
@@ -341,10 +417,17 @@ class HealthServer:
             except Exception as e:
                 log.exception("health endpoint %s failed", path)
                 code, ctype, data = 500, "text/plain", f"{type(e).__name__}: {e}\n".encode()
-        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
-                  503: "Service Unavailable"}.get(code, "")
-        writer.write(f"HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
-                     "Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode("latin-1"))
+        reason = {
+            200: "OK",
+            404: "Not Found",
+            405: "Method Not Allowed",
+            500: "Internal Server Error",
+            503: "Service Unavailable",
+        }.get(code, "")
+        writer.write(
+            f"HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
+            "Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode("latin-1")
+        )
         if method != b"HEAD":
             writer.write(data)
         await writer.drain()

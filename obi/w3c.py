@@ -13,6 +13,11 @@ Choices where the spec leaves room, made once here:
 - The 32-member tracestate limit counts `key=value` members; empty members (allowed by
   the spec so that combined headers stay valid) are dropped and do not count.
 - A valid tracestate is kept normalized: members joined by ',' without OWS or empties.
+- A tracestate longer than 512 characters (normalized) is truncated as the spec asks, by
+  whole members: members longer than 128 characters go first, then members from the end
+  (`truncate_tracestate`). The kernel path does the same in BPF (bpf/include/obi_w3c.h).
+- Outgoing trace-flags keep only the flags this version defines (sampled 0x01, Level 2's
+  random 0x02): the spec asks that the others be sent as zero.
 """
 
 from __future__ import annotations
@@ -28,6 +33,13 @@ TRACESTATE = "tracestate"
 # Length of a version-00 traceparent, and the prefix read from any higher version.
 TRACEPARENT_LEN = 55
 TRACESTATE_MAX_MEMBERS = 32
+# The longest tracestate passed on (normalized, commas included): the spec asks vendors to
+# propagate at least 512 characters. When longer, members above TRACESTATE_LONG_MEMBER
+# characters are removed first, then members from the end.
+TRACESTATE_PROPAGATED_MAX = 512
+TRACESTATE_LONG_MEMBER = 128
+# trace-flags defined so far: sampled (Level 1) and random (Level 2).
+KNOWN_FLAGS = 0x03
 
 _OWS = " \t"
 _INVALID_VERSION = "ff"
@@ -88,12 +100,13 @@ def parse_traceparent(value: str | bytes) -> TraceContext | None:
 
 
 def format_traceparent(ctx: TraceContext) -> str:
-    """The version-00 `traceparent` value for `ctx` (always 55 chars)."""
+    """The version-00 `traceparent` value for `ctx` (always 55 chars); flags the spec does
+    not define are sent as zero."""
     if not _TRACE_ID_RE.fullmatch(ctx.trace_id) or ctx.trace_id == _ZERO_TRACE_ID:
         raise ValueError(f"invalid trace_id {ctx.trace_id!r}: need 32 lowercase hex, not all zero")
     if not _SPAN_ID_RE.fullmatch(ctx.span_id) or ctx.span_id == _ZERO_SPAN_ID:
         raise ValueError(f"invalid span_id {ctx.span_id!r}: need 16 lowercase hex, not all zero")
-    return f"00-{ctx.trace_id}-{ctx.span_id}-{ctx.flags & 0xFF:02x}"
+    return f"00-{ctx.trace_id}-{ctx.span_id}-{ctx.flags & KNOWN_FLAGS:02x}"
 
 
 def inject_value(ctx: TraceContext) -> str:
@@ -162,6 +175,27 @@ def format_tracestate(entries: Iterable[tuple[str, str]]) -> str:
     return ",".join(parts)
 
 
+def truncate_tracestate(
+    entries: list[tuple[str, str]], limit: int = TRACESTATE_PROPAGATED_MAX
+) -> list[tuple[str, str]]:
+    """The members of a valid tracestate that fit in `limit` characters once formatted,
+    truncated as the spec asks: whole members only; when the list is too long, members
+    longer than TRACESTATE_LONG_MEMBER characters go first, then members from the end."""
+    sizes = [len(k) + 1 + len(v) for k, v in entries]
+    if sum(sizes) + max(len(sizes) - 1, 0) <= limit:
+        return list(entries)
+    out: list[tuple[str, str]] = []
+    used = 0
+    for entry, size in zip(entries, sizes):
+        if size > TRACESTATE_LONG_MEMBER:
+            continue
+        used += size + (1 if out else 0)
+        if used > limit:
+            break
+        out.append(entry)
+    return out
+
+
 def extract(
     headers: Iterable[tuple[str | bytes, str | bytes]] | Mapping[str, str],
 ) -> TraceContext | None:
@@ -169,8 +203,9 @@ def extract(
 
     Header names are case-insensitive. More than one `traceparent` makes it invalid.
     Several `tracestate` headers are joined with ',' (RFC 7230 list rule) and validated
-    as one list; an invalid tracestate is dropped, the traceparent still counts. The
-    tracestate is not looked at when the traceparent is missing or invalid.
+    as one list; an invalid tracestate is dropped, the traceparent still counts; a long one
+    is truncated (truncate_tracestate). The tracestate is not looked at when the
+    traceparent is missing or invalid.
     """
     pairs = headers.items() if isinstance(headers, Mapping) else headers
     traceparents: list[str | bytes] = []
@@ -194,4 +229,4 @@ def extract(
     entries = parse_tracestate(",".join(tracestates))
     if not entries:
         return ctx
-    return TraceContext(ctx.trace_id, ctx.span_id, ctx.flags, format_tracestate(entries))
+    return TraceContext(ctx.trace_id, ctx.span_id, ctx.flags, format_tracestate(truncate_tracestate(entries)))

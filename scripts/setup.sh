@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   clang llvm make gcc libc6-dev          # compile bpf/*.bpf.c (clang -target bpf)
+  clang-format                           # C style check in scripts/test
   libbpf-dev libbpf1 bpftool             # libbpf headers at build time, libbpf.so.1 at run time
   iptables                               # userspace datapath (NFQUEUE rules)
   libnetfilter-queue-dev                 # builds netfilterqueue, for the benchmark's no-op NFQUEUE arm

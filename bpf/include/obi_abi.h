@@ -13,21 +13,27 @@
  * "Traceparent: " (13) + 55 + "\r\n" (2). */
 #define OBI_TP_LEN 55
 #define OBI_TP_HDR_LEN 70
-#define OBI_LINE_MAX 96       /* bytes of the request/status line kept in events */
-#define OBI_TP_MAX 56         /* bytes of a traceparent value kept (55 + 1 to see what follows) */
-#define OBI_TRACESTATE_MAX 256
-#define OBI_HOST_MAX 128      /* bytes of a Host header value kept; longer ones are dropped */
+#define OBI_LINE_MAX 96        /* bytes of the request/status line kept in events */
+#define OBI_TP_MAX 56          /* bytes of a traceparent value kept (55 + 1 to see what follows) */
+#define OBI_TRACESTATE_MAX 512 /* tracestate passed on and reported (W3C: at least 512) */
+#define OBI_HOST_MAX 128       /* bytes of a Host header value kept; longer ones are dropped */
 
-/* TCP option carrying trace context (DESIGN decision 3). */
+/* TCP option carrying trace context (docs/architecture.md, decision 3). */
+/* trace-flags defined so far: sampled (Level 1), random (Level 2); others are sent as 0 */
+#define OBI_KNOWN_FLAGS 0x03
+
 #define OBI_TCPOPT_KIND 25
 #define OBI_TCPOPT_LEN_SAMPLED 26 /* kind, len, trace_id[16], span_id[8] */
 #define OBI_TCPOPT_LEN_FLAGS 27   /* ... + flags[1] */
 
-/* obi_cfg_flags (a `const volatile` global set before load) */
-#define OBI_CFG_HDR_INSERT (1u << 0) /* insert Traceparent into outgoing requests (headers propagation) */
-#define OBI_CFG_TCP (1u << 1)        /* write / read TCP option kind 25 */
-#define OBI_CFG_HDR_READ (1u << 2)   /* continue incoming traceparent headers (headers propagation,
-				      * or ebpf.track_request_headers alone, as in OBI) */
+/* obi_cfg_flags (a `const volatile` global set before load):
+ * HDR_INSERT: insert Traceparent into outgoing requests (headers propagation);
+ * TCP: write / read TCP option kind 25;
+ * HDR_READ: continue incoming traceparent headers (headers propagation, or
+ * ebpf.track_request_headers alone, as in OBI). */
+#define OBI_CFG_HDR_INSERT (1u << 0)
+#define OBI_CFG_TCP (1u << 1)
+#define OBI_CFG_HDR_READ (1u << 2)
 
 /* Which end of a connection the instrumented process is. */
 #define OBI_ROLE_CLIENT 1
@@ -57,9 +63,9 @@ enum obi_event_kind {
 };
 
 /* obi_event.flags */
-#define OBI_EVF_INJECTED (1u << 0)      /* we inserted a Traceparent header into this request */
-#define OBI_EVF_TP_VALID (1u << 1)      /* the received traceparent was valid: parent_id from wire */
-#define OBI_EVF_HDRS_PARTIAL (1u << 2)  /* headers did not end within the scanned bytes */
+#define OBI_EVF_INJECTED (1u << 0)     /* we inserted a Traceparent header into this request */
+#define OBI_EVF_TP_VALID (1u << 1)     /* the received traceparent was valid: parent_id from wire */
+#define OBI_EVF_HDRS_PARTIAL (1u << 2) /* headers did not end within the scanned bytes */
 #define OBI_EVF_THREAD_LINKED (1u << 3) /* parent is the server span the thread is serving */
 #define OBI_EVF_TCPOPT (1u << 4)        /* context came from / went into TCP option kind 25 */
 #define OBI_EVF_INJECT_FAILED (1u << 5) /* insertion was wanted but bpf_msg_push_data failed */
@@ -75,45 +81,48 @@ enum obi_event_kind {
  * generated in BPF, parent from a valid incoming traceparent; client span: the ids written
  * into the inserted header). *_RESP events carry no ids. */
 struct obi_event {
-	__u32 kind;  /* enum obi_event_kind */
-	__u32 flags; /* OBI_EVF_* */
-	__u64 ts_ns; /* bpf_ktime_get_ns() (CLOCK_MONOTONIC): request start / response start */
-	__u64 end_ns; /* *_SPAN: response start (end of the span); else 0 */
+	__u32 kind;     /* enum obi_event_kind */
+	__u32 flags;    /* OBI_EVF_* */
+	__u64 ts_ns;    /* bpf_ktime_get_ns() (CLOCK_MONOTONIC): request start / response start */
+	__u64 end_ns;   /* *_SPAN: response start (end of the span); else 0 */
 	__u64 pid_tgid; /* sender (sk_msg) or the thread that read the request; 0 if unknown */
 	struct obi_tuple tuple;
 	__u8 trace_id[16];
 	__u8 span_id[8];
 	__u8 parent_id[8]; /* all zero: root span */
 	__u8 trace_flags;
-	__u8 tp_count;       /* traceparent headers seen in the request (saturating) */
-	__u16 status;        /* HTTP status (*_RESP) */
-	__u16 line_len;      /* bytes valid in line */
-	__u16 tracestate_len; /* bytes valid in tracestate */
+	__u8 tp_count;           /* traceparent headers seen in the request (saturating) */
+	__u16 status;            /* HTTP status (*_RESP) */
+	__u16 line_len;          /* bytes valid in line */
+	__u16 tracestate_len;    /* bytes valid in tracestate */
 	char line[OBI_LINE_MAX]; /* start of the request line / status line */
-	char tp[OBI_TP_MAX];     /* first traceparent value as received (OWS trimmed at the start) */
-	__u16 tp_len;            /* significant bytes of that value (trailing OWS trimmed) */
-	__u16 host_len;          /* bytes valid in host (0: none, or longer than OBI_HOST_MAX) */
+	char tp[OBI_TP_MAX]; /* first traceparent value as received (OWS trimmed at the start) */
+	__u16 tp_len;        /* significant bytes of that value (trailing OWS trimmed) */
+	__u16 host_len;      /* bytes valid in host (0: none, or longer than OBI_HOST_MAX) */
 	__u32 _pad1;
-	char tracestate[OBI_TRACESTATE_MAX]; /* first tracestate value, raw */
+	char tracestate[OBI_TRACESTATE_MAX]; /* server span: the incoming tracestate; client span:
+					      * the one passed on (normalized, obi_tracestate.h) */
 	char host[OBI_HOST_MAX]; /* first Host header value of the request (OWS trimmed) */
 };
 
 /* Per-CPU counters (map `counters`, index = enum value). */
 enum obi_counter {
-	OBI_CNT_EVENTS_LOST = 0,    /* ring buffer full */
-	OBI_CNT_HEADERS_INSERTED,   /* Traceparent headers written by sk_msg */
-	OBI_CNT_INSERT_FAILED,      /* bpf_msg_push_data / pull failed: request left unchanged */
-	OBI_CNT_CLIENT_REQS,        /* requests sent by selected processes */
-	OBI_CNT_SERVER_REQS,        /* requests received on selected ports */
-	OBI_CNT_APP_TRACEPARENT,    /* requests that already had traceparent: left unchanged */
-	OBI_CNT_PARSE_LOST,         /* connections given up as not HTTP/1.x or out of sync */
-	OBI_CNT_SEQ_GAPS,           /* tc saw a sequence gap (lost/out of order): resync */
-	OBI_CNT_TCPOPT_WRITTEN,     /* kind-25 options written */
-	OBI_CNT_TCPOPT_READ,        /* kind-25 options read */
-	OBI_CNT_THREAD_LINKS,       /* recv by a thread linked it to a server request */
-	OBI_CNT_SCRATCH_BUSY,       /* scratch slot in use on this CPU (nesting): message not parsed */
-	OBI_CNT_UNSEEN_SENDS,       /* write_seq moved other than sk_msg saw (short send + resend) */
-	OBI_CNT_SOCKS_RELEASED,     /* client sockets sk_msg gave up on, taken out of sock_hash by tc */
+	OBI_CNT_EVENTS_LOST = 0,  /* ring buffer full */
+	OBI_CNT_HEADERS_INSERTED, /* Traceparent headers written by sk_msg */
+	OBI_CNT_INSERT_FAILED,    /* bpf_msg_push_data / pull failed: request left unchanged */
+	OBI_CNT_CLIENT_REQS,      /* requests sent by selected processes */
+	OBI_CNT_SERVER_REQS,      /* requests received on selected ports */
+	OBI_CNT_APP_TRACEPARENT,  /* requests that already had traceparent: left unchanged */
+	OBI_CNT_PARSE_LOST,       /* connections given up as not HTTP/1.x or out of sync */
+	OBI_CNT_SEQ_GAPS,         /* tc saw a sequence gap (lost/out of order): resync */
+	OBI_CNT_TCPOPT_WRITTEN,   /* kind-25 options written */
+	OBI_CNT_TCPOPT_READ,      /* kind-25 options read */
+	OBI_CNT_THREAD_LINKS,     /* recv by a thread linked it to a server request */
+	OBI_CNT_SCRATCH_BUSY,   /* scratch slot in use on this CPU (nesting): message not parsed */
+	OBI_CNT_UNSEEN_SENDS,   /* write_seq moved other than sk_msg saw (short send + resend) */
+	OBI_CNT_SOCKS_RELEASED, /* client sockets sk_msg gave up on, taken out of sock_hash by tc */
+	OBI_CNT_TRACESTATE_INSERTED, /* tracestate headers written (with a Traceparent) by sk_msg */
+	OBI_CNT_TS_STATES_FULL, /* a request's tracestate not kept: ts_states full (none passed on) */
 	OBI_CNT_MAX,
 };
 

@@ -4,7 +4,7 @@
  * rewrites the offsets for the running kernel's BTF, so local layouts (and the _pad fields
  * that keep -Wpadded quiet) do not matter, only the field names and types.
  *
- * thread_link_sock(): the per-thread link of DESIGN decision 5, shared by every hook that
+ * thread_link_sock(): the per-thread link of docs/architecture.md, decision 5, shared by every hook that
  * knows "this thread just read bytes from socket sk" (threads.bpf.c, threads_syscalls.bpf.c). */
 #ifndef OBI_CORE_H
 #define OBI_CORE_H

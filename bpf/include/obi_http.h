@@ -5,19 +5,31 @@
  * headers over segments) and bodies are skipped by arithmetic (Content-Length and chunked
  * framing), never scanned: a body can never be taken for a request start.
  *
- * Driving: the program loads a window of the message into scratch->buf and runs
- * bpf_loop(parse_step). parse_step stops (returns 1) when it needs the next window or when
- * the program must act (ACT_*: message start, start line end, headers end); the program
- * handles the action and loops again (round_start/round_parse in obi_maps.h).
- * Nothing here reads outside the bytes of the current message. */
+ * Driving it over a message with bpf_loop is obi_parse.h's job; the trace context (W3C)
+ * part is obi_w3c.h; "Verifier cost" below says what keeps all of it cheap to verify.
+ * Nothing here reads outside the bytes of the current message.
+ *
+ * Verifier cost (docs/architecture.md, decision 9). Every program stays under a quarter of
+ * the verifier's 1,000,000-instruction limit, on 5.17-6.7 (bpf_loop callbacks verified
+ * once) as on 6.8+ (callbacks re-verified until their states converge), because:
+ *  - the byte-level branching is in global (noinline) functions, http_feed and tp_parse:
+ *    each is verified once, on its own, with its arguments unknown; a caller sees an
+ *    unknown scalar back, so the callee's branches never multiply the caller's states;
+ *  - digits are decoded through tables (hex_any, hex_lc): one load, no branch per digit;
+ *  - the parse state lives in map values (the connection's http_state, the per-CPU
+ *    scratch cursor), which the verifier does not track: a bpf_loop callback that advances
+ *    it reaches the same abstract state on every pass and converges at once;
+ *  - the callbacks are small: parse_step handles one byte, the program's round handles one
+ *    window or one action.
+ * tests/integration/test_verifier_budget.py measures it in every mode. */
 #ifndef OBI_HTTP_H
 #define OBI_HTTP_H
 
 #include <linux/types.h>
 #include "obi_abi.h"
+#include "obi_tracestate.h"
 
-#define WIN 1024 /* window size; a power of two (index masking) */
-#define MAX_INS 4 /* header insertions per sk_msg message (pipelined requests) */
+#define WIN 1024       /* window size; a power of two (index masking) */
 #define MAX_ROUNDS 256 /* windows + actions per message; beyond: give the connection up */
 
 /* http_state.phase */
@@ -33,24 +45,28 @@ enum {
 	PH_TRAILER,    /* trailer fields after the last chunk */
 	PH_LOST,       /* not HTTP/1.x (or framing we do not follow): leave the stream alone */
 	PH_TLS,        /* TLS records (the connection began with a handshake): never parsed as
-			* HTTP, never written into; requests are turns (see egress.bpf.c) */
+			* HTTP, never written into; requests are turns (see tpinjector.bpf.c) */
 };
 
 /* actions for the program */
-enum { ACT_NONE = 0, ACT_MSG_START, ACT_LINE0_END, ACT_HDRS_END, ACT_LOST };
+enum { ACT_NONE = 0, ACT_MSG_START, ACT_LINE0_END, ACT_HDRS_END, ACT_LOST, ACT_TS_NEED };
+/* ACT_TS_NEED: a server request has a tracestate header and the connection has no
+ * ts_states entry yet: the program makes one and parses on (tctracer.bpf.c). */
 
 /* http_state.bits */
 #define HS_RESP (1u << 0)        /* this direction carries responses (else requests) */
 #define HS_METHOD_DONE (1u << 1) /* saw the SP after the method */
 #define HS_HAS_CL (1u << 2)
 #define HS_CHUNKED (1u << 3)
-#define HS_READY (1u << 4)       /* server request parsed: its ids may be linked to a thread */
-#define HS_RESYNC (1u << 5)      /* tc: after a sequence gap, wait for a segment starting a message */
-#define HS_INJECTED (1u << 6)    /* sk_msg: header inserted for the current request */
-#define HS_LINKED (1u << 7)      /* ids came from the thread's server request */
+#define HS_READY (1u << 4)    /* server request parsed: its ids may be linked to a thread */
+#define HS_RESYNC (1u << 5)   /* tc: after a sequence gap, wait for a segment starting a message */
+#define HS_INJECTED (1u << 6) /* sk_msg: header inserted for the current request */
+#define HS_LINKED (1u << 7)   /* ids came from the thread's server request */
 #define HS_TP_VALID (1u << 8)
 #define HS_OPT_PENDING (1u << 9) /* egress TLS: the next data segment carries TCP option kind 25 */
 #define HS_TCPOPT (1u << 10)     /* ingress TLS: the open request's ids came from kind 25 */
+#define HS_NOBODY (1u << 11)     /* response to a HEAD request: no body, whatever the headers say */
+#define HS_HAS_TE (1u << 12)     /* a Transfer-Encoding header was seen */
 
 /* candidate header names (bit k of hmask) */
 #define H_CL 1
@@ -62,12 +78,15 @@ enum { ACT_NONE = 0, ACT_MSG_START, ACT_LINE0_END, ACT_HDRS_END, ACT_LOST };
 
 /* Parse state of one direction of one connection. Internal (never read by userspace). */
 struct http_state {
-	__u64 body_left; /* bytes left in the body / current chunk */
-	__u64 cl;        /* Content-Length value being read */
-	__u64 last8;     /* last 8 bytes of the start line (CR excluded): version check */
-	__u64 start_ns;  /* time the current message started */
+	__u64 body_left;  /* bytes left in the body / current chunk */
+	__u64 cl;         /* Content-Length value being read */
+	__u64 last8;      /* last 8 bytes of the start line (CR excluded): version check */
+	__u64 start_ns;   /* time the current message started */
 	__u64 server_tid; /* server connections: pid_tgid of the thread that read the current
 			   * request (thread hook), the thread of the server span */
+	__u64 head_ring;  /* requests of this connection whose response is still to come:
+			   * bit (n & 63) of request n is set if it was HEAD (its response has
+			   * no body). Kept in the ingress_conns entry (see head_push) */
 	__u32 phase;
 	__u32 role;      /* OBI_ROLE_* of the instrumented process on this connection */
 	__u32 bits;      /* HS_* */
@@ -83,15 +102,18 @@ struct http_state {
 	__u32 serial;    /* requests seen on this connection */
 	__u32 queued;    /* requests of this connection sent as *_REQ events whose response is
 			  * not seen yet (kept in the connection's ingress_conns state) */
-	__u32 _pad2;
+	__u8 head_w;     /* head_ring: requests recorded */
+	__u8 head_r;     /* head_ring: final responses seen */
+	__u8 last_h;     /* H_* of the previous header line (an obs-fold continues it) */
+	__u8 _pad2;
 	__u16 tp_count;
 	__u16 ts_count;
-	__u16 tp_len;    /* significant length of the first traceparent value */
-	__u16 ts_len;
-	__u16 line_cap;  /* bytes kept in line[] */
+	__u16 tp_len;   /* significant length of the first traceparent value */
+	__u16 line_cap; /* bytes kept in line[] */
 	__u16 status;
 	__u16 host_count;
-	__u16 host_len;  /* bytes of the first Host value (0 if longer than OBI_HOST_MAX) */
+	__u16 host_len; /* bytes of the first Host value (0 if longer than OBI_HOST_MAX) */
+	__u16 _pad1;
 	__u8 trace_id[16];
 	__u8 span_id[8];
 	__u8 parent_id[8];
@@ -99,7 +121,6 @@ struct http_state {
 	__u8 _pad0[7];
 	char line[OBI_LINE_MAX];
 	char tp[OBI_TP_MAX];
-	char tracestate[OBI_TRACESTATE_MAX];
 	char host[OBI_HOST_MAX];
 };
 
@@ -108,7 +129,8 @@ struct http_state {
 struct parse_ctx {
 	struct http_state *st;
 	struct scratch *sc;
-	void *prog_ctx; /* __sk_buff or sk_msg_md */
+	void *prog_ctx;      /* __sk_buff or sk_msg_md */
+	struct ts_state *ts; /* where a server request's tracestate goes (obi_tracestate.h) */
 };
 
 struct thread_ctx {
@@ -119,11 +141,16 @@ struct thread_ctx {
 	__u8 _pad0[7];
 };
 
-/* One pending header insertion of an sk_msg message. */
+/* The header insertion pending for the request being written (sk_msg): decided at the end
+ * of its headers (none if the application wrote its own traceparent), or at the end of the
+ * message when the headers continue in a later write. */
 struct ins {
-	__u32 off; /* message offset (before any insertion) right after the request line */
-	__u32 ok;  /* still wanted (no traceparent found in the same request) */
-	char hdr[72]; /* "Traceparent: 00-...-..-..\r\n", OBI_TP_HDR_LEN bytes used */
+	__u32 off;     /* message offset of the request line's LF (see tp_format) */
+	__u32 ts_len;  /* bytes of ts to insert as a tracestate header (0: none) */
+	__u32 written; /* bytes of the tracestate header written so far (insert_pending) */
+	__u32 _pad0;
+	char hdr[72];        /* OBI_TP_HDR_LEN bytes used (tp_format) */
+	char ts[TS_OUT_MAX]; /* the tracestate passed on (the server request's, normalized) */
 };
 
 /* Cursor of the message being parsed. Kept in the per-CPU scratch map, not on the stack:
@@ -136,8 +163,8 @@ struct pcur {
 	__u32 win_len; /* bytes valid in buf */
 	__u32 act;     /* ACT_* to handle */
 	__u32 act_pos; /* message offset right after the byte that raised act */
-	__u32 nins;    /* sk_msg: insertions recorded in ins[] */
-	__u32 cur;     /* sk_msg: 1 + index in ins[] of the request whose headers are open */
+	__u32 pushed;  /* sk_msg: bytes inserted into this message so far */
+	__u32 cur;     /* sk_msg: 1 while an insertion (ins) is pending */
 	__u64 pid_tgid;
 	struct obi_tuple t; /* the connection, seen from this host */
 };
@@ -145,12 +172,12 @@ struct pcur {
 struct scratch {
 	__u64 busy; /* > 1: another program on this CPU is using this slot (see scratch_get) */
 	struct pcur pc;
-	__u8 buf[2 * WIN]; /* WIN used; sized so that a 0x7ff-masked length is in bounds */
+	__u8 buf[2 * WIN];      /* WIN used; sized so that a 0x7ff-masked length is in bounds */
 	struct http_state init; /* zeroed template for new map entries */
-	struct ins ins[MAX_INS];
-	struct obi_event ev; /* a request's event being built for open_spans */
+	struct ins ins;
+	struct obi_event ev;        /* a request's event being built for open_spans */
+	struct ts_state ts_standin; /* parse_ctx.ts while a connection has no ts_states entry */
 };
-
 
 static __always_inline __u8 lower(__u8 c)
 {
@@ -172,6 +199,59 @@ const volatile char name_ts[32] = "tracestate";
 const volatile char name_host[32] = "host";
 const volatile char word_chunked[8] = "chunked";
 
+/* Is the method token a registered HTTP method (IANA HTTP Method Registry, without PRI, the
+ * HTTP/2 preface)? `m`: its last 8 characters packed big-endian (all of it when it has 8 or
+ * fewer), `len`: its length. A text protocol whose first line happens to end in " HTTP/1.1"
+ * ("USER bob HTTP/1.1" on an FTP control connection) is then not taken for HTTP. The same
+ * list is fallback/http.py's HTTP_METHODS (a unit test compares them). */
+static __always_inline int http_method(__u64 m, __u32 len)
+{
+	switch (len) {
+	case 3:
+		return m == 0x41434cULL /* ACL */ || m == 0x474554ULL /* GET */ ||
+		       m == 0x505554ULL /* PUT */;
+	case 4:
+		return m == 0x42494e44ULL /* BIND */ || m == 0x434f5059ULL /* COPY */ ||
+		       m == 0x48454144ULL /* HEAD */ || m == 0x4c494e4bULL /* LINK */ ||
+		       m == 0x4c4f434bULL /* LOCK */ || m == 0x4d4f5645ULL /* MOVE */ ||
+		       m == 0x504f5354ULL /* POST */;
+	case 5:
+		return m == 0x4c4142454cULL /* LABEL */ || m == 0x4d45524745ULL /* MERGE */ ||
+		       m == 0x4d4b434f4cULL /* MKCOL */ || m == 0x5041544348ULL /* PATCH */ ||
+		       m == 0x5155455259ULL /* QUERY */ || m == 0x5452414345ULL /* TRACE */;
+	case 6:
+		return m == 0x44454c455445ULL /* DELETE */ || m == 0x524542494e44ULL /* REBIND */ ||
+		       m == 0x5245504f5254ULL /* REPORT */ || m == 0x534541524348ULL /* SEARCH */ ||
+		       m == 0x554e42494e44ULL /* UNBIND */ || m == 0x554e4c494e4bULL /* UNLINK */ ||
+		       m == 0x554e4c4f434bULL /* UNLOCK */ || m == 0x555044415445ULL /* UPDATE */;
+	case 7:
+		return m == 0x434845434b494eULL /* CHECKIN */ ||
+		       m == 0x434f4e4e454354ULL /* CONNECT */ ||
+		       m == 0x4f5054494f4e53ULL /* OPTIONS */;
+	case 8:
+		return m == 0x434845434b4f5554ULL /* CHECKOUT */ ||
+		       m == 0x50524f5046494e44ULL /* PROPFIND */;
+	case 9:
+		return m == 0x524f505041544348ULL /* PROPPATCH */;
+	case 10:
+		return m == 0x4143544956495459ULL /* MKACTIVITY */ ||
+		       m == 0x43414c454e444152ULL /* MKCALENDAR */ ||
+		       m == 0x4445525041544348ULL /* ORDERPATCH */ ||
+		       m == 0x434845434b4f5554ULL /* UNCHECKOUT */;
+	case 11:
+		return m == 0x4f524b5350414345ULL /* MKWORKSPACE */;
+	case 13:
+		return m == 0x4952454354524546ULL /* MKREDIRECTREF */;
+	case 15:
+		return m == 0x2d434f4e54524f4cULL /* VERSION-CONTROL */;
+	case 16:
+		return m == 0x2d434f4e54524f4cULL /* BASELINE-CONTROL */;
+	case 17:
+		return m == 0x4952454354524546ULL /* UPDATEREDIRECTREF */;
+	}
+	return 0;
+}
+
 /* Clear the per-message fields before a message starts. */
 static __always_inline void msg_reset(struct http_state *st)
 {
@@ -189,10 +269,10 @@ static __always_inline void msg_reset(struct http_state *st)
 	st->tp_count = 0;
 	st->ts_count = 0;
 	st->tp_len = 0;
-	st->ts_len = 0;
 	st->host_count = 0;
 	st->host_len = 0;
 	st->status = 0;
+	st->last_h = 0;
 }
 
 static __always_inline void line_reset(struct http_state *st)
@@ -212,8 +292,8 @@ static __always_inline __u32 set_lost(struct http_state *st)
 }
 
 /* Narrow candidate k (bit) by the byte at name position idx. */
-static __always_inline void name_match(struct http_state *st, __u32 bit, const volatile char *name, __u32 nlen,
-				       __u32 idx, __u8 lc)
+static __always_inline void name_match(struct http_state *st, __u32 bit, const volatile char *name,
+                                       __u32 nlen, __u32 idx, __u8 lc)
 {
 	if (!(st->hmask & bit))
 		return;
@@ -232,10 +312,15 @@ static __always_inline void headers_end(struct http_state *st)
 			st->phase = PH_LOST;
 			return;
 		}
-		if ((status >= 100 && status < 200) || status == 204 || status == 304) {
+		if ((status >= 100 && status < 200) || status == 204 || status == 304 ||
+		    (st->bits & HS_NOBODY)) {
 			st->phase = PH_IDLE;
 			return;
 		}
+	}
+	if ((st->bits & (HS_HAS_TE | HS_CHUNKED)) == HS_HAS_TE) {
+		st->phase = PH_LOST; /* a transfer coding we do not frame (RFC 9112 6.3) */
+		return;
 	}
 	if (st->bits & HS_CHUNKED) {
 		st->phase = PH_CHUNK_SZ;
@@ -255,9 +340,9 @@ static __always_inline __u32 line0_end(struct http_state *st)
 {
 	if (st->bits & HS_RESP) {
 		/* "HTTP/1.x NNN" */
-		if (st->line_cap < 12 || st->line[0] != 'H' || st->line[1] != 'T' || st->line[2] != 'T' ||
-		    st->line[3] != 'P' || st->line[4] != '/' || st->line[5] != '1' || st->line[6] != '.' ||
-		    st->line[8] != ' ')
+		if (st->line_cap < 12 || st->line[0] != 'H' || st->line[1] != 'T' ||
+		    st->line[2] != 'T' || st->line[3] != 'P' || st->line[4] != '/' ||
+		    st->line[5] != '1' || st->line[6] != '.' || st->line[8] != ' ')
 			return set_lost(st);
 		__u8 a = st->line[9], b = st->line[10], c = st->line[11];
 		if (a < '1' || a > '5' || b < '0' || b > '9' || c < '0' || c > '9')
@@ -285,39 +370,58 @@ static __always_inline __u32 byte_line0(struct http_state *st, __u8 ch)
 		st->line[st->line_cap & 127] = ch; /* mask for the verifier; line_cap < 96 */
 		st->line_cap++;
 	}
-	st->last8 = (st->last8 << 8) | ch;
 	if (!(st->bits & (HS_RESP | HS_METHOD_DONE))) {
+		/* last8 holds the method so far */
 		if (ch == ' ') {
-			if (st->line_len == 0)
+			if (!http_method(st->last8, st->line_len))
 				return set_lost(st);
 			st->bits |= HS_METHOD_DONE;
-		} else if (!((ch >= 'A' && ch <= 'Z') || ch == '-' || ch == '_') || st->line_len > 24) {
+		} else if (!((ch >= 'A' && ch <= 'Z') || ch == '-') || st->line_len >= 17) {
 			return set_lost(st);
 		}
 	}
+	st->last8 = (st->last8 << 8) | ch;
 	if (st->line_len < 0xffff)
 		st->line_len++;
 	return ACT_NONE;
 }
 
-static __always_inline __u32 byte_hdrs(struct http_state *st, __u8 ch)
+/* Is this the request direction of a server connection, whose tracestate is collected
+ * (obi_tracestate.h)? Client requests are only checked for a tracestate of their own. */
+static __always_inline int ts_collects(const struct http_state *st)
+{
+	return st->role == OBI_ROLE_SERVER && !(st->bits & HS_RESP);
+}
+
+static __always_inline __u32 byte_hdrs(struct http_state *st, struct ts_state *ts, __u8 ch)
 {
 	if (ch == '\n') {
 		if (st->line_len == 0) {
 			headers_end(st);
 			return ACT_HDRS_END;
 		}
+		if (st->hcur == H_CL && st->vlen == 0)
+			return set_lost(st); /* Content-Length with no value */
 		if (st->hcur == H_TP && st->tp_count == 1)
 			st->tp_len = st->vend > 0xffff ? 0xffff : st->vend;
-		if (st->hcur == H_TS && st->ts_count == 1)
-			st->ts_len = st->vend > OBI_TRACESTATE_MAX ? OBI_TRACESTATE_MAX : st->vend;
+		if (st->hcur == H_TS && ts_collects(st))
+			ts_header_end(ts);
 		if (st->hcur == H_HOST && st->host_count == 1)
-			st->host_len = st->vend > OBI_HOST_MAX ? 0 : st->vend; /* cut would be wrong: drop */
+			st->host_len =
+			    st->vend > OBI_HOST_MAX ? 0 : st->vend; /* cut would be wrong: drop */
+		st->last_h = st->hcur;
 		line_reset(st);
 		return ACT_NONE;
 	}
 	if (ch == '\r')
 		return ACT_NONE;
+	if (st->line_len == 0 && (ch == ' ' || ch == '\t')) {
+		/* obs-fold: this line continues the previous header's value. A framing header
+		 * whose value we cannot read whole makes the stream unframeable: give it up. */
+		if (st->last_h & (H_CL | H_TE))
+			return set_lost(st);
+		st->hmask = 0; /* not a header name: ignore the line */
+	}
 	__u8 lc = lower(ch);
 	if (!st->hcur && st->hmask) {
 		/* in the name (hcur==0 after ':' means another header: nothing to do) */
@@ -336,14 +440,20 @@ static __always_inline __u32 byte_hdrs(struct http_state *st, __u8 ch)
 			st->hmask = 0;
 			if (st->hcur == H_TP)
 				st->tp_count++;
-			if (st->hcur == H_TS)
+			if (st->hcur == H_TS) {
 				st->ts_count++;
+				if (ts_collects(st) && ts->standin == 1)
+					return ACT_TS_NEED;
+			}
 			if (st->hcur == H_HOST)
 				st->host_count++;
 			if (st->hcur == H_CL) {
-				st->bits |= HS_HAS_CL; /* a repeated Content-Length restarts the value */
+				st->bits |=
+				    HS_HAS_CL; /* a repeated Content-Length restarts the value */
 				st->cl = 0;
 			}
+			if (st->hcur == H_TE)
+				st->bits |= HS_HAS_TE;
 		} else {
 			__u32 idx = st->line_len;
 			name_match(st, H_CL, name_cl, NAME_CL_LEN, idx, lc);
@@ -360,7 +470,8 @@ static __always_inline __u32 byte_hdrs(struct http_state *st, __u8 ch)
 		switch (st->hcur) {
 		case H_CL:
 			if (ch >= '0' && ch <= '9') {
-				if (st->cl > (1ULL << 50))
+				/* digits after OWS inside the value ("1 2"), or too many */
+				if (st->vend != v || st->cl > (1ULL << 50))
 					return set_lost(st);
 				st->cl = st->cl * 10 + (ch - '0');
 			} else if (!ows) {
@@ -383,8 +494,8 @@ static __always_inline __u32 byte_hdrs(struct http_state *st, __u8 ch)
 				st->tp[v & 63] = ch;
 			break;
 		case H_TS:
-			if (st->ts_count == 1 && v < OBI_TRACESTATE_MAX)
-				st->tracestate[v & (OBI_TRACESTATE_MAX - 1)] = ch;
+			if (ts_collects(st))
+				ts_feed(ts, ch);
 			break;
 		case H_HOST:
 			if (st->host_count == 1 && v < OBI_HOST_MAX)
@@ -401,25 +512,30 @@ out:
 	return ACT_NONE;
 }
 
-static __always_inline __u8 hexval(__u8 c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	c = lower(c);
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	return 0xff;
-}
+/* Hex digits, indexed by the byte: HEX_DIGIT | value for a digit, 0 for anything else.
+ * Tables in .rodata: decoding a digit is one load, not two or three branches. Branches per
+ * digit multiply the paths the verifier walks (the 55 digits of a traceparent took it past
+ * 1,000,000 instructions on some builds of 6.18). hex_any: both cases (chunk sizes); hex_lc,
+ * lowercase only (W3C HEXDIGLC), is in obi_w3c.h. */
+#define HEX_DIGIT 0x10
+#define HEX_DIGITS_LC                                                                              \
+	['0'] = 0x10, ['1'] = 0x11, ['2'] = 0x12, ['3'] = 0x13, ['4'] = 0x14, ['5'] = 0x15,        \
+	['6'] = 0x16, ['7'] = 0x17, ['8'] = 0x18, ['9'] = 0x19, ['a'] = 0x1a, ['b'] = 0x1b,        \
+	['c'] = 0x1c, ['d'] = 0x1d, ['e'] = 0x1e, ['f'] = 0x1f
+const volatile __u8 hex_any[256] = {
+    HEX_DIGITS_LC, ['A'] = 0x1a, ['B'] = 0x1b, ['C'] = 0x1c,
+    ['D'] = 0x1d,  ['E'] = 0x1e, ['F'] = 0x1f,
+};
 
 static __always_inline __u32 byte_chunk(struct http_state *st, __u8 ch)
 {
 	switch (st->phase) {
 	case PH_CHUNK_SZ: {
-		__u8 v = hexval(ch);
-		if (v != 0xff) {
+		__u8 v = hex_any[ch];
+		if (v & HEX_DIGIT) {
 			if (st->body_left > (1ULL << 40))
 				return set_lost(st);
-			st->body_left = st->body_left * 16 + v;
+			st->body_left = st->body_left * 16 + (v & 0xf);
 			st->line_len++;
 			return ACT_NONE;
 		}
@@ -466,15 +582,15 @@ static __always_inline __u32 byte_chunk(struct http_state *st, __u8 ch)
 /* One byte of a started message (phase LINE0, HDRS or the chunk framing). A global
  * (non-static, noinline) function: the verifier checks it once, on its own, instead of at
  * every call site with every combination of caller state (which exceeds its budget). */
-__attribute__((noinline)) int http_feed(struct http_state *st, __u32 ch)
+__attribute__((noinline)) int http_feed(struct http_state *st, struct ts_state *ts, __u32 ch)
 {
-	if (!st)
+	if (!st || !ts)
 		return ACT_NONE;
 	switch (st->phase) {
 	case PH_LINE0:
 		return byte_line0(st, ch);
 	case PH_HDRS:
-		return byte_hdrs(st, ch);
+		return byte_hdrs(st, ts, ch);
 	case PH_CHUNK_SZ:
 	case PH_CHUNK_EXT:
 	case PH_CHUNK_END:
@@ -484,184 +600,33 @@ __attribute__((noinline)) int http_feed(struct http_state *st, __u32 ch)
 	return ACT_NONE;
 }
 
-/* bpf_loop callback: consume bytes of the current window until an action, the end of the
- * window or the end of the message. */
-static long parse_step(__u32 i, void *arg)
+/* --- HEAD requests: their responses have no body ----------------------------------------
+ * The request direction records, per request, whether it was HEAD in head_ring of the
+ * connection's ingress_conns entry (client connections: sk_msg, at the end of the request's
+ * headers; server connections: tc ingress); the response direction takes the next bit at
+ * each final status line (tc ingress / tc egress) and, for HEAD, frames no body. */
+
+static __always_inline void head_push(struct http_state *conn, const struct http_state *req)
 {
-	struct parse_ctx *c = arg;
-	struct http_state *st = c->st;
-	struct scratch *sc = c->sc;
-	__u32 act;
+	__u64 bit = 1ULL << (conn->head_w & 63);
 
-	if (!st || !sc)
-		return 1;
-	struct pcur *v = &sc->pc;
-	if (v->pos >= v->len)
-		return 1;
-	switch (st->phase) {
-	case PH_BODY:
-	case PH_CHUNK_DATA: {
-		__u64 avail = v->len - v->pos;
-		__u64 n = st->body_left < avail ? st->body_left : avail;
-		v->pos += n;
-		st->body_left -= n;
-		if (st->body_left == 0)
-			st->phase = st->phase == PH_BODY ? PH_IDLE : PH_CHUNK_END;
-		return 0;
-	}
-	case PH_LOST:
-		v->pos = v->len;
-		return 1;
-	}
-	if (v->pos < v->win_off || v->pos >= v->win_off + v->win_len)
-		return 1; /* the program loads the next window */
-	__u8 ch = sc->buf[(v->pos - v->win_off) & (WIN - 1)];
-
-	if (st->phase == PH_IDLE) {
-		/* A message starts here: requests begin with an uppercase method, responses
-		 * with "HTTP/". Anything else is not HTTP/1.x. */
-		if ((st->bits & HS_RESP) ? ch != 'H' : !(ch >= 'A' && ch <= 'Z')) {
-			if (st->bits & HS_RESYNC) {
-				v->pos = v->len; /* wait for a segment that starts a message */
-				return 1;
-			}
-			act = set_lost(st);
-			v->pos++;
-			v->act = act;
-			v->act_pos = v->pos;
-			return 1;
-		}
-		msg_reset(st);
-		st->phase = PH_LINE0;
-		v->act = ACT_MSG_START;
-		v->act_pos = v->pos;
-		return 1; /* the byte itself is consumed by PH_LINE0 on the next step */
-	}
-	__u32 was_line0 = st->phase == PH_LINE0;
-	act = http_feed(st, ch);
-	if (act == ACT_LOST && was_line0 && (st->bits & HS_RESYNC)) {
-		st->phase = PH_IDLE; /* not a message start after all: keep waiting */
-		v->pos = v->len;
-		return 1;
-	}
-	v->pos++;
-	if (act != ACT_NONE) {
-		v->act = act;
-		v->act_pos = v->pos;
-		return 1;
-	}
-	return 0;
+	if (req->line_cap >= 5 && req->line[0] == 'H' && req->line[1] == 'E' &&
+	    req->line[2] == 'A' && req->line[3] == 'D' && req->line[4] == ' ')
+		conn->head_ring |= bit;
+	else
+		conn->head_ring &= ~bit;
+	conn->head_w++;
 }
 
-/* --- trace context helpers -------------------------------------------------------------- */
-
-static __always_inline void random_bytes(__u8 *out, int n)
+/* At a final response's status line: was its request HEAD? (0 when no request was
+ * recorded, e.g. a connection joined mid-stream.) */
+static __always_inline int head_pop(struct http_state *conn)
 {
-#pragma unroll
-	for (int i = 0; i < 16; i += 4) {
-		if (i >= n)
-			break;
-		__u32 r = bpf_get_prandom_u32();
-		__builtin_memcpy(out + i, &r, 4);
-	}
-}
-
-static __always_inline int is_zero(const __u8 *p, int n)
-{
-	__u8 acc = 0;
-#pragma unroll
-	for (int i = 0; i < 16; i++)
-		if (i < n)
-			acc |= p[i];
-	return acc == 0;
-}
-
-static __always_inline void new_span_id(__u8 *out)
-{
-	random_bytes(out, 8);
-	if (is_zero(out, 8))
-		out[7] = 1;
-}
-
-static __always_inline void new_trace_id(__u8 *out)
-{
-	random_bytes(out, 16);
-	if (is_zero(out, 16))
-		out[15] = 1;
-}
-
-/* Lowercase hex only (W3C HEXDIGLC). 0xff = not allowed. */
-static __always_inline __u8 hexlc(__u8 c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	return 0xff;
-}
-
-/* Validate the captured traceparent strictly (same rules as obi/w3c.py) and, if valid,
- * put its trace-id, parent-id and flags into the state. Returns 1 if valid. */
-static __always_inline int tp_parse(struct http_state *st)
-{
-	__u8 bad = 0;
-	const char *tp = st->tp;
-
-	if (st->tp_count != 1 || st->tp_len < OBI_TP_LEN)
+	if (conn->head_r == conn->head_w)
 		return 0;
-	if (tp[2] != '-' || tp[35] != '-' || tp[52] != '-')
-		return 0;
-	__u8 ver = (hexlc(tp[0]) << 4) | hexlc(tp[1]);
-	bad |= hexlc(tp[0]) | hexlc(tp[1]);
-	if (bad & 0xf0 || ver == 0xff)
-		return 0;
-	/* version 00 is exactly 55 chars; higher versions may continue after a '-' */
-	if (ver == 0 ? st->tp_len != OBI_TP_LEN : (st->tp_len > OBI_TP_LEN && tp[55] != '-'))
-		return 0;
-#pragma unroll
-	for (int i = 0; i < 16; i++) {
-		__u8 h = hexlc(tp[3 + 2 * i]), l = hexlc(tp[4 + 2 * i]);
-		bad |= h | l;
-		st->trace_id[i] = (h << 4) | (l & 0xf);
-	}
-#pragma unroll
-	for (int i = 0; i < 8; i++) {
-		__u8 h = hexlc(tp[36 + 2 * i]), l = hexlc(tp[37 + 2 * i]);
-		bad |= h | l;
-		st->parent_id[i] = (h << 4) | (l & 0xf);
-	}
-	__u8 fh = hexlc(tp[53]), fl = hexlc(tp[54]);
-	bad |= fh | fl;
-	if (bad & 0xf0)
-		return 0;
-	if (is_zero(st->trace_id, 16) || is_zero(st->parent_id, 8))
-		return 0;
-	st->trace_flags = (fh << 4) | fl;
-	return 1;
-}
-
-const volatile char hexdigits[16] = "0123456789abcdef";
-
-/* "Traceparent: 00-<trace>-<span>-<flags>\r\n" (OBI_TP_HDR_LEN bytes) into out. */
-static __always_inline void tp_format(char *out, const __u8 *trace_id, const __u8 *span_id, __u8 flags)
-{
-	__builtin_memcpy(out, "Traceparent: 00-", 16);
-#pragma unroll
-	for (int i = 0; i < 16; i++) {
-		out[16 + 2 * i] = hexdigits[trace_id[i] >> 4];
-		out[17 + 2 * i] = hexdigits[trace_id[i] & 0xf];
-	}
-	out[48] = '-';
-#pragma unroll
-	for (int i = 0; i < 8; i++) {
-		out[49 + 2 * i] = hexdigits[span_id[i] >> 4];
-		out[50 + 2 * i] = hexdigits[span_id[i] & 0xf];
-	}
-	out[65] = '-';
-	out[66] = hexdigits[flags >> 4];
-	out[67] = hexdigits[flags & 0xf];
-	out[68] = '\r';
-	out[69] = '\n';
+	int head = (conn->head_ring >> (conn->head_r & 63)) & 1;
+	conn->head_r++;
+	return head;
 }
 
 #endif

@@ -43,7 +43,7 @@ struct {
  * here: a socket in a sockmap reads through tcp_bpf_recvmsg, whose blocking wait returns
  * EAGAIN when woken without data (the write-space wakeup after a large send does that), so
  * a blocking server saw its keep-alive connection end after a big response. tc egress
- * parses their responses instead (ingress.bpf.c). */
+ * parses their responses instead (tctracer.bpf.c). */
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
 	__uint(max_entries, 65536);
@@ -84,6 +84,19 @@ struct {
 	__type(key, struct obi_tuple);
 	__type(value, struct http_state);
 } ingress_conns SEC(".maps");
+
+/* The tracestate of a server connection's current request (obi_tracestate.h), keyed by
+ * the tuple as in ingress_conns. Made by tc ingress when a request has a tracestate header
+ * (not preallocated: only such connections take memory), reset at each request, deleted
+ * with the connection on SYN/FIN/RST; read by sk_msg for the requests the server sends
+ * while serving that request (the ids in it say which request it belongs to). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 16384);
+	__type(key, struct obi_tuple);
+	__type(value, struct ts_state);
+} ts_states SEC(".maps");
 
 /* Egress HTTP parse state of a server connection (the responses a selected service
  * writes), keyed by the tuple as in ingress_conns. Created and used by tc egress once
@@ -152,7 +165,6 @@ struct {
 	__type(value, struct scratch);
 } scratch SEC(".maps");
 
-
 static __always_inline void count(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
@@ -197,151 +209,6 @@ static __always_inline int tgid_selected(void)
 static __always_inline int port_selected(__u32 port)
 {
 	return bpf_map_lookup_elem(&server_ports, &port) != 0;
-}
-
-static __always_inline struct obi_event *event_reserve(void)
-{
-	struct obi_event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
-
-	if (!ev)
-		count(OBI_CNT_EVENTS_LOST);
-	return ev;
-}
-
-/* Fill an event from the parse state of the message it describes. */
-static __always_inline void event_fill(struct obi_event *ev, __u32 kind, const struct http_state *st,
-				       const struct obi_tuple *t, __u64 pid_tgid)
-{
-	ev->kind = kind;
-	ev->flags = 0;
-	ev->ts_ns = st->start_ns;
-	ev->end_ns = 0;
-	ev->pid_tgid = pid_tgid;
-	ev->tuple = *t;
-	__builtin_memcpy(ev->trace_id, st->trace_id, 16);
-	__builtin_memcpy(ev->span_id, st->span_id, 8);
-	__builtin_memcpy(ev->parent_id, st->parent_id, 8);
-	ev->trace_flags = st->trace_flags;
-	ev->tp_count = st->tp_count > 255 ? 255 : st->tp_count;
-	ev->status = st->status;
-	ev->line_len = st->line_cap;
-	ev->tracestate_len = st->ts_len;
-	__builtin_memcpy(ev->line, st->line, OBI_LINE_MAX);
-	__builtin_memcpy(ev->tp, st->tp, OBI_TP_MAX);
-	ev->tp_len = st->tp_len;
-	ev->host_len = st->host_len;
-	ev->_pad1 = 0;
-	__builtin_memcpy(ev->tracestate, st->tracestate, OBI_TRACESTATE_MAX);
-	__builtin_memcpy(ev->host, st->host, OBI_HOST_MAX);
-}
-
-/* Send an event kept in a map (or scratch); counted if the ring buffer is full. */
-static __always_inline void event_output(struct obi_event *ev)
-{
-	if (bpf_ringbuf_output(&events, ev, sizeof(*ev), 0))
-		count(OBI_CNT_EVENTS_LOST);
-}
-
-/* A request's headers are complete and its event is built in sc->ev (kind *_SPAN): keep
- * it in open_spans until the response, or, if the connection already has a request waiting
- * for its response, send both as *_REQ (userspace pairs them). `conn`: the connection's
- * ingress_conns state, which counts the requests userspace holds. */
-static __always_inline void span_open(struct scratch *sc, struct http_state *conn, __u32 req_kind)
-{
-	struct obi_tuple *t = &sc->pc.t;
-	struct obi_event *old = bpf_map_lookup_elem(&open_spans, t);
-
-	if (!conn)
-		return; /* cannot count what userspace must pair: keep nothing */
-	if (!old && !conn->queued) {
-		bpf_map_update_elem(&open_spans, t, &sc->ev, BPF_ANY);
-		return;
-	}
-	if (old) {
-		old->kind = req_kind;
-		event_output(old);
-		bpf_map_delete_elem(&open_spans, t);
-		__sync_fetch_and_add(&conn->queued, 1);
-	}
-	sc->ev.kind = req_kind;
-	event_output(&sc->ev);
-	__sync_fetch_and_add(&conn->queued, 1);
-}
-
-/* A response's status line (parse state `resp`): complete and send the open span of the
- * connection, or a *_RESP event if userspace holds requests of it (`conn` as above). */
-static __always_inline void span_close(const struct obi_tuple *t, const struct http_state *resp,
-				       struct http_state *conn, __u32 span_kind, __u32 resp_kind, __u64 pid_tgid)
-{
-	if (conn && conn->queued) {
-		__sync_fetch_and_add(&conn->queued, -1);
-		struct obi_event *ev = event_reserve();
-		if (ev) {
-			event_fill(ev, resp_kind, resp, t, pid_tgid);
-			bpf_ringbuf_submit(ev, 0);
-		}
-		return;
-	}
-	struct obi_event *ev = bpf_map_lookup_elem(&open_spans, t);
-	if (!ev)
-		return;
-	ev->kind = span_kind;
-	ev->status = resp->status;
-	ev->end_ns = resp->start_ns;
-	if (pid_tgid)
-		ev->pid_tgid = pid_tgid;
-	event_output(ev);
-	bpf_map_delete_elem(&open_spans, t);
-}
-
-/* The connection ends (FIN/RST seen by tc): a request left without response goes to
- * userspace as *_REQ (it is reported, status 0, when the agent stops). */
-static __always_inline void span_abandon(const struct obi_tuple *t)
-{
-	struct obi_event *ev = bpf_map_lookup_elem(&open_spans, t);
-
-	if (!ev)
-		return;
-	ev->kind = ev->kind == OBI_EV_SERVER_SPAN ? OBI_EV_SERVER_REQ : OBI_EV_CLIENT_REQ;
-	event_output(ev);
-	bpf_map_delete_elem(&open_spans, t);
-}
-
-/* --- one round of bpf_loop(MAX_ROUNDS) over a message, in egress.bpf.c and ingress.bpf.c:
- * round_start, then (ROUND_LOAD) the program's own window load, then round_parse and the
- * program's own action. */
-
-enum { ROUND_END = 0, ROUND_LOAD, ROUND_PARSE };
-
-/* ROUND_END: the message is done (every byte parsed, or the stream given up; or no state
- * or scratch, which the verifier wants checked in each callback). ROUND_LOAD: the next byte
- * is outside the window in sc->buf, the program loads the next one (bodies are skipped by
- * arithmetic and need none). ROUND_PARSE: the window holds the next byte. */
-static __always_inline int round_start(const struct http_state *st, const struct scratch *sc)
-{
-	if (!st || !sc)
-		return ROUND_END;
-	const struct pcur *p = &sc->pc;
-	if (p->pos >= p->len || st->phase == PH_LOST)
-		return ROUND_END;
-	if (st->phase != PH_BODY && st->phase != PH_CHUNK_DATA &&
-	    (p->pos < p->win_off || p->pos >= p->win_off + p->win_len))
-		return ROUND_LOAD;
-	return ROUND_PARSE;
-}
-
-/* Parse up to the next action and return it for the program to handle: ACT_NONE when the
- * window or the message ended first, or when the stream is not HTTP/1.x (ACT_LOST, counted
- * here; nothing to handle). */
-static __always_inline __u32 round_parse(struct parse_ctx *c, struct pcur *p)
-{
-	p->act = ACT_NONE;
-	bpf_loop(WIN + 1, parse_step, c, 0);
-	if (p->act == ACT_LOST) {
-		count(OBI_CNT_PARSE_LOST);
-		return ACT_NONE;
-	}
-	return p->act;
 }
 
 #endif

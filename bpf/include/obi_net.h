@@ -12,10 +12,11 @@
 
 /* An IPv6 tuple whose addresses are v4-mapped (::ffff:a.b.c.d) becomes an IPv4 tuple,
  * so a dual-stack socket and the IPv4 packets tc sees use the same key. */
-static __always_inline void tuple_set_addrs6(struct obi_tuple *t, const __u32 *local, const __u32 *peer)
+static __always_inline void tuple_set_addrs6(struct obi_tuple *t, const __u32 *local,
+                                             const __u32 *peer)
 {
-	if (local[0] == 0 && local[1] == 0 && local[2] == bpf_htonl(0xffff) && peer[0] == 0 && peer[1] == 0 &&
-	    peer[2] == bpf_htonl(0xffff)) {
+	if (local[0] == 0 && local[1] == 0 && local[2] == bpf_htonl(0xffff) && peer[0] == 0 &&
+	    peer[1] == 0 && peer[2] == bpf_htonl(0xffff)) {
 		t->family = OBI_AF_INET;
 		__builtin_memcpy(t->local_addr, &local[3], 4);
 		__builtin_memcpy(t->peer_addr, &peer[3], 4);

@@ -1,1 +1,2 @@
-"""Kernel fast path: libbpf binding, BPF loader, attachments, feature probes."""
+"""The kernel datapath: libbpf binding, BPF loader, attachments, ring reader, feature probes
+(docs/architecture.md)."""

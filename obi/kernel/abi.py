@@ -16,7 +16,7 @@ TP_LEN = 55
 TP_HDR_LEN = 70  # "Traceparent: " + 55 + CRLF
 LINE_MAX = 96
 TP_MAX = 56
-TRACESTATE_MAX = 256
+TRACESTATE_MAX = 512
 HOST_MAX = 128
 
 TCPOPT_KIND = 25
@@ -69,9 +69,11 @@ class Counter(enum.IntEnum):
     SCRATCH_BUSY = 11
     UNSEEN_SENDS = 12
     SOCKS_RELEASED = 13
+    TRACESTATE_INSERTED = 14
+    TS_STATES_FULL = 15
 
 
-COUNTER_MAX = 14
+COUNTER_MAX = 16
 
 # struct obi_tuple: local_addr[16] peer_addr[16] local_port peer_port family _pad0
 TUPLE_FMT = "=16s16sHHHH"
@@ -102,7 +104,7 @@ EVENT_FIELDS: tuple[tuple[str, str], ...] = (
     ("host", f"{HOST_MAX}s"),
 )
 EVENT_FMT = "=" + "".join(f for _, f in EVENT_FIELDS)
-EVENT_SIZE = struct.calcsize(EVENT_FMT)  # 656
+EVENT_SIZE = struct.calcsize(EVENT_FMT)  # 912
 EVENT = struct.Struct(EVENT_FMT)  # precompiled: decoding is on the agent's hot path
 _TUPLE = struct.Struct(TUPLE_FMT)
 _TUPLE_CACHE: dict[bytes, "Tuple"] = {}  # raw tuple -> Tuple (ipaddress formatting is slow)
@@ -140,8 +142,9 @@ class Tuple:
         return t
 
     def pack(self) -> bytes:
-        return _TUPLE.pack(_addr_bytes(self.local_addr), _addr_bytes(self.peer_addr),
-                           self.local_port, self.peer_port, self.family, 0)
+        return _TUPLE.pack(
+            _addr_bytes(self.local_addr), _addr_bytes(self.peer_addr), self.local_port, self.peer_port, self.family, 0
+        )
 
 
 def _addr(raw: bytes, family: int) -> str:
@@ -178,13 +181,49 @@ class Event:
 
     @classmethod
     def unpack(cls, raw: bytes | memoryview) -> "Event":
-        (kind, flags, ts_ns, end_ns, pid_tgid, tup, trace_id, span_id, parent_id, trace_flags, tp_count, status,
-         line_len, ts_len, line, tp, tp_len, host_len, _, tracestate, host) = EVENT.unpack_from(raw)
+        (
+            kind,
+            flags,
+            ts_ns,
+            end_ns,
+            pid_tgid,
+            tup,
+            trace_id,
+            span_id,
+            parent_id,
+            trace_flags,
+            tp_count,
+            status,
+            line_len,
+            ts_len,
+            line,
+            tp,
+            tp_len,
+            host_len,
+            _,
+            tracestate,
+            host,
+        ) = EVENT.unpack_from(raw)
         # Positional, no enum lookup, no min(): BPF bounds the lengths and a slice past the
         # end is safe anyway (this runs once per span).
-        return cls(kind, flags, ts_ns, end_ns, pid_tgid, Tuple.unpack(tup), trace_id.hex(), span_id.hex(),
-                   "" if parent_id == _ZERO8 else parent_id.hex(), trace_flags, tp_count, status,
-                   line[:line_len], tp[:tp_len], tracestate[:ts_len], host[:host_len].decode("latin-1"))
+        return cls(
+            kind,
+            flags,
+            ts_ns,
+            end_ns,
+            pid_tgid,
+            Tuple.unpack(tup),
+            trace_id.hex(),
+            span_id.hex(),
+            "" if parent_id == _ZERO8 else parent_id.hex(),
+            trace_flags,
+            tp_count,
+            status,
+            line[:line_len],
+            tp[:tp_len],
+            tracestate[:ts_len],
+            host[:host_len].decode("latin-1"),
+        )
 
     @property
     def pid(self) -> int:

@@ -9,15 +9,11 @@ Each live attachment is recorded in `<state_dir>/<pid>.json` so that `cleanup()`
 remove exactly the tc filters / sk_msg attachments an agent that was killed left behind.
 Only filters whose program name starts with `obi_` are ever removed, so BPF programs
 meant for the agent must be named `obi_*`.
-
-`in_netns(path)` switches the calling thread into a network namespace and back;
-`in_new_netns(fn)` runs `fn` in a thread inside a fresh, throw-away network namespace.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import logging
@@ -26,129 +22,17 @@ import socket
 import subprocess
 import threading
 import time
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any
 
 from ..errors import AttachError, BpfError, MissingFeature
 from . import libbpf
 from .libbpf import Program
+from .netns import current_netns_path, in_netns
 
 log = logging.getLogger("obi.kernel.attach")
 
 DEFAULT_STATE_DIR = "/run/obi"
 PROG_PREFIX = "obi_"  # cleanup() removes only filters running programs named like this
-CLONE_NEWNET = 0x40000000
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
-_libc.unshare.argtypes = [ctypes.c_int]
-
-T = TypeVar("T")
-
-
-# --- tracefs ---------------------------------------------------------------------------
-
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
-
-
-def ensure_tracefs() -> str:
-    """Mount tracefs at /sys/kernel/tracing unless it is mounted already (minimal hosts
-    and containers often lack the mount; systemd makes it at boot elsewhere). Returns where
-    it is. It stays mounted at exit: a mount of the kernel's own tracing view, shared with
-    every other tracing tool, not an attachment of ours. Raises MissingFeature if it cannot
-    be mounted (no CAP_SYS_ADMIN, or a kernel without tracefs)."""
-    from .probes import TRACEFS_DIRS, tracefs_mounted  # probes imports this module
-
-    where = tracefs_mounted()
-    if where:
-        return where
-    target = TRACEFS_DIRS[0]
-    if _libc.mount(b"tracefs", target.encode(), b"tracefs", 0, None) != 0:
-        err = ctypes.get_errno()
-        raise MissingFeature("tracefs", "4.1", f"not mounted and mounting it at {target} failed: {os.strerror(err)}")
-    log.info("mounted tracefs at %s (tracepoints are attached through it)", target)
-    return target
-
-
-# --- network namespaces ----------------------------------------------------------------
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-@contextlib.contextmanager
-def in_netns(path: str | None) -> Iterator[None]:
-    """Run the block with the calling thread in the network namespace at `path`
-    (e.g. /run/netns/NAME); `None` or "" means stay where we are. Always switches back."""
-    if not path:
-        yield
-        return
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open(path, os.O_RDONLY)
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            _setns(own)
-    finally:
-        os.close(own)
-
-
-def in_new_netns(fn: Callable[[], T], timeout: float = 10.0) -> T:
-    """Run `fn()` in a new thread that first unshares into a fresh network namespace.
-
-    The namespace disappears when the thread ends (unless `fn` kept something in it alive).
-    Exceptions of `fn` are re-raised here."""
-    box: dict[str, Any] = {}
-
-    def body() -> None:
-        try:
-            if _libc.unshare(CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
-            box["result"] = fn()
-        except BaseException as e:  # handed to the caller
-            box["error"] = e
-
-    t = threading.Thread(target=body, name="obi-new-netns", daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise TimeoutError("function in new network namespace did not finish")
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
-
-
-def _ns_id(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
-
-
-def current_netns_path() -> str:
-    """Path naming the calling thread's netns: "" for the initial one (that of pid 1), a
-    /run/netns/NAME entry when one matches, else "?" (not reachable by cleanup)."""
-    me = _ns_id("/proc/thread-self/ns/net")
-    try:
-        if _ns_id("/proc/1/ns/net") == me:
-            return ""
-    except OSError:
-        pass
-    try:
-        for name in sorted(os.listdir("/run/netns")):
-            path = os.path.join("/run/netns", name)
-            with contextlib.suppress(OSError):
-                if _ns_id(path) == me:
-                    return path
-    except OSError:
-        pass
-    return "?"
 
 
 # --- state file ------------------------------------------------------------------------
@@ -238,7 +122,10 @@ def _tc_filters_present(ifname: str) -> bool | None:
         for direction in ("ingress", "egress"):
             out = subprocess.run(
                 ["tc", "filter", "show", "dev", ifname, direction],
-                capture_output=True, text=True, timeout=5, check=True,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
             ).stdout
             if out.strip():
                 return True
@@ -390,9 +277,7 @@ class TcAttachment:
                 self._netns_fd = None
 
     def _detach_tc(self) -> None:
-        same = self._netns_fd is None or os.fstat(self._netns_fd)[1:3] == os.stat(
-            "/proc/thread-self/ns/net"
-        )[1:3]
+        same = self._netns_fd is None or os.fstat(self._netns_fd)[1:3] == os.stat("/proc/thread-self/ns/net")[1:3]
         ns = None if same else f"/proc/self/fd/{self._netns_fd}"
         with in_netns(ns):
             tc_point, _ = _DIRECTIONS[self.direction]

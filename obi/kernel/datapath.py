@@ -2,13 +2,13 @@
 buffer events into spans (obi.datapath.DatapathRunner).
 
 What gets attached (all through obi.kernel.attach, so `obi cleanup` knows about it):
-- egress.bpf.o: `obi_sockops` on cfg.cgroup_path (cgroup link) and `obi_sk_msg` on its
+- tpinjector.bpf.o: `obi_sockops` on cfg.cgroup_path (cgroup link) and `obi_sk_msg` on its
   sock_hash (client sockets only: server sockets in a sockmap would break blocking reads,
   obi_maps.h says how);
-- ingress.bpf.o: `obi_tc_ingress` and `obi_tc_egress` on every interface of the watched
+- tctracer.bpf.o: `obi_tc_ingress` and `obi_tc_egress` on every interface of the watched
   netns (tcx or clsact per cfg.traffic_control_backend); egress reads the responses of
   server connections;
-- the thread hook (which request a thread serves, DESIGN decision 5), one of:
+- the thread hook (which request a thread serves, docs/architecture.md, decision 5), one of:
   threads.bpf.o: `obi_recv_length` on the sock:sock_recv_length tracepoint (Linux >= 6.3);
   threads_syscalls.bpf.o: `obi_sys_enter` / `obi_sys_exit` on the syscalls:sys_enter_* /
   sys_exit_* tracepoints of SYSCALLS (kernels without it). `thread_hook` chooses.
@@ -23,15 +23,15 @@ ports to `server_ports`; a scanner thread refreshes both every `scan_interval` s
 
 TLS (connections that begin with a handshake record) is never parsed or written into;
 its requests are request/response turns, and with `tcp` propagation the client's context
-travels in TCP option kind 25 of one segment per request (egress.bpf.c explains both).
+travels in TCP option kind 25 of one segment per request (tpinjector.bpf.c explains both).
 Such spans have empty method/path, status 0 and extra {"tls": True, "tcp_option": ...}.
 
-Sockets established before start() are adopted once, right after attaching: iter.bpf.o's
+Sockets established before start() are adopted once, right after attaching: adopt.bpf.o's
 TCP iterator, run from a thread inside the watched netns (an iterator walks its creator's
 netns), puts the established client sockets of the selected processes (their socket
 inodes, from /proc, in the iterator's adopt_inodes map) into sock_hash with an egress
 parse state that waits for a write beginning with a start line (HS_RESYNC), so nothing is
-inserted into a body (iter.bpf.c says which sockets). Server connections need no adoption:
+inserted into a body (adopt.bpf.c says which sockets). Server connections need no adoption:
 tc follows them from their next request. `adopted` counts what it did. Client sockets
 with a request in flight at start, and adoption itself on kernels without TCP iterators,
 are left as before: their requests pass unchanged with no client span. Adopted sockets
@@ -40,6 +40,7 @@ have no TCP-option callbacks (sockops sets them at establishment).
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import struct
@@ -47,26 +48,21 @@ import threading
 import time
 from typing import Iterable
 
-from .. import procs
+from .. import discovery
 from ..config import Config
 from ..datapath import SpanSink
 from ..errors import AttachError, BpfError, MissingFeature
-from . import attach, libbpf
-from .abi import CFG_HDR_INSERT, CFG_HDR_READ, CFG_TCP, COUNTER_MAX, Counter
+from . import attach, libbpf, probes, ringbuf, tracefs
+from .abi import COUNTER_MAX, Counter
 from .events import Correlator
+from .loader import ADOPT_ITER, OBJECTS, THREAD_HOOKS, cfg_flags, load, open_object, shared_fds
+from .netns import in_netns
 
 log = logging.getLogger("obi.kernel.datapath")
 
-OBJECTS = ("egress", "ingress")  # egress first: it creates the shared maps; then the thread hook's
-
-# The iterator that adopts connections established before start(): object, program.
-ADOPT_ITER = ("iter", "obi_adopt")
 # Its output, one byte per established socket -> KernelDatapath.adopted key.
-ADOPT_CODES = {b"S": "server", b"C": "client", b"b": "in_flight", b"k": "known", b"e": "failed",
-               b"o": "not_selected"}
+ADOPT_CODES = {b"S": "server", b"C": "client", b"b": "in_flight", b"k": "known", b"e": "failed", b"o": "not_selected"}
 
-# Thread hooks (KernelDatapath thread_hook) -> their BPF object.
-THREAD_HOOKS = {"sock_recv_length": "threads", "syscalls": "threads_syscalls"}
 # The syscalls that read sockets, hooked by threads_syscalls (sock_recv_length fires for
 # all of them, from sock_recvmsg).
 SYSCALLS = ("read", "readv", "recvfrom", "recvmsg")
@@ -79,21 +75,8 @@ def choose_thread_hook(requested: str = "auto") -> str:
         return requested
     if requested != "auto":
         raise ValueError(f"thread_hook must be auto or one of {sorted(THREAD_HOOKS)}, not {requested!r}")
-    from .probes import probe_sock_recv_tracepoint  # probes imports attach: keep it lazy
+    return "syscalls" if probes.probe_sock_recv_tracepoint().ok is False else "sock_recv_length"
 
-    return "syscalls" if probe_sock_recv_tracepoint().ok is False else "sock_recv_length"
-
-
-def cfg_flags(cfg: Config) -> int:
-    """obi_cfg_flags for the BPF programs. As in OBI: incoming traceparent headers are
-    continued with headers propagation or with track_request_headers alone; headers are
-    inserted only with headers propagation."""
-    flags = CFG_TCP if cfg.propagate_tcp else 0
-    if cfg.propagate_headers:
-        flags |= CFG_HDR_INSERT
-    if cfg.read_incoming_headers:
-        flags |= CFG_HDR_READ
-    return flags
 
 # --- the datapath --------------------------------------------------------------------
 
@@ -124,13 +107,15 @@ class KernelDatapath:
         self._objs: dict[str, libbpf.BpfObject] = {}
         self._attachments: list = []  # detached in reverse order
         self._links: list[libbpf.Link] = []
-        self._ring: libbpf.RingReader | None = None
+        self._ring: ringbuf.RingReader | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._exes: dict[int, str] = {}
         self._selected: set[int] = set()
         self._ports: set[int] = set()
         self._scan_lock = threading.Lock()
+        self._map_full: dict[str, int] = {}  # what -> entries that did not fit at the last scan
+        self.selection_map_full = 0
         self.correlator = Correlator(sink, exe_of=lambda pid: self._exes.get(pid, ""))
         self.started = False
         # What _adopt did with the connections that existed at start (ADOPT_CODES values).
@@ -146,7 +131,7 @@ class KernelDatapath:
             self.scan_now()
             self._attach()
             self._adopt()
-            self._ring = libbpf.RingReader(self._objs["egress"].map("events"), self.correlator.on_raw)
+            self._ring = ringbuf.RingReader(self._objs["tpinjector"].map("events"), self.correlator.on_raw)
         except BaseException:
             self.stop()
             raise
@@ -195,38 +180,20 @@ class KernelDatapath:
     # -- loading and attaching
 
     def _load(self) -> None:
+        """Load the objects; a failure is MissingFeature or ProgramRejected (loader.classify)."""
         shared: dict[str, int] = {}
         for name in (*OBJECTS, THREAD_HOOKS[self.thread_hook]):
-            obj = self._objs[name] = self._open(name, shared)
-            try:
-                obj.load()
-            except BpfError as e:
-                if "bpf_loop" in (e.log or "") or "unknown func" in (e.log or ""):
-                    raise MissingFeature("bpf_loop", "5.17", str(e).splitlines()[0]) from e
-                raise
+            obj = self._objs[name] = open_object(name, cfg_flags(self.cfg), shared)
+            load(obj)
             if not shared:
-                shared.update(self._shared_fds())
-
-    def _open(self, name: str, shared: dict[str, int]) -> libbpf.BpfObject:
-        """Open object `name` with the config flags set and the maps in `shared` reused."""
-        obj = libbpf.BpfObject.open(libbpf.object_path(name))
-        obj.set_global("obi_cfg_flags", struct.pack("=I", cfg_flags(self.cfg)))
-        for m in obj.maps():
-            if m.name in shared:
-                m.reuse_fd(shared[m.name])
-        return obj
-
-    def _shared_fds(self) -> dict[str, int]:
-        """The shared maps (obi_maps.h), as egress created them."""
-        return {m.name: m.fd for m in self._objs["egress"].maps() if not m.name.startswith(".")
-                and not m.name.endswith((".rodata", ".data", ".bss"))}
+                shared.update(shared_fds(obj))
 
     def _adopt(self) -> None:
         """Run ADOPT_ITER once, in the watched netns: connections established before start()
-        join sock_hash (iter.bpf.c says which, and why that is safe). Without TCP
+        join sock_hash (adopt.bpf.c says which, and why that is safe). Without TCP
         iterators (Linux < 5.10 or so) they are left alone, as they were before."""
         try:
-            obj = self._open(ADOPT_ITER[0], self._shared_fds())
+            obj = open_object(ADOPT_ITER[0], cfg_flags(self.cfg), shared_fds(self._objs["tpinjector"]))
         except BpfError as e:
             log.warning("pre-existing connections not adopted: %s", e)
             return
@@ -235,9 +202,9 @@ class KernelDatapath:
             inodes = obj.map("adopt_inodes")
             one = struct.pack("=I", 1)
             for pid in sorted(self._selected):
-                for ino in procs.socket_inodes(pid):
+                for ino in discovery.socket_inodes(pid):
                     inodes.update(struct.pack("=Q", ino), one)
-            with attach.in_netns(self.netns):
+            with in_netns(self.netns):
                 out = obj.program(ADOPT_ITER[1]).run_iter()
         except BpfError as e:
             log.warning("pre-existing connections not adopted: %s", str(e).splitlines()[0])
@@ -248,7 +215,7 @@ class KernelDatapath:
         log.info("pre-existing TCP connections: %s", self.adopted)
 
     def _attach(self) -> None:
-        eg = self._objs["egress"]
+        eg = self._objs["tpinjector"]
         cgroup = self.cfg.cgroup_path or libbpf.cgroup_v2_mount()
         if not cgroup:
             raise MissingFeature("cgroup v2", "4.5", "no cgroup2 mount for sockops")
@@ -258,13 +225,14 @@ class KernelDatapath:
             attach.SkMsgAttachment(eg.program("obi_sk_msg"), eg.map("sock_hash"), state_dir=sd).attach()
         )
         self._attach_thread_hook()
-        tc = self._objs["ingress"]
+        tc = self._objs["tctracer"]
         backend = self.cfg.traffic_control_backend
-        with attach.in_netns(self.netns):
+        with in_netns(self.netns):
             for ifindex, ifname in socket.if_nameindex():
                 for direction in ("ingress", "egress"):
-                    a = attach.TcAttachment(tc.program(f"obi_tc_{direction}"), ifindex, direction, backend,
-                                            state_dir=sd)
+                    a = attach.TcAttachment(
+                        tc.program(f"obi_tc_{direction}"), ifindex, direction, backend, state_dir=sd
+                    )
                     try:
                         a.attach()
                     except (AttachError, BpfError) as e:
@@ -273,7 +241,7 @@ class KernelDatapath:
 
     def _attach_thread_hook(self) -> None:
         obj = self._objs[THREAD_HOOKS[self.thread_hook]]
-        attach.ensure_tracefs()
+        tracefs.ensure_tracefs()
         if self.thread_hook == "sock_recv_length":
             try:
                 self._links.append(obj.program("obi_recv_length").attach_tracepoint("sock", "sock_recv_length"))
@@ -295,24 +263,49 @@ class KernelDatapath:
     def scan_now(self) -> None:
         """Refresh selected_tgids / server_ports from /proc (also run periodically)."""
         with self._scan_lock:
-            ino = procs.netns_inode(self.netns or "/proc/thread-self/ns/net")
-            sel = procs.scan(self.cfg, ino)
+            ino = discovery.netns_inode(self.netns or "/proc/thread-self/ns/net")
+            sel = discovery.scan(self.cfg, ino)
             tgids, ports, exes = sel.pids, sel.ports, sel.exes
-            eg = self._objs.get("egress")
+            eg = self._objs.get("tpinjector")
             if eg is None:
                 return
-            self._sync(eg.map("selected_tgids"), self._selected, tgids)
-            self._sync(eg.map("server_ports"), self._ports, ports)
-            self._selected, self._ports = tgids, ports
+            self._selected = self._sync(eg.map("selected_tgids"), self._selected, tgids, "processes")
+            self._ports = self._sync(eg.map("server_ports"), self._ports, ports, "ports")
             self._exes = exes
 
-    @staticmethod
-    def _sync(m: libbpf.Map, old: Iterable[int], new: set[int]) -> None:
+    def _sync(self, m: libbpf.Map, old: Iterable[int], new: set[int], what: str) -> set[int]:
+        """Make map `m` hold `new` (it holds `old`); returns what it holds after. A full map
+        (E2BIG) keeps what fits: the rest stays uninstrumented, counted in
+        selection_map_full at every scan, logged when it starts and when it ends."""
         one = struct.pack("=I", 1)
-        for k in set(old) - new:
+        held = set(old)
+        for k in held - new:
             m.delete(struct.pack("=I", k))
-        for k in new - set(old):
-            m.update(struct.pack("=I", k), one)
+            held.discard(k)
+        refused = 0
+        for k in sorted(new - held):
+            try:
+                m.update(struct.pack("=I", k), one)
+            except BpfError as e:
+                if e.errno != errno.E2BIG:
+                    raise
+                refused = len(new - held)
+                break
+            held.add(k)
+        was = self._map_full.get(what, 0)
+        if refused and not was:
+            log.warning(
+                "%s map full (%d entries): %d %s not instrumented until some go away",
+                m.name,
+                m.max_entries,
+                refused,
+                what,
+            )
+        elif was and not refused:
+            log.info("%s map has room again: every selected %s instrumented", m.name, what)
+        self._map_full[what] = refused
+        self.selection_map_full += refused
+        return held
 
     @property
     def selected_pids(self) -> set[int]:
@@ -340,12 +333,13 @@ class KernelDatapath:
                 time.sleep(0.1)
             if time.monotonic() - last_sync > 60:
                 self.correlator.resync_clock()
+                self.correlator.expire()
                 last_sync = time.monotonic()
 
     # -- stats
 
     def counters(self) -> dict[str, int]:
-        eg = self._objs.get("egress")
+        eg = self._objs.get("tpinjector")
         if eg is None:
             return {}
         m = eg.map("counters")
@@ -359,6 +353,8 @@ class KernelDatapath:
         out = self.counters()
         out["spans"] = self.correlator.spans
         out["unmatched_responses"] = self.correlator.unmatched_responses
+        out["requests_evicted"] = self.correlator.evicted + self.correlator.dropped_requests
+        out["selection_map_full"] = self.selection_map_full
         out["selected_processes"] = len(self._selected)
         out["ring_callback_errors"] = self._ring.errors if self._ring else 0
         return out

@@ -1,15 +1,15 @@
 """Ring buffer events -> SpanRecords.
 
-Normally BPF sends one event per span (SERVER_SPAN from sk_msg, CLIENT_SPAN from tc
+Normally BPF sends one event per span (SERVER_SPAN from tc egress, CLIENT_SPAN from tc
 ingress: the request's event, completed with the response's status and time in BPF), and
 it becomes a SpanRecord at once. A connection with several requests waiting for answers
 (pipelining) is reported in pairs instead (obi_abi.h): a request's headers seen (SERVER_REQ
-on tc ingress, CLIENT_REQ in sk_msg) and a response's status line (SERVER_RESP in sk_msg,
-CLIENT_RESP on tc ingress); each response is paired with the oldest open request of the
+on tc ingress, CLIENT_REQ in sk_msg) and a response's status line (SERVER_RESP on tc
+egress, CLIENT_RESP on tc ingress); each response is paired with the oldest open request of the
 same connection (HTTP/1.x answers in order). The ids are always chosen in BPF (they had to
 be: the client's ids are written into the request as it leaves).
 
-TLS connections (OBI_EVF_TLS) carry no HTTP: their spans are turns (egress.bpf.c), with
+TLS connections (OBI_EVF_TLS) carry no HTTP: their spans are turns (tpinjector.bpf.c), with
 method, path and status left empty/0 and extra {"tls": True}; "tcp_option" tells whether
 the context went out in (client) or came from (server) TCP option kind 25.
 
@@ -41,8 +41,13 @@ from .abi import (
 log = logging.getLogger("obi.kernel.events")
 
 SpanSink = Callable[[SpanRecord], None]
-MAX_OPEN_PER_CONN = 64
-_SERVER_SPAN, _CLIENT_SPAN = int(EventKind.SERVER_SPAN), int(EventKind.CLIENT_SPAN)  # plain ints: hot path  # open requests kept per connection (pipelining depth)
+MAX_OPEN_PER_CONN = 64  # open requests kept per connection (pipelining depth)
+# Requests whose response has not come (all connections), and how long one is kept: a
+# connection that ended without a response (or a spoofed request and FIN) must not hold
+# memory until the agent stops. Beyond either bound the oldest go, counted in `evicted`.
+MAX_OPEN_REQUESTS = 16384
+MAX_OPEN_AGE_S = 300.0
+_SERVER_SPAN, _CLIENT_SPAN = int(EventKind.SERVER_SPAN), int(EventKind.CLIENT_SPAN)  # plain ints: hot path
 
 
 def monotonic_to_epoch_offset() -> int:
@@ -68,16 +73,29 @@ def split_request_line(line: bytes) -> tuple[str, str]:
 class Correlator:
     """Pairs request and response events per connection and emits finished spans."""
 
-    def __init__(self, sink: SpanSink, exe_of: Callable[[int], str] | None = None):
+    def __init__(
+        self,
+        sink: SpanSink,
+        exe_of: Callable[[int], str] | None = None,
+        max_open: int = MAX_OPEN_REQUESTS,
+        max_age_s: float = MAX_OPEN_AGE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._sink = sink
         self._exe_of = exe_of or (lambda pid: "")
         self._offset = monotonic_to_epoch_offset()
         self._lock = threading.Lock()
         self._server: dict[Tuple, collections.deque[Event]] = collections.defaultdict(collections.deque)
         self._client: dict[Tuple, collections.deque[Event]] = collections.defaultdict(collections.deque)
+        # (table, tuple) of every connection with open requests, least recently added to
+        # first, with the time of its last request: what eviction takes first.
+        self._recent: collections.OrderedDict[tuple[int, Tuple], float] = collections.OrderedDict()
+        self._open = 0
+        self._max_open, self._max_age_s, self._clock = max_open, max_age_s, clock
         self.spans = 0
         self.unmatched_responses = 0
         self.dropped_requests = 0
+        self.evicted = 0  # open requests dropped by the bounds above (no span)
 
     def resync_clock(self) -> None:
         self._offset = monotonic_to_epoch_offset()
@@ -98,25 +116,60 @@ class Correlator:
             return
         with self._lock:
             if ev.kind in (EventKind.SERVER_REQ, EventKind.CLIENT_REQ):
-                table = self._server if ev.kind == EventKind.SERVER_REQ else self._client
+                server = ev.kind == EventKind.SERVER_REQ
+                table = self._server if server else self._client
                 q = table[ev.tuple]
                 if len(q) >= MAX_OPEN_PER_CONN:
                     q.popleft()
                     self.dropped_requests += 1
+                    self._open -= 1
                 q.append(ev)
+                self._open += 1
+                key = (int(server), ev.tuple)
+                self._recent[key] = self._clock()
+                self._recent.move_to_end(key)
+                if self._open > self._max_open:
+                    self._evict_oldest()
                 return
-            table = self._server if ev.kind == EventKind.SERVER_RESP else self._client
+            server = ev.kind == EventKind.SERVER_RESP
+            table = self._server if server else self._client
             q = table.get(ev.tuple)
             if not q:
                 self.unmatched_responses += 1
                 return
             req = q.popleft()
+            self._open -= 1
             if not q:
                 del table[ev.tuple]
+                self._recent.pop((int(server), ev.tuple), None)
         if ev.kind == EventKind.SERVER_RESP:
             self._emit(self.server_span(req, ev.ts_ns, ev.status, ev.pid_tgid))
         else:
             self._emit(self.client_span(req, ev.ts_ns, ev.status))
+
+    def _evict_oldest(self) -> None:
+        """Drop the open requests of the connection least recently added to (lock held)."""
+        (server, t), _ = self._recent.popitem(last=False)
+        q = (self._server if server else self._client).pop(t, None) or ()
+        self._open -= len(q)
+        self.evicted += len(q)
+
+    def expire(self) -> int:
+        """Drop the open requests of connections with no new request for max_age_s (called
+        periodically by the datapath). Returns how many went."""
+        before = self.evicted
+        limit = self._clock() - self._max_age_s
+        with self._lock:
+            while self._recent:
+                key, last = next(iter(self._recent.items()))
+                if last > limit:
+                    break
+                self._evict_oldest()
+        return self.evicted - before
+
+    @property
+    def open_requests(self) -> int:
+        return self._open
 
     def flush(self) -> None:
         """Emit spans for requests still open (status 0, zero duration): at stop."""
@@ -125,6 +178,8 @@ class Correlator:
             pending += [(SpanKind.CLIENT, e) for q in self._client.values() for e in q]
             self._server.clear()
             self._client.clear()
+            self._recent.clear()
+            self._open = 0
         for kind, req in pending:
             if kind == SpanKind.SERVER:
                 self._emit(self.server_span(req, req.ts_ns, 0, 0))
@@ -138,11 +193,8 @@ class Correlator:
     def server_span(self, req: Event, end_ns: int, status: int, pid_tgid: int) -> SpanRecord:
         """req: the request's event; end_ns/status/pid_tgid: from the response (the
         responding thread), or req.ts_ns/0/0 when none was seen."""
-        tracestate = ""
-        if req.flags & EVF_TP_VALID and req.tracestate:
-            entries = w3c.parse_tracestate(req.tracestate)
-            if entries:
-                tracestate = w3c.format_tracestate(entries)
+        # BPF validated and normalized it (obi_tracestate.h), only with a valid traceparent.
+        tracestate = req.tracestate.decode("ascii", "replace") if req.flags & EVF_TP_VALID else ""
         pid = pid_tgid >> 32
         return self._span(
             req,
@@ -180,7 +232,7 @@ class Correlator:
             span_id=span_id,
             parent=parent,
             flags=flags,
-            tracestate="",
+            tracestate=req.tracestate.decode("ascii", "replace") if req.flags & EVF_INJECTED else "",
             pid=req.pid,
             tid=req.tid,
             exe=self._exe_of(req.pid),

@@ -1,9 +1,10 @@
 """The one ctypes binding to libbpf (libbpf.so.1, API of libbpf 1.1).
 
 Everything BPF in obi goes through this module: open/load objects, find programs and maps,
-attach, run programs with BPF_PROG_TEST_RUN, read ring buffers. Only functions present in
-libbpf 1.1 are used; newer kernel features (tcx links) go through the bpf(2) syscall with
-an attr laid out here (`link_create`).
+attach, run programs with BPF_PROG_TEST_RUN (the ring buffer is read without libbpf, by
+`obi.kernel.ringbuf`). Only functions present in libbpf 1.1 are used; newer kernel
+features (tcx links) go through the bpf(2) syscall with an attr laid out here
+(`link_create`).
 
 Error convention of libbpf 1.x: int functions return -errno, pointer functions return NULL
 and set errno. Both become `BpfError(what, errno, log)`; `log` holds what libbpf printed
@@ -15,10 +16,8 @@ from __future__ import annotations
 import ctypes
 import errno as _errno
 import logging
-import mmap
 import os
 import platform
-import select
 import struct
 import threading
 from ctypes import (
@@ -35,7 +34,7 @@ from ctypes import (
     c_uint64,
     c_void_p,
 )
-from typing import Callable, Iterator, Self
+from typing import Iterator, Self
 
 from ..errors import BpfError
 
@@ -222,9 +221,7 @@ _map_lookup = _fn("bpf_map_lookup_elem", c_int, c_int, c_void_p, c_void_p)
 _map_update = _fn("bpf_map_update_elem", c_int, c_int, c_void_p, c_void_p, c_uint64)
 _map_delete = _fn("bpf_map_delete_elem", c_int, c_int, c_void_p)
 _map_next_key = _fn("bpf_map_get_next_key", c_int, c_int, c_void_p, c_void_p)
-_map_create = _fn(
-    "bpf_map_create", c_int, c_int, c_char_p, c_uint32, c_uint32, c_uint32, c_void_p
-)
+_map_create = _fn("bpf_map_create", c_int, c_int, c_char_p, c_uint32, c_uint32, c_uint32, c_void_p)
 
 _prog_test_run_opts = _fn("bpf_prog_test_run_opts", c_int, c_int, c_void_p)
 _prog_attach_fd = _fn("bpf_prog_attach", c_int, c_int, c_int, c_int, c_uint)
@@ -237,14 +234,6 @@ _num_possible_cpus = _fn("libbpf_num_possible_cpus", c_int)
 _btf_find_by_name_kind = _fn("btf__find_by_name_kind", c_int, c_void_p, c_char_p, c_uint32)
 _btf_type_by_id = _fn("btf__type_by_id", c_void_p, c_void_p, c_uint32)
 _btf_name_by_offset = _fn("btf__name_by_offset", c_char_p, c_void_p, c_uint32)
-
-_RB_SAMPLE_FN = CFUNCTYPE(c_int, c_void_p, c_void_p, c_size_t)
-_rb_new = _fn("ring_buffer__new", c_void_p, c_int, _RB_SAMPLE_FN, c_void_p, c_void_p)
-_rb_add = _fn("ring_buffer__add", c_int, c_void_p, c_int, _RB_SAMPLE_FN, c_void_p)
-_rb_poll = _fn("ring_buffer__poll", c_int, c_void_p, c_int)
-_rb_consume = _fn("ring_buffer__consume", c_int, c_void_p)
-_rb_free = _fn("ring_buffer__free", None, c_void_p)
-_rb_epoll_fd = _fn("ring_buffer__epoll_fd", c_int, c_void_p)
 
 
 class TcHook(Structure):
@@ -307,9 +296,7 @@ def tc_hook(ifindex: int, attach_point: int) -> TcHook:
 
 
 def tc_opts(prog_fd: int = 0, handle: int = 0, priority: int = 0, flags: int = 0) -> TcOpts:
-    return TcOpts(
-        sz=ctypes.sizeof(TcOpts), prog_fd=prog_fd, handle=handle, priority=priority, flags=flags
-    )
+    return TcOpts(sz=ctypes.sizeof(TcOpts), prog_fd=prog_fd, handle=handle, priority=priority, flags=flags)
 
 
 def tc_hook_create(hook: TcHook) -> bool:
@@ -373,9 +360,7 @@ def link_create(prog_fd: int, target: int, attach_type: int, flags: int = 0) -> 
     try:
         return bpf_syscall(BPF_LINK_CREATE, attr)
     except BpfError as e:
-        raise BpfError(
-            f"link create (attach_type={attach_type}, target={target})", e.errno
-        ) from None
+        raise BpfError(f"link create (attach_type={attach_type}, target={target})", e.errno) from None
 
 
 def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, name: str = "") -> int:
@@ -400,16 +385,34 @@ def map_fd_by_id(map_id: int) -> int:
     return _check(_map_get_fd_by_id(map_id), f"bpf_map_get_fd_by_id({map_id})")
 
 
+# Offsets in struct bpf_prog_info (linux/bpf.h, stable UAPI: fields are only appended).
+_PI_NAME = 64
+_PI_RUN_TIME_NS = 192  # run_time_ns, run_cnt: counted while kernel.bpf_stats_enabled=1
+_PI_VERIFIED_INSNS = 216  # Linux >= 5.16; 0 on older kernels (the field is not filled)
+
+
 def prog_info(fd: int) -> dict[str, object]:
-    """id, type, tag (hex) and name of a loaded program, from struct bpf_prog_info."""
+    """id, type, tag (hex), name, verified_insns (instructions the verifier processed to
+    accept the program), run_time_ns and run_cnt of a loaded program, from struct
+    bpf_prog_info."""
     buf = ctypes.create_string_buffer(256)
     size = c_uint32(len(buf))
     _check(_obj_get_info_by_fd(fd, buf, ctypes.byref(size)), "bpf_obj_get_info_by_fd(prog)")
     raw = buf.raw
     ptype, pid = struct.unpack_from("=II", raw, 0)
     tag = raw[8:16].hex()
-    name = raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
-    return {"id": pid, "type": ptype, "tag": tag, "name": name}
+    name = raw[_PI_NAME : _PI_NAME + 16].split(b"\0", 1)[0].decode(errors="replace")
+    run_time_ns, run_cnt = struct.unpack_from("=QQ", raw, _PI_RUN_TIME_NS)
+    (verified,) = struct.unpack_from("=I", raw, _PI_VERIFIED_INSNS)
+    return {
+        "id": pid,
+        "type": ptype,
+        "tag": tag,
+        "name": name,
+        "verified_insns": verified,
+        "run_time_ns": run_time_ns,
+        "run_cnt": run_cnt,
+    }
 
 
 def map_info(fd: int) -> dict[str, object]:
@@ -563,9 +566,7 @@ class Program:
 
     def attach_cgroup(self, cgroup_fd: int) -> Link:
         with _Capture() as cap:
-            return self._link(
-                _prog_attach_cgroup(self._ptr, cgroup_fd), f"attach {self.name} to cgroup", cap
-            )
+            return self._link(_prog_attach_cgroup(self._ptr, cgroup_fd), f"attach {self.name} to cgroup", cap)
 
     def attach_tracepoint(self, category: str, name: str) -> Link:
         with _Capture() as cap:
@@ -595,9 +596,7 @@ class Program:
                 os.close(fd)
             return bytes(out)
 
-    def test_run(
-        self, data: bytes, ctx: bytes | None = None, repeat: int = 1
-    ) -> tuple[int, bytes]:
+    def test_run(self, data: bytes, ctx: bytes | None = None, repeat: int = 1) -> tuple[int, bytes]:
         """BPF_PROG_TEST_RUN: (program return value, packet data after the run)."""
         res = self.test_run_ex(data, ctx, repeat)
         return res.retval, res.data_out
@@ -873,9 +872,7 @@ def _datasec_var(btf: int, section: str, var: str) -> tuple[int, int] | None:
     if sec_id < 0:
         return None
     t = _btf_type_by_id(btf, sec_id)
-    _, info, _ = struct.unpack(
-        "=III", ctypes.string_at(t, 12)
-    )
+    _, info, _ = struct.unpack("=III", ctypes.string_at(t, 12))
     vlen = info & 0xFFFF
     raw = ctypes.string_at(t + 12, 12 * vlen)
     for i in range(vlen):
@@ -892,155 +889,6 @@ def attach_sk_msg(prog: Program, sockmap: Map) -> Attachment:
     it lasts until detached or until the map is freed with its last reference)."""
     prog_attach(prog.fd, sockmap.fd, BPF_SK_MSG_VERDICT)
     return Attachment(prog.fd, sockmap.fd, BPF_SK_MSG_VERDICT, f"sk_msg {prog.name} on {sockmap.name}")
-
-
-# --- ring buffer -----------------------------------------------------------------------
-
-
-class RingBuffer(_Closing):
-    """Consume a BPF_MAP_TYPE_RINGBUF map. `callback(data: bytes)` gets a copy of each
-    record; exceptions in it are logged and counted in `.errors`, never raised into C."""
-
-    def __init__(self, map: Map, callback: Callable[[bytes], None]):
-        self.errors = 0
-        self.events = 0
-        self._cbs: list = []
-        self._ptr: int | None = None
-        cb = self._wrap(callback)
-        with _Capture() as cap:
-            ptr = _rb_new(map.fd, cb, None, None)
-            self._ptr = _check_ptr(ptr, f"ring_buffer__new({map.name})", cap)
-
-    def _wrap(self, callback: Callable[[bytes], None]):
-        def sample(_ctx: int, data: int, size: int) -> int:
-            try:
-                self.events += 1
-                callback(ctypes.string_at(data, size))
-            except Exception:
-                self.errors += 1
-                log.exception("ring buffer callback failed")
-            return 0  # non-zero would stop the consume loop
-
-        cb = _RB_SAMPLE_FN(sample)
-        self._cbs.append(cb)  # keep alive
-        return cb
-
-    def add(self, map: Map, callback: Callable[[bytes], None]) -> None:
-        """Consume another ringbuf map through the same poll."""
-        cb = self._wrap(callback)
-        _check(_rb_add(self._require(), map.fd, cb, None), f"ring_buffer__add({map.name})")
-
-    def _require(self) -> int:
-        if not self._ptr:
-            raise BpfError("ring buffer closed", _errno.EBADF)
-        return self._ptr
-
-    def poll(self, timeout_ms: int) -> int:
-        """Wait up to timeout_ms for records, run callbacks; returns records consumed."""
-        ret = _rb_poll(self._require(), timeout_ms)
-        if ret == -_errno.EINTR:
-            return 0
-        return _check(ret, "ring_buffer__poll")
-
-    def consume(self) -> int:
-        return _check(_rb_consume(self._require()), "ring_buffer__consume")
-
-    @property
-    def epoll_fd(self) -> int:
-        return _rb_epoll_fd(self._require())
-
-    def close(self) -> None:
-        if self._ptr:
-            ptr, self._ptr = self._ptr, None
-            _rb_free(ptr)
-
-
-class RingReader(_Closing):
-    """Consume a BPF_MAP_TYPE_RINGBUF map by reading its memory directly (mmap), in
-    batches: no libbpf callback per record (a ctypes callback costs microseconds; at tens
-    of thousands of records per second the agent fell behind and the kernel dropped
-    events). Kernel layout (kernel/bpf/ringbuf.c): page 0 holds consumer_pos (we write it),
-    page 1 producer_pos, then the data area, mapped twice so that a record that wraps is
-    contiguous. Each record: u32 len (bit 31 busy, bit 30 discarded), u32 page offset, then
-    len bytes, the whole rounded up to 8.
-
-    `callback(view)` gets a memoryview of each record, valid only during the call (copy
-    what you keep). Exceptions in it are logged and counted in `.errors`."""
-
-    _BUSY = 1 << 31
-    _DISCARD = 1 << 30
-    _U64 = struct.Struct("=Q")
-    _U32 = struct.Struct("=I")
-
-    def __init__(self, map: Map, callback: Callable[[memoryview], None]):
-        if map.map_type != 27:  # BPF_MAP_TYPE_RINGBUF
-            raise BpfError(f"map {map.name} is not a ring buffer", _errno.EINVAL)
-        self.errors = 0
-        self.events = 0
-        self._cb = callback
-        page = mmap.PAGESIZE
-        size = map.max_entries
-        self._mask = size - 1
-        fd = map.fd
-        try:
-            self._cons = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-            self._prod = mmap.mmap(fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
-        except OSError as e:
-            raise BpfError(f"mmap of ring buffer {map.name}: {e}", e.errno or _errno.EINVAL) from e
-        self._data: memoryview | None = memoryview(self._prod)[page:]
-        self._epoll = select.epoll()
-        self._epoll.register(fd, select.EPOLLIN)
-
-    def consume(self) -> int:
-        """Handle every record committed so far (in order, up to the first one still being
-        written); returns how many."""
-        data = self._data
-        if data is None:
-            raise BpfError("ring buffer closed", _errno.EBADF)
-        u32, mask, cb = self._U32.unpack_from, self._mask, self._cb
-        cons = self._U64.unpack_from(self._cons, 0)[0]
-        n = 0
-        while True:
-            prod = self._U64.unpack_from(self._prod, 0)[0]
-            start = cons
-            while cons < prod:
-                off = cons & mask
-                hdr = u32(data, off)[0]
-                if hdr & self._BUSY:
-                    break  # reserved, not committed yet: later records wait for it
-                length = hdr & ~(self._BUSY | self._DISCARD)
-                if not hdr & self._DISCARD:
-                    n += 1
-                    try:
-                        cb(data[off + 8 : off + 8 + length])
-                    except Exception:
-                        self.errors += 1
-                        log.exception("ring buffer callback failed")
-                cons += (length + 8 + 7) & ~7
-            if cons == start:
-                break
-            self._U64.pack_into(self._cons, 0, cons)  # frees the space for the producer
-        self.events += n
-        return n
-
-    def poll(self, timeout_ms: int) -> int:
-        """Consume what is there, else wait up to timeout_ms for records and consume them."""
-        n = self.consume()
-        if n:
-            return n
-        try:
-            self._epoll.poll(timeout_ms / 1000)
-        except InterruptedError:
-            return 0
-        return self.consume()
-
-    def close(self) -> None:
-        if self._data is not None:
-            self._data.release()
-            self._data = None
-            self._epoll.close()
-            self._prod.close()
-            self._cons.close()
 
 
 # --- where the built objects are -------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Feature probes: what this kernel and machine can do, found by trying, not by version.
+"""Kernel feature probes: what this kernel can do, found by trying, not by version.
 
 BPF features are probed by loading the tiny programs of bpf/probes.bpf.c one at a time
 (a rejected program fails only its own probe); tc and tcx by attaching briefly to `lo` of
@@ -8,20 +8,17 @@ is `ok=False` with the reason, `ok=None` means it could not be told (e.g. object
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
-import re
-import secrets
-import subprocess
 from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import BpfError
+from .netns import in_new_netns
+from .tracefs import TRACEFS_DIRS, tracefs_mounted
 
 try:  # doctor must still report (not crash) where libbpf.so.1 is missing
     from . import libbpf
-    from .attach import in_new_netns
 
     LIBBPF_ERROR = ""
 except OSError as e:
@@ -29,9 +26,7 @@ except OSError as e:
     LIBBPF_ERROR = f"libbpf.so.1 not loadable ({e}); install libbpf1"
 
 PROBES_OBJECT = "probes"
-SECURITYFS = "/sys/kernel/security"
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
-NETNS_PREFIX = "obip"
 
 
 @dataclass(frozen=True)
@@ -62,9 +57,7 @@ def _verifier_reason(log_text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _with_probe(
-    prog_name: str, use: Callable[[libbpf.Program], str] | None = None
-) -> tuple[bool | None, str]:
+def _with_probe(prog_name: str, use: Callable[[libbpf.Program], str] | None = None) -> tuple[bool | None, str]:
     """Load only `prog_name` from the probes object; then `use(prog)` may try more
     (its return value is the detail). Returns (ok, detail)."""
     if libbpf is None:
@@ -161,17 +154,6 @@ def probe_ringbuf() -> Probe:
 # --- files and system state ------------------------------------------------------------
 
 
-# libbpf attaches a tracepoint by name through tracefs (events/<category>/<name>/id);
-# where it may be mounted. The agent mounts it at the first when neither is
-# (obi.kernel.attach.ensure_tracefs).
-TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-
-
-def tracefs_mounted() -> str:
-    """Where tracefs is mounted (one of TRACEFS_DIRS), or ""."""
-    return next((d for d in TRACEFS_DIRS if os.path.isdir(os.path.join(d, "events"))), "")
-
-
 def probe_tracefs() -> Probe:
     where = tracefs_mounted()
     if where:
@@ -244,129 +226,6 @@ def probe_cgroup_v2() -> Probe:
     return Probe("cgroup_v2", False, "no cgroup2 file system mounted", "4.5")
 
 
-def parse_lockdown(text: str) -> str:
-    """The active mode of /sys/kernel/security/lockdown, e.g.
-    "none [integrity] confidentiality" -> "integrity"; "" if none is marked."""
-    m = re.search(r"\[([a-z]+)\]", text)
-    return m.group(1) if m else ""
-
-
-def read_lockdown() -> tuple[str, str]:
-    """(mode, detail). Mounts securityfs for the read if it is not mounted (and unmounts
-    it again). Mode "" when it cannot be told."""
-    path = os.path.join(SECURITYFS, "lockdown")
-    mounted_here = False
-    try:
-        if not os.path.exists(path) and not os.path.ismount(SECURITYFS) and os.path.isdir(SECURITYFS):
-            res = subprocess.run(
-                ["mount", "-t", "securityfs", "securityfs", SECURITYFS],
-                capture_output=True, text=True, timeout=5,
-            )
-            mounted_here = res.returncode == 0
-            if not mounted_here:
-                return "", f"cannot mount securityfs: {res.stderr.strip()}"
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-        except FileNotFoundError:
-            return "none", "no lockdown LSM in this kernel"
-        mode = parse_lockdown(text)
-        return mode, text
-    except (OSError, subprocess.SubprocessError) as e:
-        return "", f"cannot read {path}: {e}"
-    finally:
-        if mounted_here:
-            subprocess.run(["umount", SECURITYFS], capture_output=True, timeout=5)
-
-
-def probe_lockdown() -> Probe:
-    mode, detail = read_lockdown()
-    return Probe("lockdown", bool(mode), mode or detail, "5.4")
-
-
-# --- capabilities ----------------------------------------------------------------------
-
-# Capability -> number, and what stops working without it (for `obi doctor`).
-CAPABILITIES: dict[str, tuple[int, str]] = {
-    "CAP_BPF": (39, "loading BPF programs and creating maps (unless CAP_SYS_ADMIN)"),
-    "CAP_PERFMON": (38, "tracepoint programs and pointer arithmetic in BPF (unless CAP_SYS_ADMIN)"),
-    "CAP_NET_ADMIN": (12, "tc/tcx attach, sockops/sk_msg, NFQUEUE rules and queues"),
-    "CAP_NET_RAW": (13, "raw sockets (userspace datapath packet re-injection, tests)"),
-    "CAP_SYS_ADMIN": (21, "setns into network namespaces, mounting securityfs, finding BPF objects by id (cleanup)"),
-    "CAP_SYS_PTRACE": (19, "reading /proc/<pid>/exe and fds of other users' processes (discovery)"),
-    "CAP_DAC_READ_SEARCH": (2, "reading /proc/<pid>/fd of other users' processes (socket ownership)"),
-    "CAP_CHECKPOINT_RESTORE": (40, "reading /proc/<pid>/map_files (executable discovery)"),
-}
-
-
-def parse_capeff(value: str | int) -> dict[str, bool]:
-    """Which of `CAPABILITIES` the CapEff mask (hex string as in /proc/self/status) holds."""
-    mask = int(value, 16) if isinstance(value, str) else value
-    return {name: bool(mask >> bit & 1) for name, (bit, _) in CAPABILITIES.items()}
-
-
-def read_capeff(status_path: str = "/proc/self/status") -> str:
-    with open(status_path) as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return line.split(":", 1)[1].strip()
-    return "0"
-
-
-def probe_capabilities() -> Probe:
-    try:
-        caps = parse_capeff(read_capeff())
-    except OSError as e:
-        return Probe("capabilities", None, f"cannot read /proc/self/status: {e}")
-    missing = [n for n, have in caps.items() if not have]
-    if not missing:
-        return Probe("capabilities", True, "all of " + ", ".join(caps))
-    return Probe("capabilities", False, "missing " + ", ".join(missing))
-
-
-# --- iptables / NFQUEUE ----------------------------------------------------------------
-
-
-def probe_iptables() -> Probe:
-    try:
-        out = subprocess.run(
-            ["iptables", "--version"], capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError) as e:
-        return Probe("iptables", False, f"iptables not usable: {e}")
-    m = re.search(r"\((nf_tables|legacy)\)", out)
-    backend = m.group(1) if m else "legacy" if out else ""
-    if not out:
-        return Probe("iptables", False, "iptables --version printed nothing")
-    return Probe("iptables", True, f"{backend} ({out})")
-
-
-def probe_nfqueue() -> Probe:
-    """The NFQUEUE reader extension is built + iptables accepts an NFQUEUE rule (in a
-    throw-away netns)."""
-    try:
-        from obi.fallback import _nfq  # noqa: F401
-    except ImportError as e:
-        return Probe("nfqueue", False, f"NFQUEUE reader extension obi.fallback._nfq not built ({e}); "
-                                       "reinstall obi-py with a C compiler")
-    ns = f"{NETNS_PREFIX}-{os.getpid()}-{secrets.token_hex(3)}"
-    try:
-        res = subprocess.run(["ip", "netns", "add", ns], capture_output=True, text=True, timeout=10)
-        if res.returncode != 0:
-            return Probe("nfqueue", False, f"cannot create a network namespace: {res.stderr.strip()}")
-        rule = ["iptables", "-A", "OUTPUT", "-p", "tcp", "--dport", "9", "-j", "NFQUEUE",
-                "--queue-num", "7", "--queue-bypass"]
-        res = subprocess.run(["ip", "netns", "exec", ns, *rule], capture_output=True, text=True, timeout=10)
-        if res.returncode != 0:
-            return Probe("nfqueue", False, f"iptables refused an NFQUEUE rule: {res.stderr.strip()}")
-        return Probe("nfqueue", True, "NFQUEUE reader (obi.fallback._nfq) built, iptables accepts NFQUEUE --queue-bypass")
-    except (OSError, subprocess.SubprocessError) as e:
-        return Probe("nfqueue", False, f"{type(e).__name__}: {e}")
-    finally:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
-
-
 ALL_PROBES: tuple[Callable[[], Probe], ...] = (
     probe_btf,
     probe_bpf_loop,
@@ -379,18 +238,14 @@ ALL_PROBES: tuple[Callable[[], Probe], ...] = (
     probe_tcx,
     probe_ringbuf,
     probe_cgroup_v2,
-    probe_lockdown,
     probe_write_user,
-    probe_capabilities,
-    probe_iptables,
-    probe_nfqueue,
 )
 
 
-def run_all() -> dict[str, Probe]:
-    """Every probe, by name."""
+def run_all(probes: tuple[Callable[[], Probe], ...] = ALL_PROBES) -> dict[str, Probe]:
+    """Every probe of `probes` (by default the kernel's), by name."""
     out: dict[str, Probe] = {}
-    for fn in ALL_PROBES:
+    for fn in probes:
         try:
             p = fn()
         except Exception as e:  # belt and braces: probes must not raise

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from obi.netns import have_netns_tools
+from obi.demo.topology import have_netns_tools
 
 REPO = Path(__file__).resolve().parents[2]
 ARMS = ("baseline", "kernel", "userspace", "noop_nfqueue")
@@ -52,8 +52,13 @@ def run(tmp_path_factory) -> tuple[dict, Path, str]:
         pytest.skip(reason)
     out = tmp_path_factory.mktemp("bench")
     stats_before = _bpf_stats_sysctl()
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=280)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     # BPF run-time stats are on only while an arm runs: the sysctl must be as before.
     assert _bpf_stats_sysctl() == stats_before
@@ -66,8 +71,21 @@ def _runs(results: dict, arm: str) -> list[dict]:
 
 def test_files_and_schema(run):
     results, out, stdout = run
-    for key in ("schema", "started", "finished", "command", "settings", "machine", "versions", "topology",
-                "order", "arms", "micro", "goals", "charts"):
+    for key in (
+        "schema",
+        "started",
+        "finished",
+        "command",
+        "settings",
+        "machine",
+        "versions",
+        "topology",
+        "order",
+        "arms",
+        "micro",
+        "goals",
+        "charts",
+    ):
         assert key in results, key
     for key in ("cpu_model", "cores", "kernel"):
         assert results["machine"][key], key
@@ -140,6 +158,14 @@ def _agent_arm(results: dict, arm: str) -> list[dict]:
         # Unavailable is allowed while the datapath cannot run here, but never silently.
         assert len(a["reason"]) > 10, a
         assert all(not r.get("summary") for r in a["runs"])
+        if arm == "kernel":
+            # Only a kernel that lacks a feature excuses the kernel arm (doctor's probes say
+            # which); our programs failing on a capable kernel is a failure.
+            from tests.helpers.skips import kernel_path_missing
+
+            missing = kernel_path_missing()
+            if not missing:
+                pytest.fail(f"kernel arm unavailable on a kernel with every feature: {a['reason'][:600]}")
         pytest.skip(f"{arm} arm unavailable: {a['reason'][:300]}")
     return [r for r in a["runs"] if r.get("summary")]
 
@@ -166,7 +192,9 @@ def test_userspace_arm_translated_sequence_numbers(run):
         c = r["counters"]
         assert c.get("headers_inserted", 0) > 0, c
         # Every segment after an insertion on a kept-alive B->C connection is rewritten.
-        translated = c["seq_translated"] if "seq_translated" in c else c.get("packets_modified", 0) - c["headers_inserted"]
+        translated = (
+            c["seq_translated"] if "seq_translated" in c else c.get("packets_modified", 0) - c["headers_inserted"]
+        )
         assert translated > 0, c
         assert r["phases"]["chain"]["load"]["socket_errors"] == 0  # translation kept TCP healthy
         assert r["propagation"]["traceparent_at_backend"], r["propagation"]
@@ -184,3 +212,14 @@ def test_micro_benchmarks_reported(run):
     if "unavailable" not in pipe:
         assert pipe["exported"] > 0 and pipe["received"] == pipe["exported"]
         assert pipe["spans_per_s"] > 0
+
+
+def test_verifier_table_recorded(run):
+    # The same table the verifier-budget test asserts on, in results.json and report.md.
+    results, out, _ = run
+    v = results["verifier"]
+    assert not v.get("unavailable"), v
+    assert len(v["programs"]) == 64 and v["budget"] == 250_000
+    assert all(0 < r["verified_insns"] <= v["budget"] and not r["error"] for r in v["programs"]), v["programs"]
+    md = (out / "report.md").read_text()
+    assert "## Verifier budget" in md and "obi_tc_ingress" in md

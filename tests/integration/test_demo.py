@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from obi.netns import have_netns_tools
+from obi.demo.topology import have_netns_tools
 from obi.w3c import parse_traceparent
 
 pytestmark = pytest.mark.skipif(bool(have_netns_tools()), reason=have_netns_tools() or "ok")
@@ -20,8 +20,9 @@ pytestmark = pytest.mark.skipif(bool(have_netns_tools()), reason=have_netns_tool
 
 def _demo(*args):
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    return subprocess.run([sys.executable, "-m", "obi", "demo", *args], capture_output=True, text=True,
-                          timeout=240, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "obi", "demo", *args], capture_output=True, text=True, timeout=240, env=env
+    )
 
 
 @pytest.mark.parametrize("datapath", ["kernel", "userspace"])
@@ -30,12 +31,15 @@ def test_demo_links_every_trace(datapath):
         from obi.kernel.probes import probe_bpf_loop
 
         probe = probe_bpf_loop()
-        if not probe.ok:
+        if probe.ok is False:
             pytest.skip(f"kernel datapath needs bpf_loop: {probe.detail}")
     r = _demo("--datapath", datapath, "--requests", "2", "--output", "json")
     assert r.returncode == 0, r.stdout + r.stderr
     spans = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert "demo ok: 4 requests, 12 spans" in r.stdout
+    # Each agent says which datapath it attached; the one asked for, for both.
+    for name in ("service", "backend"):
+        assert f"agent on {name}: datapath {datapath}" in r.stdout, r.stdout
     assert len(spans) == 12
     assert {s["resource"]["service.name"] for s in spans} == {"service", "backend"}
     by_id = {s["span_id"]: s for s in spans}

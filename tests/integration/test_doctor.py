@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from obi import doctor
+from obi import doctor, machine_probes
 from obi.config import Config
 from obi.kernel import probes
 from obi.model import Datapath
@@ -35,7 +35,7 @@ def _lockdown_independently() -> str:
     res = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=10)
     if res.returncode != 0:
         pytest.skip(f"lockdown LSM not readable here: {res.stderr.strip()}")
-    return probes.parse_lockdown(res.stdout)
+    return machine_probes.parse_lockdown(res.stdout)
 
 
 def _netns_names() -> set[str]:
@@ -43,7 +43,7 @@ def _netns_names() -> set[str]:
 
 
 def _securityfs_mounted() -> bool:
-    return os.path.ismount(probes.SECURITYFS)
+    return os.path.ismount(machine_probes.SECURITYFS)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def report() -> dict:
     before_ns, before_sec = _netns_names(), _securityfs_mounted()
     checks = doctor.run_checks(Config())
     # Probing leaves nothing behind: no namespace, no change to the securityfs mount.
-    assert {n for n in _netns_names() - before_ns if n.startswith(probes.NETNS_PREFIX)} == set()
+    assert {n for n in _netns_names() - before_ns if n.startswith(machine_probes.NETNS_PREFIX)} == set()
     assert _securityfs_mounted() == before_sec
     return doctor.report_json(checks)
 
@@ -80,9 +80,24 @@ def test_lockdown_matches_the_kernel(report: dict) -> None:
 def test_every_check_present(report: dict) -> None:
     names = [c["name"] for c in report["checks"]]
     assert names == [
-        "kernel", "btf", "bpf_loop", "sock_recv_tracepoint", "tracefs", "sockops", "sk_msg", "tc", "tcx", "ringbuf",
+        "kernel",
+        "btf",
+        "bpf_loop",
+        "sock_recv_tracepoint",
+        "tracefs",
+        "sockops",
+        "sk_msg",
+        "tc",
+        "tcx",
+        "ringbuf",
         "cgroup_v2",
-        "lockdown", "bpf_probe_write_user", "capabilities", "iptables", "nfqueue", "datapath",
+        "lockdown",
+        "bpf_probe_write_user",
+        "capabilities",
+        "iptables",
+        "nfqueue",
+        "programs",
+        "datapath",
     ]
     assert report["kernel"] == os.uname().release
     assert all(c["status"] in ("ok", "warn", "fail") and c["detail"] for c in report["checks"])
@@ -99,7 +114,7 @@ def test_choose_datapath_with_the_real_probes() -> None:
     else:
         assert real.datapath in (Datapath.USERSPACE, None)
     # The same kernel with the bpf_loop probe faked as failed: NFQUEUE is probed for real.
-    nfq = probes.probe_nfqueue()
+    nfq = machine_probes.probe_nfqueue()
     fallback = doctor.choose_datapath(Config(), bpf_loop_ok=False)
     assert fallback.datapath is (Datapath.USERSPACE if nfq.ok else None)
     if nfq.ok:
@@ -112,7 +127,10 @@ def test_doctor_cli_json() -> None:
         pytest.skip("obi/cli.py not there yet")
     res = subprocess.run(
         [sys.executable, "-m", "obi", "doctor", "--json"],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
     )
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
@@ -148,3 +166,52 @@ def test_thread_tracepoint_probe_agrees_with_btf_and_tracefs(monkeypatch) -> Non
     release = tuple(int(x) for x in probes.kernel_release().split(".")[:2])
     if release >= (6, 3):
         assert from_btf.ok is True
+
+
+@pytest.mark.parametrize("propagation", ["all", "headers", "tcp", "disabled"])
+def test_doctor_loads_what_run_attaches(propagation: str, tmp_path) -> None:
+    """doctor loads the real objects in the configured mode; its choice is what the agent
+    attaches, and the programs the agent loaded are the ones doctor measured (same
+    verifier cost)."""
+    _need_probes_object()
+    from obi import config as config_mod
+
+    cfg = config_mod.load(env={"OTEL_EBPF_BPF_CONTEXT_PROPAGATION": propagation, "OTEL_EBPF_TRACE_PRINTER": "disabled"})
+    rep = doctor.report_json(doctor.run_checks(cfg))
+    if rep["datapath"] != "kernel":
+        from tests.helpers.skips import kernel_path_missing
+
+        assert kernel_path_missing(), (
+            f"doctor did not pick the kernel path on a capable kernel: {rep['datapath_reason']}"
+        )
+        pytest.skip(f"kernel path unavailable here: {rep['datapath_reason']}")
+    progs = {(p["object"], p["program"]): p for p in rep["programs"]}
+    assert progs and all(
+        not p["error"] and 0 < p["verified_insns"] <= 250_000 and p["load_ms"] > 0 for p in progs.values()
+    ), rep["programs"]
+
+    # What Agent.start does with that choice, in a namespace of the test's own.
+    from obi.demo.topology import Topology
+    from obi.kernel.datapath import KernelDatapath
+
+    assert doctor.choose_datapath(cfg).datapath is Datapath.KERNEL
+    with Topology(["h"], prefix="obidr") as topo:
+        host = topo["h"]
+        cfg = config_mod.load(
+            env={
+                "OTEL_EBPF_BPF_CONTEXT_PROPAGATION": propagation,
+                "OTEL_EBPF_TRACE_PRINTER": "disabled",
+                "OTEL_EBPF_CGROUP_PATH": host.cgroup,
+            }
+        )
+        dp = KernelDatapath(cfg, lambda span: None, netns=host.netns_path, state_dir=str(tmp_path))
+        dp.start()
+        try:
+            loaded = {
+                (name, p.name): p.info()["verified_insns"] for name, obj in dp._objs.items() for p in obj.programs()
+            }
+        finally:
+            dp.stop()
+    assert loaded
+    for key, insns in loaded.items():
+        assert progs[key]["verified_insns"] == insns, (key, insns, progs[key])

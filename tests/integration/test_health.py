@@ -29,9 +29,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from otlp_receiver import HttpReceiver, free_port  # noqa: E402
-
+from bench.otlp_receiver import HttpReceiver, free_port  # noqa: E402
 from obi.config import Config  # noqa: E402
 from obi.export import Exporter  # noqa: E402
 from obi.health import HealthServer  # noqa: E402
@@ -79,9 +77,23 @@ def server_span() -> SpanRecord:
     ctx = parent.child()
     now = time.time_ns()
     return SpanRecord(
-        ctx.trace_id, ctx.span_id, parent.span_id, SpanKind.SERVER, now - 2_000_000, now, "GET", "/items", 200,
-        local_addr="127.0.0.1", local_port=8080, peer_addr="127.0.0.1", peer_port=41000, pid=os.getpid(),
-        flags=ctx.flags, datapath=Datapath.USERSPACE, propagated=True,
+        ctx.trace_id,
+        ctx.span_id,
+        parent.span_id,
+        SpanKind.SERVER,
+        now - 2_000_000,
+        now,
+        "GET",
+        "/items",
+        200,
+        local_addr="127.0.0.1",
+        local_port=8080,
+        peer_addr="127.0.0.1",
+        peer_port=41000,
+        pid=os.getpid(),
+        flags=ctx.flags,
+        datapath=Datapath.USERSPACE,
+        propagated=True,
     )
 
 
@@ -204,25 +216,42 @@ def test_counters_follow_the_backend(ports: tuple[int, ...]) -> None:
             health.start()
             with Traffic(exporter):
                 # 1. Backend up: spans flow, the exported counter moves, healthy.
-                first = until(lambda: (m := scrape(metrics))["obi_spans_exported_total"] >= 16 and m,
-                              10, "spans exported")
+                first = until(
+                    lambda: (m := scrape(metrics))["obi_spans_exported_total"] >= 16 and m, 10, "spans exported"
+                )
                 second = until(
-                    lambda: (m := scrape(metrics))["obi_spans_exported_total"] > first["obi_spans_exported_total"] and m,
-                    10, "the exported counter to move")
+                    lambda: (
+                        (m := scrape(metrics))["obi_spans_exported_total"] > first["obi_spans_exported_total"] and m
+                    ),
+                    10,
+                    "the exported counter to move",
+                )
                 assert second["obi_export_errors_total"] == 0
                 assert second['obi_datapath_info{datapath="userspace"}'] == 1
                 code, body = get(healthz)
                 assert code == 200, body
-                assert json.loads(body) == {"status": "ok", "datapath": "userspace", "attached": True,
-                                            "exporting": True, "reason": ""}
+                assert json.loads(body) == {
+                    "status": "ok",
+                    "datapath": "userspace",
+                    "attached": True,
+                    "exporting": True,
+                    "reason": "",
+                    "datapath_reason": "",
+                }
 
                 # 2. Backend down: batches fail, the buffer overflows, /healthz turns 503.
                 gate.close()
                 before = scrape(metrics)
-                until(lambda: scrape(metrics)["obi_export_errors_total"] > before["obi_export_errors_total"],
-                      15, "export errors to rise")
-                until(lambda: scrape(metrics)["obi_spans_dropped_total"] > before["obi_spans_dropped_total"], 15,
-                      "dropped spans to rise while the backend is down")
+                until(
+                    lambda: scrape(metrics)["obi_export_errors_total"] > before["obi_export_errors_total"],
+                    15,
+                    "export errors to rise",
+                )
+                until(
+                    lambda: scrape(metrics)["obi_spans_dropped_total"] > before["obi_spans_dropped_total"],
+                    15,
+                    "dropped spans to rise while the backend is down",
+                )
                 code, body = until(lambda: (r := get(healthz))[0] == 503 and r, 5, "/healthz 503")
                 doc = json.loads(body)
                 assert doc["status"] == "unavailable" and doc["exporting"] is False and doc["attached"] is True
@@ -252,8 +281,9 @@ def test_counters_follow_the_backend(ports: tuple[int, ...]) -> None:
 def test_datapath_detach_turns_healthz_503(ports: tuple[int, ...]) -> None:
     """One listener for both paths; the agent's status callback drives /healthz."""
     port = ports[0]
-    cfg = Config(health_check_port=port, internal_metrics_port=port, sources={"trace_printer": "test"},
-                 trace_printer="disabled")
+    cfg = Config(
+        health_check_port=port, internal_metrics_port=port, sources={"trace_printer": "test"}, trace_printer="disabled"
+    )
     with Exporter(cfg) as exporter:
         status: dict[str, Any] = {"datapath": "kernel", "attached": True}
         with HealthServer(cfg, lambda: status, exporter.stats, host="127.0.0.1"):
@@ -285,8 +315,8 @@ def _run_agent_and_scrape() -> None:
     /healthz and the metrics from inside that namespace while requests flow through."""
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces and BPF")
-    from obi import demoapp
-    from obi.netns import Topology, have_netns_tools
+    from obi.demo import app as demoapp
+    from obi.demo.topology import Topology, have_netns_tools
 
     missing = have_netns_tools()
     if missing:
@@ -297,18 +327,32 @@ def _run_agent_and_scrape() -> None:
         demoapp.start(backend, port)
         demoapp.start(service, port, downstream=f"http://{backend.addr}:{port}")
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-        env.update(OTEL_EBPF_DATAPATH="kernel", OTEL_EBPF_OPEN_PORT=str(port),
-                   OTEL_EBPF_BPF_CONTEXT_PROPAGATION="all", OTEL_EBPF_CGROUP_PATH=service.cgroup,
-                   OTEL_EBPF_TRACE_PRINTER="json", OTEL_EBPF_HEALTH_CHECK_PORT=str(health_port),
-                   OTEL_EBPF_INTERNAL_METRICS_PROMETHEUS_PORT=str(health_port), OTEL_EBPF_SHUTDOWN_TIMEOUT="5s")
+        env.update(
+            OTEL_EBPF_DATAPATH="kernel",
+            OTEL_EBPF_OPEN_PORT=str(port),
+            OTEL_EBPF_BPF_CONTEXT_PROPAGATION="all",
+            OTEL_EBPF_CGROUP_PATH=service.cgroup,
+            OTEL_EBPF_TRACE_PRINTER="json",
+            OTEL_EBPF_HEALTH_CHECK_PORT=str(health_port),
+            OTEL_EBPF_INTERNAL_METRICS_PROMETHEUS_PORT=str(health_port),
+            OTEL_EBPF_SHUTDOWN_TIMEOUT="5s",
+        )
         # nsenter, not `ip netns exec` (host.popen): that one remounts /sys, hiding the
         # cgroup2 mount the agent attaches to.
-        agent = subprocess.Popen(["nsenter", f"--net={service.netns_path}", *AGENT_ARGV], env=env, cwd=ROOT,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        probe = ("import sys,urllib.request as u\n"
-                 "try:\n r=u.urlopen(sys.argv[1],timeout=5); print(r.status); print(r.read().decode())\n"
-                 "except u.HTTPError as e: print(e.code); print(e.read().decode())\n"
-                 "except OSError as e: print(0); print(e)\n")
+        agent = subprocess.Popen(
+            ["nsenter", f"--net={service.netns_path}", *AGENT_ARGV],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        probe = (
+            "import sys,urllib.request as u\n"
+            "try:\n r=u.urlopen(sys.argv[1],timeout=5); print(r.status); print(r.read().decode())\n"
+            "except u.HTTPError as e: print(e.code); print(e.read().decode())\n"
+            "except OSError as e: print(0); print(e)\n"
+        )
 
         def inside(url: str) -> tuple[int, str]:
             res = service.run([sys.executable, "-c", probe, url], check=False, timeout=15)
@@ -333,8 +377,14 @@ def _run_agent_and_scrape() -> None:
             for i in range(5):
                 code, _ = inside(f"http://{service.addr}:{port}/work/{i}")
                 assert code == 200
-            until(lambda: metric(inside(f"{base}/internal/metrics")[1], "obi_headers_inserted_total")
-                  >= metric(before, "obi_headers_inserted_total") + 5, 10, "obi_headers_inserted_total to rise by 5")
+            until(
+                lambda: (
+                    metric(inside(f"{base}/internal/metrics")[1], "obi_headers_inserted_total")
+                    >= metric(before, "obi_headers_inserted_total") + 5
+                ),
+                10,
+                "obi_headers_inserted_total to rise by 5",
+            )
         finally:
             agent.terminate()
             try:

@@ -1,6 +1,6 @@
 """Interop with the real OpenTelemetry Python SDK, both ways, on both datapaths.
 
-    A: SDK client (requests + RequestsInstrumentor)  ──▶  B: obi.demoapp, traced by the agent
+    A: SDK client (requests + RequestsInstrumentor)  ──▶  B: obi.demo.app, traced by the agent
                                                           ──▶  C: SDK WSGI server (OpenTelemetryMiddleware)
 
 (a) the agent continues the SDK client's header: B's SERVER span has the SDK trace id and
@@ -13,7 +13,6 @@ Only B runs the agent; A and C are instrumented by the SDK alone.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import sys
 import time
@@ -22,14 +21,12 @@ from typing import Iterator
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "parity"))
-from parity_harness import DATAPATHS, PORT, Env, skip_reason, start_service, traceparents  # noqa: E402
-
 from obi.w3c import parse_traceparent  # noqa: E402
+from tests.helpers.parity_harness import DATAPATHS, PORT, Env, skip_reason, start_service, traceparents  # noqa: E402
 
 pytestmark = pytest.mark.root
 
-APPS = str(Path(__file__).with_name("interop_apps.py"))
+APPS = str(Path(__file__).parent.parent / "helpers" / "interop_apps.py")
 
 
 class SdkServerEnv(Env):

@@ -21,13 +21,12 @@ import time
 
 import pytest
 
-from obi import demoapp
-from obi.netns import Topology
+from obi.demo import app as demoapp
+from obi.demo.topology import Topology
+from tests.helpers.skips import skip_module_unless_kernel_path
 
 pytestmark = pytest.mark.root
 
-sys.path.insert(0, os.path.dirname(__file__))
-from kernel_agent import skip_module_unless_kernel_path  # noqa: E402
 
 skip_module_unless_kernel_path({tool: f"needs {tool}" for tool in ("bpftool", "nsenter", "tc")})
 
@@ -90,8 +89,12 @@ def _held_by(pid: int) -> tuple[set[int], set[int]]:
 
 
 def _tc_filters(host, direction: str = "ingress") -> str:
-    return subprocess.run(["tc", "-n", host.netns, "filter", "show", "dev", host.ifname, direction],
-                          capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        ["tc", "-n", host.netns, "filter", "show", "dev", host.ifname, direction],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
 
 def _cgroup_progs(cgroup: str) -> str:
@@ -104,15 +107,22 @@ def test_kill9_then_cleanup(tmp_path, backend):
         a, b = topo["a"], topo["b"]
         demoapp.start(b, PORT)
         subprocess.run(["tc", "-n", b.netns, "qdisc", "add", "dev", b.ifname, "clsact"], check=True)
-        subprocess.run(f"tc -n {b.netns} filter add dev {b.ifname} ingress prio 7 protocol all bpf {FOREIGN}",
-                       shell=True, check=True)
+        subprocess.run(
+            f"tc -n {b.netns} filter add dev {b.ifname} ingress prio 7 protocol all bpf {FOREIGN}",
+            shell=True,
+            check=True,
+        )
 
-        argv, env = _nsenter(b, [sys.executable, "-m", "obi", "run"], {
-            "OTEL_EBPF_CGROUP_PATH": b.cgroup,
-            "OTEL_EBPF_OPEN_PORT": str(PORT),
-            "OTEL_EBPF_BPF_CONTEXT_PROPAGATION": "all",
-            "OTEL_EBPF_BPF_TC_BACKEND": backend,
-        })
+        argv, env = _nsenter(
+            b,
+            [sys.executable, "-m", "obi", "run"],
+            {
+                "OTEL_EBPF_CGROUP_PATH": b.cgroup,
+                "OTEL_EBPF_OPEN_PORT": str(PORT),
+                "OTEL_EBPF_BPF_CONTEXT_PROPAGATION": "all",
+                "OTEL_EBPF_BPF_TC_BACKEND": backend,
+            },
+        )
         log = open(tmp_path / "agent.out", "w")
         agent = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -155,7 +165,9 @@ def test_kill9_then_cleanup(tmp_path, backend):
         assert not failed, failed[:5]
         for kind in ("ka", "new"):  # served in every phase, on the old and on new connections
             ts = [r["t"] for r in reqs if r["kind"] == kind]
-            assert any(t < t_kill for t in ts) and any(t_kill < t < t_clean for t in ts) and any(t > t_clean for t in ts)
+            assert (
+                any(t < t_kill for t in ts) and any(t_kill < t < t_clean for t in ts) and any(t > t_clean for t in ts)
+            )
 
         # Nothing of the agent is left; the foreign filter is.
         tc_now = _tc_filters(b)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,34 +18,23 @@ import time
 import pytest
 
 from obi.model import SpanKind
-from obi import demoapp
-from obi.netns import Topology
+from tests.helpers.kernel_agent import Agent
+from tests.helpers.skips import skip_module_unless_kernel_path
+from tests.helpers.traffic import (
+    CLIENT_PORT,
+    CONCURRENT_CODE,
+    PORT,
+    TP_SPAN,
+    TP_TRACE,
+    http_get,
+    serve,
+    traceparent_values,
+)
 
 pytestmark = pytest.mark.root
 
-PORT = 8080
-CLIENT_PORT = 8081  # the test client in B listens here: that makes it a selected process
-TP_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
-TP_SPAN = "00f067aa0ba902b7"
-
-sys.path.insert(0, os.path.dirname(__file__))
-from kernel_agent import Agent, skip_module_unless_kernel_path  # noqa: E402
 
 skip_module_unless_kernel_path()
-
-
-def serve(host, downstream: str = "") -> subprocess.Popen:
-    return demoapp.start(host, PORT, downstream)
-
-
-def http_get(host, url: str, headers: dict[str, str] | None = None) -> dict:
-    code = (
-        "import json,sys,urllib.request\n"
-        "req=urllib.request.Request(sys.argv[1], headers=json.loads(sys.argv[2]))\n"
-        "print(urllib.request.urlopen(req, timeout=10).read().decode())\n"
-    )
-    r = host.run([sys.executable, "-c", code, url, json.dumps(headers or {})], timeout=30)
-    return json.loads(r.stdout)
 
 
 # A client that runs inside B, selected because it listens on CLIENT_PORT. It reads one JSON
@@ -86,8 +74,12 @@ for line in sys.stdin:
 
 class Client:
     def __init__(self, host, server_addr: str):
-        self.proc = host.popen([sys.executable, "-c", CLIENT_CODE, server_addr, str(CLIENT_PORT)],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = host.popen(
+            [sys.executable, "-c", CLIENT_CODE, server_addr, str(CLIENT_PORT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.proc.stdout.readline().strip() == "ready"
 
     def run(self, job: dict, timeout: float = 30.0) -> dict:
@@ -102,28 +94,18 @@ class Client:
 
 
 @pytest.fixture
-def topo():
-    with Topology(["a", "b", "c"], prefix="obik") as t:
-        yield t
-
-
-@pytest.fixture
-def abc(topo, tmp_path):
+def abc(three_hosts, tmp_path):
     """Services B (calling C) and C running, agents on B and C started after them."""
-    a, b, c = topo["a"], topo["b"], topo["c"]
+    b, c = three_hosts["b"], three_hosts["c"]
     serve(c)
     serve(b, downstream=f"http://{c.addr}:{PORT}")
     agent_c = Agent(c, tmp_path)
     agent_b = Agent(b, tmp_path)
     try:
-        yield topo, agent_b, agent_c
+        yield three_hosts, agent_b, agent_c
     finally:
         agent_b.stop()
         agent_c.stop()
-
-
-def _tp_of(headers: list[list[str]]) -> list[str]:
-    return [v for k, v in headers if k.lower() == "traceparent"]
 
 
 @pytest.mark.parametrize("incoming", [False, True], ids=["no-traceparent", "with-traceparent"])
@@ -136,7 +118,7 @@ def test_a_b_c_linked(abc, incoming):
     # What C received: exactly one Traceparent, inserted by B's agent; the other headers
     # are those http.client always sends.
     got = out["downstream"]["body"]["headers"]
-    tps = _tp_of(got)
+    tps = traceparent_values(got)
     assert len(tps) == 1, got
     version, trace_id, parent_id, flags = tps[0].split("-")
     assert version == "00" and len(trace_id) == 32 and len(parent_id) == 16
@@ -198,15 +180,14 @@ def test_bodies_unchanged_and_existing_traceparent_kept(abc):
             assert r["status"] == 200
             assert r["sha"] == r["sent_sha"] == r["body_sha"], (size, chunked, r)
     # Body that looks like a request start must not get a header.
-    r = client.run({"method": "POST", "path": "/echo", "body_len": None,
-                    "headers": {"Content-Type": "text/plain"}})
+    r = client.run({"method": "POST", "path": "/echo", "body_len": None, "headers": {"Content-Type": "text/plain"}})
     # Existing traceparent: not modified, not duplicated.
     mine = f"00-{TP_TRACE}-{TP_SPAN}-01"
     r = client.run({"method": "GET", "path": "/headers", "headers": {"traceparent": mine}})
-    assert _tp_of(r["headers"]) == [mine], r["headers"]
+    assert traceparent_values(r["headers"]) == [mine], r["headers"]
     # And a request without one gets exactly one.
     r = client.run({"method": "GET", "path": "/headers"})
-    assert len(_tp_of(r["headers"])) == 1
+    assert len(traceparent_values(r["headers"])) == 1
     spans = agent_c.wait_count(SpanKind.SERVER, n + 3)
     mine_span = [s for s in spans if s.parent_span_id == TP_SPAN]
     assert len(mine_span) == 1 and mine_span[0].trace_id == TP_TRACE
@@ -226,9 +207,11 @@ def test_host_header_parsed_both_sides(abc):
     client = Client(b, c.addr)
     agent_b.dp.scan_now()
     long_host = "h" * 200 + ".test"
-    cases = {"/h/plain": ("Host", "svc.example:8443", "svc.example:8443"),
-             "/h/upper-ows": ("HOST", " \t svc.example \t", "svc.example"),
-             "/h/long": ("Host", long_host, "")}
+    cases = {
+        "/h/plain": ("Host", "svc.example:8443", "svc.example:8443"),
+        "/h/upper-ows": ("HOST", " \t svc.example \t", "svc.example"),
+        "/h/long": ("Host", long_host, ""),
+    }
     for path, (name, value, _) in cases.items():
         r = client.run({"method": "GET", "path": path, "headers": {"X-Forwarded-Host": "not-me", name: value}})
         assert r["status"] == 200
@@ -240,33 +223,6 @@ def test_host_header_parsed_both_sides(abc):
         assert cs[0].parent_span_id == bc[0].span_id
 
 
-# 32 keep-alive clients in A, each request with its own trace id; B echoes what C got.
-CONCURRENT_CODE = r"""
-import http.client, json, secrets, sys, threading
-host, n_clients, n_req = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-bad, done, errors = [], [], []
-def worker(k):
-    conn = http.client.HTTPConnection(host, 8080, timeout=30)
-    for i in range(n_req):
-        trace = secrets.token_hex(16)
-        raw = b""
-        try:
-            conn.request("GET", f"/w/{k}/{i}", headers={"traceparent": f"00-{trace}-{secrets.token_hex(8)}-01"})
-            raw = conn.getresponse().read()
-            body = json.loads(raw)
-            tps = [v for k2, v in body["downstream"]["body"]["headers"] if k2.lower() == "traceparent"]
-        except Exception as e:
-            errors.append(f"{e!r}: {raw[:300]!r}")
-            conn.close(); conn = http.client.HTTPConnection(host, 8080, timeout=30); continue
-        if len(tps) != 1 or tps[0].split("-")[1] != trace:
-            bad.append((trace, tps))
-        done.append(trace)
-ts = [threading.Thread(target=worker, args=(k,)) for k in range(n_clients)]
-[t.start() for t in ts]; [t.join() for t in ts]
-print(json.dumps({"done": len(done), "bad": bad[:5], "n_bad": len(bad), "errors": errors[:5]}))
-"""
-
-
 def test_concurrent_keepalive_no_cross_links(abc):
     topo, agent_b, agent_c = abc
     a, b = topo["a"], topo["b"]
@@ -274,6 +230,7 @@ def test_concurrent_keepalive_no_cross_links(abc):
     r = a.run([sys.executable, "-c", CONCURRENT_CODE, b.addr, str(n_clients), str(n_req)], timeout=180)
     out = json.loads(r.stdout)
     total = n_clients * n_req
+
     def stats() -> str:  # full counters of both agents, for failure messages
         return f"B={agent_b.dp.stats()} C={agent_c.dp.stats()} dropped={agent_b.dp.correlator.dropped_requests}"
 
@@ -291,8 +248,9 @@ def test_concurrent_keepalive_no_cross_links(abc):
     assert len(children) == total and set(children.values()) == {1}
     c_servers = agent_c.wait_count(SpanKind.SERVER, total, timeout=30)
     client_ids = {c.span_id: c for c in clients}
-    assert all(s.parent_span_id in client_ids and client_ids[s.parent_span_id].trace_id == s.trace_id
-               for s in c_servers)
+    assert all(
+        s.parent_span_id in client_ids and client_ids[s.parent_span_id].trace_id == s.trace_id for s in c_servers
+    )
     # Nothing was skipped: no lost events, and no program found its per-CPU scratch slot
     # taken by another one interrupting it on the same CPU (the cause of the old flake).
     for agent in (agent_b, agent_c):
@@ -307,7 +265,7 @@ def test_large_headers_and_large_responses(abc):
     hdrs = {f"X-Pad-{i}": "p" * 990 for i in range(8)}
     hdrs["traceparent"] = f"00-{TP_TRACE}-{TP_SPAN}-01"
     out = http_get(a, f"http://{b.addr}:{PORT}/big", hdrs)
-    tps = _tp_of(out["downstream"]["body"]["headers"])
+    tps = traceparent_values(out["downstream"]["body"]["headers"])
     assert len(tps) == 1 and tps[0].split("-")[1] == TP_TRACE
     bs = agent_b.wait(lambda s: s.kind == SpanKind.SERVER and s.path == "/big")
     assert bs and bs[0].parent_span_id == TP_SPAN and bs[0].trace_id == TP_TRACE
@@ -320,12 +278,15 @@ def test_large_headers_and_large_responses(abc):
     t0 = time.monotonic()
     r = client.run({"method": "GET", "path": f"/bytes?n={big}"}, timeout=30)
     assert r["status"] == 200 and r["len"] == big
-    import obi.demoapp as demo
+    import obi.demo.app as demo
+
     assert r["body_sha"] == hashlib.sha256(demo.pattern_bytes(big)).hexdigest()
     assert time.monotonic() - t0 < 20
     # And B's server socket writing 10 MiB to A.
-    code = ("import sys,urllib.request,hashlib;"
-            "d=urllib.request.urlopen(sys.argv[1],timeout=20).read();print(len(d),hashlib.sha256(d).hexdigest())")
+    code = (
+        "import sys,urllib.request,hashlib;"
+        "d=urllib.request.urlopen(sys.argv[1],timeout=20).read();print(len(d),hashlib.sha256(d).hexdigest())"
+    )
     res = a.run([sys.executable, "-c", code, f"http://{b.addr}:{PORT}/bytes?n={big}"], timeout=40)
     n, sha = res.stdout.split()
     assert int(n) == big and sha == hashlib.sha256(demo.pattern_bytes(big)).hexdigest()
@@ -343,7 +304,7 @@ def test_keepalive_connection_survives_a_10mib_response(abc):
     assert r["status"] == 200 and r["len"] == big
     # The same connection keeps working afterwards (framing kept in sync).
     r = client.run({"method": "GET", "path": "/headers"})
-    assert r["status"] == 200 and len(_tp_of(r["headers"])) == 1
+    assert r["status"] == 200 and len(traceparent_values(r["headers"])) == 1
 
 
 # A blocking thread-per-connection server with plain recv/sendall: GET /big answers 10 MiB,
@@ -388,14 +349,14 @@ print(ok)
 """
 
 
-def test_blocking_server_reads_survive_large_responses(topo, tmp_path):
+def test_blocking_server_reads_survive_large_responses(three_hosts, tmp_path):
     """Regression: server sockets used to join the agent's sock_hash, and a socket in a
     sockmap reads through the kernel's tcp_bpf_recvmsg, whose blocking wait returns EAGAIN
     when woken without data (the write-space wakeup while a large response drains). A
     blocking server then took the EAGAIN for the end of the connection: about one keep-alive
     connection in 5-10 ended right after a 10 MiB response. Server connections are now
     followed by tc on both directions, and their spans still close with the status."""
-    b, c = topo["b"], topo["c"]
+    b, c = three_hosts["b"], three_hosts["c"]
     server = c.popen([sys.executable, "-c", BLOCKING_SERVER], stdout=subprocess.PIPE, text=True)
     assert server.stdout.readline().strip() == "listening"
     agent_c = Agent(c, tmp_path)
@@ -412,8 +373,8 @@ def test_blocking_server_reads_survive_large_responses(topo, tmp_path):
     assert all(s.status == 200 and s.end_ns >= s.start_ns for s in spans)
 
 
-def test_stop_detaches_everything(topo, tmp_path):
-    b = topo["b"]
+def test_stop_detaches_everything(three_hosts, tmp_path):
+    b = three_hosts["b"]
     serve(b)
     agent = Agent(b, tmp_path)
     prog_ids = {p.info()["id"] for o in agent.dp._objs.values() for p in o.programs()}

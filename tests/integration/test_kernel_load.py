@@ -20,13 +20,13 @@ import time
 
 import pytest
 
+from obi.demo.topology import Topology
 from obi.model import SpanKind
-from obi.netns import Topology
+from tests.helpers.kernel_agent import Agent
+from tests.helpers.skips import skip_module_unless_kernel_path
 
 pytestmark = pytest.mark.root
 
-sys.path.insert(0, os.path.dirname(__file__))
-from kernel_agent import Agent, skip_module_unless_kernel_path  # noqa: E402
 
 skip_module_unless_kernel_path({"wrk": "needs wrk (scripts/setup.sh installs it)"})
 
@@ -37,8 +37,9 @@ CONNS = 32
 def test_every_request_one_span_under_load(tmp_path):
     with Topology(["cl", "sv"], prefix="obik") as topo:
         cl, sv = topo["cl"], topo["sv"]
-        srv = sv.popen([sys.executable, "-m", "bench.httpserver", "--port", "8080"], stdout=subprocess.PIPE,
-                       text=True, cwd=REPO)
+        srv = sv.popen(
+            [sys.executable, "-m", "bench.httpserver", "--port", "8080"], stdout=subprocess.PIPE, text=True, cwd=REPO
+        )
         assert "listening" in srv.stdout.readline()
         # Spans are tallied, not kept: 100k live objects would make the garbage collector
         # pause this process (and the agent thread in it) long enough to fill the ring.

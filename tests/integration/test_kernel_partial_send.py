@@ -16,20 +16,20 @@ received), and on the counters (unseen sends happened, nothing was given up).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 
 import pytest
 
+from obi.demo.topology import Topology
 from obi.model import SpanKind
-from obi.netns import Topology
+from tests.helpers.kernel_agent import Agent
+from tests.helpers.skips import skip_module_unless_kernel_path
+from tests.helpers.traffic import READ_RESPONSE_SRC
 
 pytestmark = pytest.mark.root
 
-sys.path.insert(0, os.path.dirname(__file__))
-from kernel_agent import READ_RESPONSE_SRC, Agent, skip_module_unless_kernel_path  # noqa: E402
 
 skip_module_unless_kernel_path()
 
@@ -81,7 +81,9 @@ while True:
 # socket is non-blocking inside) and a small send buffer. Per size: a POST whose head and
 # body go out in ONE sendall (Content-Length), or head + one chunk in one sendall and the
 # last chunk in another (chunked); then a small GET. Prints the request heads C saw.
-CLIENT = READ_RESPONSE_SRC + r"""
+CLIENT = (
+    READ_RESPONSE_SRC
+    + r"""
 import json, socket, sys
 lst = socket.socket(); lst.bind(("0.0.0.0", 8081)); lst.listen(1)
 sys.stdin.readline()
@@ -101,6 +103,7 @@ for size in json.loads(sys.argv[2]):
     heads.append(read_response(f))
 print(json.dumps(heads), flush=True)
 """
+)
 
 SIZES = [700_000, 1 << 20, 3 << 20]
 
@@ -112,8 +115,12 @@ def test_partial_sends_keep_the_framing(tmp_path):
         assert "listening" in p.stdout.readline()
         agent_b = Agent(b, tmp_path, ports=f"{PORT},{CLIENT_PORT}")
         try:
-            proc = b.popen([sys.executable, "-c", CLIENT, c.addr, json.dumps(SIZES)],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            proc = b.popen(
+                [sys.executable, "-c", CLIENT, c.addr, json.dumps(SIZES)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             deadline = time.monotonic() + 10
             while proc.pid not in agent_b.dp.selected_pids:
                 assert time.monotonic() < deadline, "client never selected"
@@ -122,8 +129,12 @@ def test_partial_sends_keep_the_framing(tmp_path):
             out, _ = proc.communicate("go\n", timeout=90)
             heads = json.loads(out)
             assert len(heads) == 3 * len(SIZES)
-            missing = [h[0] for h in heads if not h[1].lower().startswith("traceparent:")
-                       or sum(x.lower().startswith("traceparent:") for x in h) != 1]
+            missing = [
+                h[0]
+                for h in heads
+                if not h[1].lower().startswith("traceparent:")
+                or sum(x.lower().startswith("traceparent:") for x in h) != 1
+            ]
             st = agent_b.dp.stats()
             assert not missing, f"requests without exactly one leading Traceparent: {missing} {st}"
             sent_ids = {h[1].split(":", 1)[1].strip().split("-")[2] for h in heads}

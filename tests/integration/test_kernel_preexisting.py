@@ -1,4 +1,4 @@
-"""Kernel datapath adopts connections established before it started (iter.bpf.c).
+"""Kernel datapath adopts connections established before it started (adopt.bpf.c).
 
 A -> B -> C in namespaces. Before the agents start: A's keep-alive client has a connection
 to B, B's demoapp thread serving it has its keep-alive connection to C, and a selected
@@ -11,29 +11,29 @@ test_kernel_e2e.py, and bodies on adopted connections arrive unchanged (SHA-256)
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
 
 import pytest
 
+from obi.demo.topology import Topology
 from obi.model import SpanKind
-from obi.netns import Topology
+from tests.helpers.kernel_agent import Agent
+from tests.helpers.skips import skip_module_unless_kernel_path
+from tests.helpers.traffic import CLIENT_PORT, PORT, serve, traceparent_values
 
 pytestmark = pytest.mark.root
 
-sys.path.insert(0, os.path.dirname(__file__))
-from kernel_agent import Agent, skip_module_unless_kernel_path  # noqa: E402
 
 skip_module_unless_kernel_path()
 
-from test_kernel_e2e import CLIENT_PORT, PORT, serve  # noqa: E402
 
 # A keep-alive client: one JSON job per stdin line ({"method","path","body_len"}) over one
 # connection to argv[1]:PORT; prints {"status","sha","sent_sha","body_sha","json"} per job.
 # With argv[2], it first listens on that port (so that B's agent selects it).
-KEEPALIVE_CODE = r"""
+KEEPALIVE_CODE = (
+    r"""
 import hashlib, http.client, json, socket, sys
 if len(sys.argv) > 2:
     lst = socket.socket(); lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -54,7 +54,9 @@ for line in sys.stdin:
     print(json.dumps({"status": resp.status, "sha": resp.getheader("X-Body-Sha256"),
                       "sent_sha": hashlib.sha256(body or b"").hexdigest(),
                       "body_sha": hashlib.sha256(data).hexdigest(), "json": parsed}), flush=True)
-""" % PORT
+"""
+    % PORT
+)
 
 
 class KeepAlive:
@@ -82,18 +84,8 @@ def peer_ports(host, server_addr: str) -> set[int]:
     return {int(line.split()[-2].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
 
 
-def _tp_of(headers: list[list[str]]) -> list[str]:
-    return [v for k, v in headers if k.lower() == "traceparent"]
-
-
-@pytest.fixture
-def topo():
-    with Topology(["a", "b", "c"], prefix="obik") as t:
-        yield t
-
-
-def test_connections_from_before_start_are_adopted(topo, tmp_path):
-    a, b, c = topo["a"], topo["b"], topo["c"]
+def test_connections_from_before_start_are_adopted(three_hosts, tmp_path):
+    a, b, c = three_hosts["a"], three_hosts["b"], three_hosts["c"]
     serve(c)
     serve(b, downstream=f"http://{c.addr}:{PORT}")
     client_a = KeepAlive(a, b.addr)
@@ -101,9 +93,9 @@ def test_connections_from_before_start_are_adopted(topo, tmp_path):
 
     # Before the agents: one request over each connection, nothing inserted.
     out = client_a.run("GET", "/work")
-    assert out["status"] == 200 and _tp_of(out["json"]["downstream"]["body"]["headers"]) == []
+    assert out["status"] == 200 and traceparent_values(out["json"]["downstream"]["body"]["headers"]) == []
     out = client_b.run("GET", "/headers")
-    assert out["status"] == 200 and _tp_of(out["json"]["headers"]) == []
+    assert out["status"] == 200 and traceparent_values(out["json"]["headers"]) == []
     a_ports, b_ports = peer_ports(a, b.addr), peer_ports(b, c.addr)
     assert len(a_ports) == 1 and len(b_ports) == 2, (a_ports, b_ports)
 
@@ -124,7 +116,7 @@ def test_connections_from_before_start_are_adopted(topo, tmp_path):
         for _ in range(n):
             out = client_a.run("GET", "/work")
             assert out["status"] == 200
-            tps = _tp_of(out["json"]["downstream"]["body"]["headers"])
+            tps = traceparent_values(out["json"]["downstream"]["body"]["headers"])
             assert len(tps) == 1, out
             received.append(tps[0].split("-"))
         b_server = agent_b.wait_count(SpanKind.SERVER, n)
@@ -167,7 +159,8 @@ def test_connections_from_before_start_are_adopted(topo, tmp_path):
 
 # In C: answers every request with its own head (so the test sees what arrived), after
 # three seconds for paths starting with /slow.
-HEAD_ECHO_SERVER = r"""
+HEAD_ECHO_SERVER = (
+    r"""
 import socket, threading, time
 ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 ls.bind(("0.0.0.0", %d)); ls.listen(16)
@@ -186,12 +179,15 @@ def serve(s):
             s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %%d\r\n\r\n" %% len(head) + head)
 while True:
     threading.Thread(target=serve, args=(ls.accept()[0],), daemon=True).start()
-""" % PORT
+"""
+    % PORT
+)
 
 # In B, selected (listens on argv[2]): one connection to argv[1]:PORT; stdin lines
 # "send PATH" write a request, "recv" reads one response and prints its body (the head C
 # got) as JSON, "new" opens a new connection.
-HEAD_CLIENT = r"""
+HEAD_CLIENT = (
+    r"""
 import json, socket, sys
 lst = socket.socket(); lst.bind(("0.0.0.0", int(sys.argv[2]))); lst.listen(1)
 def connect():
@@ -211,7 +207,9 @@ for line in sys.stdin:
             if h.lower().startswith(b"content-length:"):
                 n = int(h.split(b":")[1])
         print(json.dumps(f.read(n).decode()), flush=True)
-""" % PORT
+"""
+    % PORT
+)
 
 
 def test_client_with_a_request_in_flight_at_start_is_left_alone(tmp_path):
@@ -223,8 +221,12 @@ def test_client_with_a_request_in_flight_at_start_is_left_alone(tmp_path):
         b, c = topo["b"], topo["c"]
         server = c.popen([sys.executable, "-c", HEAD_ECHO_SERVER], stdout=subprocess.PIPE, text=True)
         assert server.stdout.readline().strip() == "listening"
-        client = b.popen([sys.executable, "-c", HEAD_CLIENT, c.addr, str(CLIENT_PORT)],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        client = b.popen(
+            [sys.executable, "-c", HEAD_CLIENT, c.addr, str(CLIENT_PORT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert client.stdout.readline().strip() == "ready"
 
         def say(cmd: str) -> str | None:

@@ -13,15 +13,14 @@ import sys
 import pytest
 
 from obi import config
+from obi.demo.topology import Topology
 from obi.model import SpanKind
-from obi.netns import Topology
+from tests.helpers.kernel_agent import Agent
+from tests.helpers.traffic import CONCURRENT_CODE, PORT, TP_SPAN, TP_TRACE, http_get, serve
 
 pytestmark = pytest.mark.root
 
-sys.path.insert(0, os.path.dirname(__file__))
 # test_kernel_e2e skips itself (and so this module) where the kernel path cannot run.
-from test_kernel_e2e import CONCURRENT_CODE, PORT, TP_SPAN, TP_TRACE, http_get, serve  # noqa: E402
-from kernel_agent import Agent  # noqa: E402
 
 from obi.kernel import libbpf  # noqa: E402  (loadable: checked by the skip above)
 
@@ -105,8 +104,9 @@ def test_concurrent_keepalive_no_cross_links(abc):
     c_servers = agent_c.wait_count(SpanKind.SERVER, total, timeout=30)
     client_ids = {c.span_id: c for c in clients}
     assert len(c_servers) == total
-    assert all(s.parent_span_id in client_ids and client_ids[s.parent_span_id].trace_id == s.trace_id
-               for s in c_servers)
+    assert all(
+        s.parent_span_id in client_ids and client_ids[s.parent_span_id].trace_id == s.trace_id for s in c_servers
+    )
     assert agent_b.dp.stats()["thread_links"] >= total
     for agent in (agent_b, agent_c):
         _clean(agent)
@@ -122,8 +122,9 @@ def test_auto_choice_follows_the_tracepoint_probe(monkeypatch):
     assert probes.probe_syscall_tracepoints().ok is True, "this kernel has CONFIG_FTRACE_SYSCALLS"
     if probes.probe_sock_recv_tracepoint().ok:
         assert datapath.choose_thread_hook("auto") == "sock_recv_length"
-    monkeypatch.setattr(probes, "probe_sock_recv_tracepoint",
-                        lambda: probes.Probe("sock_recv_tracepoint", False, "missing", "6.3"))
+    monkeypatch.setattr(
+        probes, "probe_sock_recv_tracepoint", lambda: probes.Probe("sock_recv_tracepoint", False, "missing", "6.3")
+    )
     assert datapath.choose_thread_hook("auto") == "syscalls"
     assert datapath.choose_thread_hook("sock_recv_length") == "sock_recv_length"
     with pytest.raises(ValueError):

@@ -17,18 +17,18 @@ import sys
 
 import pytest
 
+from obi.demo.topology import Topology
 from obi.model import SpanKind
-from obi.netns import Topology
+from tests.helpers.kernel_agent import Agent
+from tests.helpers.skips import skip_module_unless_kernel_path
+from tests.helpers.tls_app import make_cert
 
 pytestmark = pytest.mark.root
 
-sys.path.insert(0, os.path.dirname(__file__))
-from kernel_agent import Agent, skip_module_unless_kernel_path  # noqa: E402
 
 skip_module_unless_kernel_path({"openssl": "needs the openssl command to make a test certificate"})
-from tls_app import make_cert  # noqa: E402
 
-APP = os.path.join(os.path.dirname(__file__), "tls_app.py")
+APP = os.path.join(os.path.dirname(__file__), "..", "helpers", "tls_app.py")
 FRONT, BACKEND = 8080, 8443
 TP_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 SIZES = [0, 1, 1000, 1460, 20_000, 300_000]  # per request: bytes B posts to C over TLS

@@ -6,17 +6,16 @@ there leaves the machine's own mounts alone."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 
+from tests.helpers.skips import skip_module_unless_kernel_path
+
 pytestmark = pytest.mark.root
 
-sys.path.insert(0, os.path.dirname(__file__))
-from kernel_agent import skip_module_unless_kernel_path  # noqa: E402
 
 skip_module_unless_kernel_path({"unshare": "needs unshare (util-linux) for a private mount namespace"})
 
@@ -25,12 +24,12 @@ skip_module_unless_kernel_path({"unshare": "needs unshare (util-linux) for a pri
 SCRIPT = r"""
 import json, subprocess
 from obi import config, doctor
-from obi.kernel import probes
+from obi.kernel import tracefs
 from obi.kernel.datapath import KernelDatapath
-from obi.netns import Topology
-for d in probes.TRACEFS_DIRS:
+from obi.demo.topology import Topology
+for d in tracefs.TRACEFS_DIRS:
     subprocess.run(["umount", d], capture_output=True)
-out = {"before": probes.tracefs_mounted()}
+out = {"before": tracefs.tracefs_mounted()}
 out["doctor"] = [c.detail for c in doctor.run_checks(config.load(env={})) if c.name == "tracefs"]
 with Topology(["h"], prefix="obitf") as t:
     h = t["h"]
@@ -39,7 +38,7 @@ with Topology(["h"], prefix="obitf") as t:
                         thread_hook="sock_recv_length")
     dp.start()
     try:
-        out["after"] = probes.tracefs_mounted()
+        out["after"] = tracefs.tracefs_mounted()
         out["links"] = len(dp._links)
     finally:
         dp.stop()
@@ -48,8 +47,12 @@ print(json.dumps(out))
 
 
 def test_agent_mounts_tracefs_when_missing():
-    r = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", SCRIPT],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["before"] == ""

@@ -8,21 +8,18 @@ of B's SERVER span (thread linking does not depend on headers).
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 
+from obi.demo.topology import Topology
 from obi.model import SpanKind
-from obi.netns import Topology
+from tests.helpers.kernel_agent import Agent
+from tests.helpers.skips import skip_module_unless_kernel_path
+from tests.helpers.traffic import PORT, TP_SPAN, TP_TRACE, http_get, serve, traceparent_values
 
 pytestmark = pytest.mark.root
 
-sys.path.insert(0, os.path.dirname(__file__))
-from kernel_agent import Agent, skip_module_unless_kernel_path  # noqa: E402
 
 skip_module_unless_kernel_path()
-from test_kernel_e2e import PORT, TP_SPAN, TP_TRACE, _tp_of, http_get, serve  # noqa: E402
 
 
 @pytest.mark.parametrize("track", [True, False], ids=["track-on", "track-off"])
@@ -34,9 +31,8 @@ def test_track_request_headers_reads_without_inserting(tmp_path, track):
         env = {"OTEL_EBPF_BPF_TRACK_REQUEST_HEADERS": "true" if track else "false"}
         agent_b = Agent(b, tmp_path, propagation="tcp", env=env)
         try:
-            out = http_get(a, f"http://{b.addr}:{PORT}/track",
-                           {"traceparent": f"00-{TP_TRACE}-{TP_SPAN}-01"})
-            assert _tp_of(out["downstream"]["body"]["headers"]) == []  # nothing inserted
+            out = http_get(a, f"http://{b.addr}:{PORT}/track", {"traceparent": f"00-{TP_TRACE}-{TP_SPAN}-01"})
+            assert traceparent_values(out["downstream"]["body"]["headers"]) == []  # nothing inserted
             bs = agent_b.wait(lambda s: s.kind == SpanKind.SERVER and s.path == "/track")
             bc = agent_b.wait(lambda s: s.kind == SpanKind.CLIENT and s.path == "/headers")
             assert len(bs) == 1 and len(bc) == 1, agent_b.spans

@@ -13,20 +13,20 @@ watched ports, agents run on B and C.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 
 import pytest
 
+from obi.demo.topology import Topology
 from obi.model import SpanKind
-from obi.netns import Topology
+from tests.helpers.kernel_agent import Agent
+from tests.helpers.skips import skip_module_unless_kernel_path
+from tests.helpers.traffic import READ_RESPONSE_SRC
 
 pytestmark = pytest.mark.root
 
-sys.path.insert(0, os.path.dirname(__file__))
-from kernel_agent import READ_RESPONSE_SRC, Agent, skip_module_unless_kernel_path  # noqa: E402
 
 skip_module_unless_kernel_path()
 
@@ -49,7 +49,9 @@ while True:
 """
 
 # Runs in B (selected: listens on CLIENT_PORT). argv[1] = C's address.
-CLIENT = READ_RESPONSE_SRC + r"""
+CLIENT = (
+    READ_RESPONSE_SRC
+    + r"""
 import json, os, socket, sys
 lst = socket.socket(); lst.bind(("0.0.0.0", 8081)); lst.listen(1)
 sys.stdin.readline()  # the test says go once the agent has selected us
@@ -91,13 +93,16 @@ bodies = [read_response(f) for _ in range(3)]
 out["pipelined"] = [b["headers"] for b in bodies]
 print(json.dumps(out), flush=True)
 """
+)
 
 
 def test_untouched_and_pipelined(tmp_path):
     with Topology(["b", "c"], prefix="obik") as topo:
         b, c = topo["b"], topo["c"]
-        for argv in ([sys.executable, "-m", "obi.demoapp", "serve", "--port", str(HTTP_PORT)],
-                     [sys.executable, "-c", ECHO]):
+        for argv in (
+            [sys.executable, "-m", "obi.demo.app", "serve", "--port", str(HTTP_PORT)],
+            [sys.executable, "-c", ECHO],
+        ):
             p = c.popen(argv, stdout=subprocess.PIPE, text=True)
             assert "listening" in p.stdout.readline()
         agent_c = Agent(c, tmp_path, propagation="all", ports=PORTS)
@@ -121,8 +126,7 @@ def test_untouched_and_pipelined(tmp_path):
             assert sb["headers_inserted"] == 3 and sb["insert_failed"] == 0, sb
             assert sb["parse_lost"] >= 3 and sc["parse_lost"] >= 3, (sb, sc)
             # No span was made of the non-HTTP connections.
-            assert all(s.local_port != ECHO_PORT and s.peer_port != ECHO_PORT
-                       for s in agent_b.spans + agent_c.spans)
+            assert all(s.local_port != ECHO_PORT and s.peer_port != ECHO_PORT for s in agent_b.spans + agent_c.spans)
         finally:
             agent_b.stop()
             agent_c.stop()
@@ -181,9 +185,15 @@ def test_only_selected_client_sockets_join_the_sockhash(tmp_path):
         assert echo.stdout.readline().strip() == "listening"
         agent = Agent(b, tmp_path, ports=PORTS)
         request = r"GET /x HTTP/1.1\r\nHost: c\r\n\r\n"
+
         def proc(listen: int, first: str, *how: str) -> subprocess.Popen:
-            return b.popen([sys.executable, "-c", COOKIE_PROC, str(listen), first, *how],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            return b.popen(
+                [sys.executable, "-c", COOKIE_PROC, str(listen), first, *how],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+
         procs = {
             "selected_http_client": proc(CLIENT_PORT, request, "connect", c.addr, "8082"),
             "selected_binary_client": proc(ECHO_PORT, r"\x00\x01binary", "connect", c.addr, "8082"),
@@ -198,10 +208,16 @@ def test_only_selected_client_sockets_join_the_sockhash(tmp_path):
                 p.stdin.flush()
             assert procs["server"].stdout.readline().strip() == "listening"
             agent.dp.scan_now()  # the server's port is watched: its process is selected too
-            peer = c.popen([sys.executable, "-c", f"import socket;s=socket.create_connection(('{b.addr}',{HTTP_PORT}));"
-                            "[s.sendall(s.recv(4)) for _ in range(2)];s.recv(1)"])
+            c.popen(
+                [
+                    sys.executable,
+                    "-c",
+                    f"import socket;s=socket.create_connection(('{b.addr}',{HTTP_PORT}));"
+                    "[s.sendall(s.recv(4)) for _ in range(2)];s.recv(1)",
+                ]
+            )
             cookies = {name: int(p.stdout.readline()) for name, p in procs.items()}
-            in_hash = {int.from_bytes(k, "little") for k in agent.dp._objs["egress"].map("sock_hash").keys()}
+            in_hash = {int.from_bytes(k, "little") for k in agent.dp._objs["tpinjector"].map("sock_hash").keys()}
             assert cookies["selected_http_client"] in in_hash
             assert cookies["selected_binary_client"] not in in_hash
             assert agent.dp.stats()["socks_released"] == 1

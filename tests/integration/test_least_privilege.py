@@ -38,7 +38,7 @@ def shipped_caps() -> list[str]:
 
 
 def cap_numbers() -> dict[str, int]:
-    from obi.kernel.probes import CAPABILITIES
+    from obi.machine_probes import CAPABILITIES
 
     return {name: bit for name, (bit, _) in CAPABILITIES.items()}
 
@@ -61,15 +61,22 @@ def setpriv(caps: list[str]) -> list[str]:
 
 
 def capeff_of(argv_prefix: list[str]) -> int:
-    out = subprocess.run([*argv_prefix, "grep", "^CapEff:", "/proc/self/status"], capture_output=True,
-                         text=True, timeout=10, check=True).stdout
+    out = subprocess.run(
+        [*argv_prefix, "grep", "^CapEff:", "/proc/self/status"], capture_output=True, text=True, timeout=10, check=True
+    ).stdout
     return int(out.split(":")[1], 16)
 
 
 def doctor(caps: list[str]) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    res = subprocess.run([*setpriv(caps), sys.executable, "-m", "obi", "doctor", "--json"],
-                         capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    res = subprocess.run(
+        [*setpriv(caps), sys.executable, "-m", "obi", "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+    )
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
 
@@ -107,7 +114,7 @@ def test_doctor_with_the_shipped_set() -> None:
 
 @pytest.mark.parametrize("dropped", shipped_caps())
 def test_doctor_names_a_missing_capability(dropped: str) -> None:
-    from obi.kernel.probes import CAPABILITIES
+    from obi.machine_probes import CAPABILITIES
 
     caps = [c for c in shipped_caps() if c != dropped]
     report = doctor(caps)
@@ -132,8 +139,8 @@ def test_doctor_names_a_missing_capability(dropped: str) -> None:
 
 def test_kernel_datapath_runs_without_sys_admin() -> None:
     pytest.importorskip("obi.kernel.datapath", reason="kernel datapath (obi.kernel.datapath) not written yet")
-    from obi import demoapp
-    from obi.netns import Topology, have_netns_tools
+    from obi.demo import app as demoapp
+    from obi.demo.topology import Topology, have_netns_tools
     from obi.w3c import parse_traceparent
 
     reason = have_netns_tools()
@@ -146,16 +153,25 @@ def test_kernel_datapath_runs_without_sys_admin() -> None:
         demoapp.start(backend, port)
         demoapp.start(service, port, downstream=f"http://{backend.addr}:{port}")
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-        env.update(OTEL_EBPF_DATAPATH="kernel", OTEL_EBPF_OPEN_PORT=str(port),
-                   OTEL_EBPF_BPF_CONTEXT_PROPAGATION="all", OTEL_EBPF_CGROUP_PATH=service.cgroup,
-                   OTEL_EBPF_TRACE_PRINTER="json", OTEL_EBPF_SHUTDOWN_TIMEOUT="5s")
+        env.update(
+            OTEL_EBPF_DATAPATH="kernel",
+            OTEL_EBPF_OPEN_PORT=str(port),
+            OTEL_EBPF_BPF_CONTEXT_PROPAGATION="all",
+            OTEL_EBPF_CGROUP_PATH=service.cgroup,
+            OTEL_EBPF_TRACE_PRINTER="json",
+            OTEL_EBPF_SHUTDOWN_TIMEOUT="5s",
+        )
         # Entering the namespace needs CAP_SYS_ADMIN, so nsenter runs first; setpriv drops to
         # the shipped set right before the agent's Python starts (same pid: exec chain).
         # nsenter, not `ip netns exec`: that one remounts /sys, hiding the cgroup2 mount.
         agent = subprocess.Popen(
-            ["nsenter", f"--net={service.netns_path}", *setpriv(shipped_caps()),
-             sys.executable, "-m", "obi", "run"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+            ["nsenter", f"--net={service.netns_path}", *setpriv(shipped_caps()), sys.executable, "-m", "obi", "run"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
         try:
             deadline = time.monotonic() + 30
             log: list[str] = []
@@ -170,8 +186,9 @@ def test_kernel_datapath_runs_without_sys_admin() -> None:
             bits = cap_numbers()
             assert capeff == sum(1 << bits[f"CAP_{c}"] for c in shipped_caps())  # no CAP_SYS_ADMIN
 
-            out = client.run(["curl", "-s", "-H", f"traceparent: {upstream}",
-                              f"http://{service.addr}:{port}/work"], timeout=20).stdout
+            out = client.run(
+                ["curl", "-s", "-H", f"traceparent: {upstream}", f"http://{service.addr}:{port}/work"], timeout=20
+            ).stdout
             answer = json.loads(out)
             got = dict((k.lower(), v) for k, v in answer["downstream"]["body"]["headers"]).get("traceparent")
             assert got, f"backend received no traceparent: {answer}"

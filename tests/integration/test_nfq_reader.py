@@ -24,12 +24,10 @@ import textwrap
 
 import pytest
 
-from obi.netns import Topology
+from obi.demo.topology import Topology
+from tests.helpers.skips import skip_module_unless_nfqueue
 
 pytestmark = pytest.mark.root
-
-sys.path.insert(0, os.path.dirname(__file__))
-from kernel_agent import skip_module_unless_nfqueue  # noqa: E402
 
 skip_module_unless_nfqueue("NFQUEUE target")
 
@@ -101,9 +99,23 @@ def tsan_module(tmp_path_factory) -> tuple[str, str]:
         pytest.skip("gcc has no ThreadSanitizer runtime (libtsan) on this machine")
     out = tmp_path_factory.mktemp("tsan")
     name = "_nfq" + sysconfig.get_config_var("EXT_SUFFIX")
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-g", "-fsanitize=thread",
-                    f"-I{sysconfig.get_paths()['include']}", SOURCE, "-o", str(out / name)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            "gcc",
+            "-shared",
+            "-fPIC",
+            "-O1",
+            "-g",
+            "-fsanitize=thread",
+            f"-I{sysconfig.get_paths()['include']}",
+            SOURCE,
+            "-o",
+            str(out / name),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return str(out), lib
 
 

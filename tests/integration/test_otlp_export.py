@@ -6,17 +6,13 @@ check the wire, not the SDK objects.
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
 
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-sys.path.insert(0, os.path.dirname(__file__))
-from otlp_receiver import GrpcReceiver, HttpReceiver, free_port  # noqa: E402
-
+from bench.otlp_receiver import GrpcReceiver, HttpReceiver, free_port  # noqa: E402
 from obi import __version__  # noqa: E402
 from obi.config import Config  # noqa: E402
 from obi.export import Exporter  # noqa: E402
@@ -40,17 +36,46 @@ def trace_pair() -> tuple[SpanRecord, SpanRecord]:
     client = server.child()
     start = time.time_ns() - 5_000_000
     srv = SpanRecord(
-        server.trace_id, server.span_id, upstream.span_id, SpanKind.SERVER,
-        start, start + 4_000_123, "POST", "/orders?id=7", 503,
-        host="shop.example:8080", local_addr="127.0.0.1", local_port=8080,
-        peer_addr="127.0.0.2", peer_port=40123, pid=4242, tid=4243, exe="/opt/shop/bin/shop",
-        flags=server.flags, tracestate="vendor=abc", datapath=Datapath.USERSPACE, propagated=True,
+        server.trace_id,
+        server.span_id,
+        upstream.span_id,
+        SpanKind.SERVER,
+        start,
+        start + 4_000_123,
+        "POST",
+        "/orders?id=7",
+        503,
+        host="shop.example:8080",
+        local_addr="127.0.0.1",
+        local_port=8080,
+        peer_addr="127.0.0.2",
+        peer_port=40123,
+        pid=4242,
+        tid=4243,
+        exe="/opt/shop/bin/shop",
+        flags=server.flags,
+        tracestate="vendor=abc",
+        datapath=Datapath.USERSPACE,
+        propagated=True,
     )
     cli = SpanRecord(
-        client.trace_id, client.span_id, server.span_id, SpanKind.CLIENT,
-        start + 1_000_000, start + 3_000_000, "GET", "/stock/7", 404,
-        local_addr="127.0.0.1", local_port=50000, peer_addr="127.0.0.3", peer_port=9090,
-        pid=4242, tid=4243, exe="/opt/shop/bin/shop", flags=client.flags,
+        client.trace_id,
+        client.span_id,
+        server.span_id,
+        SpanKind.CLIENT,
+        start + 1_000_000,
+        start + 3_000_000,
+        "GET",
+        "/stock/7",
+        404,
+        local_addr="127.0.0.1",
+        local_port=50000,
+        peer_addr="127.0.0.3",
+        peer_port=9090,
+        pid=4242,
+        tid=4243,
+        exe="/opt/shop/bin/shop",
+        flags=client.flags,
     )
     return srv, cli
 
@@ -60,9 +85,22 @@ def test_spans_round_trip_exactly(protocol: str) -> None:
     srv, cli = trace_pair()
     root = TraceContext.new_root()
     other_proc = SpanRecord(
-        root.trace_id, root.span_id, "", SpanKind.SERVER, srv.start_ns, srv.end_ns, "GET", "/", 200,
-        local_addr="127.0.0.1", local_port=8081, peer_addr="127.0.0.1", peer_port=40000, pid=777,
-        exe="/usr/bin/other", flags=root.flags,
+        root.trace_id,
+        root.span_id,
+        "",
+        SpanKind.SERVER,
+        srv.start_ns,
+        srv.end_ns,
+        "GET",
+        "/",
+        200,
+        local_addr="127.0.0.1",
+        local_port=8081,
+        peer_addr="127.0.0.1",
+        peer_port=40000,
+        pid=777,
+        exe="/usr/bin/other",
+        flags=root.flags,
     )
     with RECEIVERS[protocol]() as rx:
         cfg = config(protocol, rx.endpoint, otlp_headers=(("x-obi-test", "yes"),), service_name="")
@@ -288,11 +326,26 @@ def test_50k_spans_sustained_through_export(protocol: str) -> None:
     n = 50_000
     start = time.time_ns()
     records = [
-        SpanRecord(f"{i + 1:032x}", f"{i + 1:016x}", "" if i % 2 else f"{i + 7:016x}",
-                   SpanKind.SERVER if i % 2 else SpanKind.CLIENT, start + i * 1000, start + i * 1000 + 50_000,
-                   "GET", f"/items/{i % 100}", 200 if i % 10 else 503, host="198.18.0.2:8080",
-                   local_addr="198.18.0.2", local_port=8080, peer_addr="198.18.0.1", peer_port=40000 + i % 20000,
-                   pid=1000 + i % 3, tid=2000 + i % 7, exe="/usr/bin/python3", flags=1)
+        SpanRecord(
+            f"{i + 1:032x}",
+            f"{i + 1:016x}",
+            "" if i % 2 else f"{i + 7:016x}",
+            SpanKind.SERVER if i % 2 else SpanKind.CLIENT,
+            start + i * 1000,
+            start + i * 1000 + 50_000,
+            "GET",
+            f"/items/{i % 100}",
+            200 if i % 10 else 503,
+            host="198.18.0.2:8080",
+            local_addr="198.18.0.2",
+            local_port=8080,
+            peer_addr="198.18.0.1",
+            peer_port=40000 + i % 20000,
+            pid=1000 + i % 3,
+            tid=2000 + i % 7,
+            exe="/usr/bin/python3",
+            flags=1,
+        )
         for i in range(n)
     ]
     with RECEIVERS[protocol]() as rx:
@@ -315,8 +368,10 @@ def test_50k_spans_sustained_through_export(protocol: str) -> None:
         arrived = rx.wait_for_count(n, timeout=10)
         ids = rx.span_ids()
     stats = exp.stats()
-    print(f"\n{protocol}: {n} spans in {elapsed:.2f}s = {n / elapsed:,.0f} spans/s "
-          f"(receiver in-process); export() mean {call_s / n * 1e6:.2f} us, max {slowest * 1e3:.2f} ms; {stats}")
+    print(
+        f"\n{protocol}: {n} spans in {elapsed:.2f}s = {n / elapsed:,.0f} spans/s "
+        f"(receiver in-process); export() mean {call_s / n * 1e6:.2f} us, max {slowest * 1e3:.2f} ms; {stats}"
+    )
     assert stats["received"] == stats["exported"] == arrived == n
     assert stats["dropped"] == stats["unsampled"] == stats["export_errors"] == stats["queued"] == 0
     assert len(ids) == n and set(ids) == {bytes.fromhex(r.span_id) for r in records}

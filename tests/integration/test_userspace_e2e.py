@@ -18,8 +18,9 @@ import time
 
 import pytest
 
-from obi.fallback.procs import MISS_REFRESH_S
-from obi.netns import Topology
+from obi.demo.topology import Topology
+from obi.fallback.socket_owners import MISS_REFRESH_S
+from tests.helpers.skips import skip_module_unless_nfqueue
 
 pytestmark = pytest.mark.root
 
@@ -28,8 +29,6 @@ CLIENT_PORT = 8081  # a selected "client" process in B listens here so its calls
 TP_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 TP_SPAN = "00f067aa0ba902b7"
 
-sys.path.insert(0, os.path.dirname(__file__))
-from kernel_agent import skip_module_unless_nfqueue  # noqa: E402
 
 skip_module_unless_nfqueue("NFQUEUE, connmark, TCPMSS targets")
 
@@ -39,8 +38,13 @@ class Agent:
 
     def __init__(self, host, ports: str = f"{PORT},{CLIENT_PORT}", propagation: str = "headers", env=None):
         self.host = host
-        self.proc = host.popen([sys.executable, "-m", "obi.fallback", "--ports", ports, "--propagation", propagation],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.proc = host.popen(
+            [sys.executable, "-m", "obi.fallback", "--ports", ports, "--propagation", propagation],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         self.lines: queue.Queue[str] = queue.Queue()
         self.stderr: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -106,7 +110,7 @@ while True:
 DUAL_STACK_SERVER = f"""
 import socket
 from http.server import ThreadingHTTPServer
-from obi.demoapp import _Handler
+from obi.demo.app import _Handler
 class Server(ThreadingHTTPServer):
     address_family = socket.AF_INET6
     daemon_threads = True
@@ -119,8 +123,19 @@ def topo():
     with Topology(["a", "b", "c"], prefix="obiu") as t:
         c, b = t["c"], t["b"]
         c.popen([sys.executable, "-c", DUAL_STACK_SERVER], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        b.popen([sys.executable, "-m", "obi.demoapp", "serve", "--port", str(PORT),
-                 "--downstream", f"http://{c.addr}:{PORT}"], stdout=subprocess.DEVNULL)
+        b.popen(
+            [
+                sys.executable,
+                "-m",
+                "obi.demo.app",
+                "serve",
+                "--port",
+                str(PORT),
+                "--downstream",
+                f"http://{c.addr}:{PORT}",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         wait_port(t["a"], c.addr, PORT)
         wait_port(t["a"], b.addr, PORT)
         yield t
@@ -235,7 +250,9 @@ def test_bodies_0_to_1mib_echoed_ipv4_and_ipv6(topo, agents):
     # One client span per request, every one with status 200, v4 and v6.
     assert len(clients) == len(results) and {s["status"] for s in clients} == {200}
     assert {ipaddress.ip_address(s["peer_addr"]) for s in clients} == {
-        ipaddress.ip_address(topo["c"].addr), ipaddress.ip_address(topo["c"].addr6)}
+        ipaddress.ip_address(topo["c"].addr),
+        ipaddress.ip_address(topo["c"].addr6),
+    }
     stats = agents["b"].stop()
     assert stats["headers_inserted"] == len(results) and stats["handler_errors"] == 0
 
@@ -249,8 +266,9 @@ def test_loss_and_reordering_transfers_complete(topo, agents):
             for tool in ("iptables", "ip6tables"):
                 topo[name].run([tool, "-I", "INPUT", *drop])
                 added.append((name, tool))
-        topo["c"].run(["tc", "qdisc", "add", "dev", "eth0", "root", "netem", "delay", "2ms", "reorder", "75%", "50%"],
-                      check=False)
+        topo["c"].run(
+            ["tc", "qdisc", "add", "dev", "eth0", "root", "netem", "delay", "2ms", "reorder", "75%", "50%"], check=False
+        )
         echo_check(topo, sizes=[0, 100, 65536, 1 << 20], timeout=240)
     finally:
         for name, tool in added:
@@ -264,8 +282,25 @@ def test_stop_removes_rules_and_cleanup_removes_leftovers(topo):
     agent = Agent(b)
     assert "obi-fallback" in rules_of(b)
     # A rule that is not ours must survive.
-    b.run(["iptables", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--dport", "9", "-m", "comment",
-           "--comment", "someone-else", "-j", "ACCEPT"])
+    b.run(
+        [
+            "iptables",
+            "-t",
+            "mangle",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "9",
+            "-m",
+            "comment",
+            "--comment",
+            "someone-else",
+            "-j",
+            "ACCEPT",
+        ]
+    )
     agent.stop()
     assert "obi-fallback" not in rules_of(b) and "someone-else" in rules_of(b)
     agent = Agent(b)
@@ -284,7 +319,7 @@ ok, fail, stop = [0], [0], time.monotonic() + 6
 def worker():
     while time.monotonic() < stop:
         try:
-            with urllib.request.urlopen("http://{topo['b'].addr}:{PORT}/work", timeout=15) as r:
+            with urllib.request.urlopen("http://{topo["b"].addr}:{PORT}/work", timeout=15) as r:
                 r.read(); ok[0] += 1
         except Exception:
             fail[0] += 1
@@ -315,7 +350,7 @@ def test_random_payloads_on_watched_port(topo, agents):
 import json, os, random, socket
 rng = random.Random(5)
 for i in range(60):
-    s = socket.create_connection(({topo['c'].addr!r}, {PORT}), timeout=5)
+    s = socket.create_connection(({topo["c"].addr!r}, {PORT}), timeout=5)
     data = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 3000)))
     if i % 3 == 0: data = b"GET / HTTP/1.1\\r\\nContent-Length: zz\\r\\n\\r\\n" + data
     if i % 3 == 1: data = b"\\x16\\x03\\x01" + data
@@ -434,11 +469,33 @@ def test_tls_kind25_option_links_server_span(topo, tmp_path):
     span through TCP option kind 25, the encrypted stream is untouched (TLS would fail on a
     single changed byte, and the echoed SHA-256s match) and the connection serves every turn."""
     key, cert = str(tmp_path / "k"), str(tmp_path / "c")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=c", "-days", "1",
-                    "-keyout", key, "-out", cert], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=c",
+            "-days",
+            "1",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     b, c = topo["b"], topo["c"]
-    c.popen([sys.executable, "-c", TLS_SERVER.format(cert=cert, key=key, port=TLS_PORT)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    c.popen(
+        [sys.executable, "-c", TLS_SERVER.format(cert=cert, key=key, port=TLS_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_port(topo["a"], c.addr, TLS_PORT)
     ports = f"{PORT},{CLIENT_PORT},{TLS_PORT}"
     agent_b = Agent(b, ports=ports, propagation="headers,tcp")
@@ -492,8 +549,9 @@ for line in sys.stdin:
 class KeepAliveClient:
     def __init__(self, topo, timeout: float = 30):
         script = KEEPALIVE_CLIENT.format(client_port=CLIENT_PORT, c=topo["c"].addr, port=PORT, timeout=timeout)
-        self.proc = topo["b"].popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    text=True)
+        self.proc = topo["b"].popen(
+            [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         self.sent = 0
         wait_port(topo["b"], "127.0.0.1", CLIENT_PORT)
         # The agent looks for newly selected processes at most every MISS_REFRESH_S; past
@@ -610,8 +668,9 @@ def _slow_iptables(tmp_path, delay: float) -> dict:
     for tool in ("iptables", "ip6tables"):
         real = sh.which(tool)
         script = bindir / tool
-        script.write_text(f'#!/bin/sh\ncase " $* " in *" -A "*|*" -D "*|*" -I "*) sleep {delay};; esac\n'
-                          f'exec {real} "$@"\n')
+        script.write_text(
+            f'#!/bin/sh\ncase " $* " in *" -A "*|*" -D "*|*" -I "*) sleep {delay};; esac\nexec {real} "$@"\n'
+        )
         script.chmod(0o755)
     return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
 
@@ -697,8 +756,12 @@ def test_syns_of_processes_nobody_selected_do_not_wait_for_the_agent(topo):
     try:
         os.kill(agent.proc.pid, signal.SIGSTOP)
         # `ip netns exec` directly, not topo["b"].run: this process stays in the test's cgroup.
-        r = subprocess.run(["ip", "netns", "exec", topo["b"].netns, sys.executable, "-c", CONNECT, topo["c"].addr,
-                            str(PORT), "5"], capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            ["ip", "netns", "exec", topo["b"].netns, sys.executable, "-c", CONNECT, topo["c"].addr, str(PORT), "5"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         out = json.loads(r.stdout.strip().splitlines()[-1])
     finally:
         os.kill(agent.proc.pid, signal.SIGCONT)
@@ -752,9 +815,12 @@ def test_syns_of_selected_processes_pass_when_the_agent_is_behind(topo):
     topo["c"].popen([sys.executable, "-c", SINK.format(port=sink_port)], stdout=subprocess.DEVNULL)
     wait_port(topo["a"], topo["c"].addr, sink_port)
     agent = Agent(topo["b"])
-    client = topo["b"].popen([sys.executable, "-c", MANY_SYNS.format(client_port=CLIENT_PORT, n=4400,
-                                                                     c=topo["c"].addr, port=sink_port)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    client = topo["b"].popen(
+        [sys.executable, "-c", MANY_SYNS.format(client_port=CLIENT_PORT, n=4400, c=topo["c"].addr, port=sink_port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert client.stdout.readline().strip() == "ready"
         time.sleep(1.5)  # the rescan has seen it

@@ -14,18 +14,16 @@ of its own: a TCP echo over 198.18.x.1 whose segments iptables queues to the loo
 from __future__ import annotations
 
 import json
-import os
 import sys
 import textwrap
 
 import pytest
 
-from obi.netns import Topology
+from obi.demo.topology import Topology
+from tests.helpers.skips import skip_module_unless_nfqueue
 
 pytestmark = pytest.mark.root
 
-sys.path.insert(0, os.path.dirname(__file__))
-from kernel_agent import skip_module_unless_nfqueue  # noqa: E402
 
 skip_module_unless_nfqueue("NFQUEUE target")
 
@@ -198,7 +196,7 @@ def test_observed_packets_pass_while_the_handler_is_stuck_and_arrive_in_order() 
     pings = []
     for hexdata, outgoing in zip(out["pings"], out["outgoing"]):
         data = bytes.fromhex(hexdata)
-        body = data[(data[0] & 15) * 4 + (data[(data[0] & 15) * 4 + 12] >> 4) * 4:]
+        body = data[(data[0] & 15) * 4 + (data[(data[0] & 15) * 4 + 12] >> 4) * 4 :]
         if body:
             pings.append((body.decode(), outgoing))
     expected = []

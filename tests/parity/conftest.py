@@ -8,14 +8,11 @@ wire, marks taken before the traffic), so sharing is safe.
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Iterator
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from parity_harness import DATAPATHS, Env, skip_reason  # noqa: E402
+from tests.helpers.parity_harness import DATAPATHS, Env, skip_reason  # noqa: E402
 
 
 class EnvPool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
 import secrets
 import sys
@@ -19,10 +18,8 @@ import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from parity_harness import DRIVER_PORT, PORT, RAW_PORT, Env, traceparents, well_formed  # noqa: E402
-
 from obi.w3c import parse_traceparent  # noqa: E402
+from tests.helpers.parity_harness import PORT, RAW_PORT, Env, traceparents, well_formed  # noqa: E402
 
 pytestmark = pytest.mark.root
 
@@ -37,6 +34,7 @@ def _path(span: dict) -> str:
 
 
 # -- A -> B -> C ------------------------------------------------------------------------
+
 
 def run_flow(env: Env, upstream: str | None) -> dict:
     """One request A -> B -> C; returns what C received and the three spans of the request.
@@ -57,11 +55,20 @@ def run_flow(env: Env, upstream: str | None) -> dict:
     b_client = agent_b.wait(lambda s: s["kind"] == "CLIENT" and s["span_id"] == got.span_id, since=mark_b)
     c_server = agent_c.wait(lambda s: s["kind"] == "SERVER" and s["parent_span_id"] == got.span_id, since=mark_c)
     assert len(b_server) == 1, f"B SERVER spans for {path}: {b_server}\n{env.logs()}"
-    assert len(b_client) == 1, (f"no single B CLIENT span with the id C received as parent-id ({got.span_id}); "
-                                f"B spans: {agent_b.spans[mark_b:]}\n{env.logs()}")
+    assert len(b_client) == 1, (
+        f"no single B CLIENT span with the id C received as parent-id ({got.span_id}); "
+        f"B spans: {agent_b.spans[mark_b:]}\n{env.logs()}"
+    )
     assert len(c_server) == 1, f"no single C SERVER span child of {got.span_id}: {agent_c.spans[mark_c:]}"
-    return {"path": path, "headers": c_headers, "tp": tps[0], "ctx": got,
-            "b_server": b_server[0], "b_client": b_client[0], "c_server": c_server[0]}
+    return {
+        "path": path,
+        "headers": c_headers,
+        "tp": tps[0],
+        "ctx": got,
+        "b_server": b_server[0],
+        "b_client": b_client[0],
+        "c_server": c_server[0],
+    }
 
 
 def check_flow(env: Env, flow: dict, upstream: str | None) -> None:
@@ -88,7 +95,9 @@ def check_flow(env: Env, flow: dict, upstream: str | None) -> None:
     assert bc["attributes"]["url.path"] == "/headers" and bc["attributes"]["server.address"] == c.addr
     assert cs["attributes"]["url.path"] == "/headers" and cs["attributes"]["client.address"] == b.addr
     assert bs["attributes"]["client.address"] == a.addr
-    assert bs["start_time_unix_nano"] <= bc["start_time_unix_nano"] <= bc["end_time_unix_nano"] <= bs["end_time_unix_nano"]
+    assert (
+        bs["start_time_unix_nano"] <= bc["start_time_unix_nano"] <= bc["end_time_unix_nano"] <= bs["end_time_unix_nano"]
+    )
 
 
 @pytest.mark.parametrize("upstream", [None, UPSTREAM], ids=["no-traceparent", "with-traceparent"])
@@ -141,8 +150,9 @@ def test_keepalive_no_stale_incoming_context(env: Env):
     ]
     mark = env.agents["b"].mark()
     env.a_raw(requests)
-    servers = env.agents["b"].wait(lambda s: s["kind"] == "SERVER" and _path(s).startswith(f"/stale/{tag}/"),
-                                   n=4, since=mark)
+    servers = env.agents["b"].wait(
+        lambda s: s["kind"] == "SERVER" and _path(s).startswith(f"/stale/{tag}/"), n=4, since=mark
+    )
     by_path = {_path(s): s for s in servers}
     assert len(by_path) == 4, servers
     first = by_path[f"/stale/{tag}/1"]
@@ -154,18 +164,21 @@ def test_keepalive_no_stale_incoming_context(env: Env):
 
 # -- byte-exact header insertion (driver in B -> recorder on C) --------------------------
 
+
 def raw_request(env: Env, request: bytes, pieces: int = 1, new_conn: bool = True) -> bytes:
     """Send `request` from B's driver to C's recorder (in `pieces` writes); the bytes C got."""
     cut = [len(request) * i // pieces for i in range(pieces + 1)]
-    parts = [base64.b64encode(request[cut[i]:cut[i + 1]]).decode() for i in range(pieces)]
-    out = env.driver.run({"op": "raw_http", "addr": env.hosts[2].addr, "port": RAW_PORT,
-                          "pieces_b64": parts, "new_conn": new_conn})
+    parts = [base64.b64encode(request[cut[i] : cut[i + 1]]).decode() for i in range(pieces)]
+    out = env.driver.run(
+        {"op": "raw_http", "addr": env.hosts[2].addr, "port": RAW_PORT, "pieces_b64": parts, "new_conn": new_conn}
+    )
     assert out["status"] == 200
     return base64.b64decode(out["body_b64"])
 
 
-def request_bytes(target: str, headers: list[tuple[str, str]] = (), body: bytes = b"", method: str = "GET",
-                  host: str = "c") -> bytes:
+def request_bytes(
+    target: str, headers: list[tuple[str, str]] = (), body: bytes = b"", method: str = "GET", host: str = "c"
+) -> bytes:
     head = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"
     head += "".join(f"{k}: {v}\r\n" for k, v in headers)
     if body or method == "POST":
@@ -178,10 +191,10 @@ def split_inserted(sent: bytes, received: bytes) -> bytes:
     line_end = sent.index(b"\r\n") + 2
     assert len(received) == len(sent) + HEADER_LEN, (sent[:200], received[:300])
     assert received[:line_end] == sent[:line_end], "request line changed"
-    assert received[line_end + HEADER_LEN:] == sent[line_end:], "bytes after the inserted header changed"
-    inserted = received[line_end:line_end + HEADER_LEN]
+    assert received[line_end + HEADER_LEN :] == sent[line_end:], "bytes after the inserted header changed"
+    inserted = received[line_end : line_end + HEADER_LEN]
     assert inserted.startswith(b"Traceparent: 00-") and inserted.endswith(b"\r\n"), inserted
-    assert parse_traceparent(inserted[len(b"Traceparent: "):-2]) is not None, inserted
+    assert parse_traceparent(inserted[len(b"Traceparent: ") : -2]) is not None, inserted
     return inserted
 
 
@@ -190,8 +203,7 @@ def test_inserted_header_bytes(env: Env, pieces):
     """Exactly 70 bytes right after the request line, everything else byte-exact, also when
     the request is written in several pieces; the ids are the agent's CLIENT span."""
     tag = secrets.token_hex(4)
-    sent = request_bytes(f"/raw/{tag}", [("User-Agent", "parity"), ("Accept", "*/*")], body=b"x" * 300,
-                         method="POST")
+    sent = request_bytes(f"/raw/{tag}", [("User-Agent", "parity"), ("Accept", "*/*")], body=b"x" * 300, method="POST")
     mark_b, mark_c = env.agents["b"].mark(), env.agents["c"].mark()
     inserted = split_inserted(sent, raw_request(env, sent, pieces))
     ctx = parse_traceparent(inserted[13:-2])
@@ -199,8 +211,7 @@ def test_inserted_header_bytes(env: Env, pieces):
     assert len(client) == 1, f"no CLIENT span {ctx.span_id} on B: {env.agents['b'].spans[mark_b:]}"
     assert client[0]["trace_id"] == ctx.trace_id and client[0]["parent_span_id"] == ""  # driver serves nothing
     assert client[0]["attributes"]["url.path"] == f"/raw/{tag}"
-    server = env.agents["c"].wait(lambda s: s["kind"] == "SERVER" and s["parent_span_id"] == ctx.span_id,
-                                  since=mark_c)
+    server = env.agents["c"].wait(lambda s: s["kind"] == "SERVER" and s["parent_span_id"] == ctx.span_id, since=mark_c)
     assert len(server) == 1 and server[0]["trace_id"] == ctx.trace_id
 
 
@@ -210,7 +221,7 @@ def test_keepalive_each_request_gets_its_own_header(env: Env):
     for i in range(4):
         sent = request_bytes(f"/ka/{i}", [("X-I", str(i))])
         inserted = split_inserted(sent, raw_request(env, sent, new_conn=(i == 0)))
-        ids.add(inserted[13 + 36:13 + 52])
+        ids.add(inserted[13 + 36 : 13 + 52])
     assert len(ids) == 4
 
 
@@ -218,11 +229,97 @@ def test_pipelined_requests_each_get_a_header(env: Env):
     """Two requests in one write: each gets its own header after its own request line."""
     first = request_bytes("/pipe/1", [("X-N", "1")], body=b"a" * 100, method="POST")
     second = request_bytes("/pipe/2", [("X-N", "2")])
-    out = env.driver.run({"op": "raw_http", "addr": env.hosts[2].addr, "port": RAW_PORT, "new_conn": True,
-                          "pieces_b64": [base64.b64encode(first + second).decode()], "responses": 2})
+    out = env.driver.run(
+        {
+            "op": "raw_http",
+            "addr": env.hosts[2].addr,
+            "port": RAW_PORT,
+            "new_conn": True,
+            "pieces_b64": [base64.b64encode(first + second).decode()],
+            "responses": 2,
+        }
+    )
     got = [base64.b64decode(a["body_b64"]) for a in out["answers"]]
     ids = {split_inserted(first, got[0])[16:48], split_inserted(second, got[1])[16:48]}
     assert len(ids) == 2, "both pipelined requests got the same trace id"
+
+
+def test_request_line_written_alone_gets_its_header(env: Env):
+    """The application writes the request line by itself, then the rest: the header goes
+    right after the line all the same (the kernel path inserts in front of the line's LF,
+    inside that first write: a push at the very end of a message fails on older kernels)."""
+    tag = secrets.token_hex(4)
+    sent = request_bytes(f"/alone/{tag}", [("X-A", "1")], body=b"z" * 50, method="POST")
+    line_end = sent.index(b"\r\n") + 2
+    mark_b = env.agents["b"].mark()
+    out = env.driver.run(
+        {
+            "op": "raw_http",
+            "addr": env.hosts[2].addr,
+            "port": RAW_PORT,
+            "new_conn": True,
+            "pieces_b64": [base64.b64encode(sent[:line_end]).decode(), base64.b64encode(sent[line_end:]).decode()],
+        }
+    )
+    assert out["status"] == 200
+    inserted = split_inserted(sent, base64.b64decode(out["body_b64"]))
+    ctx = parse_traceparent(inserted[13:-2])
+    client = env.agents["b"].wait(lambda s: s["kind"] == "CLIENT" and s["span_id"] == ctx.span_id, since=mark_b)
+    assert len(client) == 1 and client[0]["attributes"]["url.path"] == f"/alone/{tag}", env.logs()
+
+
+def test_head_response_with_a_length_has_no_body(env: Env):
+    """A HEAD response carries Content-Length: N but no body; the next response on the
+    connection must not be taken for that body (client side on B, server side on C)."""
+    tag = secrets.token_hex(4)
+    mark_b, mark_c = env.agents["b"].mark(), env.agents["c"].mark()
+    head_req = request_bytes(f"/head/{tag}")
+    head_req = b"HEAD" + head_req[3:]
+    out = env.driver.run(
+        {
+            "op": "raw_http",
+            "addr": env.hosts[2].addr,
+            "port": RAW_PORT,
+            "new_conn": True,
+            "pieces_b64": [base64.b64encode(head_req).decode()],
+        }
+    )
+    assert out["status"] == 200 and b"Content-Length: " in base64.b64decode(out["head_b64"])
+    after = request_bytes(f"/after-head/{tag}")
+    split_inserted(after, raw_request(env, after, new_conn=False))  # same connection
+    paths = {f"/head/{tag}", f"/after-head/{tag}"}
+    b = env.agents["b"].wait(lambda s: s["kind"] == "CLIENT" and _path(s) in paths, n=2, since=mark_b)
+    c = env.agents["c"].wait(lambda s: s["kind"] == "SERVER" and _path(s) in paths, n=2, since=mark_c)
+    for side, spans in (("B CLIENT", b), ("C SERVER", c)):
+        assert {_path(s): s["attributes"].get("http.response.status_code") for s in spans} == {p: 200 for p in paths}, (
+            f"{side}: {spans}\n{env.logs()}"
+        )
+
+
+def test_folded_content_length_never_gets_a_header_into_the_body(env: Env):
+    """Content-Length on an obs-fold line: a parser that reads it as 0 takes the body for
+    the next request and writes a header into it. Both datapaths give the connection up:
+    the body, and the requests after it, arrive byte for byte."""
+    tag = secrets.token_hex(4)
+    body = f"GET /inner/{tag} HTTP/1.1\r\nHost: c\r\n\r\n".encode()
+    sent = (f"POST /fold/{tag} HTTP/1.1\r\nHost: c\r\nContent-Length:\r\n {len(body)}\r\n\r\n").encode() + body
+    got = raw_request(env, sent)
+    line_end = sent.index(b"\r\n") + 2
+    if got != sent:  # the header may go after the request line, never anywhere else
+        assert got[:line_end] + got[line_end + HEADER_LEN :] == sent, got
+        assert got[line_end : line_end + HEADER_LEN].startswith(b"Traceparent: ")
+    assert got.endswith(body)
+    nxt = request_bytes(f"/after-fold/{tag}", [("X-N", "1")])
+    assert raw_request(env, nxt, new_conn=False) == nxt  # the connection was given up: untouched
+
+
+def test_text_protocol_line_ending_in_http_version_is_left_alone(env: Env):
+    """A first line that ends in " HTTP/1.1" but starts with no HTTP method (an FTP-like
+    control connection) is not HTTP: nothing inserted, no span."""
+    data = b"USER bob HTTP/1.1\r\nPASS secret HTTP/1.1\r\nRETR file HTTP/1.1\r\n\r\nQUIT\r\n"
+    mark_b, mark_c = env.agents["b"].mark(), env.agents["c"].mark()
+    assert raw_roundtrip(env, data) == data
+    assert _spans_on_raw_port(env, mark_b, mark_c) == []
 
 
 NOT_SELECTED = """
@@ -244,8 +341,10 @@ def test_process_not_selected_untouched(env: Env):
     """A process in B that listens on no watched port is not instrumented: no header, no span."""
     sent = request_bytes("/not-selected", [("Accept", "*/*")])
     mark = env.agents["b"].mark()
-    r = env.hosts[1].run([sys.executable, "-c", NOT_SELECTED, env.hosts[2].addr, str(RAW_PORT),
-                          base64.b64encode(sent).decode()], timeout=30)
+    r = env.hosts[1].run(
+        [sys.executable, "-c", NOT_SELECTED, env.hosts[2].addr, str(RAW_PORT), base64.b64encode(sent).decode()],
+        timeout=30,
+    )
     assert base64.b64decode(r.stdout.strip()) == sent
     time.sleep(0.5)
     assert not [s for s in env.agents["b"].spans[mark:] if _path(s) == "/not-selected"]
@@ -319,20 +418,26 @@ def test_bodies_echoed_with_matching_sha256(env: Env):
     c_spans: list[tuple[tuple[int, bool], dict | None]] = []
     for i, (size, chunked) in enumerate(cases):
         mark_c = agent_c.mark()
-        r = env.driver.run({"op": "echo", "addr": c_addr, "port": PORT, "size": size, "chunked": chunked,
-                            "new_conn": i == 0}, timeout=60)
+        r = env.driver.run(
+            {"op": "echo", "addr": c_addr, "port": PORT, "size": size, "chunked": chunked, "new_conn": i == 0},
+            timeout=60,
+        )
         assert r["status"] == 200 and r["len"] == size, (size, chunked, r)
         assert r["sent_sha"] == r["c_sha"] == r["back_sha"], f"body of {size} bytes (chunked={chunked}) changed"
         got = agent_c.wait(lambda s: s["kind"] == "SERVER" and _path(s) == "/echo", since=mark_c, timeout=5)
         c_spans.append(((size, chunked), got[0] if got else None))
-    clients = {s["span_id"]: s for s in agent_b.wait(lambda s: s["kind"] == "CLIENT" and _path(s) == "/echo",
-                                                     n=len(cases), since=mark_b)}
+    clients = {
+        s["span_id"]: s
+        for s in agent_b.wait(lambda s: s["kind"] == "CLIENT" and _path(s) == "/echo", n=len(cases), since=mark_b)
+    }
     unlinked = []
     for i, (case, server) in enumerate(c_spans):
         if server is None or server["parent_span_id"] not in clients:
             after = f", after {c_spans[i - 1][0]} on the same connection" if i else ""
-            unlinked.append(f"(size, chunked)={case}{after}: C SERVER parent "
-                            f"{server['parent_span_id'] if server else 'no span'!r} is no B CLIENT span")
+            unlinked.append(
+                f"(size, chunked)={case}{after}: C SERVER parent "
+                f"{server['parent_span_id'] if server else 'no span'!r} is no B CLIENT span"
+            )
     assert not unlinked, "\n".join(unlinked) + f"\nB CLIENT /echo spans: {len(clients)} of {len(cases)}"
     assert all(clients[s["parent_span_id"]]["trace_id"] == s["trace_id"] for _, s in c_spans)
 
@@ -344,8 +449,17 @@ def test_ipv6_header_bodies_and_links(env: Env):
     mark_b, mark_c = agent_b.mark(), agent_c.mark()
     sizes = (0, 1000, 65536)
     for i, size in enumerate(sizes):
-        r = env.driver.run({"op": "echo", "addr": env.hosts[2].addr6, "port": PORT, "size": size,
-                            "chunked": False, "new_conn": i == 0}, timeout=60)
+        r = env.driver.run(
+            {
+                "op": "echo",
+                "addr": env.hosts[2].addr6,
+                "port": PORT,
+                "size": size,
+                "chunked": False,
+                "new_conn": i == 0,
+            },
+            timeout=60,
+        )
         assert r["status"] == 200 and r["len"] == size, (size, r)
         assert r["sent_sha"] == r["c_sha"] == r["back_sha"], f"IPv6 body of {size} bytes changed"
     clients = agent_b.wait(lambda s: s["kind"] == "CLIENT" and _path(s) == "/echo", n=len(sizes), since=mark_b)
@@ -362,9 +476,12 @@ def test_ipv6_header_bodies_and_links(env: Env):
 
 # -- traffic that must be left alone ----------------------------------------------------
 
+
 def raw_roundtrip(env: Env, data: bytes) -> bytes:
-    out = env.driver.run({"op": "raw", "addr": env.hosts[2].addr, "port": RAW_PORT,
-                          "data_b64": base64.b64encode(data).decode()}, timeout=30)
+    out = env.driver.run(
+        {"op": "raw", "addr": env.hosts[2].addr, "port": RAW_PORT, "data_b64": base64.b64encode(data).decode()},
+        timeout=30,
+    )
     return base64.b64decode(out["data_b64"])
 
 
@@ -440,13 +557,16 @@ def test_concurrent_keepalive_clients(env: Env):
     right = sum(1 for trace, tps in out["results"] if parse_traceparent(tps[0]).trace_id == trace)
     ratio = right / total
 
-    servers = agent_b.wait(lambda s: s["kind"] == "SERVER" and _path(s).startswith(f"/c/{tag}/"), n=total,
-                           since=mark_b, timeout=30)
+    servers = agent_b.wait(
+        lambda s: s["kind"] == "SERVER" and _path(s).startswith(f"/c/{tag}/"), n=total, since=mark_b, timeout=30
+    )
     clients = agent_b.wait(lambda s: s["kind"] == "CLIENT", n=total, since=mark_b, timeout=30)
     c_servers = agent_c.wait(lambda s: s["kind"] == "SERVER", n=total, since=mark_c, timeout=30)
-    print(f"\n[{env.datapath}] {N_CLIENTS} keep-alive clients x {N_REQ} requests in {elapsed:.1f}s: "
-          f"linking accuracy {right}/{total} = {ratio:.2f}; spans B server {len(servers)}, B client {len(clients)}, "
-          f"C server {len(c_servers)}")
+    print(
+        f"\n[{env.datapath}] {N_CLIENTS} keep-alive clients x {N_REQ} requests in {elapsed:.1f}s: "
+        f"linking accuracy {right}/{total} = {ratio:.2f}; spans B server {len(servers)}, B client {len(clients)}, "
+        f"C server {len(c_servers)}"
+    )
     assert len(servers) == total and len(clients) == total and len(c_servers) == total, env.logs()
     bad = [(s["span_id"], well_formed(s)) for s in servers + clients + c_servers if well_formed(s)]
     assert not bad, bad[:5]
@@ -454,8 +574,11 @@ def test_concurrent_keepalive_clients(env: Env):
     client_ids = {s["span_id"]: s for s in clients}
     wire_parents = {parse_traceparent(tps[0]).span_id for _, tps in out["results"]}
     assert wire_parents <= client_ids.keys()
-    assert all(client_ids[s["parent_span_id"]]["trace_id"] == s["trace_id"] for s in c_servers
-               if s["parent_span_id"] in client_ids)
+    assert all(
+        client_ids[s["parent_span_id"]]["trace_id"] == s["trace_id"]
+        for s in c_servers
+        if s["parent_span_id"] in client_ids
+    )
     assert {s["parent_span_id"] for s in c_servers} == wire_parents
     if env.datapath == "kernel":
         # Per-thread linking: zero cross-links.
@@ -484,20 +607,36 @@ def normalize_span(span: dict) -> dict:
     if "url.path" in attrs and attrs["url.path"].startswith("/work/"):
         attrs["url.path"] = "/work/<tag>"
     resource = {k: ("<pid>" if k == "process.pid" else v) for k, v in span["resource"].items()}
-    return {"name": span["name"], "kind": span["kind"], "attributes": attrs, "status": span["status"],
-            "trace_flags": span["trace_flags"], "resource": resource}
+    return {
+        "name": span["name"],
+        "kind": span["kind"],
+        "attributes": attrs,
+        "status": span["status"],
+        "trace_flags": span["trace_flags"],
+        "resource": resource,
+    }
 
 
 def normalize_flow(flow: dict, upstream: str | None) -> dict:
     bs, bc, cs = flow["b_server"], flow["b_client"], flow["c_server"]
-    role = {bs["span_id"]: "B server", bc["span_id"]: "B client", cs["span_id"]: "C server",
-            TP_SPAN if upstream else "": "A" if upstream else "root"}
+    role = {
+        bs["span_id"]: "B server",
+        bc["span_id"]: "B client",
+        cs["span_id"]: "C server",
+        TP_SPAN if upstream else "": "A" if upstream else "root",
+    }
     pos, name, value = flow["tp"]
     return {
-        "header": {"name": name, "position": pos, "length": len(f"{name}: {value}\r\n"),
-                   "flags": value.split("-")[3], "headers_after": [k for k, _ in flow["headers"][pos + 1:]]},
-        "parents": {r: role.get(s["parent_span_id"], "other") for r, s in
-                    (("B server", bs), ("B client", bc), ("C server", cs))},
+        "header": {
+            "name": name,
+            "position": pos,
+            "length": len(f"{name}: {value}\r\n"),
+            "flags": value.split("-")[3],
+            "headers_after": [k for k, _ in flow["headers"][pos + 1 :]],
+        },
+        "parents": {
+            r: role.get(s["parent_span_id"], "other") for r, s in (("B server", bs), ("B client", bc), ("C server", cs))
+        },
         "spans": {r: normalize_span(s) for r, s in (("B server", bs), ("B client", bc), ("C server", cs))},
     }
 
@@ -525,8 +664,10 @@ def app_traceparent_shape(env: Env) -> dict:
     return {
         "trace ids": ["app's" if s["trace_id"] == trace else "other" for s in (bc[0], cs[0])],
         "B client span id": "app's span id" if bc[0]["span_id"] == span else "own",
-        "parents": {"B client": role.get(bc[0]["parent_span_id"], "other"),
-                    "C server": role.get(cs[0]["parent_span_id"], "other")},
+        "parents": {
+            "B client": role.get(bc[0]["parent_span_id"], "other"),
+            "C server": role.get(cs[0]["parent_span_id"], "other"),
+        },
         "spans": {"B client": normalize_span(bc[0]), "C server": normalize_span(cs[0])},
     }
 
@@ -540,13 +681,18 @@ def test_same_results_on_both_datapaths(env_pool):
         results[datapath] = {
             "wire": wire_shape(env),
             "app traceparent": app_traceparent_shape(env),
-            **{f"flow {'with' if up else 'without'} traceparent": normalize_flow(run_flow(env, up), up)
-               for up in (None, UPSTREAM)},
+            **{
+                f"flow {'with' if up else 'without'} traceparent": normalize_flow(run_flow(env, up), up)
+                for up in (None, UPSTREAM)
+            },
         }
     print("\n" + json.dumps(results["kernel"], indent=1, sort_keys=True))
     kernel, userspace = flatten(results["kernel"]), flatten(results["userspace"])
-    diffs = [f"{key}: kernel={kernel.get(key, '<absent>')!r} userspace={userspace.get(key, '<absent>')!r}"
-             for key in sorted(kernel.keys() | userspace.keys()) if kernel.get(key, ()) != userspace.get(key, ())]
+    diffs = [
+        f"{key}: kernel={kernel.get(key, '<absent>')!r} userspace={userspace.get(key, '<absent>')!r}"
+        for key in sorted(kernel.keys() | userspace.keys())
+        if kernel.get(key, ()) != userspace.get(key, ())
+    ]
     assert not diffs, "the datapaths differ:\n  " + "\n  ".join(diffs)
 
 

@@ -19,7 +19,9 @@ from obi.model import Datapath
 def run_cli(*args, env=None):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "OBI_"))}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "obi", *args], capture_output=True, text=True, env=full_env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "obi", *args], capture_output=True, text=True, env=full_env, timeout=60
+    )
 
 
 def test_version():
@@ -93,6 +95,7 @@ class FakeDatapath:
 
     def __init__(self, kind, fail=None):
         self.kind, self.fail, self.started, self.stopped = kind, fail, False, False
+        self.name = kind.value
         FakeDatapath.instances.append(self)
 
     def start(self):
@@ -134,6 +137,23 @@ def test_auto_falls_back_to_userspace_when_kernel_start_lacks_a_feature(fakes, m
     assert kinds == [(Datapath.KERNEL, False), (Datapath.USERSPACE, True)]
     assert a.stop() is True
     assert FakeDatapath.instances[-1].stopped and a.exporter.shut == 10.0
+
+
+def test_auto_falls_back_when_the_verifier_rejects_a_program_and_says_so(fakes, monkeypatch, caplog):
+    from obi.errors import ProgramRejected
+
+    monkeypatch.setattr(agent_mod.doctor, "choose_datapath", choose(Datapath.KERNEL))
+    fakes[Datapath.KERNEL] = ProgramRejected(
+        "ingress.bpf.o", "obi_tc_ingress", 1_000_001, ["BPF program is too large. Processed 1000001 insn"], 7
+    )
+    a = agent_mod.Agent(config.load(env={}), exporter_factory=FakeExporter)
+    with caplog.at_level("WARNING"):
+        a.start()
+    assert [d.kind for d in FakeDatapath.instances if d.started] == [Datapath.USERSPACE]
+    # The reason names the program and the verifier's count, never a kernel version.
+    assert "obi_tc_ingress" in a.reason and "1,000,001" in a.reason and "5.17" not in a.reason
+    assert any("falling back" in r.message and r.levelname == "WARNING" for r in caplog.records)
+    a.stop()
 
 
 def test_forced_kernel_does_not_fall_back(fakes, monkeypatch):

@@ -164,8 +164,16 @@ def test_port_and_exe_selection():
         ({"OTEL_EBPF_SHUTDOWN_TIMEOUT": "-1s"}, "shutdown_timeout", "a positive duration"),
         ({"OTEL_EBPF_SHUTDOWN_TIMEOUT": "0"}, "shutdown_timeout", "a positive duration"),
         ({"OTEL_EBPF_HEALTH_CHECK_PORT": "web"}, "health_check.port", "a TCP port number"),
-        ({"OTEL_EBPF_INTERNAL_METRICS_PROMETHEUS_PORT": "99999"}, "internal_metrics.prometheus.port", "between 0 and 65535"),
-        ({"OTEL_EBPF_INTERNAL_METRICS_PROMETHEUS_PATH": "metrics"}, "internal_metrics.prometheus.path", "absolute URL path"),
+        (
+            {"OTEL_EBPF_INTERNAL_METRICS_PROMETHEUS_PORT": "99999"},
+            "internal_metrics.prometheus.port",
+            "between 0 and 65535",
+        ),
+        (
+            {"OTEL_EBPF_INTERNAL_METRICS_PROMETHEUS_PATH": "metrics"},
+            "internal_metrics.prometheus.path",
+            "absolute URL path",
+        ),
     ],
 )
 def test_bad_env_values_name_key_value_and_choices(env, key, allowed):
@@ -209,7 +217,9 @@ def test_empty_file_is_defaults(tmp_path):
 
 
 def test_yaml_lists_and_native_types(tmp_path):
-    path = write(tmp_path, "ebpf:\n  context_propagation: [headers, tcp]\n  track_request_headers: true\nopen_port: 8080\n")
+    path = write(
+        tmp_path, "ebpf:\n  context_propagation: [headers, tcp]\n  track_request_headers: true\nopen_port: 8080\n"
+    )
     cfg = config.load(path, env={})
     assert cfg.context_propagation == {"headers", "tcp"}
     assert cfg.track_request_headers is True
@@ -242,8 +252,10 @@ def test_as_dict_round_trips_through_a_file(tmp_path):
 
 
 @pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-inf", "infs", "1e309", "1e308m", "nanms"])
-@pytest.mark.parametrize("var, key", [("OTEL_EBPF_SHUTDOWN_TIMEOUT", "shutdown_timeout"),
-                                      ("OTEL_EXPORTER_OTLP_TIMEOUT", "otel_traces_export.timeout")])
+@pytest.mark.parametrize(
+    "var, key",
+    [("OTEL_EBPF_SHUTDOWN_TIMEOUT", "shutdown_timeout"), ("OTEL_EXPORTER_OTLP_TIMEOUT", "otel_traces_export.timeout")],
+)
 def test_non_finite_durations_are_rejected(text, var, key):
     """A NaN or infinite shutdown_timeout would make the drain deadline never pass: a stop
     would then run until killed, leaving the userspace path's hold rules behind."""
@@ -252,11 +264,14 @@ def test_non_finite_durations_are_rejected(text, var, key):
     assert key in str(err.value) and "finite" in str(err.value)
 
 
-@pytest.mark.parametrize("raw", [
-    "Authorization=Bearer%20s3cr3t-token,broken",
-    "x-api-key=s3cr3t-token,=nameless",
-    "s3cr3t-token",
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "Authorization=Bearer%20s3cr3t-token,broken",
+        "x-api-key=s3cr3t-token,=nameless",
+        "s3cr3t-token",
+    ],
+)
 @pytest.mark.parametrize("var", ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"])
 def test_malformed_otlp_headers_error_never_shows_header_values(raw, var):
     """The error names the key, the source and what is wrong, never a header value (it ends
@@ -270,7 +285,7 @@ def test_malformed_otlp_headers_error_never_shows_header_values(raw, var):
 
 
 def test_malformed_otlp_headers_in_a_file_never_show_values(tmp_path):
-    path = write(tmp_path, "otel_traces_export:\n  headers: [\"api-key=s3cr3t\", \"broken-s3cr3t\"]\n")
+    path = write(tmp_path, 'otel_traces_export:\n  headers: ["api-key=s3cr3t", "broken-s3cr3t"]\n')
     with pytest.raises(ConfigError) as err:
         config.load(path, env={})
     assert "s3cr3t" not in str(err.value) and "otel_traces_export.headers" in str(err.value)

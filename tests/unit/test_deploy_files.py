@@ -80,8 +80,10 @@ def test_daemonset_capabilities_are_the_mission_list_only(k8s: dict[str, dict[st
     assert sc.get("privileged", False) is False
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["allowPrivilegeEscalation"] is False
-    assert "securityContext" not in k8s["DaemonSet"]["spec"]["template"]["spec"] or \
-        "privileged" not in k8s["DaemonSet"]["spec"]["template"]["spec"]["securityContext"]
+    assert (
+        "securityContext" not in k8s["DaemonSet"]["spec"]["template"]["spec"]
+        or "privileged" not in k8s["DaemonSet"]["spec"]["template"]["spec"]["securityContext"]
+    )
 
 
 def test_daemonset_mounts(k8s: dict[str, dict[str, Any]]) -> None:
@@ -177,8 +179,18 @@ def test_dockerfile_is_multi_stage_and_runtime_has_no_compiler() -> None:
     words = set(runtime_runs.replace("\\", " ").split())
     for pkg in ("libbpf1", "iptables", "iproute2"):
         assert pkg in words, pkg
-    for compiler in ("clang", "llvm", "gcc", "g++", "cc", "make", "build-essential", "libbpf-dev",
-                     "python3-dev", "libnetfilter-queue-dev"):
+    for compiler in (
+        "clang",
+        "llvm",
+        "gcc",
+        "g++",
+        "cc",
+        "make",
+        "build-essential",
+        "libbpf-dev",
+        "python3-dev",
+        "libnetfilter-queue-dev",
+    ):
         assert compiler not in words, f"runtime stage installs {compiler}"
     # Only the wheels come over from the build stage; nothing is compiled in the runtime.
     assert "from=build" in runtime_runs and "--no-index" in runtime_runs

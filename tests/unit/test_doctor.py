@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from obi import doctor
+from obi import doctor, machine_probes
 from obi.config import Config
 from obi.doctor import Check, choose_datapath
 from obi.kernel import probes
@@ -19,10 +19,20 @@ def no_probing(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("probe must not run")
 
     monkeypatch.setattr(probes, "probe_bpf_loop", boom)
-    monkeypatch.setattr(probes, "probe_nfqueue", boom)
+    monkeypatch.setattr(machine_probes, "probe_nfqueue", boom)
     # Not faked by a test: the tracepoint is there (as on every kernel >= 6.3).
-    monkeypatch.setattr(probes, "probe_sock_recv_tracepoint", lambda: probes.Probe("sock_recv_tracepoint", True, "", "6.3"))
+    monkeypatch.setattr(
+        probes, "probe_sock_recv_tracepoint", lambda: probes.Probe("sock_recv_tracepoint", True, "", "6.3")
+    )
     monkeypatch.setattr(probes, "probe_syscall_tracepoints", lambda: probes.Probe("syscall_tracepoints", True, ""))
+    # The kernel path's own programs load (a test that says otherwise passes `programs`).
+    monkeypatch.setattr(doctor, "load_programs", lambda cfg: doctor.ProgramLoads((_row(),)))
+
+
+def _row(error: str = "", missing: bool = False, insns: int = 9_581):
+    from obi.kernel.loader import ProgramLoad
+
+    return ProgramLoad("ingress", "obi_tc_ingress", 7, 0 if error else insns, 10.0, error, missing)
 
 
 @pytest.mark.usefixtures("no_probing")
@@ -61,12 +71,16 @@ class TestChooseDatapath:
         assert choice.datapath is Datapath.USERSPACE
         assert "sock_recv_length" in choice.reason and "6.3" in choice.reason
         assert "CONFIG_FTRACE_SYSCALLS" in choice.reason
-        override = choose_datapath(Config(override_bpfloop_enabled=True), nfqueue_ok=True, thread_tp_ok=False,
-                                   syscall_tp_ok=False)
+        override = choose_datapath(
+            Config(override_bpfloop_enabled=True), nfqueue_ok=True, thread_tp_ok=False, syscall_tp_ok=False
+        )
         assert override.datapath is Datapath.USERSPACE
         # Cannot tell (no tracefs, no BTF): no veto; start() would fail cleanly instead.
-        monkeypatch.setattr(probes, "probe_sock_recv_tracepoint",
-                            lambda: probes.Probe("sock_recv_tracepoint", None, "cannot tell", "6.3"))
+        monkeypatch.setattr(
+            probes,
+            "probe_sock_recv_tracepoint",
+            lambda: probes.Probe("sock_recv_tracepoint", None, "cannot tell", "6.3"),
+        )
         unknown = choose_datapath(Config(), bpf_loop_ok=True, nfqueue_ok=True)
         assert unknown.datapath is Datapath.KERNEL
 
@@ -104,7 +118,7 @@ def test_auto_probes_when_not_told(monkeypatch: pytest.MonkeyPatch) -> None:
         return probes.Probe("nfqueue", True, "ok")
 
     monkeypatch.setattr(probes, "probe_bpf_loop", fake_loop)
-    monkeypatch.setattr(probes, "probe_nfqueue", fake_nfq)
+    monkeypatch.setattr(machine_probes, "probe_nfqueue", fake_nfq)
     assert choose_datapath(Config()).datapath is Datapath.USERSPACE
     assert calls == ["bpf_loop", "nfqueue"]
 
@@ -120,14 +134,20 @@ def test_auto_probes_when_not_told(monkeypatch: pytest.MonkeyPatch) -> None:
     ],
 )
 def test_parse_lockdown(text: str, mode: str) -> None:
-    assert probes.parse_lockdown(text) == mode
+    assert machine_probes.parse_lockdown(text) == mode
 
 
 def test_parse_capeff_full_root() -> None:
-    caps = probes.parse_capeff("000001ffffffffff")
+    caps = machine_probes.parse_capeff("000001ffffffffff")
     assert set(caps) == {
-        "CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN",
-        "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH", "CAP_CHECKPOINT_RESTORE",
+        "CAP_BPF",
+        "CAP_PERFMON",
+        "CAP_NET_ADMIN",
+        "CAP_NET_RAW",
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_PTRACE",
+        "CAP_DAC_READ_SEARCH",
+        "CAP_CHECKPOINT_RESTORE",
     }
     assert all(caps.values())
 
@@ -135,24 +155,26 @@ def test_parse_capeff_full_root() -> None:
 def test_parse_capeff_partial() -> None:
     # CAP_NET_ADMIN (12) + CAP_NET_RAW (13) + CAP_BPF (39)
     mask = (1 << 12) | (1 << 13) | (1 << 39)
-    caps = probes.parse_capeff(f"{mask:016x}")
+    caps = machine_probes.parse_capeff(f"{mask:016x}")
     assert {n for n, have in caps.items() if have} == {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_BPF"}
-    assert probes.parse_capeff("0000000000000000") == {n: False for n in caps}
+    assert machine_probes.parse_capeff("0000000000000000") == {n: False for n in caps}
 
 
 def test_read_capeff_from_status_file(tmp_path) -> None:
     status = tmp_path / "status"
-    status.write_text("Name:\tpython3\nCapInh:\t0000000000000000\nCapEff:\t0000000000003000\nCapBnd:\t000001ffffffffff\n")
-    caps = probes.parse_capeff(probes.read_capeff(str(status)))
+    status.write_text(
+        "Name:\tpython3\nCapInh:\t0000000000000000\nCapEff:\t0000000000003000\nCapBnd:\t000001ffffffffff\n"
+    )
+    caps = machine_probes.parse_capeff(machine_probes.read_capeff(str(status)))
     assert caps["CAP_NET_ADMIN"] and caps["CAP_NET_RAW"] and not caps["CAP_BPF"]
 
 
 def test_capabilities_check_names_what_stops(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(probes, "read_capeff", lambda: f"{(1 << 39) | (1 << 12):016x}")
+    monkeypatch.setattr(machine_probes, "read_capeff", lambda: f"{(1 << 39) | (1 << 12):016x}")
     check = doctor._capabilities_check()
     assert check.status == "warn"  # BPF and NET_ADMIN present: the agent can work
     assert "missing CAP_SYS_PTRACE" in check.detail and "discovery" in check.detail
-    monkeypatch.setattr(probes, "read_capeff", lambda: "0")
+    monkeypatch.setattr(machine_probes, "read_capeff", lambda: "0")
     assert doctor._capabilities_check().status == "fail"
 
 
@@ -194,3 +216,42 @@ def test_probe_reports_missing_object(monkeypatch: pytest.MonkeyPatch) -> None:
     p = probes.probe_bpf_loop()
     assert p.ok is None and "not built" in p.detail and "make -C bpf" in p.detail
     assert doctor._feature(p, "warn", "x").status == "warn"
+
+
+@pytest.mark.usefixtures("no_probing")
+class TestProgramsDecide:
+    """auto picks the kernel path only when the programs obi run would load do load."""
+
+    def test_rejected_program_falls_back_and_names_it(self) -> None:
+        rejected = doctor.ProgramLoads(
+            (
+                _row(
+                    "BPF program obi_tc_ingress (ingress.bpf.o) rejected by the verifier "
+                    "after 1,000,001 processed instructions"
+                ),
+            )
+        )
+        choice = choose_datapath(Config(), bpf_loop_ok=True, nfqueue_ok=True, programs=rejected)
+        assert choice.datapath is Datapath.USERSPACE
+        assert "obi_tc_ingress" in choice.reason and "the kernel has the features" in choice.reason
+        assert "5.17" not in choice.reason
+
+    def test_missing_helper_falls_back_as_missing(self) -> None:
+        missing = doctor.ProgramLoads(
+            (_row("kernel feature unavailable: BPF helper bpf_loop (needs Linux >= 5.17)", missing=True),)
+        )
+        choice = choose_datapath(Config(override_bpfloop_enabled=True), nfqueue_ok=True, programs=missing)
+        assert choice.datapath is Datapath.USERSPACE and "bpf_loop" in choice.reason
+
+    def test_loaded_programs_give_the_kernel_path_with_their_cost(self) -> None:
+        choice = choose_datapath(Config(), bpf_loop_ok=True, nfqueue_ok=True, programs=doctor.ProgramLoads((_row(),)))
+        assert choice.datapath is Datapath.KERNEL and "9,581" in choice.reason
+
+    def test_programs_check_over_budget_warns_and_rejection_fails_when_forced(self) -> None:
+        over = doctor._programs_check(doctor.ProgramLoads((_row(insns=300_000),)), Config(), doctor.WARN)
+        assert over.status == doctor.WARN and "over budget" in over.detail
+        ok = doctor._programs_check(doctor.ProgramLoads((_row(),)), Config(), doctor.WARN)
+        assert ok.status == doctor.OK and "9,581" in ok.detail
+        bad = doctor.ProgramLoads((_row("rejected by the verifier"),))
+        assert doctor._programs_check(bad, Config(datapath="kernel"), doctor.FAIL).status == doctor.FAIL
+        assert doctor._programs_check(bad, Config(), doctor.WARN).status == doctor.WARN

@@ -15,20 +15,12 @@ from opentelemetry.trace import StatusCode
 from obi import __version__
 from obi.config import Config
 from obi.errors import ConfigError
-from obi.export import (
-    Exporter,
-    ResourceCache,
-    Sampler,
-    SpanPrinter,
-    make_otlp_exporter,
-    resource_attributes,
-    span_attributes,
-    span_name,
-    span_status,
-    span_to_dict,
-    split_host,
-    to_readable_span,
-)
+from obi.export import Exporter
+from obi.export.otlp_transport import make_otlp_exporter
+from obi.export.printer import SpanPrinter, span_to_dict
+from obi.export.sampling import Sampler
+from obi.export.sdk_span import to_readable_span
+from obi.export.semconv import ResourceCache, resource_attributes, span_attributes, span_name, span_status, split_host
 from obi.model import FLAG_RANDOM, FLAG_SAMPLED, Datapath, SpanKind, SpanRecord, TraceContext
 
 T0 = 1_700_000_000_000_000_000
@@ -37,9 +29,19 @@ T0 = 1_700_000_000_000_000_000
 def rec(kind: SpanKind = SpanKind.SERVER, **kw) -> SpanRecord:
     ctx = TraceContext.new_root()
     values = dict(
-        trace_id=ctx.trace_id, span_id=ctx.span_id, parent_span_id="", kind=kind,
-        start_ns=T0, end_ns=T0 + 2_500_000, method="GET", path="/items/1", status=200,
-        local_addr="198.18.0.1", local_port=8080, peer_addr="198.18.0.2", peer_port=41000,
+        trace_id=ctx.trace_id,
+        span_id=ctx.span_id,
+        parent_span_id="",
+        kind=kind,
+        start_ns=T0,
+        end_ns=T0 + 2_500_000,
+        method="GET",
+        path="/items/1",
+        status=200,
+        local_addr="198.18.0.1",
+        local_port=8080,
+        peer_addr="198.18.0.2",
+        peer_port=41000,
     )
     values.update(kw)
     return SpanRecord(**values)
@@ -101,8 +103,14 @@ def test_server_address_prefers_host_header() -> None:
 
 
 def test_client_attributes_and_url_full() -> None:
-    r = rec(SpanKind.CLIENT, local_port=50000, peer_addr="198.18.0.9", peer_port=8000, path="/a?b=c",
-            datapath=Datapath.USERSPACE)
+    r = rec(
+        SpanKind.CLIENT,
+        local_port=50000,
+        peer_addr="198.18.0.9",
+        peer_port=8000,
+        path="/a?b=c",
+        datapath=Datapath.USERSPACE,
+    )
     attrs = span_attributes(r)
     assert attrs["server.address"] == "198.18.0.9" and attrs["server.port"] == 8000
     assert attrs["network.peer.address"] == "198.18.0.9" and attrs["network.peer.port"] == 8000
@@ -240,8 +248,14 @@ def test_resource_cache_one_per_process_and_bounded() -> None:
 
 def test_readable_span_keeps_ids_parent_kind_times() -> None:
     parent = TraceContext.new_root()
-    r = rec(SpanKind.CLIENT, trace_id=parent.trace_id, span_id=parent.child().span_id,
-            parent_span_id=parent.span_id, tracestate="k=v", status=500)
+    r = rec(
+        SpanKind.CLIENT,
+        trace_id=parent.trace_id,
+        span_id=parent.child().span_id,
+        parent_span_id=parent.span_id,
+        tracestate="k=v",
+        status=500,
+    )
     span = to_readable_span(r, ResourceCache().get(r))
     ctx = span.get_span_context()
     assert f"{ctx.trace_id:032x}" == r.trace_id and f"{ctx.span_id:016x}" == r.span_id
@@ -257,8 +271,18 @@ def test_readable_span_keeps_ids_parent_kind_times() -> None:
 
 # --- printer ------------------------------------------------------------------------------
 
-JSON_KEYS = {"trace_id", "span_id", "parent_span_id", "name", "kind", "start_time_unix_nano",
-             "end_time_unix_nano", "attributes", "resource", "status"}
+JSON_KEYS = {
+    "trace_id",
+    "span_id",
+    "parent_span_id",
+    "name",
+    "kind",
+    "start_time_unix_nano",
+    "end_time_unix_nano",
+    "attributes",
+    "resource",
+    "status",
+}
 
 
 def printing_config(mode: str, **kw) -> Config:
@@ -274,8 +298,14 @@ def test_json_printer_one_object_per_line_from_many_threads() -> None:
         for _ in range(50):
             root = rec(pid=5, exe="/srv/api")
             child_ctx = TraceContext(root.trace_id, root.span_id).child()
-            child = rec(SpanKind.CLIENT, trace_id=root.trace_id, span_id=child_ctx.span_id,
-                        parent_span_id=root.span_id, pid=5, exe="/srv/api")
+            child = rec(
+                SpanKind.CLIENT,
+                trace_id=root.trace_id,
+                span_id=child_ctx.span_id,
+                parent_span_id=root.span_id,
+                pid=5,
+                exe="/srv/api",
+            )
             parents[child.span_id] = root.span_id
             exp.export(root)
             exp.export(child)
@@ -335,8 +365,19 @@ def test_text_printer_line() -> None:
     r = rec(parent_span_id="00f067aa0ba902b7", status=503, exe="/bin/web", path="/pay?x=1")
     line = SpanPrinter("text").format(to_readable_span(r, ResourceCache().get(r)))
     assert "\n" not in line
-    for part in ("web", "SERVER", "GET", "/pay", "503", "ERROR", "2.500ms", f"trace={r.trace_id}",
-                 f"span={r.span_id}", "parent=00f067aa0ba902b7", "2023-11-14T22:13:20.000Z"):
+    for part in (
+        "web",
+        "SERVER",
+        "GET",
+        "/pay",
+        "503",
+        "ERROR",
+        "2.500ms",
+        f"trace={r.trace_id}",
+        f"span={r.span_id}",
+        "parent=00f067aa0ba902b7",
+        "2023-11-14T22:13:20.000Z",
+    ):
         assert part in line, part
 
 
@@ -347,8 +388,11 @@ def test_span_to_dict_root_parent_is_empty() -> None:
 
 def test_printer_default_and_choice() -> None:
     # Nowhere to send spans and no explicit printer setting: print text (the embedded default).
-    cases = [(Config(), "text"), (printing_config("disabled"), None),
-             (Config(otlp_traces_endpoint="http://127.0.0.1:1/v1/traces"), None)]
+    cases = [
+        (Config(), "text"),
+        (printing_config("disabled"), None),
+        (Config(otlp_traces_endpoint="http://127.0.0.1:1/v1/traces"), None),
+    ]
     for cfg, mode in cases:
         exp = Exporter(cfg)
         assert (exp.printer.mode if exp.printer else None) == mode
@@ -492,8 +536,9 @@ def test_make_otlp_exporter_follows_config() -> None:
     assert make_otlp_exporter(Config()) is None
     http = make_otlp_exporter(Config(otlp_endpoint="http://127.0.0.1:4318", otlp_timeout_s=3.0))
     assert isinstance(http, Http) and http._endpoint == "http://127.0.0.1:4318/v1/traces"
-    grpc_exp = make_otlp_exporter(Config(otlp_endpoint="http://127.0.0.1:4317", otlp_protocol="grpc",
-                                         otlp_headers=(("k", "v"),)))
+    grpc_exp = make_otlp_exporter(
+        Config(otlp_endpoint="http://127.0.0.1:4317", otlp_protocol="grpc", otlp_headers=(("k", "v"),))
+    )
     assert isinstance(grpc_exp, Grpc) and grpc_exp._endpoint == "127.0.0.1:4317"
     assert grpc_exp._headers == (("k", "v"),) and grpc_exp._insecure
     http.shutdown()
@@ -506,7 +551,8 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
 from opentelemetry.sdk.trace.export import SpanExportResult  # noqa: E402
 
-from obi.export import Payload, SdkInternalsChanged, WireEncoder, _payload_exporter_classes  # noqa: E402
+from obi.export.otlp_transport import Payload, SdkInternalsChanged, _payload_exporter_classes  # noqa: E402
+from obi.export.otlp_wire import WireEncoder  # noqa: E402
 
 
 def varied_records() -> list[SpanRecord]:
@@ -523,9 +569,25 @@ def varied_records() -> list[SpanRecord]:
         rec(SpanKind.CLIENT, peer_addr="2001:db8::1", peer_port=65535, status=500, pid=9, tid=10),
         rec(end_ns=T0 - 5),  # end before start: clamped, like to_readable_span
         rec(start_ns=0, end_ns=2**64 - 1, local_port=0, peer_port=0, local_addr="", peer_addr=""),
-        rec(extra={"b.true": True, "b.false": False, "i.zero": 0, "i.one": 1, "i.neg": -5, "i.big": 2**62,
-                   "f": 1.5, "s.empty": "", "s.utf8": "héllo ✓", "raw": b"\x00\x01", "none": None,
-                   "list": ["a", 1, True], "map": {"k": "v", "n": 2}, "too.big": 2**64, "bad": object()}),
+        rec(
+            extra={
+                "b.true": True,
+                "b.false": False,
+                "i.zero": 0,
+                "i.one": 1,
+                "i.neg": -5,
+                "i.big": 2**62,
+                "f": 1.5,
+                "s.empty": "",
+                "s.utf8": "héllo ✓",
+                "raw": b"\x00\x01",
+                "none": None,
+                "list": ["a", 1, True],
+                "map": {"k": "v", "n": 2},
+                "too.big": 2**64,
+                "bad": object(),
+            }
+        ),
         rec(extra={"b.true": 1, "b.false": 0, "i.one": True}),  # same keys, other types: no cache mix-up
     ]
     out += [rec(peer_port=40000 + i, path=f"/items/{i}", pid=7, exe="/bin/a") for i in range(50)]
@@ -560,8 +622,10 @@ def test_wire_encoding_equals_the_sdk_encoding(service_name: str) -> None:
 
 def test_wire_encoder_caches_are_bounded_and_stay_correct() -> None:
     enc = WireEncoder(max_cached=64, per_key=8)
-    records = [rec(peer_port=1024 + i, path=f"/p/{i}", host=f"h{i % 3}.example", pid=1 + i % 5, exe="/bin/x")
-               for i in range(400)]
+    records = [
+        rec(peer_port=1024 + i, path=f"/p/{i}", host=f"h{i % 3}.example", pid=1 + i % 5, exe="/bin/x")
+        for i in range(400)
+    ]
     for chunk in (records[:200], records[200:]):
         assert wire_request(enc, chunk) == sdk_request(chunk)
     assert len(enc._attrs) <= 64
@@ -574,9 +638,20 @@ def test_wire_encoder_attribute_blocks_follow_every_field() -> None:
     attribute (status, path, method, kind, thread, extra) must give the SDK's encoding, also
     when the same combination comes back, and an unhashable extra is encoded uncached."""
     enc = WireEncoder(max_cached=16)
-    variants = [dict(), dict(status=500), dict(path="/other?q=1"), dict(method="POST"), dict(kind=SpanKind.CLIENT),
-                dict(tid=7), dict(pid=9), dict(host="h.example:81"), dict(extra={"tls": True}),
-                dict(extra={"tls": True, "tcp_option": False}), dict(extra={"list": [1, 2]}), dict(status=0)]
+    variants = [
+        dict(),
+        dict(status=500),
+        dict(path="/other?q=1"),
+        dict(method="POST"),
+        dict(kind=SpanKind.CLIENT),
+        dict(tid=7),
+        dict(pid=9),
+        dict(host="h.example:81"),
+        dict(extra={"tls": True}),
+        dict(extra={"tls": True, "tcp_option": False}),
+        dict(extra={"list": [1, 2]}),
+        dict(status=0),
+    ]
     records = [rec(**v) for v in variants] * 3
     assert wire_request(enc, records) == sdk_request(records)
     assert 0 < len(enc._blocks) <= 16

@@ -28,12 +28,18 @@ def _scapy_ok(raw: bytes, v6: bool) -> bool:
 
 def _v4(payload: bytes = b"", **tcp) -> bytes:
     tcp.setdefault("flags", "PA")
-    return bytes(IP(src="198.18.0.2", dst="198.18.0.3") / TCP(sport=40000, dport=8080, seq=1000, ack=5000, **tcp) / payload)
+    return bytes(
+        IP(src="198.18.0.2", dst="198.18.0.3") / TCP(sport=40000, dport=8080, seq=1000, ack=5000, **tcp) / payload
+    )
 
 
 def _v6(payload: bytes = b"", **tcp) -> bytes:
     tcp.setdefault("flags", "PA")
-    return bytes(IPv6(src="fd00:198:18:0::2", dst="fd00:198:18:0::3") / TCP(sport=40000, dport=8080, seq=1000, ack=5000, **tcp) / payload)
+    return bytes(
+        IPv6(src="fd00:198:18:0::2", dst="fd00:198:18:0::3")
+        / TCP(sport=40000, dport=8080, seq=1000, ack=5000, **tcp)
+        / payload
+    )
 
 
 @pytest.mark.parametrize("make,v6", [(_v4, False), (_v6, True)])

@@ -4,8 +4,6 @@ the rest when the queue goes idle or the datapath stops)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,9 +11,7 @@ import pytest
 from obi.config import Config, PortRange
 from obi.fallback import datapath as dp_mod
 from obi.fallback.flows import Tracker
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_fallback_flows import Conn, FakeOwners  # noqa: E402
+from tests.helpers.fallback_fakes import Conn, FakeOwners
 
 REQ = b"GET /x HTTP/1.1\r\nHost: b\r\n\r\n"
 RESP = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

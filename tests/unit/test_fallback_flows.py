@@ -4,59 +4,26 @@ translation, identical retransmissions, spans and their parent links, leave-alon
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 from scapy.layers.inet import IP, TCP
-from scapy.layers.inet6 import IPv6
 
 from obi import w3c
 from obi.config import Config, PortRange
 from obi.fallback import codec
 from obi.fallback.flows import INSERT_LEN, SeqMap, Tracker
 from obi.model import SpanKind, SpanRecord
+from tests.helpers.fallback_fakes import Conn, FakeOwners
 
 B, C, A = "198.18.0.2", "198.18.0.3", "198.18.0.1"
 B6, C6 = "fd00:198:18:0::2", "fd00:198:18:0::3"
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-class FakeOwners:
-    def server_pid(self, port):
-        return 42 if port == 8080 else None
-
-    def client_pid(self, pkt):
-        return 42
-
-    def exe(self, pid):
-        return "/usr/bin/python3"
-
-
 def make_tracker(props=("headers",)):
     spans = []
     cfg = Config(context_propagation=frozenset(props), open_ports=(PortRange(8080, 8080),))
     return Tracker(cfg, spans.append, FakeOwners(), mark=0x2000000), spans
-
-
-class Conn:
-    """One TCP connection as packets: out = local->peer, inn = peer->local."""
-
-    def __init__(self, local, lport, peer, pport, v6=False, lseq=1000, pseq=9000):
-        self.l, self.lp, self.p, self.pp, self.v6 = local, lport, peer, pport, v6
-        self.lseq, self.pseq = lseq, pseq
-
-    def _ip(self, src, dst):
-        return IPv6(src=src, dst=dst) if self.v6 else IP(src=src, dst=dst)
-
-    def out(self, flags="PA", payload=b"", seq=None, ack=None, **kw):
-        return bytes(self._ip(self.l, self.p) / TCP(sport=self.lp, dport=self.pp, flags=flags,
-                                                    seq=self.lseq if seq is None else seq,
-                                                    ack=self.pseq if ack is None else ack, **kw) / payload)
-
-    def inn(self, flags="PA", payload=b"", seq=None, ack=None, **kw):
-        return bytes(self._ip(self.p, self.l) / TCP(sport=self.pp, dport=self.lp, flags=flags,
-                                                    seq=self.pseq if seq is None else seq,
-                                                    ack=self.lseq if ack is None else ack, **kw) / payload)
 
 
 def handshake_client(t, c):
@@ -142,7 +109,7 @@ def test_request_line_at_segment_end_inserts_into_next_segment():
     assert bytes(p2.payload).startswith(b"Traceparent: 00-") and bytes(p2.payload).endswith(b"Host: c\r\n\r\n")
     # A retransmission that merges both segments carries the header at the same wire place.
     merged = send(t, c.out(payload=line + b"Host: c\r\n\r\n"))
-    assert bytes(merged.payload)[len(line):].startswith(bytes(p2.payload)[:INSERT_LEN])
+    assert bytes(merged.payload)[len(line) :].startswith(bytes(p2.payload)[:INSERT_LEN])
     assert bytes(merged.payload) == bytes(p1.payload) + bytes(p2.payload)
 
 
@@ -180,12 +147,15 @@ def test_chunked_body_and_pipelining_never_get_a_header_inside_a_body():
     assert out.startswith(b"POST /c HTTP/1.1\r\nTraceparent: ")
 
 
-@pytest.mark.parametrize("payload", [
-    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(40),  # TLS ClientHello
-    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",  # h2c prior knowledge
-    b"SSH-2.0-OpenSSH_9.2\r\n",
-    b"GET / HTTP/2.0\r\n\r\n",
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(40),  # TLS ClientHello
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",  # h2c prior knowledge
+        b"SSH-2.0-OpenSSH_9.2\r\n",
+        b"GET / HTTP/2.0\r\n\r\n",
+    ],
+)
 def test_non_http1_is_left_alone(payload):
     t, spans = make_tracker()
     c = Conn(B, 40004, C, 8080)
@@ -218,16 +188,18 @@ def test_server_span_parent_and_linked_client_call():
     assert (server.peer_addr, server.peer_port, server.local_port) == (A, 50000, 8080)
 
 
-@pytest.mark.parametrize("props, track, continued", [
-    (("headers",), False, True),
-    ((), False, False),  # propagation off: the incoming header is not read...
-    ((), True, True),  # ...unless track_request_headers (as in OBI and the kernel path)
-    (("tcp",), True, True),
-])
+@pytest.mark.parametrize(
+    "props, track, continued",
+    [
+        (("headers",), False, True),
+        ((), False, False),  # propagation off: the incoming header is not read...
+        ((), True, True),  # ...unless track_request_headers (as in OBI and the kernel path)
+        (("tcp",), True, True),
+    ],
+)
 def test_incoming_header_read_with_headers_propagation_or_track_request_headers(props, track, continued):
     spans = []
-    cfg = Config(context_propagation=frozenset(props), track_request_headers=track,
-                 open_ports=(PortRange(8080, 8080),))
+    cfg = Config(context_propagation=frozenset(props), track_request_headers=track, open_ports=(PortRange(8080, 8080),))
     t = Tracker(cfg, spans.append, FakeOwners(), mark=0x2000000)
     s = Conn(B, 8080, A, 50002)
     t.handle(s.inn("S", seq=8999, ack=0), False)
@@ -270,7 +242,9 @@ def test_tcp_option_on_request_segment_and_read_on_server():
     s = Conn(C, 8080, B, 40006)
     t2.handle(s.inn("S", seq=8999, ack=0), False)
     t2.handle(s.out("SA", seq=999, ack=9000), True)
-    raw = bytes(IP(src=B, dst=C) / TCP(sport=40006, dport=8080, flags="PA", seq=9000, ack=1000) / b"GET / HTTP/1.1\r\n\r\n")
+    raw = bytes(
+        IP(src=B, dst=C) / TCP(sport=40006, dport=8080, flags="PA", seq=9000, ack=1000) / b"GET / HTTP/1.1\r\n\r\n"
+    )
     tagged = codec.rebuild(codec.parse(raw), add_option=codec.trace_option(opt[0], opt[1], 1))
     t2.handle(tagged, False)
     t2.handle(s.out(payload=b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), True)
@@ -343,18 +317,41 @@ def test_span_times_come_from_the_packet_receive_time_when_given():
 
 def test_span_record_field_order_the_tracker_builds_positionally():
     assert [f.name for f in dataclasses.fields(SpanRecord)] == [
-        "trace_id", "span_id", "parent_span_id", "kind", "start_ns", "end_ns", "method", "path", "status",
-        "scheme", "host", "local_addr", "local_port", "peer_addr", "peer_port", "pid", "tid", "exe", "flags",
-        "tracestate", "datapath", "propagated", "extra"]
+        "trace_id",
+        "span_id",
+        "parent_span_id",
+        "kind",
+        "start_ns",
+        "end_ns",
+        "method",
+        "path",
+        "status",
+        "scheme",
+        "host",
+        "local_addr",
+        "local_port",
+        "peer_addr",
+        "peer_port",
+        "pid",
+        "tid",
+        "exe",
+        "flags",
+        "tracestate",
+        "datapath",
+        "propagated",
+        "extra",
+    ]
 
 
 def test_pooled_ids_skip_all_zero_ids(monkeypatch):
+    import os
+
     from obi.fallback import flows
-    from obi.model import TraceContext
+    from obi.model import IdPool, TraceContext
 
     chunk = b"\x05" * 8 + bytes(16) + b"\x01" * 16 + bytes(8) + b"\x02" * 8 + b"\x03" * 4040  # 4096 bytes
-    monkeypatch.setattr(flows.os, "urandom", lambda n: chunk[:n])
-    monkeypatch.setattr(flows, "_ids", flows._Ids())
+    monkeypatch.setattr(os, "urandom", lambda n: chunk[:n])
+    monkeypatch.setattr(flows, "_ids", IdPool())
     assert flows.child(TraceContext("ab" * 16, "cd" * 8)).span_id == "05" * 8
     root = flows.new_root()
     # The zero trace id (bytes 8-24) and the zero span id (40-48) are skipped.

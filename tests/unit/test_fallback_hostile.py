@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import random
 import struct
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from scapy.layers.inet import IP, TCP
@@ -19,9 +17,9 @@ from obi import w3c
 from obi.config import Config, PortRange
 from obi.fallback import codec, flows
 from obi.fallback.flows import INSERT_LEN, Tracker
+from tests.helpers.fallback_fakes import Conn
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_fallback_flows import A, B, C, Conn, handshake_client, send  # noqa: E402
+B, C, A = "198.18.0.2", "198.18.0.3", "198.18.0.1"
 
 FOREIGN_TRACE, FOREIGN_SPAN = "f0" * 16, "e1" * 8
 FOREIGN = f"00-{FOREIGN_TRACE}-{FOREIGN_SPAN}-01"
@@ -45,6 +43,19 @@ class Owners:
 
     def socket_exists(self, key):
         return key not in self.gone
+
+
+def handshake_client(t, c):
+    v = t.handle(c.out("S", seq=c.lseq - 1, ack=0), outgoing=True)
+    assert v.mark == 0x2000000 and v.payload is None
+    assert t.handle(c.inn("SA", seq=c.pseq - 1), outgoing=False).payload is None
+
+
+def send(t, raw, outgoing=True):
+    v = t.handle(raw, outgoing)
+    new = v.payload if v.payload is not None else raw
+    assert codec.verify_checksums(new) or not v.payload
+    return codec.parse(new)
 
 
 def tracker(props=("headers",)):
@@ -100,8 +111,9 @@ def test_an_rst_the_kernel_would_not_act_on_keeps_the_translation(clock, where):
     translation."""
     t, _, _ = tracker()
     c, seq = shifted_client(t)
-    rst_seq = {"random": (c.pseq + 0x12345678) & 0xFFFFFFFF, "ahead_in_window": c.pseq + 1000,
-               "behind": c.pseq - 5000}[where]
+    rst_seq = {"random": (c.pseq + 0x12345678) & 0xFFFFFFFF, "ahead_in_window": c.pseq + 1000, "behind": c.pseq - 5000}[
+        where
+    ]
     t.handle(c.inn(flags="R", seq=rst_seq, ack=0), False)
     clock[0] += 3600
     t.gc()
@@ -218,8 +230,9 @@ def test_gc_is_incremental(clock):
     100,000 flows took 0.15-0.3 s while sync packets waited)."""
     t, _, _ = tracker()
     synack = _template("SA", B, 8080, A, 1, seq=999, ack=9000)
-    req = bytearray(bytes(IP(src=A, dst=B) / TCP(sport=1, dport=8080, flags="PA", seq=9000, ack=1000)
-                          / b"GET / HTTP/1.1\r\n"))
+    req = bytearray(
+        bytes(IP(src=A, dst=B) / TCP(sport=1, dport=8080, flags="PA", seq=9000, ack=1000) / b"GET / HTTP/1.1\r\n")
+    )
     for i in range(100_000):
         peer = struct.pack("!I", 0xC6120100 + i // 60000 * 256 + i % 250)
         port = 1024 + i % 60000
@@ -245,8 +258,9 @@ def test_out_of_order_bytes_kept_for_parsing_are_bounded_in_all():
     together at most BUFFER_LIMIT (beyond it, a connection stops being parsed, not traced)."""
     t, _, _ = tracker()
     synack = _template("SA", B, 8080, A, 1, seq=999, ack=9000)
-    req = bytearray(bytes(IP(src=A, dst=B) / TCP(sport=1, dport=8080, flags="PA", seq=9000, ack=1000)
-                          / b"GET / HTTP/1.1\r\n"))
+    req = bytearray(
+        bytes(IP(src=A, dst=B) / TCP(sport=1, dport=8080, flags="PA", seq=9000, ack=1000) / b"GET / HTTP/1.1\r\n")
+    )
     seg = bytearray(bytes(IP(src=A, dst=B) / TCP(sport=1, dport=8080, flags="PA", seq=0, ack=1000) / (b"x" * 4096)))
     for i in range(400):
         port = 30000 + i
@@ -277,8 +291,9 @@ def test_a_spoofed_segment_on_an_unknown_connection_is_not_a_request():
     the next outgoing call)."""
     t, spans, _ = tracker()
     spoof = Conn(B, 8080, "198.18.7.7", 4444)
-    t.handle(spoof.inn(payload=f"GET /x HTTP/1.1\r\ntraceparent: {FOREIGN}\r\n\r\n".encode(),
-                       seq=123456, ack=654321), False)
+    t.handle(
+        spoof.inn(payload=f"GET /x HTTP/1.1\r\ntraceparent: {FOREIGN}\r\n\r\n".encode(), seq=123456, ack=654321), False
+    )
     ctx = _outgoing_call_parent(t)
     assert ctx.trace_id != FOREIGN_TRACE
     t.close_all()
@@ -354,11 +369,14 @@ def _wire_requests(t, c, segments):
     return out
 
 
-@pytest.mark.parametrize("segments", [
-    [b"GET /a HTTP/1.1\r\nHost: c\r\n", f"traceparent: {FOREIGN}\r\n\r\n".encode()],
-    [b"GET /a HTTP/1.1\r\n", b"Host: c\r\n", f"Traceparent: {FOREIGN}\r\nAccept: */*\r\n\r\n".encode()],
-    [b"GET /a HTTP/1.1\r\nHost: c\r\ntrace", f"parent: {FOREIGN}\r\n\r\n".encode()],
-])
+@pytest.mark.parametrize(
+    "segments",
+    [
+        [b"GET /a HTTP/1.1\r\nHost: c\r\n", f"traceparent: {FOREIGN}\r\n\r\n".encode()],
+        [b"GET /a HTTP/1.1\r\n", b"Host: c\r\n", f"Traceparent: {FOREIGN}\r\nAccept: */*\r\n\r\n".encode()],
+        [b"GET /a HTTP/1.1\r\nHost: c\r\ntrace", f"parent: {FOREIGN}\r\n\r\n".encode()],
+    ],
+)
 def test_the_apps_own_traceparent_in_a_later_segment_is_the_only_one(segments):
     t, spans, _ = tracker()
     c = Conn(B, 40200, C, 8080)
@@ -369,13 +387,16 @@ def test_the_apps_own_traceparent_in_a_later_segment_is_the_only_one(segments):
     assert t.stats["headers_inserted"] == 0 and t.stats["headers_present"] == 1
 
 
-@pytest.mark.parametrize("segments", [
-    [b"GET /a HTTP/1.1\r\nHost: c\r\n", b"Accept: */*\r\n\r\n"],
-    [b"GET /a HTTP/1.1\r\n", b"Host: c\r\n\r\n"],
-    [b"GET /a HTTP/1.1\r\nHost: c\r\n\r", b"\n"],  # the final CRLF split
-    [b"GET /a HTTP/1.1\r", b"\n\r\n"],
-    [b"GET /a HTTP/1.1\r\nHost: c\r\n\r\n"],
-])
+@pytest.mark.parametrize(
+    "segments",
+    [
+        [b"GET /a HTTP/1.1\r\nHost: c\r\n", b"Accept: */*\r\n\r\n"],
+        [b"GET /a HTTP/1.1\r\n", b"Host: c\r\n\r\n"],
+        [b"GET /a HTTP/1.1\r\nHost: c\r\n\r", b"\n"],  # the final CRLF split
+        [b"GET /a HTTP/1.1\r", b"\n\r\n"],
+        [b"GET /a HTTP/1.1\r\nHost: c\r\n\r\n"],
+    ],
+)
 def test_without_the_apps_own_exactly_one_is_inserted_in_the_head(segments):
     t, spans, _ = tracker()
     c = Conn(B, 40201, C, 8080)

@@ -17,7 +17,7 @@ REQS = (
 def run(stream: Stream, data: bytes, step: int):
     out = []
     for i in range(0, len(data), step):
-        out += [(kind, msg) for kind, msg in stream.feed(data[i:i + step], i)]
+        out += [(kind, msg) for kind, msg in stream.feed(data[i : i + step], i)]
     return out
 
 
@@ -36,9 +36,11 @@ def test_request_boundaries_any_segmentation(step):
 def test_response_framing_head_204_1xx_and_until_close():
     methods = ["HEAD", "GET", "GET", "GET"]
     s = Stream(False, lambda: methods[0])
-    data = (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"  # HEAD: no body despite the length
-            b"HTTP/1.1 100 Continue\r\n\r\n"
-            b"HTTP/1.1 204 No Content\r\n\r\n")
+    data = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"  # HEAD: no body despite the length
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 204 No Content\r\n\r\n"
+    )
     ends = []
     for kind, msg in s.feed(data, 0):
         if kind == "end":
@@ -50,8 +52,16 @@ def test_response_framing_head_204_1xx_and_until_close():
     assert not s.dead and s.msg is not None and s.msg.end == -1
 
 
-@pytest.mark.parametrize("data", [b"\x16\x03\x01\x00", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"GET / HTTP/2\r\n",
-                                  b"GET" + b"A" * 9000, b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x16\x03\x01\x00",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        b"GET / HTTP/2\r\n",
+        b"GET" + b"A" * 9000,
+        b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+    ],
+)
 def test_dead_on_non_http1(data):
     s = Stream(True)
     s.feed(data, 0)
@@ -129,12 +139,28 @@ SEGMENTS = [
 def test_whole_segment_gives_what_byte_by_byte_parsing_gives(is_request, method, data):
     """A segment holding a whole head may take the fast path; fed one byte at a time the
     same bytes take the general loop. Events, messages and the stream's state must agree."""
+
     def run(step):
         s = Stream(is_request, lambda: method)
         seen = []
         for i in range(0, len(data), step):
-            seen += [(kind, m) for kind, m in s.feed(data[i:i + step], 100 + i)]
-        msgs = [(kind, m.start, m.line_end, bytes(m.head), m.head_done, m.method, m.target, m.status, m.end,
-                 m.header(b"host"), m.header(b"content-length")) for kind, m in seen]
+            seen += [(kind, m) for kind, m in s.feed(data[i : i + step], 100 + i)]
+        msgs = [
+            (
+                kind,
+                m.start,
+                m.line_end,
+                bytes(m.head),
+                m.head_done,
+                m.method,
+                m.target,
+                m.status,
+                m.end,
+                m.header(b"host"),
+                m.header(b"content-length"),
+            )
+            for kind, m in seen
+        ]
         return msgs, s.state, s.dead, s.remaining, s.msg is not None
+
     assert run(len(data)) == run(1)

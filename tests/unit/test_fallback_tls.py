@@ -41,8 +41,11 @@ class Conn:
         self.l, self.lp, self.p, self.pp = local, lport, peer, pport
 
     def out(self, flags="PA", payload=b"", seq=0, ack=0, **kw):
-        return bytes(IP(src=self.l, dst=self.p) / TCP(sport=self.lp, dport=self.pp, flags=flags, seq=seq, ack=ack,
-                                                      **kw) / payload)
+        return bytes(
+            IP(src=self.l, dst=self.p)
+            / TCP(sport=self.lp, dport=self.pp, flags=flags, seq=seq, ack=ack, **kw)
+            / payload
+        )
 
 
 def rec(ctype: int, n: int) -> bytes:
@@ -147,7 +150,9 @@ def test_tls_option_dropped_when_options_are_full():
     req = rec(23, 100)
     # timestamps (12 with padding) + 3 SACK blocks (28): kind 25 (28 more) does not fit in 40.
     sack = ("SAck", (5000, 5100, 5200, 5300, 5400, 5500))
-    p = w.request(req, options=[("NOP", None), ("NOP", None), ("Timestamp", (1, 2)), ("NOP", None), ("NOP", None), sack])
+    p = w.request(
+        req, options=[("NOP", None), ("NOP", None), ("Timestamp", (1, 2)), ("NOP", None), ("NOP", None), sack]
+    )
     assert codec.find_trace_option(p) is None and bytes(p.payload) == req
     assert w.b.stats["tcp_option_no_room"] == 1 and w.b.stats["tcp_options_written"] == 0
 

@@ -60,30 +60,56 @@ def parse_exposition(text: str) -> dict[str, dict[str, Any]]:
 
 
 COUNTERS = {
-    "exported": 12, "dropped": 3, "export_errors": 2, "events_lost": 5, "packets_queued": 100,
-    "packets_accepted": 98, "packets_bypassed": 2, "headers_inserted": 7, "tcp_options_written": 4,
-    "observe_dropped": 6, "observe_shed": 1, "health_connections_dropped": 9, "flows_evicted": 10,
-    "flows_refused": 1, "segments_ignored": 20, "rst_ignored": 3,
+    "exported": 12,
+    "dropped": 3,
+    "export_errors": 2,
+    "events_lost": 5,
+    "packets_queued": 100,
+    "packets_accepted": 98,
+    "packets_bypassed": 2,
+    "headers_inserted": 7,
+    "tcp_options_written": 4,
+    "observe_dropped": 6,
+    "observe_shed": 1,
+    "health_connections_dropped": 9,
+    "flows_evicted": 10,
+    "flows_refused": 1,
+    "segments_ignored": 20,
+    "rst_ignored": 3,
+    "requests_evicted": 9,
+    "tracestate_inserted": 4,
+    "ts_states_full": 1,
+    "selection_map_full": 3,
 }
 
 
 def test_exposition_is_valid_and_complete() -> None:
     fams = parse_exposition(render_metrics(COUNTERS, "kernel"))
     expected = {
-        "obi_spans_exported_total": 12, "obi_spans_dropped_total": 3, "obi_export_errors_total": 2,
-        "obi_ringbuf_events_lost_total": 5, "obi_packets_queued_total": 100,
-        "obi_packets_accepted_total": 98, "obi_packets_bypassed_total": 2,
-        "obi_headers_inserted_total": 7, "obi_tcp_options_written_total": 4,
+        "obi_spans_exported_total": 12,
+        "obi_spans_dropped_total": 3,
+        "obi_export_errors_total": 2,
+        "obi_ringbuf_events_lost_total": 5,
+        "obi_packets_queued_total": 100,
+        "obi_packets_accepted_total": 98,
+        "obi_packets_bypassed_total": 2,
+        "obi_headers_inserted_total": 7,
+        "obi_tcp_options_written_total": 4,
         "obi_packets_unparsed_total": 7,  # both userspace counters of copies not parsed
-        "obi_health_connections_dropped_total": 9, "obi_flows_evicted_total": 11,
+        "obi_health_connections_dropped_total": 9,
+        "obi_flows_evicted_total": 11,
         "obi_segments_ignored_total": 23,
+        "obi_requests_evicted_total": 9,
+        "obi_tracestate_inserted_total": 4,
+        "obi_tracestate_dropped_total": 1,
+        "obi_selection_map_full_total": 3,
     }
     for name, value in expected.items():
         assert fams[name]["type"] == "counter"
         assert fams[name]["samples"] == [({}, value)]
     assert fams["obi_datapath_info"]["type"] == "gauge"
     assert fams["obi_datapath_info"]["samples"] == [({"datapath": "kernel"}, 1.0)]
-    (labels, value), = fams["obi_build_info"]["samples"]
+    ((labels, value),) = fams["obi_build_info"]["samples"]
     assert value == 1.0 and labels["version"] == __version__ and re.fullmatch(r"3\.\d+\.\d+.*", labels["python"])
     assert set(fams) == set(expected) | {"obi_datapath_info", "obi_build_info"}
 
@@ -179,8 +205,9 @@ class FakeAgent:
 
 
 def server(fake: FakeAgent, health_port: int, metrics_port: int, **kw: Any) -> HealthServer:
-    cfg = Config(health_check_port=health_port, internal_metrics_port=metrics_port,
-                 internal_metrics_path="/internal/metrics")
+    cfg = Config(
+        health_check_port=health_port, internal_metrics_port=metrics_port, internal_metrics_path="/internal/metrics"
+    )
     return HealthServer(cfg, fake.status_fn, fake.metrics_fn, host="127.0.0.1", **kw)
 
 
@@ -192,8 +219,14 @@ def test_one_port_serves_both_paths() -> None:
         assert srv.ports == [port]
         code, ctype, body = get(port, "/healthz")
         assert code == 200 and ctype == "application/json"
-        assert json.loads(body) == {"status": "ok", "datapath": "kernel", "attached": True,
-                                    "exporting": True, "reason": ""}
+        assert json.loads(body) == {
+            "status": "ok",
+            "datapath": "kernel",
+            "attached": True,
+            "exporting": True,
+            "reason": "",
+            "datapath_reason": "",
+        }
         code, ctype, body = get(port, "/internal/metrics")
         assert code == 200 and ctype.startswith("text/plain; version=0.0.4")
         fams = parse_exposition(body.decode())
@@ -352,8 +385,9 @@ def test_slow_loris_clients_are_cut_off_and_probes_keep_answering() -> None:
     threads_before = threading.active_count()
     with server(fake, port, port, request_deadline_s=1.5) as srv:
         t0 = time.monotonic()
-        clients = [threading.Thread(target=_slow_client, args=(port, stop, closed, 0.2), daemon=True)
-                   for _ in range(200)]
+        clients = [
+            threading.Thread(target=_slow_client, args=(port, stop, closed, 0.2), daemon=True) for _ in range(200)
+        ]
         for c in clients:
             c.start()
         time.sleep(0.5)

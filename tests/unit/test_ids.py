@@ -1,14 +1,16 @@
-"""ID generation: format, uniqueness, never all-zero (obi.model.new_trace_id/new_span_id)."""
+"""ID generation, the one generator both datapaths use (obi.model.IdPool): format, uniqueness,
+never all-zero."""
 
 from __future__ import annotations
 
+import os
 import re
-import secrets
-from collections.abc import Iterator
+import threading
 
 import pytest
 
-from obi.model import FLAG_RANDOM, FLAG_SAMPLED, TraceContext, new_span_id, new_trace_id
+from obi import model
+from obi.model import FLAG_RANDOM, FLAG_SAMPLED, IdPool, TraceContext, new_span_id, new_trace_id
 from obi.w3c import format_traceparent, parse_traceparent
 
 DRAWS = 5000
@@ -39,23 +41,29 @@ def test_bits_are_spread() -> None:
     assert acc == (1 << 128) - 1
 
 
-def _sequence(values: list[str]) -> Iterator[str]:
-    yield from values
-
-
 @pytest.mark.parametrize(("gen", "nbytes"), [(new_trace_id, 16), (new_span_id, 8)])
 def test_never_zero_even_if_rng_returns_zeros(monkeypatch, gen, nbytes: int) -> None:
-    good = "ab" * nbytes
-    draws = _sequence(["00" * nbytes, "00" * nbytes, "00" * nbytes, good])
+    # The random bytes begin with three all-zero ids: each is skipped.
+    chunk = bytes(3 * nbytes) + b"\xab" * (IdPool.CHUNK - 3 * nbytes)
     calls: list[int] = []
 
-    def fake_token_hex(n: int) -> str:
+    def fake_urandom(n: int) -> bytes:
         calls.append(n)
-        return next(draws)
+        return chunk[:n]
 
-    monkeypatch.setattr(secrets, "token_hex", fake_token_hex)
-    assert gen() == good
-    assert calls == [nbytes] * 4  # asked the CSPRNG again for each zero draw
+    monkeypatch.setattr(os, "urandom", fake_urandom)
+    monkeypatch.setattr(model._pools, "pool", IdPool())
+    assert gen() == "ab" * nbytes
+    assert calls == [IdPool.CHUNK]  # one read of the CSPRNG for the whole pool
+
+
+def test_pools_are_per_thread() -> None:
+    # A pool is not thread-safe: each thread draws from its own.
+    pools = []
+    t = threading.Thread(target=lambda: pools.append(model._pools.pool))
+    t.start()
+    t.join()
+    assert pools[0] is not model._pools.pool
 
 
 def test_new_root_and_child() -> None:

@@ -14,7 +14,7 @@ import pytest
 from obi.kernel import abi
 
 OBJ_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "obi", "_bpf")
-OBJECTS = ("egress", "ingress", "threads", "threads_syscalls")
+OBJECTS = ("tpinjector", "tctracer", "threads", "threads_syscalls")
 
 
 def _bpftool() -> str:
@@ -29,8 +29,9 @@ def btf_structs(obj: str) -> dict[str, tuple[int, dict[str, int]]]:
     tool = _bpftool()
     if not tool:
         pytest.skip("needs bpftool to read BTF")
-    out = subprocess.run([tool, "btf", "dump", "file", path, "format", "raw"],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [tool, "btf", "dump", "file", path, "format", "raw"], check=True, capture_output=True, text=True
+    ).stdout
     structs: dict[str, tuple[int, dict[str, int]]] = {}
     cur: dict[str, int] | None = None
     for line in out.splitlines():
@@ -51,7 +52,7 @@ def btf_structs(obj: str) -> dict[str, tuple[int, dict[str, int]]]:
 def test_event_layout_matches_btf(obj):
     structs = btf_structs(obj)
     size, members = structs["obi_event"]
-    assert size == abi.EVENT_SIZE == 656
+    assert size == abi.EVENT_SIZE == 912
     assert members == abi.field_offsets(abi.EVENT_FIELDS)
 
 
@@ -64,7 +65,7 @@ def test_tuple_layout_matches_btf(obj):
 
 def test_counter_enum_matches_header():
     header = open(os.path.join(os.path.dirname(__file__), "..", "..", "bpf", "include", "obi_abi.h")).read()
-    body = header[header.index("enum obi_counter {"):]
+    body = header[header.index("enum obi_counter {") :]
     body = body[: body.index("};")]
     names = re.findall(r"OBI_CNT_(\w+)", body)
     assert names[-1] == "MAX"
@@ -75,11 +76,26 @@ def test_counter_enum_matches_header():
 def test_event_roundtrip():
     t = abi.Tuple("198.18.0.2", "198.18.0.3", 40000, 8080, abi.AF_INET)
     vals = {name: 0 for name, _ in abi.EVENT_FIELDS}
-    vals.update(kind=3, flags=abi.EVF_INJECTED, ts_ns=123, pid_tgid=(7 << 32) | 9, tuple=t.pack(),
-                trace_id=bytes(range(16)), span_id=bytes(range(1, 9)), parent_id=bytes(8), trace_flags=3,
-                line_len=4, line=b"GET /", tp=b"", tracestate=b"", host_len=6, host=b"c:8080xyz")
-    raw = struct.pack(abi.EVENT_FMT, *(vals[n] if not isinstance(vals[n], int) or f[-1] != "s" else b""
-                                       for n, f in abi.EVENT_FIELDS))
+    vals.update(
+        kind=3,
+        flags=abi.EVF_INJECTED,
+        ts_ns=123,
+        pid_tgid=(7 << 32) | 9,
+        tuple=t.pack(),
+        trace_id=bytes(range(16)),
+        span_id=bytes(range(1, 9)),
+        parent_id=bytes(8),
+        trace_flags=3,
+        line_len=4,
+        line=b"GET /",
+        tp=b"",
+        tracestate=b"",
+        host_len=6,
+        host=b"c:8080xyz",
+    )
+    raw = struct.pack(
+        abi.EVENT_FMT, *(vals[n] if not isinstance(vals[n], int) or f[-1] != "s" else b"" for n, f in abi.EVENT_FIELDS)
+    )
     ev = abi.Event.unpack(raw)
     assert ev.kind == abi.EventKind.CLIENT_REQ and ev.tuple == t and ev.pid == 7 and ev.tid == 9
     assert ev.trace_id == bytes(range(16)).hex() and ev.parent_id == "" and ev.line == b"GET "

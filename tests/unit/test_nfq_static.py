@@ -32,6 +32,17 @@ def test_gcc_finds_nothing(flags, tmp_path) -> None:
 def test_clang_static_analyzer_finds_nothing(tmp_path) -> None:
     if not shutil.which("clang"):
         pytest.skip("clang is not installed")
-    out = _run(["clang", "--analyze", "-Xanalyzer", "-analyzer-output=text", INCLUDE, os.path.abspath(SOURCE),
-                "-o", str(tmp_path / "nfq.plist")], tmp_path)
+    out = _run(
+        [
+            "clang",
+            "--analyze",
+            "-Xanalyzer",
+            "-analyzer-output=text",
+            INCLUDE,
+            os.path.abspath(SOURCE),
+            "-o",
+            str(tmp_path / "nfq.plist"),
+        ],
+        tmp_path,
+    )
     assert "warning" not in out and "error" not in out, out

@@ -15,6 +15,7 @@ from obi.w3c import (
     inject_value,
     parse_traceparent,
     parse_tracestate,
+    truncate_tracestate,
 )
 
 TID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -121,7 +122,7 @@ def test_non_text_traceparent_is_invalid(value: object) -> None:
 
 @pytest.mark.parametrize(
     ("flags", "expected"),
-    [(0, "00"), (1, "01"), (2, "02"), (3, "03"), (0xFF, "ff"), (0x1FF, "ff"), (0x100, "00")],
+    [(0, "00"), (1, "01"), (2, "02"), (3, "03"), (0xFF, "03"), (0x1FF, "03"), (0x100, "00"), (0x05, "01")],
 )
 def test_format_traceparent_flags_byte(flags: int, expected: str) -> None:
     value = format_traceparent(TraceContext(TID, SID, flags))
@@ -160,7 +161,7 @@ def _random_valid_traceparent(rng: random.Random) -> str:
             if digits.strip("0"):
                 return digits
 
-    return f"00-{hexid(16)}-{hexid(8)}-{rng.randrange(256):02x}"
+    return f"00-{hexid(16)}-{hexid(8)}-{rng.randrange(4):02x}"  # flags the spec defines
 
 
 def test_round_trip_property() -> None:
@@ -187,10 +188,9 @@ def test_random_mutations_never_raise_and_stay_strict() -> None:
         ctx = parse_traceparent(text)
         if ctx is not None:
             assert len(text.strip(" \t")) == 55
-            if text.startswith("00"):
-                assert format_traceparent(ctx) == text
-            else:
-                assert format_traceparent(ctx) == "00" + text[2:]
+            # re-emitted as version 00, with only the flags the spec defines
+            bare = text.strip(" \t")
+            assert format_traceparent(ctx) == "00" + bare[2:53] + f"{int(bare[53:55], 16) & 3:02x}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -205,7 +205,11 @@ VALID_TRACESTATES = [
     pytest.param("", [], id="empty"),
     pytest.param(" \t ", [], id="only-ows"),
     pytest.param("congo=t61rcWkgMzE", [("congo", "t61rcWkgMzE")], id="single"),
-    pytest.param("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE", [("rojo", "00f067aa0ba902b7"), ("congo", "t61rcWkgMzE")], id="two-order-kept"),
+    pytest.param(
+        "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE",
+        [("rojo", "00f067aa0ba902b7"), ("congo", "t61rcWkgMzE")],
+        id="two-order-kept",
+    ),
     pytest.param("a=1 \t , \t b=2,\tc=3 ", [("a", "1"), ("b", "2"), ("c", "3")], id="ows-around-commas"),
     pytest.param("a=1,,b=2", [("a", "1"), ("b", "2")], id="empty-member-between-commas"),
     pytest.param(",a=1, ,\t,b=2,", [("a", "1"), ("b", "2")], id="empty-members-at-ends"),
@@ -218,7 +222,9 @@ VALID_TRACESTATES = [
     pytest.param("t" * 241 + "@" + "s" * 14 + "=x", [("t" * 241 + "@" + "s" * 14, "x")], id="multi-tenant-max"),
     pytest.param("k=" + "v" * 256, [("k", "v" * 256)], id="value-256"),
     pytest.param("k= x y", [("k", " x y")], id="value-inner-and-leading-space"),
-    pytest.param("k=!\"#$%&'()*+-./:;<>?@[\\]^_`{|}~", [("k", "!\"#$%&'()*+-./:;<>?@[\\]^_`{|}~")], id="value-punctuation"),
+    pytest.param(
+        "k=!\"#$%&'()*+-./:;<>?@[\\]^_`{|}~", [("k", "!\"#$%&'()*+-./:;<>?@[\\]^_`{|}~")], id="value-punctuation"
+    ),
     pytest.param(b"a=1,b=2", [("a", "1"), ("b", "2")], id="bytes"),
 ]
 
@@ -378,3 +384,41 @@ def test_child_context_propagates_tracestate() -> None:
     assert value.startswith(f"00-{TID}-") and value.endswith("-01")
     assert value[36:52] == child.span_id != SID
     assert child.tracestate == "a=1"
+
+
+# ---------------------------------------------------------------------------------------
+# truncation (the spec: whole members; longer than 128 first, then from the end)
+
+
+def _m(key: str, size: int) -> tuple[str, str]:
+    """A valid member of exactly `size` characters (key=value, 2..513): the value up to
+    its 256-character limit, the key padded with 'x' for the rest."""
+    value = min(256, size - len(key) - 1)
+    return (key + "x" * (size - len(key) - 1 - value), "v" * value)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "kept"),
+    [
+        pytest.param([100, 100, 100], [0, 1, 2], id="short-enough-untouched"),
+        pytest.param([300, 100, 120], [1, 2], id="long-member-goes-first"),
+        pytest.param([300, 100, 150], [1], id="every-long-member-goes-before-any-short-one"),
+        pytest.param([100] * 6, [0, 1, 2, 3, 4], id="then-from-the-end"),
+        pytest.param([200, 129, 128, 128, 128, 128], [2, 3, 4], id="every-long-member-goes-first"),
+        pytest.param([513], [], id="one-member-too-long"),
+        pytest.param([512], [0], id="one-long-member-that-fits"),
+        pytest.param([128, 128, 128, 125], [0, 1, 2, 3], id="exactly-512-with-commas"),
+        pytest.param([128, 128, 128, 126], [0, 1, 2], id="513-with-commas"),
+    ],
+)
+def test_truncate_tracestate(sizes: list[int], kept: list[int]) -> None:
+    entries = [_m(f"k{i}", n) for i, n in enumerate(sizes)]
+    out = truncate_tracestate(entries)
+    assert out == [entries[i] for i in kept]
+    assert len(format_tracestate(out)) <= 512
+
+
+def test_extract_truncates_a_long_tracestate() -> None:
+    members = [_m("a", 300), _m("b", 100), _m("c", 120)]
+    ctx = _extract(("traceparent", VALID), ("tracestate", ",".join(f"{k}={v}" for k, v in members)))
+    assert ctx is not None and ctx.tracestate == f"b={'v' * 98},c={'v' * 118}"
