@@ -36,302 +36,118 @@ agent's state either):
 
 from __future__ import annotations
 
-import bisect
-import logging
 import socket
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
-from obi import w3c
 from obi.config import Config
-from obi.model import FLAG_RANDOM, FLAG_SAMPLED, Datapath, IdPool, SpanKind, SpanRecord, TraceContext
+from obi.model import SpanKind, SpanRecord, TraceContext
 
-from . import codec, tls
+from . import codec
+from .flow_state import (
+    _ACK,
+    _FIN,
+    _IN,
+    _OUT,
+    _RST,
+    _SYN,
+    _U32,
+    _USERSPACE,
+    ACCEPT,
+    ACK_SLACK,
+    BUFFER_LIMIT,
+    CLOSE_LINGER_S,
+    EVICT_SCAN,
+    GC_INTERVAL_S,
+    GC_MIN_BATCH,
+    GC_SWEEP_S,
+    HANDSHAKE_TIMEOUT_S,
+    HEADER_NAME,
+    HOLD_BYTES_LIMIT,
+    HOLD_MAX_S,
+    IDLE_TIMEOUT_S,
+    INSERT_LEN,
+    MAX_FLOWS,
+    REASSEMBLY_LIMIT,
+    RECENT_OPTIONS,
+    SEQMAP_COMPACT_AT,
+    SHIFTED_IDLE_TIMEOUT_S,
+    TCP_OPTION_ROOM,
+    ClientCall,
+    Flow,
+    Handshake,
+    Journal,
+    Key,
+    Linker,
+    Owners,
+    ServerSpan,
+    TlsFlow,
+    Verdict,
+    _ids,
+    child,
+    inserted_headers,
+    log,
+    new_root,
+    rel,
+)
 from .http import Message, Stream
+from .incoming import IncomingPath
+from .outgoing import OutgoingPath
+from .seqmap import SEQMAP_KEEP, SeqMap
+from .tls_flows import TlsTurns
 
-log = logging.getLogger("obi.fallback")
+# What importers of this module use (the tracker, its types and limits, split over
+# flow_state, seqmap, outgoing, incoming and tls_flows).
+__all__ = [
+    "ACCEPT",
+    "ACK_SLACK",
+    "BUFFER_LIMIT",
+    "CLOSE_LINGER_S",
+    "EVICT_SCAN",
+    "GC_INTERVAL_S",
+    "GC_MIN_BATCH",
+    "GC_SWEEP_S",
+    "HANDSHAKE_TIMEOUT_S",
+    "HEADER_NAME",
+    "HOLD_BYTES_LIMIT",
+    "HOLD_MAX_S",
+    "IDLE_TIMEOUT_S",
+    "INSERT_LEN",
+    "MAX_FLOWS",
+    "REASSEMBLY_LIMIT",
+    "RECENT_OPTIONS",
+    "SEQMAP_COMPACT_AT",
+    "SEQMAP_KEEP",
+    "SHIFTED_IDLE_TIMEOUT_S",
+    "TCP_OPTION_ROOM",
+    "ClientCall",
+    "Flow",
+    "Handshake",
+    "Journal",
+    "Key",
+    "Linker",
+    "Owners",
+    "SeqMap",
+    "ServerSpan",
+    "TlsFlow",
+    "Tracker",
+    "Verdict",
+    "child",
+    "inserted_headers",
+    "new_root",
+    "rel",
+    "_ids",
+]
 
-_U32 = 0xFFFFFFFF
-_SYN, _ACK, _RST, _FIN = codec.SYN, codec.ACK, codec.RST, codec.FIN
-_IN, _OUT = 1, 2  # directions of a flow, as bits
 _monotonic = time.monotonic
-_USERSPACE = Datapath.USERSPACE
-HEADER_NAME = b"Traceparent"
-INSERT_LEN = len(HEADER_NAME) + 2 + w3c.TRACEPARENT_LEN + 2  # "Traceparent: <55>\r\n" = 70
-TCP_OPTION_ROOM = 28  # the kind-25 option, padded
-REASSEMBLY_LIMIT = 256 * 1024  # out-of-order bytes kept per incoming direction for parsing
-BUFFER_LIMIT = 32 << 20  # ...and for all flows together
-MAX_FLOWS = 16384  # connections tracked (handshake records included)
-ACK_SLACK = 1 << 20  # how far an incoming ack may lag the highest one seen (reordering)
-HANDSHAKE_TIMEOUT_S = 75.0  # a handshake record unused this long goes (SYN-ACK retries last ~63 s)
-HOLD_MAX_S = 0.05  # how long segments of an incomplete request head are held
-HOLD_BYTES_LIMIT = 4 << 20  # bytes of held segments, all flows together
-GC_INTERVAL_S = 0.25  # expiry runs this often...
-GC_SWEEP_S = 60.0  # ...over a slice of the table, so that the whole table is seen this often
-GC_MIN_BATCH = 256
-EVICT_SCAN = 32  # at most this many flows with inserted bytes are stepped over to find one to evict
-SEQMAP_COMPACT_AT = 64  # insertions kept per connection before acknowledged ones are forgotten
-SEQMAP_KEEP = 16  # ...always keeping the most recent ones
-IDLE_TIMEOUT_S = 300.0
-# A connection with inserted bytes breaks without translation, so its state is kept for as
-# long as a pooled keep-alive connection may idle (the TCP keepalive default).
-SHIFTED_IDLE_TIMEOUT_S = 7200.0
-CLOSE_LINGER_S = 10.0  # after both FINs: keep translating the last ACKs/retransmissions
-RECENT_OPTIONS = 8  # kind-25 options remembered per flow, for retransmissions / late segments
 
 
-# The packet thread's own id pool (pools are not thread-safe).
-_ids = IdPool()
+class Tracker(OutgoingPath, IncomingPath, TlsTurns):
+    """The userspace datapath minus the queue: `handle()` per packet, the flow table (creation,
+    eviction, expiry, the journal of inserted bytes) and span records. The per-direction
+    work is in `outgoing.OutgoingPath`, `incoming.IncomingPath` and `tls_flows.TlsTurns`."""
 
-
-def new_root() -> TraceContext:
-    """TraceContext.new_root() (sampled, random flag set) with pooled randomness."""
-    trace, span = _ids.pair()
-    return TraceContext(trace, span, FLAG_RANDOM | FLAG_SAMPLED)
-
-
-def child(ctx: TraceContext) -> TraceContext:
-    """ctx.child() with pooled randomness."""
-    return TraceContext(ctx.trace_id, _ids.hex(8), ctx.flags, ctx.tracestate)
-
-
-def inserted_headers(ctx: TraceContext, tracestate: bool) -> bytes:
-    """The bytes inserted after a request line: Traceparent, and (`tracestate`) the
-    tracestate passed on, as the kernel path writes them (bpf/include/obi_w3c.h)."""
-    blob = HEADER_NAME + b": " + w3c.format_traceparent(ctx).encode() + b"\r\n"
-    if tracestate and ctx.tracestate:
-        blob += b"tracestate: " + ctx.tracestate.encode() + b"\r\n"
-    return blob
-
-
-def rel(seq: int, base: int) -> int:
-    """Signed distance seq - base in 32-bit sequence arithmetic."""
-    return ((seq - base + 0x80000000) & _U32) - 0x80000000
-
-
-class SeqMap:
-    """Bytes inserted into one direction, by position in orig space (relative offsets).
-
-    Insertions the peer acknowledged can never be sent again: `compact()` forgets them,
-    keeping their total (`base`, as if inserted at `base_pos`), so that a long keep-alive
-    connection does not grow its map without bound."""
-
-    __slots__ = ("pos", "blobs", "cum", "wire", "total", "base", "base_pos")
-
-    def __init__(self) -> None:
-        self.pos: list[int] = []
-        self.blobs: list[bytes] = []
-        self.cum: list[int] = []  # bytes inserted before insertion i
-        self.wire: list[int] = []  # wire position of insertion i: pos + cum
-        self.total = 0
-        self.base = 0  # bytes of the insertions compact() forgot
-        self.base_pos = 0  # position of the last of them
-
-    def __bool__(self) -> bool:
-        return self.total > 0
-
-    def add(self, pos: int, blob: bytes) -> None:
-        if self.pos and pos < self.pos[-1]:
-            raise ValueError("insertions must be added in stream order")
-        self.pos.append(pos)
-        self.blobs.append(blob)
-        self.cum.append(self.total)
-        self.wire.append(pos + self.total)
-        self.total += len(blob)
-
-    def delta(self, r: int) -> int:
-        """Bytes inserted strictly before orig offset r."""
-        k = bisect.bisect_left(self.pos, r)
-        return self.cum[k] if k < len(self.cum) else self.total
-
-    def within(self, start: int, end: int) -> list[tuple[int, bytes]]:
-        """Insertions carried by the segment [start, end): (offset in payload, bytes)."""
-        lo = bisect.bisect_left(self.pos, start)
-        hi = bisect.bisect_left(self.pos, end)
-        return [(self.pos[i] - start, self.blobs[i]) for i in range(lo, hi)]
-
-    def to_orig(self, w: int) -> int:
-        """Orig offset for wire offset w; inside inserted bytes it maps to the insertion point."""
-        k = bisect.bisect_right(self.wire, w) - 1
-        if k < 0:
-            # Before every kept insertion: at most `base` too low inside forgotten ones, which
-            # were acknowledged long ago (the stack ignores acks that old).
-            return w - self.base
-        inside = w - self.wire[k]
-        if inside < len(self.blobs[k]):
-            return self.pos[k]
-        return w - self.cum[k] - len(self.blobs[k])
-
-    def compact(self, below: int) -> None:
-        """Forget insertions at positions below `below` (the peer acknowledged the bytes after
-        them), always keeping the SEQMAP_KEEP most recent ones."""
-        k = min(bisect.bisect_left(self.pos, below), len(self.pos) - SEQMAP_KEEP)
-        if k <= 0:
-            return
-        self.base, self.base_pos = self.cum[k], self.pos[k - 1]
-        del self.pos[:k], self.blobs[:k], self.cum[:k], self.wire[:k]
-
-    def entries(self) -> list[tuple[int, bytes]]:
-        """(position, bytes) of every insertion, forgotten ones as one of their total length
-        (what the journal keeps and `add` takes back)."""
-        out = [(self.base_pos, bytes(self.base))] if self.base else []
-        return out + list(zip(self.pos, self.blobs))
-
-
-class Owners(Protocol):
-    def server_pid(self, local_port: int) -> int | None:
-        """pid of the selected process listening on local_port, None if not selected."""
-
-    def client_pid(self, pkt: codec.Packet) -> int | None:
-        """pid of the selected process owning the socket that sends this SYN, else None."""
-
-    def exe(self, pid: int) -> str: ...
-
-    def socket_exists(self, key: "Key") -> bool:
-        """Whether a TCP socket with this 4-tuple still exists (TIME_WAIT included)."""
-
-
-@dataclass(slots=True)
-class ServerSpan:
-    ctx: TraceContext  # span_id = this span's id
-    parent: str
-    msg: Message
-    pid: int
-    start_ns: int
-    propagated: bool
-    children: int = 0
-
-
-class Linker:
-    """In-flight server requests per process; picks the parent of an outgoing request.
-
-    Packets carry no thread, so this links per process: the oldest in-flight request of
-    the sending process that has no child yet, else the newest in-flight one.
-    """
-
-    def __init__(self) -> None:
-        self.inflight: dict[int, OrderedDict[int, ServerSpan]] = {}
-
-    def add(self, span: ServerSpan) -> None:
-        spans = self.inflight.get(span.pid)
-        if spans is None:
-            spans = self.inflight[span.pid] = OrderedDict()
-        spans[id(span)] = span
-
-    def remove(self, span: ServerSpan) -> None:
-        spans = self.inflight.get(span.pid)
-        if spans is not None:
-            spans.pop(id(span), None)
-            if not spans:
-                del self.inflight[span.pid]
-
-    def parent_for(self, pid: int) -> ServerSpan | None:
-        spans = self.inflight.get(pid)
-        if not spans:
-            return None
-        for span in spans.values():
-            if span.children == 0:
-                return span
-        return next(reversed(spans.values()))
-
-
-@dataclass(slots=True)
-class ClientCall:
-    ctx: TraceContext
-    parent: str
-    msg: Message
-    start_ns: int
-    propagated: bool
-    status: int = 0
-    parent_trace: str = ""  # trace id of the server span it was linked to
-    decided: bool = False  # whether to insert a header was decided (the head was complete)
-
-
-@dataclass(slots=True)
-class Verdict:
-    payload: bytes | None = None  # new packet bytes, None = unchanged
-    mark: int = 0  # packet mark to set (0 = leave)
-    hold: int = 0  # nonzero: no verdict yet; it comes later from Tracker.take_released() under this token
-
-
-ACCEPT = Verdict()
-
-
-@dataclass(slots=True)
-class Flow:
-    key: "Key"
-    server: bool
-    pid: int
-    local: tuple[str, int]
-    peer: tuple[str, int]
-    out_base: int | None = None  # orig seq of our first payload byte
-    in_base: int | None = None
-    out_next: int = 0  # next orig offset the outgoing parser expects
-    in_next: int = 0
-    out_map: SeqMap = field(default_factory=SeqMap)
-    out_stream: Stream | None = None
-    in_stream: Stream | None = None
-    in_ooo: dict[int, bytes] = field(default_factory=dict)
-    pending: deque = field(default_factory=deque)  # ServerSpan / ClientCall awaiting a response
-    option_ctx: TraceContext | None = None  # kind-25 context seen on incoming segments
-    # Client: (orig offset, option) of the segments that carry kind 25; a retransmission of
-    # such a segment carries the identical option, however the stack re-segments.
-    options_out: deque = field(default_factory=lambda: deque(maxlen=RECENT_OPTIONS))
-    tls: "TlsFlow | None" = None
-    fin: int = 0  # directions (_IN, _OUT) that sent a FIN
-    last_seen: float = 0.0
-    closed_at: float = 0.0  # when it seemed to end (both FINs, or an RST)
-    ended: bool = False  # its journal entry was ended
-    # What the local stack sent and acknowledged, to tell in-window incoming segments:
-    verified: bool = False  # both sequence spaces known: incoming segments may be parsed
-    out_hi: int = 0  # orig offset just past the last byte (or FIN) the local side sent
-    ack_hi: int = 0  # highest wire offset an accepted incoming segment acknowledged
-    in_hi: int = 0  # offset just past the last byte (or FIN) of accepted incoming segments
-    in_acked: int = 0  # highest incoming offset the local side acknowledged
-    # An outgoing request whose head is not complete yet, and the segments held for it
-    undecided: "ClientCall | None" = None
-    held: list = field(default_factory=list)  # (token, packet, r, n)
-    hold_until: float = 0.0
-    # Tracker.loss_epoch when this flow's previous packet in each direction was handled
-    in_epoch: int = 0
-    out_epoch: int = 0
-    resync_gap: int = 0  # directions (_IN, _OUT) whose next gap is a lost copy, after a resync
-
-    def pending_method(self) -> str:
-        """Method of the oldest request awaiting a response (a response to HEAD has no body)."""
-        return self.pending[0].msg.method if self.pending else ""
-
-
-@dataclass(slots=True)
-class TlsFlow:
-    """A TLS connection (seen with `tcp` propagation): request turns instead of messages."""
-
-    records: tls.Records = field(default_factory=tls.Records)  # requesting direction
-    turns: tls.Turns = field(default_factory=tls.Turns)
-    turn: "ServerSpan | ClientCall | None" = None  # the current request turn
-    turn_at: int = 0  # stream offset (requesting direction) where it started
-    answered_ns: int = 0  # last time the other side sent data in this turn
-    # Server: (start, end, context) of incoming segments that carried kind 25.
-    options_in: deque = field(default_factory=lambda: deque(maxlen=RECENT_OPTIONS))
-
-
-Key = tuple[bytes, int, bytes, int]  # local addr, local port, peer addr, peer port
-
-
-class Journal(Protocol):
-    """Where insertions are recorded so they outlive the process (`shift_journal.Journal`)."""
-
-    def insertion(self, key: Key, base: int, pos: int, blob: bytes) -> None: ...
-
-    def end(self, key: Key) -> None: ...
-
-
-Handshake = tuple[int, int, int, float]  # out_base, in_base, pid, when: a served connection's SYN-ACK
-
-
-class Tracker:
     def __init__(
         self,
         cfg: Config,
@@ -403,8 +219,6 @@ class Tracker:
         self._tcp = cfg.propagate_tcp
         self._headers = cfg.propagate_headers
         self._read_incoming = cfg.read_incoming_headers
-
-    # --- entry point ------------------------------------------------------------------
 
     def handle(self, data: bytes, outgoing: bool, ts_ns: int | None = None) -> Verdict:
         """What to do with one packet. `ts_ns`: wall-clock time (time.time_ns scale) at which
@@ -549,573 +363,6 @@ class Tracker:
             stats["flows_evicted"] += 1
         return True
 
-    # --- outgoing ---------------------------------------------------------------------
-
-    def _outgoing(self, flow: Flow, pkt: codec.Packet) -> Verdict:
-        flags = pkt.flags
-        if flags & _SYN:
-            flow.out_base = (pkt.seq + 1) & _U32
-            return Verdict(None, 0 if flow.server else self.mark)
-        base = flow.out_base
-        if base is None:
-            base = flow.out_base = pkt.seq  # joined mid-connection
-        r = ((pkt.seq - base + 0x80000000) & _U32) - 0x80000000  # rel(pkt.seq, base), inlined
-        n = pkt.payload_len
-        end = r + n + (flags & _FIN)  # FIN is 1
-        if end > flow.out_hi:
-            flow.out_hi = end
-        in_base = flow.in_base
-        if in_base is not None and flags & _ACK:
-            a = ((pkt.ack - in_base + 0x80000000) & _U32) - 0x80000000
-            if a > flow.in_acked:
-                flow.in_acked = a
-        if n:
-            expected = flow.out_next
-            if r <= expected < r + n:  # new bytes, in order
-                start = pkt.payload_off + expected - r
-                self._feed_out(flow, pkt, r, pkt.data[start : pkt.payload_off + n], expected)
-                flow.out_next = r + n
-            elif r > expected and self._gap_is_loss(flow, _OUT):  # a copy was lost: pick up again here
-                self._feed_out(flow, pkt, r, pkt.data[pkt.payload_off : pkt.payload_off + n], r)
-                flow.out_next = r + n
-            elif r > expected:  # a gap: framing is lost for this connection
-                if flow.out_stream is not None:
-                    flow.out_stream.kill("gap in outgoing stream")
-                if flow.tls is not None:
-                    flow.tls.records.dead = True
-        if flags & (_RST | _FIN):
-            self._end_out(flow, flags)
-        if flow.server:
-            return ACCEPT
-        call = flow.undecided
-        if call is not None:
-            if flags & (_RST | _FIN) or (flow.out_stream is not None and flow.out_stream.dead):
-                self._decide(flow, call, pkt, r, insert=False)  # the head cannot complete: pass it
-            elif r + n > call.msg.line_end:
-                return self._hold(flow, pkt, r, n)
-        return self._out_verdict(flow, pkt, r, n)
-
-    def _out_verdict(self, flow: Flow, pkt: codec.Packet, r: int, n: int) -> Verdict:
-        """A client segment [r, r+n) with the insertions and kind-25 option it carries and its
-        sequence number translated."""
-        option = b""
-        if n and flow.options_out:
-            for at, opt in flow.options_out:  # one segment per request, also when retransmitted
-                if r <= at < r + n:
-                    option = opt
-                    break
-        fmap = flow.out_map
-        if not fmap and not option:
-            return ACCEPT
-        inserts = fmap.within(r, r + n) if n else []
-        seq = flow.out_base + r + fmap.delta(r)
-        new = codec.rebuild(pkt, seq=seq, inserts=inserts, add_option=option) if option else None
-        if option and (new is None or len(new) > self.mtu):
-            # No room in the 40 option bytes (or the MTU): the segment goes without it.
-            self.stats["tcp_option_no_room"] += 1
-            new = None
-        elif option:
-            self.stats["tcp_options_written"] += 1
-        if new is None:
-            new = codec.rebuild(pkt, seq=seq, inserts=inserts) if fmap else None
-        return Verdict(new, self.mark | self.shift_mark if fmap else 0)
-
-    def _end_out(self, flow: Flow, flags: int) -> None:
-        """Our FIN or RST (the local stack's own: believed)."""
-        if flags & _RST:
-            if not flow.out_map:
-                self._close(flow.key, flow)
-                return
-            # The socket is gone; keep translating what is still in flight for a while.
-            if self.journal is not None and not flow.ended:
-                self.journal.end(flow.key)
-            flow.ended = True
-            flow.closed_at = flow.closed_at or _monotonic()
-            return
-        flow.fin |= _OUT
-        if flow.fin == _IN | _OUT and not flow.closed_at:
-            flow.closed_at = _monotonic()
-
-    def _hold(self, flow: Flow, pkt: codec.Packet, r: int, n: int) -> Verdict:
-        """Keep a segment of an incomplete request head until the head is complete (or
-        HOLD_MAX_S passed): whether the header goes in depends on what follows."""
-        self._hold_token += 1
-        token = self._hold_token
-        if not flow.held:
-            flow.hold_until = _monotonic() + HOLD_MAX_S
-            self._holding[flow.key] = flow
-        flow.held.append((token, pkt, r, n))
-        self.held_bytes += len(pkt.data)
-        self.stats["segments_held"] += 1
-        if self.held_bytes > HOLD_BYTES_LIMIT and flow.undecided is not None:
-            self._decide(flow, flow.undecided, pkt, r)  # no room to wait: decide with what we have
-        return Verdict(hold=token)
-
-    def _release(self, flow: Flow) -> None:
-        """The held segments of this flow get their verdicts (in order), now that the
-        decision is taken."""
-        for token, pkt, r, n in flow.held:
-            self.held_bytes -= len(pkt.data)
-            try:
-                verdict = self._out_verdict(flow, pkt, r, n)
-            except Exception:  # never leave a packet without a verdict
-                log.exception("held segment")
-                verdict = ACCEPT
-            self.released.append((token, verdict))
-        flow.held.clear()
-        self._holding.pop(flow.key, None)
-
-    def take_released(self) -> list[tuple[int, Verdict]]:
-        """(hold token, verdict) of held packets decided since the last call, in order."""
-        out, self.released = self.released, []
-        return out
-
-    def tick(self, now: float | None = None) -> None:
-        """Decide the heads that waited HOLD_MAX_S (between packets, from the queue loop)."""
-        if not self._holding:
-            return
-        now = _monotonic() if now is None else now
-        for flow in list(self._holding.values()):
-            if now >= flow.hold_until or self.draining:
-                call = flow.undecided
-                if call is not None:
-                    self._decide(flow, call, None, 0)
-                else:
-                    self._release(flow)
-
-    def _feed_out(self, flow: Flow, pkt: codec.Packet, r: int, data: bytes, off: int) -> None:
-        """New in-order outgoing bytes `data` at orig offset `off` of a segment starting at r."""
-        if off == 0 and not flow.server and flow.tls is None and self._tcp and tls.looks_like_tls(data[0]):
-            self._become_tls(flow)
-        if flow.tls is not None:
-            if flow.server:
-                self._tls_answer(flow)
-            else:
-                self._tls_request_bytes(flow, r, data, off)
-            return
-        stream = flow.out_stream
-        if stream is not None and not stream.dead:
-            events = stream.feed(data, off)
-            if events:
-                self._out_events(flow, events, pkt, r)
-
-    def _out_events(self, flow: Flow, events, pkt: codec.Packet, r: int) -> None:
-        now = self._ts_ns
-        if now is None:
-            now = self.now()
-        if flow.server:
-            for kind, msg in events:
-                if kind == "end" and flow.pending and not 100 <= msg.status < 200:
-                    self._finish_server(flow, flow.pending.popleft(), msg.status, now)
-        else:
-            for kind, msg in events:
-                if kind == "line":
-                    self._client_request(flow, msg, now)
-                elif kind == "head" and isinstance(msg.ctx, ClientCall) and not msg.ctx.decided:
-                    self._decide(flow, msg.ctx, pkt, r)
-
-    def _client_request(self, flow: Flow, msg: Message, now: int) -> ClientCall:
-        """A request line: the client span starts, linked to the request being served. Whether
-        a header goes in is decided once the head is complete (`_decide`)."""
-        parent = self.linker.parent_for(flow.pid)
-        if parent is not None:
-            parent.children += 1
-            ctx = child(parent.ctx)
-            parent_id = parent.ctx.span_id
-            self.stats["links_to_server"] += 1
-        else:
-            ctx = new_root()
-            parent_id = ""
-            self.stats["roots"] += 1
-        call = ClientCall(ctx, parent_id, msg, now, False, 0, parent.ctx.trace_id if parent is not None else "")
-        msg.ctx = call
-        flow.pending.append(call)
-        if self._headers and not self.draining:
-            flow.undecided = call  # segments past the request line wait for the decision
-        return call
-
-    def _decide(self, flow: Flow, call: ClientCall, pkt: codec.Packet | None, r: int, insert: bool = True) -> None:
-        """The request's head is complete (or waited long enough): adopt the application's
-        own traceparent, or insert ours right after the request line, once; `insert` False:
-        the head will not complete (FIN, RST, not HTTP), pass it as it is. `pkt` is the
-        segment being handled (starting at r), None from tick()."""
-        if flow.undecided is call:
-            flow.undecided = None
-        call.decided = True
-        msg = call.msg
-        head = bytes(msg.head[msg.line_end - msg.start :])  # header lines only, not the target
-        present = head.lower().count(b"traceparent")
-        if present:
-            values = msg.header(b"traceparent")
-            found = w3c.parse_traceparent(values[0]) if len(values) == 1 and present == 1 else None
-            if found is not None:
-                # The app propagates itself: adopt its context, insert nothing.
-                self.stats["headers_present"] += 1
-                call.ctx = TraceContext(found.trace_id, found.span_id, found.flags, call.ctx.tracestate)
-                call.parent = call.parent if call.parent_trace == found.trace_id else ""
-                call.propagated = True
-            else:
-                self.stats["headers_invalid"] += 1
-        elif insert and self._headers and not self.draining and flow.out_base is not None:
-            # The app's own tracestate (with no traceparent): ours is not added to it.
-            blob = inserted_headers(call.ctx, tracestate=not msg.has_header(b"tracestate"))
-            pos = msg.line_end
-            # The segment that carries it must still fit the MTU (the SYN's MSS was clamped for
-            # one Traceparent): a tracestate that does not fit is left out, then the header.
-            carrier = next(((p, pr, pn) for _, p, pr, pn in flow.held if pr <= pos < pr + pn), None)
-            if carrier is None and pkt is not None and r <= pos < r + pkt.payload_len:
-                carrier = (pkt, r, pkt.payload_len)
-            room = len(blob)  # it goes at the start of a segment not seen yet: not checked
-            if carrier is not None:
-                cp, cr, cn = carrier
-                room = self.mtu - len(cp.data) - TCP_OPTION_ROOM * self._tcp
-                room -= sum(len(b) for _, b in flow.out_map.within(cr, cr + cn))
-            if len(blob) > room and len(blob) > INSERT_LEN:
-                blob = blob[:INSERT_LEN]
-                self.stats["tracestate_skipped_mtu"] += 1
-            if len(blob) > room:
-                self.stats["insert_skipped_mtu"] += 1
-            else:
-                flow.out_map.add(pos, blob)
-                self.stats["headers_inserted"] += 1
-                if len(blob) > INSERT_LEN:
-                    self.stats["tracestate_inserted"] += 1
-                if self.journal is not None:
-                    self.journal.insertion(flow.key, flow.out_base, pos, blob)
-        if self._tcp:  # the segment where the header goes (or would) carries kind 25
-            flow.options_out.append((msg.line_end, self._option(call.ctx)))
-        if flow.held:
-            self._release(flow)
-
-    @staticmethod
-    def _option(ctx: TraceContext) -> bytes:
-        """Kind 25: len 26 when the flags are just `sampled`, else len 27 with the flags byte."""
-        flags = None if ctx.flags == FLAG_SAMPLED else ctx.flags
-        return codec.trace_option(bytes.fromhex(ctx.trace_id), bytes.fromhex(ctx.span_id), flags)
-
-    # --- incoming ---------------------------------------------------------------------
-
-    def _incoming(self, flow: Flow, pkt: codec.Packet) -> Verdict:
-        flags = pkt.flags
-        if flags & _SYN:
-            if not flow.server and flags & _ACK and pkt.ack == flow.out_base:
-                if not flow.verified:  # the SYN-ACK that answers our SYN
-                    flow.in_base = (pkt.seq + 1) & _U32
-                    flow.in_acked, flow.verified = 0, True
-            elif not flow.server:
-                self.stats["segments_ignored"] += 1
-            return ACCEPT
-        fmap = flow.out_map
-        # Whether the segment acknowledges what the local side sent: no more than it sent
-        # (plus ACK_SLACK when copies of a served connection's outgoing packets may have been
-        # lost since), no less than ACK_SLACK below what was acknowledged before. A segment
-        # forged by a host that does not see the connection passes with a chance of about
-        # 2 * ACK_SLACK / 2**32; only segments that pass are parsed. (Inline: every packet.)
-        ok = False
-        if flow.verified and flags & _ACK:
-            a = ((pkt.ack - flow.out_base + 0x80000000) & _U32) - 0x80000000
-            hi = flow.out_hi + fmap.total
-            if flow.server and flow.out_epoch != self.loss_epoch:
-                hi += ACK_SLACK
-            ack_hi = flow.ack_hi
-            if ack_hi - ACK_SLACK <= a <= hi:
-                ok = True
-                if a > ack_hi:
-                    flow.ack_hi = a
-        if flags & _RST:
-            self._rst_in(flow, pkt, ok)
-        elif ok:
-            # An accepted segment: options, data (within REASSEMBLY_LIMIT of the stream
-            # position, or near what the stack acknowledged after lost copies), FIN.
-            opt_ctx = None
-            if self._tcp and flow.server:
-                opt_ctx = self._option_in(flow, pkt)
-            n = pkt.payload_len
-            r = ((pkt.seq - flow.in_base + 0x80000000) & _U32) - 0x80000000  # rel(pkt.seq, in_base)
-            if r > flow.in_next + REASSEMBLY_LIMIT and not self._resync_in_window(flow, r):
-                self.stats["segments_ignored"] += 1  # far beyond what the stack would take
-            else:
-                end = r + n + (flags & _FIN)
-                if end > flow.in_hi:
-                    flow.in_hi = end
-                if n:
-                    if flow.tls is not None:
-                        self._tls_in(flow, pkt, r, n, opt_ctx)
-                    elif flow.in_stream is not None and not flow.in_stream.dead:
-                        off = pkt.payload_off
-                        self._in_data(flow, r, pkt.data[off : off + n])
-                if flags & _FIN:
-                    flow.fin |= _IN
-                    if flow.fin == _IN | _OUT and not flow.closed_at:
-                        flow.closed_at = _monotonic()
-                flow.in_epoch = self.loss_epoch  # copies lost before this one are behind us
-        elif pkt.payload_len or flags & _FIN:
-            self.stats["segments_ignored"] += 1
-        if not fmap or not flags & _ACK:
-            return ACCEPT
-        base = flow.out_base
-
-        def back(seq: int) -> int:
-            return base + fmap.to_orig(rel(seq, base))
-
-        if ok and len(fmap.pos) > SEQMAP_COMPACT_AT:
-            fmap.compact(fmap.to_orig(rel(pkt.ack, base)) - 1)
-        return Verdict(codec.rebuild(pkt, ack=back(pkt.ack), map_sack=back))
-
-    def _option_in(self, flow: Flow, pkt: codec.Packet) -> TraceContext | None:
-        """The context of a kind-25 option on an accepted incoming segment of a served connection."""
-        opt = codec.find_trace_option(pkt)
-        if opt is None:
-            return None
-        tid, sid, oflags = opt
-        if not any(tid) or not any(sid):
-            return None
-        ctx = TraceContext(tid.hex(), sid.hex(), FLAG_SAMPLED if oflags is None else oflags)
-        flow.option_ctx = ctx
-        self.stats["tcp_options_read"] += 1
-        return ctx
-
-    def _tls_in(self, flow: Flow, pkt: codec.Packet, r: int, n: int, opt_ctx: TraceContext | None) -> None:
-        """Accepted incoming bytes [r, r+n) of a TLS connection."""
-        if flow.server:
-            if opt_ctx is not None:
-                self._tls_option_in(flow, r, r + n, opt_ctx)
-            off = pkt.payload_off
-            self._in_data(flow, r, pkt.data[off : off + n])
-        elif r + n > flow.in_next:
-            flow.in_next = r + n
-            self._tls_answer(flow)
-
-    def _rst_in(self, flow: Flow, pkt: codec.Packet, ok: bool) -> None:
-        """An incoming RST, believed only if the local stack could take it: in SYN-SENT, one
-        that acknowledges our SYN; later, one whose sequence number lies between what the
-        local side acknowledged and the end of what the peer sent (the kernel resets only on
-        the exact next sequence number; anything else it ignores or answers with an ACK).
-        Even then a connection with inserted bytes keeps its translation until its socket is
-        gone (gc)."""
-        if not flow.verified:
-            believed = not flow.server and bool(pkt.flags & _ACK) and pkt.ack == flow.out_base
-        else:
-            r = rel(pkt.seq, flow.in_base)
-            believed = flow.in_acked <= r <= flow.in_hi
-        if not believed:
-            self.stats["rst_ignored"] += 1
-            return
-        if not flow.out_map:
-            self._close(flow.key, flow)
-        elif not flow.closed_at:
-            flow.closed_at = _monotonic()
-
-    def _resync_in_window(self, flow: Flow, r: int) -> bool:
-        """Whether incoming offset r may start the stream again after lost copies: near what
-        the local stack has acknowledged (a lost request's response acknowledges it)."""
-        return flow.verified and 0 <= r - flow.in_acked <= REASSEMBLY_LIMIT
-
-    def _in_data(self, flow: Flow, r: int, data: bytes) -> None:
-        """Feed incoming payload to the parser in order, keeping a little out-of-order data."""
-        if r > flow.in_next and self._resync_in_window(flow, r) and self._gap_is_loss(flow, _IN):
-            flow.in_next = r  # a copy was lost, not reordered
-        if r > flow.in_next:
-            if r - flow.in_next > REASSEMBLY_LIMIT:
-                self.stats["segments_ignored"] += 1
-                return
-            if sum(map(len, flow.in_ooo.values())) + len(data) > REASSEMBLY_LIMIT:
-                self._stop_parsing_in(flow, "reassembly limit")
-            elif self.buffered + len(data) > BUFFER_LIMIT:
-                self.stats["buffer_full"] += 1
-                self._stop_parsing_in(flow, "buffer limit")
-            else:
-                old = flow.in_ooo.get(r)
-                if old is not None:
-                    self.buffered -= len(old)
-                flow.in_ooo[r] = data
-                self.buffered += len(data)
-            return
-        while True:
-            if r + len(data) > flow.in_next:
-                data = data[flow.in_next - r :]
-                if self._feed_in(flow, r, data, flow.in_next):
-                    return
-                flow.in_next += len(data)
-            if not flow.in_ooo:
-                return
-            nxt = min(flow.in_ooo)
-            if nxt > flow.in_next:
-                return
-            r, data = nxt, flow.in_ooo.pop(nxt)
-            self.buffered -= len(data)
-
-    def _stop_parsing_in(self, flow: Flow, why: str) -> None:
-        if flow.tls is not None:
-            flow.tls.records.dead = True
-        if flow.in_stream is not None:
-            flow.in_stream.kill(why)
-        self._drop_ooo(flow)
-
-    def _drop_ooo(self, flow: Flow) -> None:
-        if flow.in_ooo:
-            self.buffered -= sum(map(len, flow.in_ooo.values()))
-            flow.in_ooo.clear()
-
-    # --- copies lost by the queue reader -------------------------------------------------
-
-    def copies_lost(self, n: int) -> None:
-        """The queue reader lost n observed packets (it was behind): streams of served
-        connections may have holes from here on."""
-        self.loss_epoch += 1
-        self.stats["copies_lost"] += n
-
-    def _gap_is_loss(self, flow: Flow, direction: int) -> bool:
-        """Whether a gap in this direction is a lost copy (then the flow is resynchronised
-        and the caller goes on from the new segment): copies were lost since the flow's
-        previous packet in this direction, and it is a served HTTP connection (only observed
-        packets are ever lost); or a resync is waiting for this direction's first gap."""
-        if flow.resync_gap & direction:
-            flow.resync_gap &= ~direction
-            return True
-        epoch = flow.in_epoch if direction == _IN else flow.out_epoch
-        if flow.server and epoch != self.loss_epoch and flow.tls is None:
-            self._resync(flow)
-            flow.resync_gap &= ~direction
-            return True
-        return False
-
-    def _resync(self, flow: Flow) -> None:
-        """Requests in flight on this connection can no longer be paired with their responses:
-        drop them (counted), and let both directions start again at the next message."""
-        for span in flow.pending:
-            self.linker.remove(span)
-        self.stats["spans_lost"] += len(flow.pending)
-        self.stats["resyncs"] += 1
-        flow.pending.clear()
-        self._drop_ooo(flow)
-        flow.resync_gap = _IN | _OUT  # the other direction may have lost bytes too
-        for stream in (flow.in_stream, flow.out_stream):
-            if stream is not None:
-                stream.resync()
-
-    def _feed_in(self, flow: Flow, r: int, data: bytes, off: int) -> bool:
-        """New in-order incoming bytes at offset `off` (segment start r); True = stop parsing."""
-        if off == 0 and flow.server and flow.tls is None and self._tcp and tls.looks_like_tls(data[0]):
-            self._become_tls(flow)
-        if flow.tls is not None:
-            self._tls_request_bytes(flow, r, data, off)
-            return flow.tls.records.dead
-        stream = flow.in_stream
-        if stream is None or stream.dead:
-            return True
-        events = stream.feed(data, off)
-        if events:
-            self._in_events(flow, events)
-        return False
-
-    def _in_events(self, flow: Flow, events) -> None:
-        now = self._ts_ns
-        if now is None:
-            now = self.now()
-        if flow.server:
-            for kind, msg in events:
-                if kind == "start":
-                    msg.ctx = now
-                elif kind == "head":
-                    self._server_request(flow, msg, msg.ctx if isinstance(msg.ctx, int) else now)
-        else:
-            for kind, msg in events:
-                if kind == "end" and flow.pending and not 100 <= msg.status < 200:
-                    self._finish_client(flow, flow.pending.popleft(), msg.status, now)
-
-    def _server_request(self, flow: Flow, msg: Message, start: int) -> None:
-        # Most requests carry no traceparent: skip the general extraction for them.
-        incoming = w3c.extract(msg.header_lines()) if self._read_incoming and msg.has_header(b"traceparent") else None
-        propagated = incoming is not None
-        if incoming is None and flow.option_ctx is not None:
-            incoming = flow.option_ctx
-            propagated = True
-        flow.option_ctx = None
-        if incoming is not None:
-            ctx, parent = child(incoming), incoming.span_id
-        else:
-            ctx, parent = new_root(), ""
-        span = ServerSpan(ctx, parent, msg, flow.pid, start, propagated)
-        flow.pending.append(span)
-        self.linker.add(span)
-
-    # --- TLS: request turns ---------------------------------------------------------------
-
-    def _become_tls(self, flow: Flow) -> None:
-        flow.tls = TlsFlow()
-        flow.in_stream = flow.out_stream = None  # nothing to parse, nothing to insert
-        self.stats["tls_flows"] += 1
-
-    def _tls_request_bytes(self, flow: Flow, seg: int, data: bytes | memoryview, off: int) -> None:
-        """Bytes of the requesting direction (client: outgoing, server: incoming), in order."""
-        t = flow.tls
-        assert t is not None
-        if t.records.dead:
-            return
-        start = t.turns.segment(seg, t.records.feed(data, off))
-        if start is None:
-            return
-        self._end_tls_turn(flow)
-        now = self._now()
-        msg = Message(True, start)  # method and target unknown: encrypted
-        self.stats["tls_turns"] += 1
-        t.turn_at, t.answered_ns = start, 0
-        if flow.server:
-            parent = next((ctx for lo, hi, ctx in t.options_in if lo <= start < hi), None)
-            if parent is not None:
-                span = ServerSpan(child(parent), parent.span_id, msg, flow.pid, now, True)
-            else:
-                span = ServerSpan(new_root(), "", msg, flow.pid, now, False)
-            self.linker.add(span)
-            t.turn = span
-        else:
-            call = self._client_call(flow, msg, now)
-            flow.options_out.append((start, self._option(call.ctx)))
-            t.turn = call
-
-    def _client_call(self, flow: Flow, msg: Message, now: int) -> ClientCall:
-        parent = self.linker.parent_for(flow.pid)
-        if parent is not None:
-            parent.children += 1
-            self.stats["links_to_server"] += 1
-            return ClientCall(child(parent.ctx), parent.ctx.span_id, msg, now, False)
-        self.stats["roots"] += 1
-        return ClientCall(new_root(), "", msg, now, False)
-
-    def _tls_option_in(self, flow: Flow, lo: int, hi: int, ctx: TraceContext) -> None:
-        """A server segment [lo, hi) carried kind 25. Kept for the turn that starts inside it;
-        if that turn already started (the segment came late), it is adopted there."""
-        t = flow.tls
-        assert t is not None
-        t.options_in.append((lo, hi, ctx))
-        span = t.turn
-        if isinstance(span, ServerSpan) and not span.propagated and span.children == 0 and lo <= t.turn_at < hi:
-            span.ctx, span.parent, span.propagated = child(ctx), ctx.span_id, True
-
-    def _tls_answer(self, flow: Flow) -> None:
-        """New data from the answering side: the current turn is being answered."""
-        t = flow.tls
-        assert t is not None
-        t.turns.answer()
-        if t.turn is not None:
-            t.answered_ns = self._now()
-            if isinstance(t.turn, ServerSpan):
-                self.linker.remove(t.turn)  # responding: no longer a parent for outgoing calls
-
-    def _end_tls_turn(self, flow: Flow) -> None:
-        t = flow.tls
-        if t is None or t.turn is None:
-            return
-        turn, t.turn = t.turn, None
-        end = t.answered_ns or self._now()
-        if isinstance(turn, ServerSpan):
-            self._finish_server(flow, turn, 0, end)
-        else:
-            self._finish_client(flow, turn, 0, end)
-
-    # --- span records -------------------------------------------------------------------
-
     def _record(
         self,
         flow: Flow,
@@ -1187,8 +434,6 @@ class Tracker:
                 flow, SpanKind.CLIENT, call.ctx, call.parent, call.msg, call.start_ns, now, status, call.propagated
             )
         )
-
-    # --- lifetime -----------------------------------------------------------------------
 
     def _close(self, key: Key, flow: Flow, ended: bool = True) -> None:
         """End a flow: unanswered requests become spans without a status. `ended`: the
@@ -1271,8 +516,6 @@ class Tracker:
             self._close(key, flow, ended=bool(flow.closed_at))
         self._ring.clear()
         self.handshakes.clear()
-
-    # --- connections with inserted bytes ----------------------------------------------------
 
     def shifted(self, linger: float = 0.3) -> list[Flow]:
         """Open connections carrying inserted bytes. One that closed counts for `linger`

@@ -346,12 +346,12 @@ def test_span_record_field_order_the_tracker_builds_positionally():
 def test_pooled_ids_skip_all_zero_ids(monkeypatch):
     import os
 
-    from obi.fallback import flows
+    from obi.fallback import flow_state, flows
     from obi.model import IdPool, TraceContext
 
     chunk = b"\x05" * 8 + bytes(16) + b"\x01" * 16 + bytes(8) + b"\x02" * 8 + b"\x03" * 4040  # 4096 bytes
     monkeypatch.setattr(os, "urandom", lambda n: chunk[:n])
-    monkeypatch.setattr(flows, "_ids", IdPool())
+    monkeypatch.setattr(flow_state, "_ids", IdPool())  # the pool new_root() and child() draw from
     assert flows.child(TraceContext("ab" * 16, "cd" * 8)).span_id == "05" * 8
     root = flows.new_root()
     # The zero trace id (bytes 8-24) and the zero span id (40-48) are skipped.
