@@ -46,3 +46,13 @@ def test_clang_static_analyzer_finds_nothing(tmp_path) -> None:
         tmp_path,
     )
     assert "warning" not in out and "error" not in out, out
+
+
+def test_clang_format_is_applied(tmp_path) -> None:
+    """The reader keeps its style (fallback/.clang-format); `clang-format -i` repairs it."""
+    if not shutil.which("clang-format"):
+        pytest.skip("clang-format is not installed")
+    r = subprocess.run(
+        ["clang-format", "--dry-run", "--Werror", os.path.abspath(SOURCE)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
