@@ -410,3 +410,33 @@ def test_without_the_apps_own_exactly_one_is_inserted_in_the_head(segments):
     # A retransmission of the whole head (re-segmented) carries the identical bytes.
     again = send(t, c.out(payload=b"".join(segments), seq=c.lseq))
     assert bytes(again.payload) == wire
+
+
+def test_a_long_keep_alive_connection_does_not_grow_its_insertion_map():
+    """Each request on a keep-alive connection adds an insertion; those the peer acknowledged
+    are forgotten (kept as their total), so 2,000 requests leave at most SEQMAP_COMPACT_AT
+    entries, and the translation of the next request, its ACK and a resumed tracker (from
+    what the journal would hold) are still exact."""
+    t, _, _ = tracker()
+    c = Conn(B, 40300, C, 8080)
+    handshake_client(t, c)
+    req = b"GET /k HTTP/1.1\r\nHost: c\r\n\r\n"
+    resp = b"HTTP/1.1 204 No Content\r\n\r\n"
+    seq = c.lseq
+    for i in range(2000):
+        p = send(t, c.out(payload=req, seq=seq))
+        assert p.seq == seq + i * INSERT_LEN and len(p.payload) == len(req) + INSERT_LEN
+        seq += len(req)
+        back = send(t, c.inn(payload=resp, seq=c.pseq, ack=seq + (i + 1) * INSERT_LEN), outgoing=False)
+        assert back.ack == seq
+        c.pseq += len(resp)
+    (flow,) = t.flows.values()
+    assert len(flow.out_map.pos) <= getattr(flows, "SEQMAP_COMPACT_AT", 64) and flow.out_map.total == 2000 * INSERT_LEN
+    # A resumed tracker, from the state the journal keeps, translates the same.
+    ((key, (base, inserts)),) = t.shift_state()
+    t2, _, _ = tracker()
+    t2.resume(key, base, inserts)
+    raw = c.out(payload=req, seq=seq)
+    assert codec.parse(t2.handle(raw, True).payload).seq == seq + 2000 * INSERT_LEN
+    ack = c.inn(flags="A", seq=c.pseq, ack=seq + 2000 * INSERT_LEN)
+    assert codec.parse(t2.handle(ack, False).payload).ack == seq
