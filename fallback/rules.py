@@ -201,10 +201,14 @@ class Rules:
         ]
 
     def set_syn_cgroups(self, cgroups: set[str]) -> None:
-        """Queue the SYNs of processes in these cgroups (v2 paths) from now on, and no others
-        (every SYN if the kernel has no cgroup match)."""
+        """Queue the SYNs of processes in these cgroups (v2 paths) from now on, and no others.
+        Every SYN is queued instead (as before cgroup matching, never fewer than needed) once
+        a path cannot be matched: the kernel lacks the match, or a path lies outside the
+        agent's cgroup namespace (`/../`, a container with its own), or a rule is refused."""
         if not self.chain:
             return
+        if self.cgroup_match and any(not cg.startswith("/") or "/.." in cg for cg in cgroups):
+            self._all_syns(f"cgroups outside this cgroup namespace ({sorted(cgroups)[0]})")
         wanted: set[str | None] = set(cgroups) if self.cgroup_match else {None}
         for tool in self.chains:
             have = {cg for t, cg in self.syn_rules if t == tool}
@@ -213,15 +217,19 @@ class Rules:
                 r = _run([tool, "-w", "-t", TABLE, "-A", self.chain, *spec])
                 if r.returncode == 0:
                     self.syn_rules[(tool, cg)] = spec
-                elif cg is not None and self.cgroup_match and "cgroup" in r.stderr.lower():
-                    log.warning("%s has no cgroup match (%s): every outgoing SYN is queued", tool, r.stderr.strip())
-                    self.cgroup_match = False
+                elif cg is not None:
+                    self._all_syns(f"{tool} refused the cgroup match for {cg}: {r.stderr.strip()}")
                     return self.set_syn_cgroups(cgroups)
                 else:
-                    log.warning("could not queue the SYNs of cgroup %s (%s): %s", cg, tool, r.stderr.strip())
+                    log.warning("could not queue outgoing SYNs (%s): %s", tool, r.stderr.strip())
             for cg in have - wanted:
                 spec = self.syn_rules.pop((tool, cg))
                 _run([tool, "-w", "-t", TABLE, "-D", self.chain, *spec])
+
+    def _all_syns(self, why: str) -> None:
+        if self.cgroup_match:
+            log.warning("userspace datapath: every outgoing SYN is queued (%s)", why)
+        self.cgroup_match = False
 
     def remove(self) -> None:
         while self.added:

@@ -207,3 +207,68 @@ def test_a_zombie_agent_counts_as_gone():
         assert not rules.owner_alive(f"obi-fallback-{p.pid}-1-beef")
     finally:
         p.wait()
+
+
+class FakeIptables:
+    """Records the iptables commands Rules runs; refuses `-m cgroup` when told to."""
+
+    def __init__(self, refuse_cgroup=False):
+        self.rules: dict[str, list[list[str]]] = {}
+        self.refuse_cgroup = refuse_cgroup
+
+    def __call__(self, argv):
+        import subprocess
+
+        tool, op, chain, spec = argv[0], argv[4], argv[5] if len(argv) > 5 else "", argv[6:]
+        rules_ = self.rules.setdefault(f"{tool} {chain}", [])
+        ok = True
+        if op == "-A":
+            if self.refuse_cgroup and "cgroup" in spec:
+                ok = False
+            else:
+                rules_.append(spec)
+        elif op == "-D":
+            ok = spec in rules_
+            if ok:
+                rules_.remove(spec)
+        elif op == "-F":
+            rules_.clear()
+        return subprocess.CompletedProcess(argv, 0 if ok else 1, "", "" if ok else "Couldn't load match `cgroup'")
+
+
+def syn_paths(fake, rules_obj):
+    out = set()
+    for spec in fake.rules.get(f"iptables {rules_obj.chain}", []):
+        out.add(spec[spec.index("--path") + 1] if "--path" in spec else None)
+    return out
+
+
+def test_syn_rules_follow_the_cgroups_of_the_selected_processes(monkeypatch):
+    """Issue 12, finding 5: only the SYNs of the selected processes' cgroups are queued; the
+    rules follow the selection; a cgroup outside the agent's cgroup namespace, or a kernel
+    without the match, means every SYN (never fewer than needed)."""
+    fake = FakeIptables()
+    monkeypatch.setattr(rules, "_run", fake)
+    r = rules.Rules([(8080, 8080)], 177, 1300, "1-2-beef")
+    r.__enter__()
+    jump = [s for s in fake.rules["iptables OUTPUT"] if "--syn" in s]
+    assert jump and jump[0][-2:] == ["-j", r.chain]
+    r.set_syn_cgroups({"/svc/a", "/svc/b"})
+    assert syn_paths(fake, r) == {"/svc/a", "/svc/b"}
+    queue = fake.rules[f"iptables {r.chain}"][0]
+    assert queue[queue.index("--queue-num") + 1] == "179" and "--queue-bypass" in queue
+    r.set_syn_cgroups({"/svc/b", "/svc/c"})
+    assert syn_paths(fake, r) == {"/svc/b", "/svc/c"} and syn_paths(fake, r) == {
+        s[s.index("--path") + 1] for s in fake.rules[f"ip6tables {r.chain}"]
+    }
+    r.set_syn_cgroups({"/../kubepods/pod1"})  # outside the agent's cgroup namespace
+    assert syn_paths(fake, r) == {None} and not r.cgroup_match
+    r.remove()
+    assert not any(fake.rules.values())
+
+    fake = FakeIptables(refuse_cgroup=True)
+    monkeypatch.setattr(rules, "_run", fake)
+    r = rules.Rules([(8080, 8080)], 177, 1300, "1-2-beef")
+    r.__enter__()
+    r.set_syn_cgroups({"/svc/a"})
+    assert syn_paths(fake, r) == {None}
