@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import shutil
 import threading
 import time
@@ -41,6 +40,7 @@ IP_TCP_HEADERS = 60  # IPv6 (40) + TCP (20): the MSS headroom is computed for th
 # batch instead of competing with the packet thread for the GIL on every span.
 SPAN_BATCH = 128
 SPAN_DELAY_S = 0.05  # ...and at least this often while spans are waiting
+SELECT_INTERVAL_S = 1.0  # processes are rescanned this often (their cgroups choose the SYNs queued)
 
 
 def path_mtu() -> int:
@@ -68,7 +68,7 @@ class UserspaceDatapath:
         self.cfg = cfg
         self.sink = sink
         self.queue_num = queue_num
-        self.instance = f"{os.getpid()}-{secrets.token_hex(2)}"
+        self.instance = rules.instance()
         self.owners = ProcOwners(cfg)
         self.tracker: Tracker | None = None
         self._rules: rules.Rules | None = None
@@ -81,6 +81,8 @@ class UserspaceDatapath:
         self.drain_stats: dict[str, int] = {}
         self._spans: list = []  # finished spans not yet handed to the sink
         self._flushed_at = 0.0
+        self._rescan_stop = threading.Event()
+        self._rescanner: threading.Thread | None = None
 
     def start(self) -> None:
         if os.geteuid() != 0:
@@ -93,8 +95,6 @@ class UserspaceDatapath:
             if self.cfg.auto_target_exe:
                 ports += [(p, p) for p in self.owners.listening_ports()]
             self.owners.refresh()
-            for line in rules.remove_stale():
-                log.info("userspace datapath: %s (left by a killed agent)", line)
             self._journal = shift_journal.Journal()
             resumed = self._journal.open()
             self.tracker = Tracker(
@@ -119,15 +119,28 @@ class UserspaceDatapath:
                 self._handle,
                 on_idle=self._idle,
                 on_loss=self._lost,
+                release=self._release,
+                syn_queue=rules.syn_queue(self.queue_num),
             )
             self._queue.start()  # read before the rules send us packets
             self._rules = rules.Rules(ports, self.queue_num, clamp_mss(mtu, self.cfg.propagate_tcp), self.instance)
             self._rules.__enter__()
+            self._rules.set_syn_cgroups(self.owners.cgroups())
+            self._rescan_stop.clear()
+            self._rescanner = threading.Thread(target=self._rescan, name="obi-fallback-rescan", daemon=True)
+            self._rescanner.start()
+            # Only now, with the journal resumed, the queues read and our rules in place, the
+            # rules of a killed predecessor go: removing them first would let its connections
+            # with inserted headers pass untranslated in between (their stream corrupted).
+            for line in rules.remove_stale():
+                log.info("userspace datapath: %s (left by a killed agent)", line)
             log.info(
-                "userspace datapath: queues %d (sync) and %d (observe), ports %s, mtu %d (links outgoing "
-                "calls per process, not per thread)",
+                "userspace datapath: queues %d (sync), %d (observe) and %d (SYNs of %s), ports %s, mtu %d "
+                "(links outgoing calls per process, not per thread)",
                 self.queue_num,
                 rules.observe_queue(self.queue_num),
+                rules.syn_queue(self.queue_num),
+                "the selected processes' cgroups" if self._rules.cgroup_match else "every process",
                 ports,
                 mtu,
             )
@@ -137,6 +150,20 @@ class UserspaceDatapath:
         except Exception as e:
             self.stop()
             raise AttachError(f"userspace datapath: {e}") from e
+
+    def _rescan(self) -> None:
+        """Every SELECT_INTERVAL_S: walk /proc for the selected processes (outside the packet
+        thread's lock), hand the result over, and queue the SYNs of their cgroups only."""
+        while not self._rescan_stop.wait(SELECT_INTERVAL_S):
+            try:
+                scanned = self.owners.scan()
+                with self._lock:
+                    self.owners.apply(scanned)
+                    cgroups = self.owners.cgroups()
+                if self._rules is not None:
+                    self._rules.set_syn_cgroups(cgroups)
+            except Exception:
+                log.exception("userspace datapath: rescanning processes failed")
 
     def _handle(self, data: bytes, outgoing: bool, ts_ns: int | None = None):
         assert self.tracker is not None
@@ -148,6 +175,20 @@ class UserspaceDatapath:
             if spans and (len(spans) >= SPAN_BATCH or time.monotonic() - self._flushed_at > SPAN_DELAY_S):
                 self._flush_spans()
             return verdict
+
+    def _release(self, overdue: bool) -> list:
+        """Verdicts of held packets (segments of request heads) decided since the last call;
+        `overdue`: decide first those that waited their time."""
+        tracker = self.tracker
+        assert tracker is not None
+        if overdue:
+            with self._lock:
+                tracker.tick()
+                return tracker.take_released()
+        if not tracker.released:  # the usual case: no lock needed to see that
+            return []
+        with self._lock:
+            return tracker.take_released()
 
     def _lost(self, n: int) -> None:
         """Observed packets the tracker will never see (backlog overflow): streams have holes."""
@@ -181,6 +222,7 @@ class UserspaceDatapath:
             return
         with self._lock:
             tracker.draining = True
+            tracker.tick()  # held heads go now, with nothing inserted
         deadline = time.monotonic() + self.drain_s
         while True:
             with self._lock:
@@ -211,6 +253,10 @@ class UserspaceDatapath:
             log.warning("cannot relax conntrack TCP window checks (%s); inserted headers may stall", e)
 
     def stop(self) -> None:
+        self._rescan_stop.set()
+        if self._rescanner is not None:
+            self._rescanner.join(10)
+            self._rescanner = None
         if self._rules is not None:
             try:
                 self._drain()

@@ -13,251 +13,141 @@ are kept as positions in orig space relative to the first payload byte (`SeqMap`
 outgoing segment [s, e) maps to wire seq s + (bytes inserted before s) and carries every
 insertion whose position is in [s, e) (a retransmission gets the identical bytes, however
 the stack re-segments); each incoming ack/SACK edge maps back.
+
+Hostile and unlucky input (what the kernel's own checks would reject must not change the
+agent's state either):
+- Served connections are created from the local stack's SYN-ACK (a handshake record) or from
+  its first outgoing data, never from incoming packets alone: a segment from a forged source
+  is not a request. Incoming segments are parsed only when their ack number acknowledges
+  data the local side sent (within ACK_SLACK of what it acknowledged before) and their
+  sequence number lies within REASSEMBLY_LIMIT of the stream position; a gap is taken as
+  lost copies only near what the local stack has acknowledged (`in_acked`).
+- An RST is believed only when its sequence number is within what the local stack may
+  accept, and a connection with inserted bytes keeps its translation until its socket is
+  gone (asked from `Owners.socket_exists`), however it seemed to end (RST, both FINs, idle).
+- FINs count once per direction.
+- The table holds at most MAX_FLOWS connections (handshakes first out, then the least
+  recently seen; never one with inserted bytes), out-of-order bytes kept for parsing are
+  capped at BUFFER_LIMIT in all, and expiry runs a slice of the table at a time.
+- An outgoing request whose head spans several segments has its segments held (at most
+  HOLD_MAX_S) until the head is complete, so that the header goes right after the request
+  line only when the application wrote none in a later segment.
 """
 
 from __future__ import annotations
 
-import bisect
-import logging
 import socket
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
-from obi import w3c
 from obi.config import Config
-from obi.model import FLAG_RANDOM, FLAG_SAMPLED, Datapath, IdPool, SpanKind, SpanRecord, TraceContext
+from obi.model import SpanKind, SpanRecord, TraceContext
 
-from . import codec, tls
+from . import codec
+from .flow_state import (
+    _ACK,
+    _FIN,
+    _IN,
+    _OUT,
+    _RST,
+    _SYN,
+    _U32,
+    _USERSPACE,
+    ACCEPT,
+    ACK_SLACK,
+    BUFFER_LIMIT,
+    CLOSE_LINGER_S,
+    EVICT_SCAN,
+    GC_INTERVAL_S,
+    GC_MIN_BATCH,
+    GC_SWEEP_S,
+    HANDSHAKE_TIMEOUT_S,
+    HEADER_NAME,
+    HOLD_BYTES_LIMIT,
+    HOLD_MAX_S,
+    IDLE_TIMEOUT_S,
+    INSERT_LEN,
+    MAX_FLOWS,
+    REASSEMBLY_LIMIT,
+    RECENT_OPTIONS,
+    SEQMAP_COMPACT_AT,
+    SHIFTED_IDLE_TIMEOUT_S,
+    TCP_OPTION_ROOM,
+    ClientCall,
+    Flow,
+    Handshake,
+    Journal,
+    Key,
+    Linker,
+    Owners,
+    ServerSpan,
+    TlsFlow,
+    Verdict,
+    _ids,
+    child,
+    inserted_headers,
+    log,
+    new_root,
+    rel,
+)
 from .http import Message, Stream
+from .incoming import IncomingPath
+from .outgoing import OutgoingPath
+from .seqmap import SEQMAP_KEEP, SeqMap
+from .tls_flows import TlsTurns
 
-log = logging.getLogger("obi.fallback")
+# What importers of this module use (the tracker, its types and limits, split over
+# flow_state, seqmap, outgoing, incoming and tls_flows).
+__all__ = [
+    "ACCEPT",
+    "ACK_SLACK",
+    "BUFFER_LIMIT",
+    "CLOSE_LINGER_S",
+    "EVICT_SCAN",
+    "GC_INTERVAL_S",
+    "GC_MIN_BATCH",
+    "GC_SWEEP_S",
+    "HANDSHAKE_TIMEOUT_S",
+    "HEADER_NAME",
+    "HOLD_BYTES_LIMIT",
+    "HOLD_MAX_S",
+    "IDLE_TIMEOUT_S",
+    "INSERT_LEN",
+    "MAX_FLOWS",
+    "REASSEMBLY_LIMIT",
+    "RECENT_OPTIONS",
+    "SEQMAP_COMPACT_AT",
+    "SEQMAP_KEEP",
+    "SHIFTED_IDLE_TIMEOUT_S",
+    "TCP_OPTION_ROOM",
+    "ClientCall",
+    "Flow",
+    "Handshake",
+    "Journal",
+    "Key",
+    "Linker",
+    "Owners",
+    "SeqMap",
+    "ServerSpan",
+    "TlsFlow",
+    "Tracker",
+    "Verdict",
+    "child",
+    "inserted_headers",
+    "new_root",
+    "rel",
+    "_ids",
+]
 
-_U32 = 0xFFFFFFFF
-_SYN, _ACK, _RST, _FIN = codec.SYN, codec.ACK, codec.RST, codec.FIN
-_IN, _OUT = 1, 2  # directions of a flow, as bits
 _monotonic = time.monotonic
-_USERSPACE = Datapath.USERSPACE
-HEADER_NAME = b"Traceparent"
-INSERT_LEN = len(HEADER_NAME) + 2 + w3c.TRACEPARENT_LEN + 2  # "Traceparent: <55>\r\n" = 70
-TCP_OPTION_ROOM = 28  # the kind-25 option, padded
-REASSEMBLY_LIMIT = 256 * 1024  # out-of-order bytes kept per incoming direction for parsing
-IDLE_TIMEOUT_S = 300.0
-# A connection with inserted bytes breaks without translation, so its state is kept for as
-# long as a pooled keep-alive connection may idle (the TCP keepalive default).
-SHIFTED_IDLE_TIMEOUT_S = 7200.0
-CLOSE_LINGER_S = 10.0  # after both FINs: keep translating the last ACKs/retransmissions
-RECENT_OPTIONS = 8  # kind-25 options remembered per flow, for retransmissions / late segments
 
 
-# The packet thread's own id pool (pools are not thread-safe).
-_ids = IdPool()
+class Tracker(OutgoingPath, IncomingPath, TlsTurns):
+    """The userspace datapath minus the queue: `handle()` per packet, the flow table (creation,
+    eviction, expiry, the journal of inserted bytes) and span records. The per-direction
+    work is in `outgoing.OutgoingPath`, `incoming.IncomingPath` and `tls_flows.TlsTurns`."""
 
-
-def new_root() -> TraceContext:
-    """TraceContext.new_root() (sampled, random flag set) with pooled randomness."""
-    trace, span = _ids.pair()
-    return TraceContext(trace, span, FLAG_RANDOM | FLAG_SAMPLED)
-
-
-def child(ctx: TraceContext) -> TraceContext:
-    """ctx.child() with pooled randomness."""
-    return TraceContext(ctx.trace_id, _ids.hex(8), ctx.flags, ctx.tracestate)
-
-
-def inserted_headers(ctx: TraceContext, tracestate: bool) -> bytes:
-    """The bytes inserted after a request line: Traceparent, and (`tracestate`) the
-    tracestate passed on, as the kernel path writes them (bpf/include/obi_w3c.h)."""
-    blob = HEADER_NAME + b": " + w3c.format_traceparent(ctx).encode() + b"\r\n"
-    if tracestate and ctx.tracestate:
-        blob += b"tracestate: " + ctx.tracestate.encode() + b"\r\n"
-    return blob
-
-
-def rel(seq: int, base: int) -> int:
-    """Signed distance seq - base in 32-bit sequence arithmetic."""
-    return ((seq - base + 0x80000000) & _U32) - 0x80000000
-
-
-class SeqMap:
-    """Bytes inserted into one direction, by position in orig space (relative offsets)."""
-
-    __slots__ = ("pos", "blobs", "cum", "wire", "total")
-
-    def __init__(self) -> None:
-        self.pos: list[int] = []
-        self.blobs: list[bytes] = []
-        self.cum: list[int] = []  # bytes inserted before insertion i
-        self.wire: list[int] = []  # wire position of insertion i: pos + cum
-        self.total = 0
-
-    def __bool__(self) -> bool:
-        return bool(self.pos)
-
-    def add(self, pos: int, blob: bytes) -> None:
-        if self.pos and pos < self.pos[-1]:
-            raise ValueError("insertions must be added in stream order")
-        self.pos.append(pos)
-        self.blobs.append(blob)
-        self.cum.append(self.total)
-        self.wire.append(pos + self.total)
-        self.total += len(blob)
-
-    def delta(self, r: int) -> int:
-        """Bytes inserted strictly before orig offset r."""
-        k = bisect.bisect_left(self.pos, r)
-        return self.cum[k] if k < len(self.cum) else self.total
-
-    def within(self, start: int, end: int) -> list[tuple[int, bytes]]:
-        """Insertions carried by the segment [start, end): (offset in payload, bytes)."""
-        lo = bisect.bisect_left(self.pos, start)
-        hi = bisect.bisect_left(self.pos, end)
-        return [(self.pos[i] - start, self.blobs[i]) for i in range(lo, hi)]
-
-    def to_orig(self, w: int) -> int:
-        """Orig offset for wire offset w; inside inserted bytes it maps to the insertion point."""
-        k = bisect.bisect_right(self.wire, w) - 1
-        if k < 0:
-            return w
-        inside = w - self.wire[k]
-        if inside < len(self.blobs[k]):
-            return self.pos[k]
-        return w - self.cum[k] - len(self.blobs[k])
-
-
-class Owners(Protocol):
-    def server_pid(self, local_port: int) -> int | None:
-        """pid of the selected process listening on local_port, None if not selected."""
-
-    def client_pid(self, pkt: codec.Packet) -> int | None:
-        """pid of the selected process owning the socket that sends this SYN, else None."""
-
-    def exe(self, pid: int) -> str: ...
-
-
-@dataclass(slots=True)
-class ServerSpan:
-    ctx: TraceContext  # span_id = this span's id
-    parent: str
-    msg: Message
-    pid: int
-    start_ns: int
-    propagated: bool
-    children: int = 0
-
-
-class Linker:
-    """In-flight server requests per process; picks the parent of an outgoing request.
-
-    Packets carry no thread, so this links per process: the oldest in-flight request of
-    the sending process that has no child yet, else the newest in-flight one.
-    """
-
-    def __init__(self) -> None:
-        self.inflight: dict[int, OrderedDict[int, ServerSpan]] = {}
-
-    def add(self, span: ServerSpan) -> None:
-        spans = self.inflight.get(span.pid)
-        if spans is None:
-            spans = self.inflight[span.pid] = OrderedDict()
-        spans[id(span)] = span
-
-    def remove(self, span: ServerSpan) -> None:
-        spans = self.inflight.get(span.pid)
-        if spans is not None:
-            spans.pop(id(span), None)
-            if not spans:
-                del self.inflight[span.pid]
-
-    def parent_for(self, pid: int) -> ServerSpan | None:
-        spans = self.inflight.get(pid)
-        if not spans:
-            return None
-        for span in spans.values():
-            if span.children == 0:
-                return span
-        return next(reversed(spans.values()))
-
-
-@dataclass(slots=True)
-class ClientCall:
-    ctx: TraceContext
-    parent: str
-    msg: Message
-    start_ns: int
-    propagated: bool
-    status: int = 0
-
-
-@dataclass(slots=True)
-class Verdict:
-    payload: bytes | None = None  # new packet bytes, None = unchanged
-    mark: int = 0  # packet mark to set (0 = leave)
-
-
-ACCEPT = Verdict()
-
-
-@dataclass(slots=True)
-class Flow:
-    key: "Key"
-    server: bool
-    pid: int
-    local: tuple[str, int]
-    peer: tuple[str, int]
-    out_base: int | None = None  # orig seq of our first payload byte
-    in_base: int | None = None
-    out_next: int = 0  # next orig offset the outgoing parser expects
-    in_next: int = 0
-    out_map: SeqMap = field(default_factory=SeqMap)
-    out_stream: Stream | None = None
-    in_stream: Stream | None = None
-    in_ooo: dict[int, bytes] = field(default_factory=dict)
-    pending: deque = field(default_factory=deque)  # ServerSpan / ClientCall awaiting a response
-    option_ctx: TraceContext | None = None  # kind-25 context seen on incoming segments
-    # Client: (orig offset, option) of the segments that carry kind 25; a retransmission of
-    # such a segment carries the identical option, however the stack re-segments.
-    options_out: deque = field(default_factory=lambda: deque(maxlen=RECENT_OPTIONS))
-    tls: "TlsFlow | None" = None
-    fins: int = 0
-    last_seen: float = 0.0
-    closed_at: float = 0.0
-    # Tracker.loss_epoch when this flow's previous packet in each direction was handled
-    in_epoch: int = 0
-    out_epoch: int = 0
-    resync_gap: int = 0  # directions (_IN, _OUT) whose next gap is a lost copy, after a resync
-
-    def pending_method(self) -> str:
-        """Method of the oldest request awaiting a response (a response to HEAD has no body)."""
-        return self.pending[0].msg.method if self.pending else ""
-
-
-@dataclass(slots=True)
-class TlsFlow:
-    """A TLS connection (seen with `tcp` propagation): request turns instead of messages."""
-
-    records: tls.Records = field(default_factory=tls.Records)  # requesting direction
-    turns: tls.Turns = field(default_factory=tls.Turns)
-    turn: "ServerSpan | ClientCall | None" = None  # the current request turn
-    turn_at: int = 0  # stream offset (requesting direction) where it started
-    answered_ns: int = 0  # last time the other side sent data in this turn
-    # Server: (start, end, context) of incoming segments that carried kind 25.
-    options_in: deque = field(default_factory=lambda: deque(maxlen=RECENT_OPTIONS))
-
-
-Key = tuple[bytes, int, bytes, int]  # local addr, local port, peer addr, peer port
-
-
-class Journal(Protocol):
-    """Where insertions are recorded so they outlive the process (`shift_journal.Journal`)."""
-
-    def insertion(self, key: Key, base: int, pos: int, blob: bytes) -> None: ...
-
-    def end(self, key: Key) -> None: ...
-
-
-class Tracker:
     def __init__(
         self,
         cfg: Config,
@@ -277,6 +167,14 @@ class Tracker:
         self.journal = journal
         self.draining = False  # stopping: no new flows, no new insertions, keep translating
         self.flows: dict[Key, Flow] = {}
+        # Served connections between our SYN-ACK and their first data (oldest first).
+        self.handshakes: OrderedDict[Key, Handshake] = OrderedDict()
+        self._ring: deque = deque()  # (key, flow) in creation order: expiry and eviction walk it
+        self.buffered = 0  # out-of-order bytes kept for parsing, all flows
+        self.held_bytes = 0  # bytes of held segments, all flows
+        self._holding: dict[Key, Flow] = {}  # flows with held segments
+        self._hold_token = 0
+        self.released: list[tuple[int, Verdict]] = []  # verdicts of held packets, for the queue loop
         self.linker = Linker()
         self.stats: dict[str, int] = dict.fromkeys(
             (
@@ -302,6 +200,12 @@ class Tracker:
                 "copies_lost",
                 "resyncs",
                 "spans_lost",
+                "flows_evicted",
+                "flows_refused",
+                "segments_ignored",
+                "rst_ignored",
+                "buffer_full",
+                "segments_held",
             ),
             0,
         )
@@ -310,20 +214,22 @@ class Tracker:
         self.loss_epoch = 0
         self.now = time.time_ns  # replaceable in tests
         self._ts_ns: int | None = None  # receive time of the packet being handled, if given
-        self._last_gc = time.monotonic()
+        self._last_gc = _monotonic()
         # Config is frozen: read its derived flags once, not on every packet.
         self._tcp = cfg.propagate_tcp
         self._headers = cfg.propagate_headers
         self._read_incoming = cfg.read_incoming_headers
 
-    # --- entry point ------------------------------------------------------------------
-
     def handle(self, data: bytes, outgoing: bool, ts_ns: int | None = None) -> Verdict:
         """What to do with one packet. `ts_ns`: wall-clock time (time.time_ns scale) at which
         the kernel handed the packet over; span times taken from this packet use it, since
-        the packet may be handled a while later (None: now)."""
+        the packet may be handled a while later (None: now). A verdict with `hold` set is
+        given later, through take_released()."""
         stats = self.stats
         stats["packets"] += 1
+        now = _monotonic()
+        if now - self._last_gc > GC_INTERVAL_S:
+            self.gc_step(now)
         pkt = codec.parse(data)
         if pkt is None:
             return ACCEPT
@@ -335,35 +241,26 @@ class Tracker:
         flow = self.flows.get(key)
         self._ts_ns = ts_ns
         try:
-            if flow is None or (flags & _SYN and not flags & _ACK and flow.out_base is not None):
-                if flow is not None:  # port reuse: a new SYN replaces an old flow
-                    self._close(key, flow)
-                if self.draining:
-                    return ACCEPT
+            if flow is not None and outgoing and flags & _SYN and (flow.server or not flags & _ACK):
+                # Our SYN or SYN-ACK on a known 4-tuple: the old connection is gone (the stack
+                # would not reuse the tuple of a socket that exists), a new one starts.
+                self._close(key, flow)
+                flow = None
+            if flow is None:
                 flow = self._new_flow(key, pkt, outgoing)
                 if flow is None:
                     return ACCEPT
                 flow.in_epoch = flow.out_epoch = self.loss_epoch
-            now = flow.last_seen = _monotonic()
+            flow.last_seen = now
             if outgoing:
                 verdict = self._outgoing(flow, pkt)
                 flow.out_epoch = self.loss_epoch
             else:
                 verdict = self._incoming(flow, pkt)
-                flow.in_epoch = self.loss_epoch
-            if flags & (_RST | _FIN):
-                if flags & _RST:
-                    self._close(key, flow)
-                else:
-                    flow.fins += 1
-                    if flow.fins >= 2 and not flow.closed_at:
-                        flow.closed_at = _monotonic()
         finally:
             self._ts_ns = None  # gc() and close_all() between packets end spans at now()
         if verdict.payload is not None:
             stats["packets_modified"] += 1
-        if now - self._last_gc > 5.0:
-            self.gc()
         return verdict
 
     def _now(self) -> int:
@@ -373,400 +270,98 @@ class Tracker:
         return self.now() if ts is None else ts
 
     def _new_flow(self, key: Key, pkt: codec.Packet, outgoing: bool) -> Flow | None:
+        """A flow for the first packet of a 4-tuple, or None. Client connections start at our
+        SYN; served ones at our SYN-ACK (a handshake record, made a flow by the first data)
+        or, opened before we started, at our first data. Incoming packets alone never make
+        one: a forged source would make requests."""
+        if self.draining:
+            return None
         local_port, flags = key[1], pkt.flags
-        is_syn = bool(flags & codec.SYN) and not flags & codec.ACK
-        if outgoing and is_syn:
-            pid = self.owners.client_pid(pkt)
-            server = False
-        elif not outgoing and (is_syn or not flags & (codec.SYN | codec.RST | codec.FIN)):
-            # Server side: a SYN, or payload of a connection opened before we started.
-            pid = self.owners.server_pid(local_port)
-            server = True
-            if pid is None or (not is_syn and not pkt.payload_len):
+        if outgoing:
+            if flags & _SYN:
+                if flags & _ACK:
+                    pid = self.owners.server_pid(local_port)
+                    if pid is not None and self._make_room():
+                        self.handshakes[key] = ((pkt.seq + 1) & _U32, pkt.ack, pid, _monotonic())
+                    return None
+                pid = self.owners.client_pid(pkt)
+                if pid is None or not self._make_room():
+                    return None
+                return self._add(Flow(key, False, pid, (pkt.addr(key[0]), key[1]), (pkt.addr(key[2]), key[3])))
+            if flags & (_RST | _FIN) or not pkt.payload_len:
                 return None
-        elif outgoing and not flags & (codec.SYN | codec.RST | codec.FIN) and pkt.payload_len:
-            pid = self.owners.server_pid(local_port)  # a response on a pre-existing connection
-            server = True
-            if pid is None:
+            hs = self.handshakes.pop(key, None)
+            if hs is not None:  # a served connection whose server speaks first
+                return self._served(key, pkt, hs)
+            pid = self.owners.server_pid(local_port)  # a response on a connection older than us
+            if pid is None or not self._make_room():
                 return None
-        else:
+            flow = self._served(key, pkt, ((pkt.seq & _U32), pkt.ack, pid, 0.0))
+            for stream in (flow.in_stream, flow.out_stream):
+                stream.resync()  # joined mid-stream: wait for a message start
+            return flow
+        hs = self.handshakes.get(key)
+        if hs is None:
+            if pkt.payload_len or flags & _RST:
+                self.stats["segments_ignored"] += 1
             return None
-        if pid is None:
+        if flags & _RST:
+            if pkt.seq == hs[1]:  # the client aborted its handshake
+                del self.handshakes[key]
+            else:
+                self.stats["rst_ignored"] += 1
             return None
-        flow = Flow(key, server, pid, (pkt.addr(key[0]), key[1]), (pkt.addr(key[2]), key[3]))
-        if server:
-            flow.in_stream = Stream(True)
-            flow.out_stream = Stream(False, flow.pending_method)
-        else:
+        if not pkt.payload_len and not flags & _FIN:
+            return None  # the handshake's last ACK: the record waits for data
+        del self.handshakes[key]
+        return self._served(key, pkt, hs)
+
+    def _served(self, key: Key, pkt: codec.Packet, hs: Handshake) -> Flow:
+        """A served connection whose sequence spaces start at out_base and in_base (the
+        local stack acknowledged everything before in_base)."""
+        out_base, in_base, pid, _ = hs
+        flow = Flow(key, True, pid, (pkt.addr(key[0]), key[1]), (pkt.addr(key[2]), key[3]))
+        flow.out_base, flow.in_base, flow.in_acked, flow.verified = out_base, in_base, 0, True
+        flow.in_stream = Stream(True)
+        flow.out_stream = Stream(False, flow.pending_method)
+        return self._add(flow)
+
+    def _add(self, flow: Flow) -> Flow:
+        if not flow.server:
             flow.out_stream = Stream(True)
             flow.in_stream = Stream(False, flow.pending_method)
-        self.flows[key] = flow
+        self.flows[flow.key] = flow
+        self._ring.append((flow.key, flow))
         self.stats["flows"] += 1
         return flow
 
-    # --- outgoing ---------------------------------------------------------------------
-
-    def _outgoing(self, flow: Flow, pkt: codec.Packet) -> Verdict:
-        if pkt.flags & _SYN:
-            flow.out_base = (pkt.seq + 1) & _U32
-            return Verdict(None, 0 if flow.server else self.mark)
-        base = flow.out_base
-        if base is None:
-            base = flow.out_base = pkt.seq  # joined mid-connection
-        r = ((pkt.seq - base + 0x80000000) & _U32) - 0x80000000  # rel(pkt.seq, base), inlined
-        n = pkt.payload_len
-        if n:
-            expected = flow.out_next
-            if r <= expected < r + n:  # new bytes, in order
-                start = pkt.payload_off + expected - r
-                self._feed_out(flow, pkt, r, pkt.data[start : pkt.payload_off + n], expected)
-                flow.out_next = r + n
-            elif r > expected and self._gap_is_loss(flow, _OUT):  # a copy was lost: pick up again here
-                self._feed_out(flow, pkt, r, pkt.data[pkt.payload_off : pkt.payload_off + n], r)
-                flow.out_next = r + n
-            elif r > expected:  # a gap: framing is lost for this connection
-                if flow.out_stream is not None:
-                    flow.out_stream.kill("gap in outgoing stream")
-                if flow.tls is not None:
-                    flow.tls.records.dead = True
-        if flow.server:
-            return ACCEPT
-        mark = 0
-        option = b""
-        if n and flow.options_out:
-            for at, opt in flow.options_out:  # one segment per request, also when retransmitted
-                if r <= at < r + n:
-                    option = opt
-                    break
-        fmap = flow.out_map
-        if not fmap and not option:
-            return ACCEPT
-        inserts = fmap.within(r, r + n) if n else []
-        seq = flow.out_base + r + fmap.delta(r)
-        new = codec.rebuild(pkt, seq=seq, inserts=inserts, add_option=option) if option else None
-        if option and (new is None or len(new) > self.mtu):
-            # No room in the 40 option bytes (or the MTU): the segment goes without it.
-            self.stats["tcp_option_no_room"] += 1
-            new = None
-        elif option:
-            self.stats["tcp_options_written"] += 1
-        if new is None:
-            new = codec.rebuild(pkt, seq=seq, inserts=inserts) if fmap else None
-        if fmap:
-            mark = self.mark | self.shift_mark
-        return Verdict(new, mark)
-
-    def _feed_out(self, flow: Flow, pkt: codec.Packet, r: int, data: bytes, off: int) -> None:
-        """New in-order outgoing bytes `data` at orig offset `off` of a segment starting at r."""
-        if off == 0 and not flow.server and flow.tls is None and self._tcp and tls.looks_like_tls(data[0]):
-            self._become_tls(flow)
-        if flow.tls is not None:
-            if flow.server:
-                self._tls_answer(flow)
-            else:
-                self._tls_request_bytes(flow, r, data, off)
-            return
-        stream = flow.out_stream
-        if stream is not None and not stream.dead:
-            events = stream.feed(data, off)
-            if events:
-                self._out_events(flow, events, pkt, r)
-
-    def _out_events(self, flow: Flow, events, pkt: codec.Packet, r: int) -> None:
-        now = self._ts_ns
-        if now is None:
-            now = self.now()
-        if flow.server:
-            for kind, msg in events:
-                if kind == "end" and flow.pending and not 100 <= msg.status < 200:
-                    self._finish_server(flow, flow.pending.popleft(), msg.status, now)
-        else:
-            for kind, msg in events:
-                if kind == "line":
-                    self._client_request(flow, msg, pkt, r, now)
-
-    def _client_request(self, flow: Flow, msg: Message, pkt: codec.Packet, r: int, now: int) -> ClientCall:
-        parent = self.linker.parent_for(flow.pid)
-        if parent is not None:
-            parent.children += 1
-            ctx = child(parent.ctx)
-            parent_id = parent.ctx.span_id
-            self.stats["links_to_server"] += 1
-        else:
-            ctx = new_root()
-            parent_id = ""
-            self.stats["roots"] += 1
-        propagated = False
-        head = bytes(msg.head[msg.line_end - msg.start :])  # header lines only, not the target
-        present = head.lower().count(b"traceparent")
-        if present:
-            values = msg.header(b"traceparent")
-            found = w3c.parse_traceparent(values[0]) if len(values) == 1 and present == 1 else None
-            if found is not None:
-                # The app propagates itself: adopt its context, insert nothing.
-                self.stats["headers_present"] += 1
-                same_trace = parent is not None and found.trace_id == parent.ctx.trace_id
-                ctx = TraceContext(found.trace_id, found.span_id, found.flags, ctx.tracestate)
-                parent_id = parent_id if same_trace else ""
-                propagated = True
-            else:
-                self.stats["headers_invalid"] += 1
-        elif self._headers and not self.draining:
-            # The app's own tracestate (with no traceparent): ours is not added to it.
-            blob = inserted_headers(ctx, tracestate=not msg.has_header(b"tracestate"))
-            pos = msg.line_end
-            # The grown segment must still fit the MTU (the SYN's MSS was clamped for one
-            # Traceparent): a tracestate that does not fit is left out, then the header.
-            room = self.mtu - len(pkt.data) - TCP_OPTION_ROOM * self._tcp
-            room -= sum(len(b) for _, b in flow.out_map.within(r, r + pkt.payload_len))
-            if pos < r + pkt.payload_len and len(blob) > room and len(blob) > INSERT_LEN:
-                blob = blob[:INSERT_LEN]
-                self.stats["tracestate_skipped_mtu"] += 1
-            if pos < r + pkt.payload_len and len(blob) > room:
-                self.stats["insert_skipped_mtu"] += 1
-            else:
-                flow.out_map.add(pos, blob)
-                self.stats["headers_inserted"] += 1
-                if len(blob) > INSERT_LEN:
-                    self.stats["tracestate_inserted"] += 1
-                if self.journal is not None:
-                    self.journal.insertion(flow.key, flow.out_base, pos, blob)
-        call = ClientCall(ctx, parent_id, msg, now, propagated)
-        msg.ctx = call
-        flow.pending.append(call)
-        if self._tcp:  # the segment that completes the request line carries kind 25
-            flow.options_out.append((msg.line_end - 1, self._option(ctx)))
-        return call
-
-    @staticmethod
-    def _option(ctx: TraceContext) -> bytes:
-        """Kind 25: len 26 when the flags are just `sampled`, else len 27 with the flags byte."""
-        flags = None if ctx.flags == FLAG_SAMPLED else ctx.flags
-        return codec.trace_option(bytes.fromhex(ctx.trace_id), bytes.fromhex(ctx.span_id), flags)
-
-    # --- incoming ---------------------------------------------------------------------
-
-    def _incoming(self, flow: Flow, pkt: codec.Packet) -> Verdict:
-        opt_ctx = None
-        if self._tcp and flow.server:
-            opt = codec.find_trace_option(pkt)
-            if opt is not None:
-                tid, sid, flags = opt
-                if any(tid) and any(sid):
-                    opt_ctx = TraceContext(tid.hex(), sid.hex(), FLAG_SAMPLED if flags is None else flags)
-                    flow.option_ctx = opt_ctx
-                    self.stats["tcp_options_read"] += 1
-        n = pkt.payload_len
-        if pkt.flags & _SYN:
-            flow.in_base = (pkt.seq + 1) & _U32
-        elif n and (flow.tls is not None or (flow.in_stream is not None and not flow.in_stream.dead)):
-            base = flow.in_base
-            if base is None:
-                base = flow.in_base = pkt.seq
-            r = ((pkt.seq - base + 0x80000000) & _U32) - 0x80000000  # rel(pkt.seq, base), inlined
-            if flow.tls is not None and flow.server and opt_ctx is not None:
-                self._tls_option_in(flow, r, r + n, opt_ctx)
-            if flow.tls is not None and not flow.server:
-                if r + n > flow.in_next:
-                    flow.in_next = r + n
-                    self._tls_answer(flow)
-            else:
-                off = pkt.payload_off
-                self._in_data(flow, r, pkt.data[off : off + n])
-        fmap = flow.out_map
-        if not fmap or flow.out_base is None or not pkt.flags & codec.ACK:
-            return ACCEPT
-        base = flow.out_base
-
-        def back(seq: int) -> int:
-            return base + fmap.to_orig(rel(seq, base))
-
-        return Verdict(codec.rebuild(pkt, ack=back(pkt.ack), map_sack=back))
-
-    def _in_data(self, flow: Flow, r: int, data: bytes) -> None:
-        """Feed incoming payload to the parser in order, keeping a little out-of-order data."""
-        if r > flow.in_next and self._gap_is_loss(flow, _IN):  # a copy was lost, not reordered
-            flow.in_next = r
-        if r > flow.in_next:
-            if sum(map(len, flow.in_ooo.values())) + len(data) > REASSEMBLY_LIMIT:
-                if flow.tls is not None:
-                    flow.tls.records.dead = True
-                if flow.in_stream is not None:
-                    flow.in_stream.kill("reassembly limit")
-            else:
-                flow.in_ooo[r] = data
-            return
-        while True:
-            if r + len(data) > flow.in_next:
-                data = data[flow.in_next - r :]
-                if self._feed_in(flow, r, data, flow.in_next):
-                    return
-                flow.in_next += len(data)
-            if not flow.in_ooo:
-                return
-            nxt = min(flow.in_ooo)
-            if nxt > flow.in_next:
-                return
-            r, data = nxt, flow.in_ooo.pop(nxt)
-
-    # --- copies lost by the queue reader -------------------------------------------------
-
-    def copies_lost(self, n: int) -> None:
-        """The queue reader lost n observed packets (it was behind): streams of served
-        connections may have holes from here on."""
-        self.loss_epoch += 1
-        self.stats["copies_lost"] += n
-
-    def _gap_is_loss(self, flow: Flow, direction: int) -> bool:
-        """Whether a gap in this direction is a lost copy (then the flow is resynchronised
-        and the caller goes on from the new segment): copies were lost since the flow's
-        previous packet in this direction, and it is a served HTTP connection (only observed
-        packets are ever lost); or a resync is waiting for this direction's first gap."""
-        if flow.resync_gap & direction:
-            flow.resync_gap &= ~direction
-            return True
-        epoch = flow.in_epoch if direction == _IN else flow.out_epoch
-        if flow.server and epoch != self.loss_epoch and flow.tls is None:
-            self._resync(flow)
-            flow.resync_gap &= ~direction
-            return True
-        return False
-
-    def _resync(self, flow: Flow) -> None:
-        """Requests in flight on this connection can no longer be paired with their responses:
-        drop them (counted), and let both directions start again at the next message."""
-        for span in flow.pending:
-            self.linker.remove(span)
-        self.stats["spans_lost"] += len(flow.pending)
-        self.stats["resyncs"] += 1
-        flow.pending.clear()
-        flow.in_ooo.clear()
-        flow.resync_gap = _IN | _OUT  # the other direction may have lost bytes too
-        for stream in (flow.in_stream, flow.out_stream):
-            if stream is not None:
-                stream.resync()
-
-    def _feed_in(self, flow: Flow, r: int, data: bytes, off: int) -> bool:
-        """New in-order incoming bytes at offset `off` (segment start r); True = stop parsing."""
-        if off == 0 and flow.server and flow.tls is None and self._tcp and tls.looks_like_tls(data[0]):
-            self._become_tls(flow)
-        if flow.tls is not None:
-            self._tls_request_bytes(flow, r, data, off)
-            return flow.tls.records.dead
-        stream = flow.in_stream
-        if stream is None or stream.dead:
-            return True
-        events = stream.feed(data, off)
-        if events:
-            self._in_events(flow, events)
-        return False
-
-    def _in_events(self, flow: Flow, events) -> None:
-        now = self._ts_ns
-        if now is None:
-            now = self.now()
-        if flow.server:
-            for kind, msg in events:
-                if kind == "start":
-                    msg.ctx = now
-                elif kind == "head":
-                    self._server_request(flow, msg, msg.ctx if isinstance(msg.ctx, int) else now)
-        else:
-            for kind, msg in events:
-                if kind == "end" and flow.pending and not 100 <= msg.status < 200:
-                    self._finish_client(flow, flow.pending.popleft(), msg.status, now)
-
-    def _server_request(self, flow: Flow, msg: Message, start: int) -> None:
-        # Most requests carry no traceparent: skip the general extraction for them.
-        incoming = w3c.extract(msg.header_lines()) if self._read_incoming and msg.has_header(b"traceparent") else None
-        propagated = incoming is not None
-        if incoming is None and flow.option_ctx is not None:
-            incoming = flow.option_ctx
-            propagated = True
-        flow.option_ctx = None
-        if incoming is not None:
-            ctx, parent = child(incoming), incoming.span_id
-        else:
-            ctx, parent = new_root(), ""
-        span = ServerSpan(ctx, parent, msg, flow.pid, start, propagated)
-        flow.pending.append(span)
-        self.linker.add(span)
-
-    # --- TLS: request turns ---------------------------------------------------------------
-
-    def _become_tls(self, flow: Flow) -> None:
-        flow.tls = TlsFlow()
-        flow.in_stream = flow.out_stream = None  # nothing to parse, nothing to insert
-        self.stats["tls_flows"] += 1
-
-    def _tls_request_bytes(self, flow: Flow, seg: int, data: bytes | memoryview, off: int) -> None:
-        """Bytes of the requesting direction (client: outgoing, server: incoming), in order."""
-        t = flow.tls
-        assert t is not None
-        if t.records.dead:
-            return
-        start = t.turns.segment(seg, t.records.feed(data, off))
-        if start is None:
-            return
-        self._end_tls_turn(flow)
-        now = self._now()
-        msg = Message(True, start)  # method and target unknown: encrypted
-        self.stats["tls_turns"] += 1
-        t.turn_at, t.answered_ns = start, 0
-        if flow.server:
-            parent = next((ctx for lo, hi, ctx in t.options_in if lo <= start < hi), None)
-            if parent is not None:
-                span = ServerSpan(child(parent), parent.span_id, msg, flow.pid, now, True)
-            else:
-                span = ServerSpan(new_root(), "", msg, flow.pid, now, False)
-            self.linker.add(span)
-            t.turn = span
-        else:
-            call = self._client_call(flow, msg, now)
-            flow.options_out.append((start, self._option(call.ctx)))
-            t.turn = call
-
-    def _client_call(self, flow: Flow, msg: Message, now: int) -> ClientCall:
-        parent = self.linker.parent_for(flow.pid)
-        if parent is not None:
-            parent.children += 1
-            self.stats["links_to_server"] += 1
-            return ClientCall(child(parent.ctx), parent.ctx.span_id, msg, now, False)
-        self.stats["roots"] += 1
-        return ClientCall(new_root(), "", msg, now, False)
-
-    def _tls_option_in(self, flow: Flow, lo: int, hi: int, ctx: TraceContext) -> None:
-        """A server segment [lo, hi) carried kind 25. Kept for the turn that starts inside it;
-        if that turn already started (the segment came late), it is adopted there."""
-        t = flow.tls
-        assert t is not None
-        t.options_in.append((lo, hi, ctx))
-        span = t.turn
-        if isinstance(span, ServerSpan) and not span.propagated and span.children == 0 and lo <= t.turn_at < hi:
-            span.ctx, span.parent, span.propagated = child(ctx), ctx.span_id, True
-
-    def _tls_answer(self, flow: Flow) -> None:
-        """New data from the answering side: the current turn is being answered."""
-        t = flow.tls
-        assert t is not None
-        t.turns.answer()
-        if t.turn is not None:
-            t.answered_ns = self._now()
-            if isinstance(t.turn, ServerSpan):
-                self.linker.remove(t.turn)  # responding: no longer a parent for outgoing calls
-
-    def _end_tls_turn(self, flow: Flow) -> None:
-        t = flow.tls
-        if t is None or t.turn is None:
-            return
-        turn, t.turn = t.turn, None
-        end = t.answered_ns or self._now()
-        if isinstance(turn, ServerSpan):
-            self._finish_server(flow, turn, 0, end)
-        else:
-            self._finish_client(flow, turn, 0, end)
-
-    # --- span records -------------------------------------------------------------------
+    def _make_room(self) -> bool:
+        """Room for one more connection: evict the oldest handshake record, else the oldest
+        flow without inserted bytes (those are never evicted: their packets would pass
+        untranslated); False if the table holds nothing else."""
+        stats = self.stats
+        while len(self.flows) + len(self.handshakes) >= MAX_FLOWS:
+            if self.handshakes:
+                self.handshakes.popitem(last=False)
+                stats["flows_evicted"] += 1
+                continue
+            ring, flows = self._ring, self.flows
+            victim = None
+            for _ in range(min(EVICT_SCAN, len(ring))):
+                key, flow = ring.popleft()
+                if flows.get(key) is not flow:
+                    continue  # an entry of a flow already gone
+                if flow.out_map or flow.held:
+                    ring.append((key, flow))
+                    continue
+                victim = flow
+                break
+            if victim is None:
+                stats["flows_refused"] += 1
+                return False
+            self._close(victim.key, victim, ended=False)
+            stats["flows_evicted"] += 1
+        return True
 
     def _record(
         self,
@@ -840,13 +435,15 @@ class Tracker:
             )
         )
 
-    # --- lifetime -----------------------------------------------------------------------
-
     def _close(self, key: Key, flow: Flow, ended: bool = True) -> None:
         """End a flow: unanswered requests become spans without a status. `ended`: the
         connection itself ended (not just our interest in it), so its journal entry goes."""
-        if ended and flow.out_map and self.journal is not None:
+        if flow.held:
+            flow.undecided = None
+            self._release(flow)  # as they are: nothing was inserted for that head
+        if ended and flow.out_map and self.journal is not None and not flow.ended:
             self.journal.end(key)
+            flow.ended = True
         self._end_tls_turn(flow)
         now = self._now()
         while flow.pending:
@@ -855,36 +452,92 @@ class Tracker:
                 self._finish_server(flow, item, 0, now)
             else:
                 self._finish_client(flow, item, 0, now)
+        self._drop_ooo(flow)
         if self.flows.get(key) is flow:
             del self.flows[key]
 
-    def gc(self) -> None:
-        now = time.monotonic()
+    def _expired(self, flow: Flow, now: float) -> bool:
+        closed = flow.closed_at and now - flow.closed_at > CLOSE_LINGER_S
+        if not flow.out_map:
+            return bool(closed) or now - flow.last_seen > IDLE_TIMEOUT_S
+        if not closed and now - flow.last_seen <= SHIFTED_IDLE_TIMEOUT_S:
+            return False
+        # Inserted bytes: its packets are wrong without us for as long as the socket lives
+        # (TIME_WAIT included: a retransmitted FIN gets our ACK), however it seemed to end.
+        return not self._socket_alive(flow.key)
+
+    def _socket_alive(self, key: Key) -> bool:
+        exists = getattr(self.owners, "socket_exists", None)
+        if exists is None:
+            return False
+        try:
+            return bool(exists(key))
+        except Exception:
+            log.exception("socket lookup failed")
+            return True
+
+    def gc_step(self, now: float | None = None) -> None:
+        """Expire handshake records and one slice of the flows (every flow is seen at least
+        every GC_SWEEP_S), so that no packet waits for a sweep of the whole table."""
+        now = _monotonic() if now is None else now
         self._last_gc = now
-        for key, flow in list(self.flows.items()):
-            idle = SHIFTED_IDLE_TIMEOUT_S if flow.out_map else IDLE_TIMEOUT_S
-            if (flow.closed_at and now - flow.closed_at > CLOSE_LINGER_S) or now - flow.last_seen > idle:
+        hs = self.handshakes
+        while hs:
+            key, rec = next(iter(hs.items()))
+            if now - rec[3] <= HANDSHAKE_TIMEOUT_S:
+                break
+            del hs[key]
+        ring, flows = self._ring, self.flows
+        budget = min(len(ring), max(GC_MIN_BATCH, int(len(ring) * GC_INTERVAL_S / GC_SWEEP_S) + 1))
+        for _ in range(budget):
+            key, flow = ring.popleft()
+            if flows.get(key) is not flow:
+                continue
+            if self._expired(flow, now):
                 self._close(key, flow)
+            else:
+                ring.append((key, flow))
+
+    def gc(self) -> None:
+        """Expire everything that is due, in one go (tests, and stop)."""
+        now = _monotonic()
+        self._last_gc = now
+        for key, rec in list(self.handshakes.items()):
+            if now - rec[3] > HANDSHAKE_TIMEOUT_S:
+                del self.handshakes[key]
+        for key, flow in list(self.flows.items()):
+            if self._expired(flow, now):
+                self._close(key, flow)
+        self._ring = deque((k, f) for k, f in self._ring if self.flows.get(k) is f)
 
     def close_all(self) -> None:
         """Emit what is pending; the journal keeps connections that are still open."""
         for key, flow in list(self.flows.items()):
             self._close(key, flow, ended=bool(flow.closed_at))
-
-    # --- connections with inserted bytes ----------------------------------------------------
+        self._ring.clear()
+        self.handshakes.clear()
 
     def shifted(self, linger: float = 0.3) -> list[Flow]:
-        """Open connections carrying inserted bytes (closed ones count for `linger` seconds
-        more, for their last ACK)."""
-        now = time.monotonic()
-        return [f for f in self.flows.values() if f.out_map and not (f.closed_at and now - f.closed_at > linger)]
+        """Open connections carrying inserted bytes. One that closed counts for `linger`
+        seconds more (its last ACK); after FINs both ways it is done (TIME_WAIT carries no
+        data), after an RST only once its socket is gone too (the RST may have been one the
+        stack answered with a challenge ACK)."""
+        now = _monotonic()
+        return [
+            f
+            for f in self.flows.values()
+            if f.out_map
+            and not (
+                f.closed_at and now - f.closed_at > linger and (f.fin == _IN | _OUT or not self._socket_alive(f.key))
+            )
+        ]
 
     def shift_state(self) -> list[tuple[Key, tuple[int, list[tuple[int, bytes]]]]]:
         """(key, (out_base, insertions)) of every connection with inserted bytes (journal compaction)."""
         return [
-            (f.key, (f.out_base, list(zip(f.out_map.pos, f.out_map.blobs))))
+            (f.key, (f.out_base, f.out_map.entries()))
             for f in self.flows.values()
-            if f.out_map and f.out_base is not None
+            if f.out_map and f.out_base is not None and not f.ended
         ]
 
     def resume(self, key: Key, base: int, inserts: list[tuple[int, bytes]]) -> None:
@@ -897,6 +550,7 @@ class Tracker:
         flow.out_base = base
         for pos, blob in sorted(inserts, key=lambda pb: pb[0]):
             flow.out_map.add(pos, blob)
-        flow.last_seen = time.monotonic()
+        flow.last_seen = _monotonic()
         self.flows[key] = flow
+        self._ring.append((key, flow))
         self.stats["flows_resumed"] += 1

@@ -17,6 +17,8 @@ anyway): {"k": key, "base": seq, "pos": offset, "blob": hex} for an insertion,
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -101,15 +103,39 @@ def describe(key: Key) -> str:
     return f"{_endpoint(key[0], key[1])} -> {_endpoint(key[2], key[3])}"
 
 
+def _lock(path: str) -> int | None:
+    """An exclusive flock on `<journal>.lock`: the fd while held, None if another process
+    (a running agent) holds it. The kernel drops it when the holder dies, however it dies."""
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None
+        raise
+    return fd
+
+
+class JournalBusy(OSError):
+    """Another running agent owns this network namespace's journal."""
+
+
 class Journal:
     def __init__(self, path: str | None = None) -> None:
         self.path = path or journal_path()
         self._fd: int | None = None
+        self._lock_fd: int | None = None
         self._size = 0
 
     def open(self) -> dict[Key, Shift]:
-        """Read what a previous agent left (connections that still exist), compact, append."""
+        """Take the journal (its lock, held until close or death), read what a previous agent
+        left (connections that still exist), compact, append. JournalBusy if a running agent
+        holds it."""
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        self._lock_fd = _lock(self.path)
+        if self._lock_fd is None:
+            raise JournalBusy(f"{self.path} is held by a running agent")
         live = {k: v for k, v in load(self.path).items() if connection_exists(k)}
         self.rewrite(live.items())
         return live
@@ -159,23 +185,35 @@ class Journal:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        if remove:
+        if remove and self._lock_fd is not None:  # never another agent's journal
             try:
                 os.unlink(self.path)
             except OSError:
                 pass
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
 
 
 def abort_journaled(path: str | None = None) -> list[str]:
     """Reset the journaled connections that still exist (nobody translates them any more)
-    and remove the journal. For `cleanup` after a killed agent."""
+    and remove the journal. For `cleanup` after a killed agent; nothing is touched while a
+    running agent holds the journal (those connections are its own, being translated)."""
     path = path or journal_path()
-    done = []
-    for key in load(path):
-        if abort(key):
-            done.append(f"reset connection {describe(key)} (had inserted headers, agent gone)")
+    if not os.path.exists(path):
+        return []
+    lock = _lock(path)
+    if lock is None:
+        return [f"left {path} alone (a running agent holds it)"]
     try:
-        os.unlink(path)
-    except OSError:
-        pass
-    return done
+        done = []
+        for key in load(path):
+            if abort(key):
+                done.append(f"reset connection {describe(key)} (had inserted headers, agent gone)")
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return done
+    finally:
+        os.close(lock)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -50,7 +51,7 @@ class Config:
     otlp_endpoint: str = ""  # base endpoint (OTEL_EXPORTER_OTLP_ENDPOINT)
     otlp_traces_endpoint: str = ""  # signal endpoint, used as-is
     otlp_protocol: str = "http/protobuf"  # grpc | http/protobuf
-    otlp_headers: tuple[tuple[str, str], ...] = ()
+    otlp_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # credentials: never printed
     otlp_insecure: bool | None = None
     otlp_timeout_s: float = 10.0
     service_name: str = ""
@@ -62,6 +63,7 @@ class Config:
     log_format: str = "text"  # text | json
     shutdown_timeout_s: float = 10.0
     health_check_port: int = 0  # 0 = no health endpoint
+    health_check_listen_address: str = "127.0.0.1"  # also the metrics listener's (as OBI: loopback)
     internal_metrics_port: int = 0  # 0 = no Prometheus endpoint
     internal_metrics_path: str = "/internal/metrics"
     # Where each value came from, for `obi config show`.
@@ -184,6 +186,9 @@ def _seconds(value: Any, key: str) -> float:
         seconds = float(text) * scale
     except ValueError:
         raise ConfigError(key, value, "a duration like 10s, 500ms or 2m") from None
+    # NaN compares false with everything: a deadline of now + nan never passes.
+    if not math.isfinite(seconds):
+        raise ConfigError(key, value, "a finite positive duration")
     if seconds <= 0:
         raise ConfigError(key, value, "a positive duration")
     return seconds
@@ -199,6 +204,16 @@ def _port(value: Any, key: str) -> int:
     return port
 
 
+def _ip(value: Any, key: str) -> str:
+    import ipaddress
+
+    text = _text(value, key)
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ConfigError(key, value, "an IP address such as 127.0.0.1, 0.0.0.0 or ::") from None
+
+
 def _url_path(value: Any, key: str) -> str:
     text = _text(value, key)
     if not text.startswith("/"):
@@ -207,17 +222,25 @@ def _url_path(value: Any, key: str) -> str:
 
 
 def _headers(value: Any, key: str) -> tuple[tuple[str, str], ...]:
+    """OTLP headers: a mapping, a list of `name=value` strings, or `name=value,...` text.
+    They usually carry credentials (bearer tokens, API keys): an error names the position
+    of the bad item, never its text, since it ends up in logs and termination messages."""
+    from urllib.parse import unquote
+
     if isinstance(value, dict):
         return tuple((str(k), str(v)) for k, v in value.items())
+    items = [str(v) for v in value] if isinstance(value, list) else str(value).split(",")
     pairs = []
-    for item in str(value).split(","):
+    for n, item in enumerate(items, 1):
         if not item.strip():
             continue
         name, sep, val = item.partition("=")
         if not sep or not name.strip():
-            raise ConfigError(key, value, "comma-separated name=value pairs")
-        from urllib.parse import unquote
-
+            raise ConfigError(
+                key,
+                f"<{len(items)} item(s), not shown>",
+                f"comma-separated name=value pairs (item {n} is not one; header values are never shown)",
+            )
         pairs.append((unquote(name.strip()), unquote(val.strip())))
     return tuple(pairs)
 
@@ -311,6 +334,7 @@ _KEYS: tuple[_Key, ...] = (
     _Key("log_format", "log_format", ("OTEL_EBPF_LOG_FORMAT",), _choice("text", "json")),
     _Key("shutdown_timeout_s", "shutdown_timeout", ("OTEL_EBPF_SHUTDOWN_TIMEOUT",), _seconds),
     _Key("health_check_port", "health_check.port", ("OTEL_EBPF_HEALTH_CHECK_PORT",), _port),
+    _Key("health_check_listen_address", "health_check.listen_address", ("OTEL_EBPF_HEALTH_CHECK_LISTEN_ADDRESS",), _ip),
     _Key(
         "internal_metrics_port",
         "internal_metrics.prometheus.port",

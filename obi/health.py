@@ -1,6 +1,7 @@
 """Health endpoint and self-metrics of a running agent (`obi run`).
 
-`HealthServer(cfg, status_fn, metrics_fn)` serves, over plain HTTP from daemon threads:
+`HealthServer(cfg, status_fn, metrics_fn)` serves, over plain HTTP on
+`health_check.listen_address` (loopback by default, as OBI), from one event-loop thread:
 
 - `/healthz` on `health_check.port`: JSON, 200 when the datapath is attached and the
   exporter is not failing persistently, 503 otherwise (Kubernetes readiness).
@@ -18,13 +19,14 @@ Neither callback may block for long: they run on the request thread.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import logging
 import platform
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Mapping
 
 from . import __version__
@@ -40,6 +42,7 @@ CONTENT_TYPE_PROM = "text/plain; version=0.0.4; charset=utf-8"
 # without a new error (a backend that is down keeps failing every batch it is sent).
 EXPORT_ERROR_WINDOW_S = 60.0
 SAMPLE_INTERVAL_S = 1.0
+REQUEST_DEADLINE_S = 5.0  # from accept to the answer written, whatever the client's pace
 
 StatusFn = Callable[[], Mapping[str, Any]]
 MetricsFn = Callable[[], Mapping[str, int]]
@@ -112,6 +115,24 @@ METRICS: tuple[Metric, ...] = (
         "Processes or ports left uninstrumented at a process scan because the kernel path's "
         "selected_tgids or server_ports map was full (counted at every scan while it lasts).",
     ),
+    Metric(
+        "obi_flows_evicted_total",
+        ("flows_evicted", "flows_refused"),
+        "Connections the userspace datapath stopped tracing, or never traced, because its flow table was full "
+        "(no span for them; their traffic is not touched).",
+    ),
+    Metric(
+        "obi_segments_ignored_total",
+        ("segments_ignored", "rst_ignored"),
+        "Incoming segments (RSTs included) the userspace datapath did not parse or act on: not part of a "
+        "connection it knows, or outside what the local stack sent and acknowledged (forged, or far out of window).",
+    ),
+    Metric(
+        "obi_health_connections_dropped_total",
+        ("health_connections_dropped",),
+        "Connections to the health/metrics listener cut off: no complete request within the deadline, "
+        "or closed to make room (at most 64 open).",
+    ),
 )
 
 
@@ -175,7 +196,20 @@ class ExportHealth:
 
 
 class HealthServer:
-    """The agent's health and metrics listener(s). `start()` binds, `stop()` closes."""
+    """The agent's health and metrics listener(s). `start()` binds, `stop()` closes.
+
+    One asyncio loop in one daemon thread serves every connection, so a slow or hostile
+    client costs a socket, never a thread: at most `max_connections` are open (a new one
+    beyond that closes the oldest), each must deliver its request and take its answer
+    within `request_deadline_s` in all (not per read: a client trickling a byte at a time is
+    cut off too), and a request head is at most 8 KiB. `/livez` is answered in the loop;
+    `/healthz` and the metrics call into the agent on a two-thread pool, so a stuck agent
+    callback cannot stop liveness from answering. Connections cut off count in
+    `health_connections_dropped`.
+    """
+
+    max_connections = 64
+    MAX_HEAD = 8192
 
     def __init__(
         self,
@@ -183,17 +217,23 @@ class HealthServer:
         status_fn: StatusFn,
         metrics_fn: MetricsFn,
         *,
-        host: str = "0.0.0.0",
+        host: str | None = None,
         error_window_s: float = EXPORT_ERROR_WINDOW_S,
+        request_deadline_s: float = REQUEST_DEADLINE_S,
     ):
         self.cfg = cfg
         self.status_fn = status_fn
         self.metrics_fn = metrics_fn
-        self.host = host
+        self.host = cfg.health_check_listen_address if host is None else host
+        self.request_deadline_s = request_deadline_s
         self.export_health = ExportHealth(error_window_s)
-        self._servers: list[ThreadingHTTPServer] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._servers: list[asyncio.AbstractServer] = []
         self._threads: list[threading.Thread] = []
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._conns: dict[asyncio.StreamWriter, None] = {}  # open connections, oldest first
         self._stop = threading.Event()
+        self._dropped = 0
 
     @classmethod
     def for_agent(cls, agent: Any, **kw: Any) -> "HealthServer":
@@ -215,6 +255,9 @@ class HealthServer:
 
         return cls(agent.cfg, status, metrics, **kw)
 
+    def stats(self) -> dict[str, int]:
+        return {"health_connections_dropped": self._dropped}
+
     # -- what each path answers -------------------------------------------------------
 
     def routes(self, port: int) -> dict[str, Callable[[], tuple[int, str, bytes]]]:
@@ -230,6 +273,7 @@ class HealthServer:
     def _counters(self) -> dict[str, int]:
         counters = dict(self.metrics_fn())
         self.export_health.update(counters)
+        counters.update(self.stats())
         return counters
 
     def health(self) -> dict[str, Any]:
@@ -280,9 +324,14 @@ class HealthServer:
     # -- lifecycle --------------------------------------------------------------------
 
     @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """(address, port) of each listener, in start order (health first)."""
+        return [s.sockets[0].getsockname()[:2] for s in self._servers]
+
+    @property
     def ports(self) -> list[int]:
         """The bound ports, in start order (health first)."""
-        return [s.server_address[1] for s in self._servers]
+        return [port for _, port in self.addresses]
 
     def start(self) -> None:
         """Bind the configured port(s); nothing when both are 0. ObiError if a port is taken."""
@@ -290,65 +339,99 @@ class HealthServer:
             self.cfg.health_check_port: "health_check.port",
             self.cfg.internal_metrics_port: "internal_metrics.prometheus.port",
         }
+        wanted.pop(0, None)
+        if not wanted:
+            return
+        self._stop.clear()
+        loop = self._loop = asyncio.new_event_loop()
+        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="obi-health-call")
+        t = threading.Thread(target=loop.run_forever, name="obi-health", daemon=True)
+        t.start()
+        self._threads.append(t)
         for port, key in wanted.items():  # one listener when both ports are the same
-            if not port:
-                continue
             try:
-                self._serve(port)
+                asyncio.run_coroutine_threadsafe(self._listen(port), loop).result(10)
             except OSError as e:
                 self.stop()
                 raise ObiError(f"{key} {port}: cannot listen on {self.host}:{port}: {e.strerror or e}") from e
-        if self._servers:
-            self._stop.clear()
-            t = threading.Thread(target=self._tick, name="obi-health-sampler", daemon=True)
-            t.start()
-            self._threads.append(t)
-
-    def _serve(self, port: int) -> None:
-        routes = self.routes(port)
-
-        class Handler(BaseHTTPRequestHandler):
-            timeout = 5  # a stuck client must not hold a thread forever
-
-            def _answer(self, body: bool) -> None:
-                handler = routes.get(self.path.split("?", 1)[0])
-                if handler is None:
-                    code, ctype, data = 404, "text/plain", b"not found\n"
-                else:
-                    try:
-                        code, ctype, data = handler()
-                    except Exception as e:
-                        log.exception("health endpoint %s failed", self.path)
-                        code, ctype, data = 500, "text/plain", f"{type(e).__name__}: {e}\n".encode()
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                if body:
-                    self.wfile.write(data)
-
-            def do_GET(self) -> None:  # noqa: N802 (http.server naming)
-                self._answer(True)
-
-            def do_HEAD(self) -> None:  # noqa: N802
-                self._answer(False)
-
-            def log_message(self, fmt: str, *args: Any) -> None:
-                log.debug("%s %s", self.address_string(), fmt % args)
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
-        server = Server((self.host, port), Handler)
-        self._servers.append(server)
-        t = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name=f"obi-health-{port}", daemon=True
-        )
+        t = threading.Thread(target=self._tick, name="obi-health-sampler", daemon=True)
         t.start()
         self._threads.append(t)
-        log.info("serving %s on %s:%d", ", ".join(sorted(routes)), self.host, server.server_address[1])
+
+    async def _listen(self, port: int) -> None:
+        routes = self.routes(port)
+        server = await asyncio.start_server(
+            lambda r, w: self._connection(r, w, routes), self.host, port, reuse_address=True, limit=self.MAX_HEAD
+        )
+        self._servers.append(server)
+        log.info("serving %s on %s:%d", ", ".join(sorted(routes)), self.host, server.sockets[0].getsockname()[1])
+
+    async def _connection(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        routes: Mapping[str, Callable[[], tuple[int, str, bytes]]],
+    ) -> None:
+        conns = self._conns
+        while len(conns) >= self.max_connections:  # the oldest has had the most time
+            oldest = next(iter(conns))
+            del conns[oldest]
+            self._dropped += 1
+            oldest.transport.abort()
+        conns[writer] = None
+        try:
+            await asyncio.wait_for(self._exchange(reader, writer, routes), self.request_deadline_s)
+        except (
+            asyncio.TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+            ValueError,
+        ):
+            if writer in conns:
+                self._dropped += 1
+        finally:
+            conns.pop(writer, None)
+            writer.transport.abort()
+
+    async def _exchange(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        routes: Mapping[str, Callable[[], tuple[int, str, bytes]]],
+    ) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        method, _, rest = head.partition(b" ")
+        target = rest.split(b" ", 1)[0].decode("latin-1")
+        path = target.split("?", 1)[0]
+        if method not in (b"GET", b"HEAD"):
+            code, ctype, data = 405, "text/plain", b"method not allowed\n"
+        elif path not in routes:
+            code, ctype, data = 404, "text/plain", b"not found\n"
+        elif path == LIVE_PATH:
+            code, ctype, data = routes[path]()  # never calls into the agent
+        else:
+            assert self._loop is not None
+            try:
+                code, ctype, data = await self._loop.run_in_executor(self._pool, routes[path])
+            except Exception as e:
+                log.exception("health endpoint %s failed", path)
+                code, ctype, data = 500, "text/plain", f"{type(e).__name__}: {e}\n".encode()
+        reason = {
+            200: "OK",
+            404: "Not Found",
+            405: "Method Not Allowed",
+            500: "Internal Server Error",
+            503: "Service Unavailable",
+        }.get(code, "")
+        writer.write(
+            f"HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
+            "Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode("latin-1")
+        )
+        if method != b"HEAD":
+            writer.write(data)
+        await writer.drain()
+        self._conns.pop(writer, None)  # answered: not cut off
 
     def _tick(self) -> None:
         # Samples the counters so that an error is timed when it happens, not when probed.
@@ -358,14 +441,37 @@ class HealthServer:
             except Exception:
                 log.debug("metrics sampling failed", exc_info=True)
 
-    def stop(self) -> None:
-        """Close every listener and join the threads (bounded). Idempotent."""
-        self._stop.set()
+    async def _close(self) -> None:
         for s in self._servers:
-            s.shutdown()
-            s.server_close()
+            s.close()
+        for w in list(self._conns):
+            w.transport.abort()
+        self._conns.clear()
+        me = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not me]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in self._servers:
+            await s.wait_closed()
+
+    def stop(self) -> None:
+        """Close every listener and connection, and join the threads (bounded). Idempotent."""
+        self._stop.set()
+        loop = self._loop
+        if loop is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self._close(), loop).result(2.0)
+            except Exception:
+                log.debug("closing the health listeners failed", exc_info=True)
+            loop.call_soon_threadsafe(loop.stop)
         for t in self._threads:
             t.join(2.0)
+        if loop is not None and not loop.is_running():
+            loop.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._loop, self._pool = None, None
         self._servers.clear()
         self._threads.clear()
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -34,13 +36,14 @@ skip_module_unless_nfqueue("NFQUEUE, connmark, TCPMSS targets")
 class Agent:
     """`python3 -m obi.fallback` inside a host; collects its span lines."""
 
-    def __init__(self, host, ports: str = f"{PORT},{CLIENT_PORT}", propagation: str = "headers"):
+    def __init__(self, host, ports: str = f"{PORT},{CLIENT_PORT}", propagation: str = "headers", env=None):
         self.host = host
         self.proc = host.popen(
             [sys.executable, "-m", "obi.fallback", "--ports", ports, "--propagation", propagation],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=env,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.stderr: list[str] = []
@@ -652,3 +655,181 @@ def test_cleanup_after_kill_9_resets_connections_with_inserted_headers(topo):
     finally:
         if client.proc.poll() is None:
             client.proc.kill()
+
+
+def _slow_iptables(tmp_path, delay: float) -> dict:
+    """An environment whose iptables/ip6tables take `delay` seconds more for each rule they
+    add or delete: what a busy node's iptables lock does. Makes the gap a restarting agent
+    leaves between the old rules and its own seconds long instead of milliseconds."""
+    import shutil as sh
+
+    bindir = tmp_path / "slowbin"
+    bindir.mkdir()
+    for tool in ("iptables", "ip6tables"):
+        real = sh.which(tool)
+        script = bindir / tool
+        script.write_text(
+            f'#!/bin/sh\ncase " $* " in *" -A "*|*" -D "*|*" -I "*) sleep {delay};; esac\nexec {real} "$@"\n'
+        )
+        script.chmod(0o755)
+    return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+
+
+def test_restarted_agent_never_lets_a_shifted_connection_pass_untranslated(topo, tmp_path):
+    """Issue 12, finding 2. kill -9 (an OOM kill, say) with a keep-alive connection that
+    carries inserted headers, then a new agent starts while requests keep going on it. The
+    new agent must bind the queues and add its rules before it removes the dead one's:
+    in between, the connection's packets would pass untranslated and C would read requests
+    at the wrong stream offset. Every request must come back intact."""
+    agent = Agent(topo["b"])
+    client = KeepAliveClient(topo, timeout=60)
+    answers, stop = [], threading.Event()
+    try:
+        assert _has_traceparent(client.request())
+        agent.proc.kill()
+        agent.proc.wait()
+
+        def keep_asking():
+            while not stop.is_set():
+                try:
+                    answers.append(client.request())
+                except (AssertionError, ValueError) as e:  # a changed request, or the client died
+                    answers.append({"error": repr(e)})
+                    return
+
+        asker = threading.Thread(target=keep_asking, daemon=True)
+        asker.start()
+        agent = Agent(topo["b"], env=_slow_iptables(tmp_path, 0.25))
+        time.sleep(1.0)
+        stop.set()
+        asker.join(90)
+        client.close()
+    finally:
+        stats = agent.stop()
+        if client.proc.poll() is None:
+            client.proc.kill()
+    failed = [a for a in answers if a.get("status") != 200]
+    assert answers and not failed, failed[:3]
+    assert stats["flows_resumed"] == 1 and stats["handler_errors"] == 0
+
+
+def test_cleanup_leaves_a_running_agent_and_its_connections_alone(topo):
+    """Issue 12, finding 11. `obi cleanup` (here `python -m obi.fallback --cleanup`) while an
+    agent runs: its rules stay, and its connection with inserted headers is neither reset nor
+    left untranslated (it keeps working)."""
+    agent = Agent(topo["b"])
+    client = KeepAliveClient(topo, timeout=20)
+    try:
+        assert _has_traceparent(client.request())
+        before = rules_of(topo["b"])
+        out = topo["b"].run([sys.executable, "-m", "obi.fallback", "--cleanup"]).stdout
+        assert "reset connection" not in out and "removed" not in out, out
+        assert rules_of(topo["b"]) == before
+        later = [client.request() for _ in range(3)]
+        assert all(a.get("status") == 200 for a in later), later
+        client.close()
+    finally:
+        stats = agent.stop()
+        if client.proc.poll() is None:
+            client.proc.kill()
+    assert stats["handler_errors"] == 0
+    assert "obi-fallback" not in rules_of(topo["b"])
+
+
+CONNECT = """
+import socket, sys, time, json
+t0 = time.monotonic()
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
+    print(json.dumps({"ok": True, "s": time.monotonic() - t0}))
+except OSError as e:
+    print(json.dumps({"ok": False, "s": time.monotonic() - t0, "error": str(e)}))
+"""
+
+
+def test_syns_of_processes_nobody_selected_do_not_wait_for_the_agent(topo):
+    """Issue 12, finding 5. With the agent stopped (SIGSTOP, as when it is stuck), a process
+    in B's network namespace but outside the cgroups of the selected processes connects at
+    once: its SYN is not queued. Before, every outgoing SYN of the namespace waited for the
+    agent's verdict."""
+    agent = Agent(topo["b"])
+    try:
+        os.kill(agent.proc.pid, signal.SIGSTOP)
+        # `ip netns exec` directly, not topo["b"].run: this process stays in the test's cgroup.
+        r = subprocess.run(
+            ["ip", "netns", "exec", topo["b"].netns, sys.executable, "-c", CONNECT, topo["c"].addr, str(PORT), "5"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+    finally:
+        os.kill(agent.proc.pid, signal.SIGCONT)
+        agent.stop()
+    assert out["ok"] and out["s"] < 1.0, out
+
+
+MANY_SYNS = """
+import json, resource, select, socket, sys, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 16384), hard))
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", {client_port})); srv.listen()  # selected: listens on a watched port
+print("ready", flush=True)
+sys.stdin.readline()  # the agent is stopped now
+socks = []
+for _ in range({n}):
+    s = socket.socket(); s.setblocking(False)
+    s.connect_ex(({c!r}, {port}))
+    socks.append(s)
+poller = select.poll()
+for s in socks:
+    poller.register(s, select.POLLOUT)
+deadline = time.monotonic() + 5
+done = set()
+while time.monotonic() < deadline and len(done) < len(socks):
+    for fd, _ in poller.poll(200):
+        poller.unregister(fd)
+        s = socket.socket(fileno=fd)
+        if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+            done.add(fd)
+        s.detach()
+print(json.dumps({{"connected": len(done)}}), flush=True)
+"""
+
+SINK = """
+import socket, threading
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", {port})); srv.listen(8192)
+conns = []
+while True:
+    conns.append(srv.accept()[0])
+"""
+
+
+def test_syns_of_selected_processes_pass_when_the_agent_is_behind(topo):
+    """Issue 12, finding 5: fail open. The agent is stopped while a selected process opens
+    more connections than the queue holds (4,096): the SYNs beyond it pass untraced
+    instead of being dropped (the sync queue they used to go to is not fail-open)."""
+    sink_port = 9097
+    topo["c"].popen([sys.executable, "-c", SINK.format(port=sink_port)], stdout=subprocess.DEVNULL)
+    wait_port(topo["a"], topo["c"].addr, sink_port)
+    agent = Agent(topo["b"])
+    client = topo["b"].popen(
+        [sys.executable, "-c", MANY_SYNS.format(client_port=CLIENT_PORT, n=4400, c=topo["c"].addr, port=sink_port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert client.stdout.readline().strip() == "ready"
+        time.sleep(1.5)  # the rescan has seen it
+        os.kill(agent.proc.pid, signal.SIGSTOP)
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        out = json.loads(client.stdout.readline())
+    finally:
+        os.kill(agent.proc.pid, signal.SIGCONT)
+        client.kill()
+        agent.stop()
+    assert out["connected"] >= 200, out

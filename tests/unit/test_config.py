@@ -155,7 +155,6 @@ def test_port_and_exe_selection():
         ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, "otel_traces_export.protocol", "grpc, http/protobuf"),
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}, "otel_traces_export.endpoint", "a URL"),
         ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "nohost"}, "otel_traces_export.traces_endpoint", "a URL"),
-        ({"OTEL_EXPORTER_OTLP_HEADERS": "novalue"}, "otel_traces_export.headers", "name=value"),
         ({"OTEL_EXPORTER_OTLP_INSECURE": "sometimes"}, "otel_traces_export.insecure", "true or false"),
         ({"OTEL_EXPORTER_OTLP_TIMEOUT": "soon"}, "otel_traces_export.timeout", "a duration"),
         ({"OTEL_TRACES_SAMPLER": "sometimes"}, "otel_traces_export.sampler.name", "always_on"),
@@ -250,3 +249,49 @@ def test_as_dict_round_trips_through_a_file(tmp_path):
     again = config.load(path, env={})
     assert again.context_propagation == {"headers", "tcp"}
     assert again.open_ports == (PortRange(80, 80), PortRange(8000, 8100))
+
+
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-inf", "infs", "1e309", "1e308m", "nanms"])
+@pytest.mark.parametrize(
+    "var, key",
+    [("OTEL_EBPF_SHUTDOWN_TIMEOUT", "shutdown_timeout"), ("OTEL_EXPORTER_OTLP_TIMEOUT", "otel_traces_export.timeout")],
+)
+def test_non_finite_durations_are_rejected(text, var, key):
+    """A NaN or infinite shutdown_timeout would make the drain deadline never pass: a stop
+    would then run until killed, leaving the userspace path's hold rules behind."""
+    with pytest.raises(ConfigError) as err:
+        config.load(env={var: text})
+    assert key in str(err.value) and "finite" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "Authorization=Bearer%20s3cr3t-token,broken",
+        "x-api-key=s3cr3t-token,=nameless",
+        "s3cr3t-token",
+    ],
+)
+@pytest.mark.parametrize("var", ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"])
+def test_malformed_otlp_headers_error_never_shows_header_values(raw, var):
+    """The error names the key, the source and what is wrong, never a header value (it ends
+    up in logs and in a pod's termination message)."""
+    with pytest.raises(ConfigError) as err:
+        config.load(env={var: raw})
+    msg = str(err.value)
+    assert "s3cr3t" not in msg and "Bearer" not in msg
+    assert "otel_traces_export.headers" in msg and var in msg and "name=value" in msg
+    assert "s3cr3t" not in repr(err.value.value)
+
+
+def test_malformed_otlp_headers_in_a_file_never_show_values(tmp_path):
+    path = write(tmp_path, 'otel_traces_export:\n  headers: ["api-key=s3cr3t", "broken-s3cr3t"]\n')
+    with pytest.raises(ConfigError) as err:
+        config.load(path, env={})
+    assert "s3cr3t" not in str(err.value) and "otel_traces_export.headers" in str(err.value)
+
+
+def test_config_repr_never_shows_header_values():
+    cfg = config.load(env={"OTEL_EXPORTER_OTLP_HEADERS": "Authorization=Bearer%20s3cr3t"})
+    assert cfg.otlp_headers == (("Authorization", "Bearer s3cr3t"),)
+    assert "s3cr3t" not in repr(cfg) and "s3cr3t" not in str(cfg.as_dict())

@@ -8,6 +8,7 @@ loaded with obi.config, so a key the agent would reject fails here.
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import os
 import re
 import shlex
@@ -118,6 +119,8 @@ def test_daemonset_config_env_and_probes(k8s: dict[str, dict[str, Any]], tmp_pat
     assert ready["path"] == "/healthz" and ready["port"] == cfg.health_check_port
     assert live["path"] == "/livez" and live["port"] == cfg.health_check_port
     assert any(p["containerPort"] == cfg.health_check_port for p in container["ports"])
+    # Kubelet probes the pod IP, not loopback (the agent's default listen address).
+    assert not ipaddress.ip_address(cfg.health_check_listen_address).is_loopback
     notes = k8s["DaemonSet"]["spec"]["template"]["metadata"]["annotations"]
     assert int(notes["prometheus.io/port"]) == cfg.internal_metrics_port
     assert notes["prometheus.io/path"] == cfg.internal_metrics_path

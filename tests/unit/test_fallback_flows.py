@@ -169,6 +169,7 @@ def test_server_span_parent_and_linked_client_call():
     t, spans = make_tracker()
     s = Conn(B, 8080, A, 50000)
     assert t.handle(s.inn("S", seq=8999, ack=0), False).payload is None
+    assert t.handle(s.out("SA", seq=999, ack=9000), True).payload is None  # the local stack answers
     req = f"GET /work HTTP/1.1\r\nHost: b\r\nTRACEPARENT: {TP}\r\ntracestate: k=v\r\n\r\n".encode()
     assert t.handle(s.inn(payload=req, seq=9000), False).payload is None
     c = Conn(B, 40005, C, 8080)
@@ -202,6 +203,7 @@ def test_incoming_header_read_with_headers_propagation_or_track_request_headers(
     t = Tracker(cfg, spans.append, FakeOwners(), mark=0x2000000)
     s = Conn(B, 8080, A, 50002)
     t.handle(s.inn("S", seq=8999, ack=0), False)
+    t.handle(s.out("SA", seq=999, ack=9000), True)
     t.handle(s.inn(payload=f"GET / HTTP/1.1\r\ntraceparent: {TP}\r\n\r\n".encode(), seq=9000), False)
     t.handle(s.out(payload=b"HTTP/1.1 204 No Content\r\n\r\n", seq=1000), True)
     (span,) = spans
@@ -213,6 +215,7 @@ def test_server_request_without_header_starts_a_trace_and_incoming_gaps_are_reas
     t, spans = make_tracker()
     s = Conn(B, 8080, A, 50001)
     t.handle(s.inn("S", seq=8999, ack=0), False)
+    t.handle(s.out("SA", seq=999, ack=9000), True)
     req = b"POST /echo HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
     # second half arrives first (reordering)
     t.handle(s.inn(payload=req[20:], seq=9000 + 20), False)
@@ -238,6 +241,7 @@ def test_tcp_option_on_request_segment_and_read_on_server():
     t2, spans = make_tracker(("tcp",))
     s = Conn(C, 8080, B, 40006)
     t2.handle(s.inn("S", seq=8999, ack=0), False)
+    t2.handle(s.out("SA", seq=999, ack=9000), True)
     raw = bytes(
         IP(src=B, dst=C) / TCP(sport=40006, dport=8080, flags="PA", seq=9000, ack=1000) / b"GET / HTTP/1.1\r\n\r\n"
     )
@@ -249,19 +253,33 @@ def test_tcp_option_on_request_segment_and_read_on_server():
     # ... and ignored when tcp propagation is off.
     t3, spans3 = make_tracker(("headers",))
     t3.handle(s.inn("S", seq=8999, ack=0), False)
+    t3.handle(s.out("SA", seq=999, ack=9000), True)
     t3.handle(tagged, False)
     t3.handle(s.out(payload=b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), True)
     assert spans3[0].trace_id != tp.trace_id
 
 
-def test_rst_ends_flow_and_random_payloads_never_raise():
+def test_rst_ends_flow_and_random_payloads_never_raise(monkeypatch):
     import random
 
-    t, spans = make_tracker()
+    from obi.fallback import flows
+
+    t, spans = make_tracker(props=("tcp",))  # no header: nothing to translate after the RST
     c = Conn(B, 40007, C, 8080)
     handshake_client(t, c)
     send(t, c.out(payload=b"GET / HTTP/1.1\r\n\r\n"))
     t.handle(c.inn(flags="R"), False)
+    assert not t.flows and len(spans) == 1 and spans[0].status == 0
+    # With a header inserted, the flow keeps translating until its socket is gone (here: no
+    # socket lookup, so once the RST is CLOSE_LINGER_S old).
+    t, spans = make_tracker()
+    handshake_client(t, c)
+    send(t, c.out(payload=b"GET / HTTP/1.1\r\n\r\n"))
+    t.handle(c.inn(flags="R"), False)
+    assert t.flows
+    later = flows._monotonic() + flows.CLOSE_LINGER_S + 1
+    monkeypatch.setattr(flows, "_monotonic", lambda: later)
+    t.gc()
     assert not t.flows and len(spans) == 1 and spans[0].status == 0
     rng = random.Random(1)
     for i in range(300):
@@ -277,6 +295,7 @@ def test_span_times_come_from_the_packet_receive_time_when_given():
     t.now = lambda: 999  # the handling time: must not be used when ts_ns is given
     s = Conn(B, 8080, A, 50003)
     t.handle(s.inn("S", seq=8999, ack=0), False, ts_ns=100)
+    t.handle(s.out("SA", seq=999, ack=9000), True, ts_ns=100)
     t.handle(s.inn(payload=b"GET /a HTTP/1.1\r\n", seq=9000), False, ts_ns=111)
     t.handle(s.inn(payload=b"Host: b\r\n\r\n", seq=9017), False, ts_ns=115)
     c = Conn(B, 40008, C, 8080)
@@ -327,12 +346,12 @@ def test_span_record_field_order_the_tracker_builds_positionally():
 def test_pooled_ids_skip_all_zero_ids(monkeypatch):
     import os
 
-    from obi.fallback import flows
+    from obi.fallback import flow_state, flows
     from obi.model import IdPool, TraceContext
 
     chunk = b"\x05" * 8 + bytes(16) + b"\x01" * 16 + bytes(8) + b"\x02" * 8 + b"\x03" * 4040  # 4096 bytes
     monkeypatch.setattr(os, "urandom", lambda n: chunk[:n])
-    monkeypatch.setattr(flows, "_ids", IdPool())
+    monkeypatch.setattr(flow_state, "_ids", IdPool())  # the pool new_root() and child() draw from
     assert flows.child(TraceContext("ab" * 16, "cd" * 8)).span_id == "05" * 8
     root = flows.new_root()
     # The zero trace id (bytes 8-24) and the zero span id (40-48) are skipped.

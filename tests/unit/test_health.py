@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -69,6 +71,11 @@ COUNTERS = {
     "tcp_options_written": 4,
     "observe_dropped": 6,
     "observe_shed": 1,
+    "health_connections_dropped": 9,
+    "flows_evicted": 10,
+    "flows_refused": 1,
+    "segments_ignored": 20,
+    "rst_ignored": 3,
     "requests_evicted": 9,
     "tracestate_inserted": 4,
     "ts_states_full": 1,
@@ -89,6 +96,9 @@ def test_exposition_is_valid_and_complete() -> None:
         "obi_headers_inserted_total": 7,
         "obi_tcp_options_written_total": 4,
         "obi_packets_unparsed_total": 7,  # both userspace counters of copies not parsed
+        "obi_health_connections_dropped_total": 9,
+        "obi_flows_evicted_total": 11,
+        "obi_segments_ignored_total": 23,
         "obi_requests_evicted_total": 9,
         "obi_tracestate_inserted_total": 4,
         "obi_tracestate_dropped_total": 1,
@@ -313,3 +323,134 @@ def test_stop_closes_the_listener() -> None:
     srv.stop()  # idempotent
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+# --- hostile clients (issue 12, finding 9) -----------------------------------------------
+
+
+def test_listen_address_setting_is_read_and_validated() -> None:
+    from obi import config
+    from obi.errors import ConfigError
+
+    assert config.load(env={}).health_check_listen_address == "127.0.0.1"  # as OBI: loopback
+    env = {"OTEL_EBPF_HEALTH_CHECK_LISTEN_ADDRESS": "::1"}
+    assert config.load(env=env).health_check_listen_address == "::1"
+    with pytest.raises(ConfigError, match="health_check.listen_address"):
+        config.load(env={"OTEL_EBPF_HEALTH_CHECK_LISTEN_ADDRESS": "localhost:9400"})
+
+
+def test_server_binds_the_configured_address_only() -> None:
+    port = free_port()
+    cfg = Config(health_check_port=port, health_check_listen_address="127.0.0.1")
+    fake = FakeAgent()
+    with HealthServer(cfg, fake.status_fn, fake.metrics_fn) as srv:  # no host override
+        assert srv.addresses == [("127.0.0.1", port)]
+        assert get(port, "/livez")[0] == 200
+    v6 = Config(health_check_port=port, health_check_listen_address="::1")
+    with HealthServer(v6, fake.status_fn, fake.metrics_fn) as srv:
+        assert srv.addresses == [("::1", port)]
+        with urllib.request.urlopen(f"http://[::1]:{port}/livez", timeout=5) as r:
+            assert r.status == 200
+
+
+def _slow_client(port: int, stop: threading.Event, closed: list, interval: float) -> None:
+    """Sends a request head one byte at a time, forever; notes when the server hangs up."""
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    except OSError:
+        closed.append(time.monotonic())
+        return
+    with s:
+        head = b"GET /livez HTTP/1.1\r\n" + b"X-Slow: " + b"a" * 4000
+        for b in head:
+            if stop.is_set():
+                return
+            try:
+                s.sendall(bytes((b,)))
+            except OSError:
+                closed.append(time.monotonic())
+                return
+            time.sleep(interval)
+
+
+def test_slow_loris_clients_are_cut_off_and_probes_keep_answering() -> None:
+    """200 clients each trickling a request head (a byte every 0.2 s: no single read ever
+    times out) while probes run: every probe answers within a second, the agent keeps a
+    bounded number of threads, and each slow client is cut off after the whole-request
+    deadline."""
+    fake = FakeAgent()
+    port = free_port()
+    stop = threading.Event()
+    closed: list[float] = []
+    threads_before = threading.active_count()
+    with server(fake, port, port, request_deadline_s=1.5) as srv:
+        t0 = time.monotonic()
+        clients = [
+            threading.Thread(target=_slow_client, args=(port, stop, closed, 0.2), daemon=True) for _ in range(200)
+        ]
+        for c in clients:
+            c.start()
+        time.sleep(0.5)
+        agent_threads = threading.active_count() - len(clients) - threads_before
+        worst = 0.0
+        for _ in range(20):
+            t = time.monotonic()
+            assert get(port, "/livez")[0] == 200
+            assert get(port, "/healthz")[0] == 200
+            assert get(port, "/internal/metrics")[0] == 200
+            worst = max(worst, time.monotonic() - t)
+            time.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while len(closed) < len(clients) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop.set()
+        dropped = srv.stats()["health_connections_dropped"]
+    assert worst < 1.0, f"a probe took {worst:.2f}s"
+    assert agent_threads <= 6, f"{agent_threads} server threads for 200 slow clients"
+    assert len(closed) == len(clients), f"{len(clients) - len(closed)} slow clients never cut off"
+    assert max(closed) - t0 < 1.5 + 4.0  # the deadline, not a per-read timeout
+    assert dropped >= len(clients)
+
+
+def test_idle_connections_beyond_the_cap_do_not_lock_probes_out() -> None:
+    fake = FakeAgent()
+    port = free_port()
+    with server(fake, port, port, request_deadline_s=30) as srv:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(srv.max_connections * 2)]
+        try:
+            for _ in range(5):
+                t = time.monotonic()
+                assert get(port, "/livez")[0] == 200
+                assert time.monotonic() - t < 1.0
+        finally:
+            for s in idle:
+                s.close()
+
+
+def test_a_hanging_status_callback_does_not_stop_liveness() -> None:
+    """/healthz calls into the agent; if that hangs, /livez (which does not) still answers."""
+    release = threading.Event()
+    fake = FakeAgent()
+
+    def stuck() -> dict[str, Any]:
+        release.wait(10)
+        return fake.status
+
+    port = free_port()
+    cfg = Config(health_check_port=port)
+    with HealthServer(cfg, stuck, fake.metrics_fn, host="127.0.0.1", request_deadline_s=1.0):
+        hung = [threading.Thread(target=lambda: _get_quiet(port, "/healthz"), daemon=True) for _ in range(8)]
+        for t in hung:
+            t.start()
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        assert get(port, "/livez")[0] == 200
+        assert time.monotonic() - t0 < 1.0
+        release.set()
+
+
+def _get_quiet(port: int, path: str) -> None:
+    try:
+        get(port, path)
+    except OSError:
+        pass
